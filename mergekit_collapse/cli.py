@@ -1,0 +1,67 @@
+"""`mergekit-collapse`: a thin click layer over the API. Commands load lazily so `--help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseError
+
+#: command name -> "module:attribute" of its click command
+COMMANDS = {
+    "check": "mergekit_collapse.commands.check:check",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use; maps our errors to exit codes."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CollapseError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - last resort: one line, exit 1
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"unexpected error: {type(e).__name__}: {e} (rerun with --debug)", err=True)
+            sys.exit(EXIT_UNEXPECTED)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="mergekit-collapse")
+def main(debug: bool) -> None:
+    """Predict merging collapse from hidden-state geometry before you merge.
+
+    Exit codes: 0 mergeable/ok, 1 unexpected error, 2 bad input or usage,
+    3 the guard stopped the merge (over budget), 4 Hub error.
+    """
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def usage_exit_code() -> int:
+    """click's usage errors already exit 2, which is our bad-input code."""
+    return EXIT_BAD_INPUT

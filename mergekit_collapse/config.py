@@ -1,0 +1,218 @@
+"""Read a mergekit YAML with mergekit's own `MergeConfiguration`, plus our top-level `guard:` section."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mergekit_collapse.errors import BadInputError
+
+Pooling = Literal["mean", "last"]
+Action = Literal["abort", "warn", "drop", "split", "replace", "order"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProbeFile(_Strict):
+    """Probes read from a JSONL (one object a line) or text file (one probe a line)."""
+
+    file: str
+    field: str = "text"
+
+
+class ProbeLmEval(_Strict):
+    """Probes drawn from an lm-eval task's documents (its `doc_to_text`)."""
+
+    lm_eval: str
+    include_path: str | None = None
+
+
+class TaskSpec(_Strict):
+    """What one constituent model was fine-tuned for, how to probe it and how to evaluate it."""
+
+    name: str
+    probes: list[str] | ProbeFile | ProbeLmEval | None = None
+    eval: str | None = Field(default=None, description="lm-eval task name, or path to a task YAML")
+
+
+class Budget(_Strict):
+    """Distortion budget: `relative` to the base model's probe spread (default), or `absolute`."""
+
+    relative: float | None = Field(default=None, gt=0)
+    absolute: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Budget:
+        if (self.relative is None) == (self.absolute is None):
+            if self.relative is None and self.absolute is None:
+                self.relative = 0.25
+            else:
+                raise ValueError("budget takes exactly one of `relative` or `absolute`")
+        return self
+
+
+class GuardSettings(_Strict):
+    """The `guard:` section of a mergekit YAML. CLI flags override it."""
+
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    k: int = Field(default=5, ge=1, description="probes per task")
+    seed: int = 0
+    layer: int = Field(default=-1, description="hidden layer; -1 = last (final-norm output)")
+    pooling: Pooling = "mean"
+    chat_template: bool = True
+    max_length: int = Field(default=256, ge=8, description="probe token limit")
+    batch_size: int = Field(default=16, ge=1)
+    budget: Budget = Field(default_factory=Budget)
+    jung_dim: Literal["affine", "hidden"] = "affine"
+    action: Action = "abort"
+    candidates: dict[str, list[str]] = Field(default_factory=dict)
+    weights: Literal["none", "suggest", "apply"] = "none"
+
+
+@dataclass
+class LoadedConfig:
+    """A parsed config: mergekit's own model, our guard settings, and the models in YAML order."""
+
+    path: Path | None
+    source: str
+    merge: Any  # mergekit.config.MergeConfiguration
+    guard: GuardSettings
+    models: list[Any]  # constituent mergekit ModelReference, in YAML order, base excluded
+    base: Any | None  # mergekit ModelReference or None
+
+    def task_of(self, model: Any) -> TaskSpec:
+        """The TaskSpec of a constituent model, matched by mergekit's own parse of the key."""
+        for key, spec in self.guard.tasks.items():
+            if _parse_ref(key) == model:
+                return spec
+        raise BadInputError(f"guard.tasks has no entry for model '{model}'")
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        p = Path(relative).expanduser()
+        if p.is_absolute() or self.path is None:
+            return p
+        return self.path.parent / p
+
+
+def _parse_ref(text: str) -> Any:
+    from mergekit.common import ModelReference
+
+    return ModelReference.model_validate(text)
+
+
+def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
+    """One line for the first pydantic error; unknown keys get a did-you-mean."""
+    errors = err.errors()
+    first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
+    loc = tuple(first.get("loc", ()))
+    where = ".".join(str(x) for x in loc)
+    if first.get("type") == "extra_forbidden" and loc:
+        key = str(loc[-1])
+        options = allowed.get(tuple(type(x).__name__ for x in loc[:-1]), []) or _all_fields()
+        near = difflib.get_close_matches(key, options, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        return f"unknown key 'guard.{where}'{hint}"
+    return f"invalid guard.{where}: {first.get('msg')}"
+
+
+def _all_fields() -> list[str]:
+    names: set[str] = set()
+    for m in (GuardSettings, TaskSpec, Budget, ProbeFile, ProbeLmEval):
+        names.update(m.model_fields)
+    return sorted(names)
+
+
+def ordered_models(merge: Any) -> list[Any]:
+    """Constituent models in the order the YAML lists them (mergekit's referenced_models() is a set)."""
+    seen: list[Any] = []
+
+    def add(ref: Any) -> None:
+        if ref is not None and ref not in seen and ref != merge.base_model:
+            seen.append(ref)
+
+    for m in merge.models or []:
+        add(m.model)
+    for s in merge.slices or []:
+        for src in s.sources:
+            add(src.model)
+    for mod in (merge.modules or {}).values():
+        for m in mod.models or []:
+            add(m.model)
+        for s in mod.slices or []:
+            for src in s.sources:
+                add(src.model)
+    return seen
+
+
+def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
+    """Parse YAML text into a LoadedConfig.
+
+    Args:
+        source: the YAML text (a mergekit config, optionally with a `guard:` section).
+        path: the file it came from; relative probe paths resolve against its folder.
+
+    Returns:
+        The parsed config.
+
+    Raises:
+        BadInputError: malformed YAML, an invalid mergekit config, or an invalid guard section.
+    """
+    from mergekit.config import MergeConfiguration
+
+    where = f"{path}: " if path else ""
+    try:
+        raw = yaml.safe_load(source)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise BadInputError(f"{where}malformed YAML{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{where}a mergekit config must be a YAML mapping")
+    guard_raw = raw.pop("guard", None) or {}
+    try:
+        merge = MergeConfiguration.model_validate(raw)
+    except (ValidationError, RuntimeError, ValueError) as e:
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        raise BadInputError(f"{where}invalid mergekit config: {msg}") from None
+    try:
+        guard = GuardSettings.model_validate(guard_raw)
+    except ValidationError as e:
+        raise BadInputError(where + _friendly(e, {})) from None
+    models = ordered_models(merge)
+    cfg = LoadedConfig(path=path, source=source, merge=merge, guard=guard, models=models,
+                       base=merge.base_model)
+    known = {str(m) for m in models}
+    for key in guard.tasks:
+        try:
+            ref = _parse_ref(key)
+        except (ValidationError, ValueError):
+            raise BadInputError(f"{where}guard.tasks key '{key}' is not a model reference") from None
+        if ref not in models:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise BadInputError(f"{where}guard.tasks names '{key}', which is not a model of this merge{hint}")
+    return cfg
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read and parse a mergekit YAML file (see `parse_config`).
+
+    Raises:
+        BadInputError: the file is missing or unreadable, or its content is invalid.
+    """
+    p = Path(path)
+    try:
+        source = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read config {p}: {e}") from None
+    return parse_config(source, p.resolve())

@@ -1,0 +1,27 @@
+"""Configuration from the environment, in one place (documented in the README)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Set to 1 to switch off the `mergekit-yaml --guard` hook entirely.
+ENV_DISABLE = "MERGEKIT_COLLAPSE_DISABLE"
+#: Root of the on-disk caches (hidden states, converted base model, evaluation scores).
+ENV_CACHE = "MERGEKIT_COLLAPSE_CACHE"
+
+REPORT_SCHEMA_VERSION = "1.0"
+
+
+def hook_disabled() -> bool:
+    """True when the user switched the mergekit hook off."""
+    return os.environ.get(ENV_DISABLE, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def cache_root() -> Path:
+    """The cache root: $MERGEKIT_COLLAPSE_CACHE, else $XDG_CACHE_HOME/mergekit_collapse, else ~/.cache/..."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "mergekit_collapse"

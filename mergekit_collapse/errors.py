@@ -1,0 +1,37 @@
+"""Typed errors. The CLI maps each to one exit code and one line of text (traceback only with --debug)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_BAD_INPUT = 2
+EXIT_GUARD_STOPPED = 3
+EXIT_HUB = 4
+
+
+class CollapseError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class BadInputError(CollapseError):
+    """Malformed config, missing or mismatched models, empty probes, NaNs, unsafe weights."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class GuardStoppedError(CollapseError):
+    """The guard predicted a collapse and its action stopped the merge."""
+
+    exit_code = EXIT_GUARD_STOPPED
+
+    def __init__(self, message: str, report: object | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class HubError(CollapseError):
+    """Talking to the Hugging Face Hub failed (no token, 401/403/404, network). Never carries a token."""
+
+    exit_code = EXIT_HUB

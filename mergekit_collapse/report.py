@@ -1,0 +1,197 @@
+"""The guard's report: a versioned pydantic model, its Markdown summary and its HiddenSim heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from mergekit_collapse.constants import REPORT_SCHEMA_VERSION
+
+Verdict = Literal["mergeable", "collapse"]
+DecidedBy = Literal["jung", "converse", "exact"]
+
+
+class ModelEntry(BaseModel):
+    """One constituent model's scores. Distortions are in squared hidden-state units."""
+
+    name: str = Field(description="the model reference as written in the config")
+    task: str
+    mds: float | None = Field(description="Eq. 3; None when HiddenSim is undefined; inf allowed")
+    mean_hidden_sim: float | None
+    distortion_optimal: float = Field(description="(Dα*)_i − ½α*ᵀDα*")
+    distortion_uniform: float
+    distortion_planned: float | None = Field(default=None, description="under the merge's own weights")
+    shift: float | None = Field(default=None, description="||p_i − p_base||² (needs a base model)")
+    retention: float | None = Field(default=None, description="<p_m−p_0, p_i−p_0>/||p_i−p_0||²")
+    relative_distortion: float | None = Field(default=None, description="||p_m − p_i||²/||p_i−p_0||²")
+
+
+class Distances(BaseModel):
+    mean: list[list[float]] = Field(description="dmean(i,j) = mean_x ||h_i − h_j||")
+    rms: list[list[float]] = Field(description="drms(i,j) = sqrt(mean_x ||h_i − h_j||²)")
+
+
+class Bounds(BaseModel):
+    """Theorem 1 bounds on the best convex merge's worst-case distortion."""
+
+    diameter: float
+    converse: float = Field(description="Δ²/4: no merge does better")
+    jung: float = Field(description="n/(2(n+1))·Δ²: some convex merge does at least this well")
+    jung_n: int
+    jung_dim: Literal["affine", "hidden"]
+    exact: float = Field(description="r*², squared radius of the minimum enclosing ball")
+    uniform: float = Field(description="worst distortion of the uniform average")
+    planned: float | None = Field(default=None, description="worst distortion under the merge's weights")
+
+
+class BudgetInfo(BaseModel):
+    mode: Literal["relative", "absolute"]
+    value: float
+    absolute: float = Field(description="the budget in squared hidden-state units")
+    scale: float | None = Field(default=None, description="the scale a relative budget multiplies")
+    scale_source: str | None = None
+
+
+class ProbeInfo(BaseModel):
+    k: int
+    count: int
+    sha256: str
+    seed: int
+    chat_template: bool
+
+
+class Action(BaseModel):
+    """What a re-organisation action changed and why."""
+
+    action: str
+    changed: str
+    reason: str
+    models: list[str] = Field(default_factory=list)
+    configs: list[str] = Field(default_factory=list)
+
+
+class GuardReport(BaseModel):
+    """Everything the guard computed, JSON-serialisable and versioned."""
+
+    schema_version: str = REPORT_SCHEMA_VERSION
+    tool_version: str
+    config: str | None = None
+    merge_method: str
+    base_model: str | None
+    models: list[ModelEntry]
+    hidden_sim: list[list[float]] | None = Field(description="Eq. 2; None when undefined")
+    hidden_sim_note: str | None = None
+    distances: Distances
+    bounds: Bounds
+    weights: dict[str, float] = Field(description="α*: distortion-optimal convex weights")
+    planned_weights: dict[str, float] | None = None
+    budget: BudgetInfo
+    verdict: Verdict
+    decided_by: DecidedBy
+    probes: ProbeInfo
+    layer: int
+    pooling: str
+    dtype: str
+    hidden_size: int
+    notes: list[str] = Field(default_factory=list)
+    actions: list[Action] = Field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write report.json, report.md and hidden_sim.png into out_dir; return their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "report.json", "markdown": out / "report.md",
+                 "heatmap": out / "hidden_sim.png"}
+        paths["json"].write_text(self.model_dump_json(indent=2), encoding="utf-8")
+        paths["markdown"].write_text(to_markdown(self), encoding="utf-8")
+        plot_heatmap(self, paths["heatmap"])
+        return paths
+
+    @classmethod
+    def read(cls, path: str | Path) -> GuardReport:
+        """Read a report.json (or the report.json inside a folder)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "report.json"
+        return cls.model_validate_json(p.read_text(encoding="utf-8"))
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if x == float("inf"):
+        return "∞"
+    return f"{x:.{digits}g}"
+
+
+def to_markdown(r: GuardReport) -> str:
+    """A summary fit for a PR comment."""
+    icon = "✅" if r.verdict == "mergeable" else "⛔"
+    b = r.bounds
+    lines = [
+        f"### {icon} mergekit-collapse: **{r.verdict}** (decided by {r.decided_by})",
+        "",
+        f"`{r.merge_method}` merge of {len(r.models)} models"
+        + (f" on `{r.base_model}`" if r.base_model else "")
+        + f"; {r.probes.count} probes (k={r.probes.k}), layer {r.layer}, {r.pooling} pooling.",
+        "",
+        "| bound | value |",
+        "|---|---|",
+        f"| budget ({r.budget.mode} {_fmt(r.budget.value)}) | {_fmt(r.budget.absolute)} |",
+        f"| converse Δ²/4 (no merge does better) | {_fmt(b.converse)} |",
+        f"| exact r*² (best convex merge) | {_fmt(b.exact)} |",
+        f"| Jung n/(2(n+1))·Δ² (n={b.jung_n}, {b.jung_dim}) | {_fmt(b.jung)} |",
+        f"| uniform average | {_fmt(b.uniform)} |",
+    ]
+    if b.planned is not None:
+        lines.append(f"| the config's own weights | {_fmt(b.planned)} |")
+    lines += ["", "| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention |",
+              "|---|---|---|---|---|---|---|"]
+    for m in r.models:
+        lines.append(f"| `{m.name}` | {m.task} | {_fmt(m.mds)} | {_fmt(m.mean_hidden_sim)} | "
+                     f"{_fmt(m.distortion_optimal)} | {_fmt(r.weights.get(m.name))} | {_fmt(m.retention)} |")
+    if r.hidden_sim_note:
+        lines += ["", f"> HiddenSim: {r.hidden_sim_note}"]
+    for n in r.notes:
+        lines += ["", f"> {n}"]
+    for a in r.actions:
+        lines += ["", f"- **{a.action}**: {a.changed} — {a.reason}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(r: GuardReport, path: str | Path) -> Path:
+    """An annotated HiddenSim heatmap (in the spirit of the paper's Figure 1), MDS in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{m.task}\nMDS {_fmt(m.mds)}" for m in r.models]
+    if r.hidden_sim is not None:
+        mat, title, cmap = np.array(r.hidden_sim), "HiddenSim (Eq. 2)", "viridis"
+    else:  # undefined: show the rms distances instead
+        mat, title, cmap = np.array(r.distances.rms), "drms (HiddenSim undefined)", "magma_r"
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 0.9 + 0.8 * n), dpi=110)
+    im = ax.imshow(mat, cmap=cmap, vmin=0 if r.hidden_sim is not None else None,
+                   vmax=1 if r.hidden_sim is not None else None)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            v = mat[i, j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if (r.hidden_sim is not None and v < 0.5) else "black")
+    ax.set_title(f"{title} — {r.verdict}", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
