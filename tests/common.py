@@ -1,0 +1,85 @@
+"""Tiny real models for tests: a byte-level tokenizer, random Llamas, perturbed fine-tunes, peft LoRAs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + specials) built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_llama(path: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, intermediate: int = 64) -> Path:
+    """Save a random LlamaForCausalLM (safetensors) with the byte tokenizer to `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      intermediate_size=intermediate, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_finetune(base: str | Path, path: str | Path, seed: int, scale: float = 0.02) -> Path:
+    """A 'full fine-tune' of `base`: every weight perturbed by scale * N(0, 1) noise (seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return path
+
+
+def make_lora(base: str | Path, path: str | Path, seed: int, r: int = 4, scale: float = 0.3,
+              targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> Path:
+    """A peft LoRA adapter for `base` with random (non-zero) A and B matrices (seeded)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), lora_dropout=0.0,
+                     init_lora_weights=False)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn_like(p))
+    path = Path(path)
+    peft_model.save_pretrained(path, safe_serialization=True)
+    return path
