@@ -13,6 +13,8 @@ from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseEr
 #: command name -> "module:attribute" of its click command
 COMMANDS = {
     "check": "mergekit_collapse.commands.check:check",
+    "card": "mergekit_collapse.commands.card:card",
+    "push": "mergekit_collapse.commands.push:push",
 }
 
 
