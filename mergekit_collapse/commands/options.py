@@ -1,0 +1,44 @@
+"""Click options shared by the commands that run the guard (check, merge, demo...)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+GUARD_OPTIONS = [
+    click.option("--budget", type=float, default=None,
+                 help="Relative distortion budget (× the base model's probe spread)."),
+    click.option("--absolute-budget", type=float, default=None,
+                 help="Absolute budget, in squared hidden-state units."),
+    click.option("--device", default="auto", show_default=True,
+                 help="auto (accelerate over GPUs, else CPU), cpu, cuda, cuda:1, ..."),
+    click.option("--dtype", default="auto", show_default=True,
+                 help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+    click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                 help="Hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)."),
+    click.option("--layer", type=int, default=None, help="Hidden layer (-1 = final norm output)."),
+    click.option("--pooling", type=click.Choice(["mean", "last"]), default=None),
+    click.option("--k", "k", type=int, default=None, help="Probes per task."),
+    click.option("--seed", type=int, default=None, help="Probe sampling seed."),
+    click.option("--jung-dim", type=click.Choice(["affine", "hidden"]), default=None),
+    click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt weights (unsafe)."),
+    click.option("--trust-remote-code", is_flag=True, help="Allow custom model code."),
+    click.option("--no-progress", is_flag=True, help="No progress bars."),
+]
+
+
+def guard_options(f: Callable) -> Callable:
+    """Decorate a command with every guard option."""
+    for option in reversed(GUARD_OPTIONS):
+        f = option(f)
+    return f
+
+
+def guard_kwargs(params: dict) -> dict:
+    """Map the options' values onto `guard.run_guard` keyword arguments."""
+    keys = ["budget", "absolute_budget", "device", "dtype", "cache_dir", "layer", "pooling", "k",
+            "seed", "jung_dim", "allow_pickle", "trust_remote_code"]
+    out = {k: params[k] for k in keys if k in params}
+    out["progress"] = not params.get("no_progress", False)
+    return out

@@ -1,0 +1,208 @@
+"""The guard: config -> probes -> hidden states -> geometry -> verdict, as a GuardReport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergekit_collapse import __version__, geometry
+from mergekit_collapse.config import Budget, LoadedConfig, load_config
+from mergekit_collapse.decision import resolve_budget, verdict
+from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.hidden_states import Extraction, ExtractionSettings, extract
+from mergekit_collapse.probes import ProbeSet, build_probes
+from mergekit_collapse.report import (
+    Bounds,
+    BudgetInfo,
+    Distances,
+    GuardReport,
+    ModelEntry,
+    ProbeInfo,
+)
+from mergekit_collapse.weights import planned_weights
+
+
+@dataclass
+class GuardRun:
+    """A finished guard run: the report and what it was computed from (for re-organisation)."""
+
+    cfg: LoadedConfig
+    probes: ProbeSet
+    extraction: Extraction
+    report: GuardReport
+
+    def vectors(self, refs: list[Any]) -> np.ndarray:
+        """(N, P, d) hidden states of the given model references."""
+        return np.stack([self.extraction.vectors[str(r)] for r in refs])
+
+
+def apply_overrides(cfg: LoadedConfig, *, budget: float | None = None,
+                    absolute_budget: float | None = None, **settings: Any) -> LoadedConfig:
+    """CLI flags override the file: budgets and any GuardSettings field given as not None."""
+    update = {k: v for k, v in settings.items() if v is not None}
+    if budget is not None and absolute_budget is not None:
+        raise BadInputError("give either a relative budget or an absolute one, not both")
+    if budget is not None:
+        update["budget"] = Budget(relative=budget)
+    if absolute_budget is not None:
+        update["budget"] = Budget(absolute=absolute_budget)
+    if not update:
+        return cfg
+    try:
+        guard = cfg.guard.model_validate({**cfg.guard.model_dump(), **{
+            k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in update.items()}})
+    except ValueError as e:
+        raise BadInputError(f"invalid override: {str(e).splitlines()[-1]}") from None
+    return LoadedConfig(path=cfg.path, source=cfg.source, merge=cfg.merge, guard=guard,
+                        models=cfg.models, base=cfg.base)
+
+
+def extraction_settings(cfg: LoadedConfig, *, device: str = "auto", dtype: str = "auto",
+                        allow_pickle: bool = False, trust_remote_code: bool = False) -> ExtractionSettings:
+    g = cfg.guard
+    return ExtractionSettings(layer=g.layer, pooling=g.pooling, dtype=dtype, device=device,
+                              batch_size=g.batch_size, max_length=g.max_length,
+                              chat_template=g.chat_template, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
+
+
+def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...] = (),
+              device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None,
+              allow_pickle: bool = False, trust_remote_code: bool = False,
+              progress: bool = True, **overrides: Any) -> GuardRun:
+    """Run the guard and keep its inputs (see `check` for the arguments).
+
+    Args:
+        extra_models: more references to extract (e.g. `replace` candidates); not in the report.
+    """
+    cfg = config if isinstance(config, LoadedConfig) else load_config(config)
+    cfg = apply_overrides(cfg, **overrides)
+    if not cfg.models:
+        raise BadInputError("the config merges no models")
+    probes = build_probes(cfg, models=[*cfg.models, *extra_models])
+    refs = ([cfg.base] if cfg.base is not None else []) + list(cfg.models) + list(extra_models)
+    settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
+    ext = extract(list(dict.fromkeys(refs)), probes.texts, settings,
+                  cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+    base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
+    hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
+    report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype)
+    return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
+
+
+def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
+          absolute_budget: float | None = None, device: str = "auto", dtype: str = "auto",
+          cache_dir: str | Path | None = None, allow_pickle: bool = False,
+          trust_remote_code: bool = False, progress: bool = True, **overrides: Any) -> GuardReport:
+    """Predict whether a mergekit config's models merge within a distortion budget.
+
+    Args:
+        config: path to a mergekit YAML with a `guard:` section, or a LoadedConfig.
+        budget: relative budget (overrides `guard.budget`), a multiple of the base's probe spread.
+        absolute_budget: budget in squared hidden-state units.
+        device: "auto" (accelerate over GPUs, else CPU), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16".
+        cache_dir: hidden-state cache root (default $MERGEKIT_COLLAPSE_CACHE).
+        allow_pickle: allow .bin/.pt weights (unsafe for untrusted files).
+        trust_remote_code: allow custom model code from the model folders.
+        progress: show progress bars.
+        **overrides: any `guard:` setting (k, seed, layer, pooling, chat_template, jung_dim, ...).
+
+    Returns:
+        The GuardReport (verdict, bounds, per-model scores).
+
+    Raises:
+        BadInputError: invalid config, missing/mismatched models, empty probes, NaNs, unsafe weights.
+    """
+    return run_guard(config, budget=budget, absolute_budget=absolute_budget, device=device,
+                     dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle,
+                     trust_remote_code=trust_remote_code, progress=progress, **overrides).report
+
+
+def _budget_scale(base: np.ndarray | None, hidden: np.ndarray) -> tuple[float, str]:
+    if base is not None:
+        return geometry.probe_spread(base), "base model probe spread mean_x ||h_base(x) - mean h_base||²"
+    return (float(np.mean([geometry.probe_spread(h) for h in hidden])),
+            "no base model: mean of the constituents' probe spreads")
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, probes: ProbeSet,
+           hidden_size: int, dtype: str, names: list[str] | None = None) -> GuardReport:
+    """Geometry, budget and verdict from hidden states alone (numpy; no model is touched).
+
+    Args:
+        cfg: the config (its guard settings, merge method and planned weights).
+        hidden: (N, P, d) hidden states of the constituents, in `cfg.models` order.
+        base: (P, d) base hidden states, or None.
+        probes: the probe set the states were computed on.
+        hidden_size: d. dtype: the extraction dtype (for the report).
+        names: model names for the report (default: the config's references).
+    """
+    g = cfg.guard
+    names = names or [str(m) for m in cfg.models]
+    tasks = [cfg.task_of(m).name for m in cfg.models]
+    geo = geometry.analyse(hidden, hidden_size=hidden_size, jung_dim=g.jung_dim)
+    scale, source = _budget_scale(base, hidden)
+    try:
+        bud = resolve_budget(g.budget, scale, source)
+    except ValueError:
+        raise BadInputError("relative budget needs a non-degenerate probe spread; "
+                            "use an absolute budget") from None
+    v, by = verdict(jung=geo.jung, converse=geo.converse, exact=geo.exact, budget=bud.absolute)
+    notes = list(geo.notes)
+
+    w, why = planned_weights(cfg)
+    planned = anchored = None
+    if why:
+        notes.append(f"planned weights: {why}")
+    if base is not None:
+        sq_ext = geometry.pairwise_distances(np.concatenate([base[None], hidden])).sq
+        if w is not None:
+            anchored = geometry.base_anchored(sq_ext, w)
+            planned = geometry.distortions(sq_ext, np.concatenate([[1 - w.sum()], w]))[1:]
+        else:
+            anchored = geometry.base_anchored(sq_ext, np.full(len(names), 1.0 / len(names)))
+    elif w is not None and np.all(w >= 0) and np.isclose(w.sum(), 1):
+        planned = geometry.distortions(geo.distances.sq, w)
+
+    entries = []
+    for i, name in enumerate(names):
+        entries.append(ModelEntry(
+            name=name, task=tasks[i],
+            mds=float(geo.mds[i]) if geo.mds is not None else None,
+            mean_hidden_sim=float(geo.mean_hidden_sim[i]) if geo.mean_hidden_sim is not None else None,
+            distortion_optimal=float(geo.optimal[i]), distortion_uniform=float(geo.uniform[i]),
+            distortion_planned=float(planned[i]) if planned is not None else None,
+            shift=float(anchored.shift[i]) if anchored is not None else None,
+            retention=_finite(anchored.retention[i]) if anchored is not None else None,
+            relative_distortion=_finite(anchored.relative_distortion[i]) if anchored is not None else None,
+        ))
+    return GuardReport(
+        tool_version=__version__,
+        config=str(cfg.path) if cfg.path else None,
+        merge_method=cfg.merge.merge_method,
+        base_model=str(cfg.base) if cfg.base is not None else None,
+        models=entries,
+        hidden_sim=geo.hidden_sim.tolist() if geo.hidden_sim is not None else None,
+        hidden_sim_note=geo.hidden_sim_note,
+        distances=Distances(mean=geo.distances.mean.tolist(), rms=geo.distances.rms.tolist()),
+        bounds=Bounds(diameter=geo.diameter, converse=geo.converse, jung=geo.jung, jung_n=geo.jung_n,
+                      jung_dim=g.jung_dim, exact=geo.exact, uniform=float(geo.uniform.max()),
+                      planned=float(planned.max()) if planned is not None else None),
+        weights={n: float(a) for n, a in zip(names, geo.ball.weights, strict=True)},
+        planned_weights={n: float(x) for n, x in zip(names, w, strict=True)} if w is not None else None,
+        budget=BudgetInfo(mode=bud.mode, value=bud.value, absolute=bud.absolute, scale=bud.scale,
+                          scale_source=bud.scale_source),
+        verdict=v, decided_by=by,
+        probes=ProbeInfo(k=probes.k, count=len(probes), sha256=probes.sha256, seed=probes.seed,
+                         chat_template=probes.chat_template),
+        layer=g.layer, pooling=g.pooling, dtype=dtype, hidden_size=hidden_size, notes=notes,
+    )
