@@ -26,7 +26,8 @@ Decisions (where the paper's text leaves room):
   every tensor of a full fine-tune, the adapted modules of a LoRA (``τ = 0`` on the rest).
   A LoRA's τ for a module is ``scaling · B @ A`` (peft's ``get_delta_weight``), with
   ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA, ``rank_pattern`` /
-  ``alpha_pattern`` honoured); it needs only the adapter file, never the base weights.
+  ``alpha_pattern`` honoured); it needs only the adapter file (and the base's safetensors header,
+  to check names and shapes), never the base weights.
 * Undefined values (a zero denominator, no tensor with both task vectors non-zero) are ``None``.
 
 Streaming: one pass over the tensor names; for each tensor, row blocks of at most
@@ -450,6 +451,15 @@ def resolve_sources(models: Sequence[Any], base: Any, *, allow_pickle: bool = Fa
         if ref.lora is not None:
             lora = LoraAdapter(_local_dir(ref.lora.path, "LoRA adapter"), allow_pickle=allow_pickle)
             names |= set(lora.modules)
+            # the base's header (not its weights) checks that the adapter targets its tensors
+            header = base_weights()
+            for target, mod in lora.modules.items():
+                if not header.has(target):
+                    raise BadInputError(f"adapter '{ref.lora}' targets '{target}', which the base "
+                                        f"'{base_ref}' does not have")
+                if header.shape(target) != mod.shape:
+                    raise BadInputError(f"adapter '{ref.lora}': τ of '{target}' is {mod.shape}, "
+                                        f"the base tensor is {header.shape(target)}")
             if lora.replaced:
                 bw = base_weights()
                 missing = [n for n in lora.replaced if not bw.has(n)]
