@@ -67,3 +67,7 @@ def main(debug: bool) -> None:
 def usage_exit_code() -> int:
     """click's usage errors already exit 2, which is our bad-input code."""
     return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""`mergekit-collapse check` end to end on tiny real models: report keys, exit codes, heatmap."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mergekit_collapse import check
+
+PROBES = ["alpha beta", "gamma delta epsilon", "zeta eta", "one two three", "four five", "x y z",
+          "merge the models", "what is the capital"]
+
+
+def tiny_config(tmp_path, zoo, models=("ft1", "ft2", "ft3"), **guard):
+    refs = [str(zoo[m]) if "lora" not in m else f"{zoo['base']}+{zoo[m]}" for m in models]
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo["base"]),
+        "models": [{"model": r, "parameters": {"weight": 0.5}} for r in refs],
+        "dtype": "float32",
+        "guard": {"tasks": {r: {"name": m, "probes": PROBES[2 * i: 2 * i + 2]}
+                            for i, (r, m) in enumerate(zip(refs, models, strict=True))},
+                  "k": 2, **guard},
+    }
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mergekit_collapse.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_report_keys_and_outputs(tiny_zoo, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_zoo, models=("ft1", "ft2", "lora1", "ft3"))
+    out = tmp_path / "out"
+    res = run_cli("check", cfg, "--format", "json", "--out", out, "--absolute-budget", "1e9")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    for key in ("schema_version", "models", "hidden_sim", "distances", "bounds", "weights", "budget",
+                "verdict", "decided_by", "probes", "layer", "pooling"):
+        assert key in report
+    assert set(report["models"][0]) >= {"name", "task", "mds", "mean_hidden_sim",
+                                        "distortion_optimal", "distortion_uniform"}
+    assert set(report["bounds"]) >= {"diameter", "converse", "jung", "jung_n", "exact"}
+    assert set(report["distances"]) == {"mean", "rms"}
+    assert set(report["budget"]) >= {"mode", "value", "absolute"}
+    assert report["probes"]["count"] == 8 and len(report["probes"]["sha256"]) == 64
+    assert report["verdict"] == "mergeable" and report["decided_by"] == "jung"
+    assert (out / "hidden_sim.png").stat().st_size > 1000
+    assert (out / "report.md").read_text().startswith("### ✅")
+    assert json.loads((out / "report.json").read_text())["verdict"] == "mergeable"
+    # ft3 is perturbed 8x more than ft1/ft2: the guard names it as the outlier
+    mds = {m["task"]: m["mds"] for m in report["models"]}
+    assert max(mds, key=mds.get) == "ft3"
+
+
+def test_exit_3_when_over_budget(tiny_zoo, tmp_path):
+    res = run_cli("check", tiny_config(tmp_path, tiny_zoo), "--absolute-budget", "1e-6")
+    assert res.returncode == 3, res.stderr
+    assert "COLLAPSE" in res.stdout and "converse" in res.stdout
+
+
+def test_exact_decides_between_the_bounds(tiny_zoo, tmp_path):
+    cfg = tiny_config(tmp_path, tiny_zoo)
+    r = check(cfg, progress=False, absolute_budget=1.0)
+    b = r.bounds
+    for budget, verdict in (((b.converse + b.exact) / 2, "collapse"), ((b.exact + b.jung) / 2, "mergeable")):
+        r = check(cfg, progress=False, absolute_budget=budget)  # cached: no model is reloaded
+        assert (r.verdict, r.decided_by) == (verdict, "exact")
+
+
+def test_relative_budget_uses_base_spread(tiny_zoo, tmp_path):
+    r = check(tiny_config(tmp_path, tiny_zoo), progress=False, budget=0.5)
+    assert r.budget.mode == "relative" and r.budget.scale > 0
+    assert r.budget.absolute == pytest.approx(0.5 * r.budget.scale)
+    assert all(m.retention is not None for m in r.models)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("models: [", "malformed YAML"),
+    ("merge_method: linear\nmodels: [{model: /nonexistent/x, parameters: {weight: 1}}]\n"
+     "guard: {tasks: {/nonexistent/x: {name: t, probes: [hi]}}}", "not a local folder"),
+    ("merge_method: linear\nmodels: [{model: a/b}]\nguard: {taks: {}}", "did you mean 'tasks'"),
+])
+def test_bad_input_exit_2_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.yml"
+    path.write_text(content)
+    res = run_cli("check", path)
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_help_is_fast_and_lists_commands():
+    res = run_cli("--help")
+    assert res.returncode == 0 and "check" in res.stdout
+    res = subprocess.run([sys.executable, "-c", "import mergekit_collapse.cli, sys; "
+                          "assert 'torch' not in sys.modules"], capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
