@@ -15,6 +15,9 @@ COMMANDS = {
     "check": "mergekit_collapse.commands.check:check",
     "card": "mergekit_collapse.commands.card:card",
     "push": "mergekit_collapse.commands.push:push",
+    "conflicts": "mergekit_collapse.commands.conflicts:conflicts",
+    "stats": "mergekit_collapse.commands.stats:stats",
+    "calibrate": "mergekit_collapse.commands.calibrate:calibrate",
 }
 
 
