@@ -7,8 +7,8 @@ From merge records (format: `mergekit_collapse.statistics`), with "collapsed" me
   the best AUROC) and which of its values go with collapse (``higher`` when its AUROC ≥ 0.5,
   see `statistics.auroc`), unless given.
 * **bands** — ``low`` / ``elevated`` / ``collapse`` edges on that score. The *collapse* edge
-  maximises Youden's J = sensitivity + specificity − 1 over the ROC cuts (ties: the more sensitive
-  cut); the *elevated* edge is the least extreme cut that still flags at least ``sensitivity``
+  maximises Youden's J = sensitivity + specificity − 1 over the ROC cuts (ties: the more specific
+  cut, leaving the sensitive side to *elevated*); the *elevated* edge is the least extreme cut that still flags at least ``sensitivity``
   (default 0.9) of the collapsed rows, never beyond the collapse edge. Edges sit halfway between
   the two observed values they separate.
 * **relative_budget** — when the records carry the guard's budget quantity (a
@@ -134,7 +134,7 @@ def roc_cuts(oriented: np.ndarray, labels: np.ndarray, *, sensitivity: float) ->
         sensitivity: the elevated cut's minimum sensitivity.
 
     Returns:
-        The collapse cut (max J, ties to the more sensitive) and the elevated cut (the highest
+        The collapse cut (max J, ties to the more specific) and the elevated cut (the highest
         edge with sensitivity ≥ `sensitivity`, never above the collapse cut).
     """
     values = np.unique(oriented)[::-1]  # distinct, descending
@@ -142,7 +142,7 @@ def roc_cuts(oriented: np.ndarray, labels: np.ndarray, *, sensitivity: float) ->
     tpr = np.array([(pos >= v).mean() for v in values])
     fpr = np.array([(neg >= v).mean() for v in values])
     j = tpr - fpr
-    k_c = int(np.flatnonzero(j == j.max())[-1])
+    k_c = int(np.flatnonzero(j >= j.max() - 1e-12)[0])
     collapse = _Cut(edge=_edge(values, k_c), sensitivity=float(tpr[k_c]), specificity=float(1 - fpr[k_c]))
     k_e = int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])
     k_e = max(k_e, k_c)

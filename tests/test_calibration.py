@@ -1,0 +1,111 @@
+"""Calibration: hand-computed band edges and budget, file round trip, packaged default, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mergekit_collapse.calibration import (
+    Bands,
+    Calibration,
+    calibrate_file,
+    default_path,
+    fit_calibration,
+    load_calibration,
+)
+from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.statistics import parse_records
+
+# collapsed (loss < −30) rows have x ∈ {.3, .5, .6, .8}; the others x ∈ {.1, .2, .4, .7}
+X = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+LOSS = [-5, -10, -40, -8, -50, -60, -20, -70]
+NOISE = [1, 2, 1, 2, 1, 2, 1, 2]  # AUROC exactly .5
+
+
+def _csv(path: Path | None = None) -> str:
+    lines = ["group,task,method,model,loss,x,relative_distortion,noise"]
+    for i, (x, loss, n) in enumerate(zip(X, LOSS, NOISE, strict=True)):
+        lines.append(f"g{i // 2},t{i % 4},linear,m{i},{loss},{x},{2 * x},{n}")
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        path.write_text(text)
+    return text
+
+
+def test_fit_hand_computed() -> None:
+    # cuts (descending): TPR .25 .25 .5 .75 .75 1 1 1, FPR 0 .25 .25 .25 .5 .5 .75 1
+    # J max .5 at x ≥ .5 and x ≥ .3: the more specific, .5 -> edge (.5+.4)/2 = .45;
+    # TPR ≥ .9 first at x ≥ .3 -> elevated edge (.3+.2)/2 = .25
+    cal = fit_calibration(parse_records(_csv()), score="x")
+    assert cal.direction == "higher"
+    assert cal.bands.collapse == pytest.approx(0.45) and cal.bands.elevated == pytest.approx(0.25)
+    v = cal.validity
+    assert v.auroc == pytest.approx(12 / 16) and v.youden_j == pytest.approx(0.5)
+    assert v.sensitivity_collapse == pytest.approx(0.75) and v.specificity_collapse == pytest.approx(0.75)
+    assert v.sensitivity_elevated == pytest.approx(1.0) and v.n == 8 and v.n_collapsed == 4
+    assert cal.relative_budget == pytest.approx(0.9)  # the same cut on 2·x
+    assert [cal.band(x) for x in (0.45, 0.3, 0.2, None)] == ["collapse", "elevated", "low", None]
+
+
+def test_fit_lower_direction_and_auto_score() -> None:
+    text = _csv().replace(",x,", ",sim,")
+    rows = text.splitlines()
+    flipped = [rows[0]] + [",".join(c if j != 5 else str(-float(c)) for j, c in enumerate(r.split(",")))
+                           for r in rows[1:]]
+    cal = fit_calibration(parse_records("\n".join(flipped)), score="sim")
+    assert cal.direction == "lower"
+    assert cal.bands.collapse == pytest.approx(-0.45) and cal.bands.elevated == pytest.approx(-0.25)
+    assert cal.band(-0.5) == "collapse" and cal.band(-0.3) == "elevated" and cal.band(0.0) == "low"
+    auto = fit_calibration(parse_records(_csv()))  # x and relative_distortion tie (AUROC .75) > noise
+    assert auto.score == "x"
+    forced = fit_calibration(parse_records(_csv()), score="x", direction="lower")
+    assert forced.direction == "lower" and forced.validity.auroc == pytest.approx(0.25)
+
+
+def test_fit_bad_inputs() -> None:
+    rec = parse_records(_csv())
+    with pytest.raises(BadInputError, match="no score column"):
+        fit_calibration(rec, score="nope")
+    with pytest.raises(BadInputError, match="collapsed and non-collapsed"):
+        fit_calibration(rec, score="x", threshold=-100)
+    with pytest.raises(BadInputError, match="sensitivity"):
+        fit_calibration(rec, score="x", sensitivity=0)
+    with pytest.raises(ValueError, match="out of order"):
+        Calibration(score="x", direction="higher", bands=Bands(elevated=2, collapse=1), source={})
+
+
+def test_file_round_trip_and_default(tmp_path: Path) -> None:
+    placeholder = load_calibration()  # no user file yet: the packaged placeholder
+    assert placeholder.source.get("note", "").startswith("placeholder")
+    assert placeholder.band(2.0) == "collapse"
+    records = tmp_path / "records.csv"
+    _csv(records)
+    cal, path = calibrate_file(records, score="x")
+    assert path == default_path() and path.is_file()
+    assert cal.source["sha256"] == hashlib.sha256(records.read_bytes()).hexdigest()
+    assert cal.source["n"] == 8 and "date" in cal.source
+    assert load_calibration() == cal
+    path.write_text("{not json")
+    with pytest.raises(BadInputError, match="invalid calibration"):
+        load_calibration()
+    with pytest.raises(BadInputError, match="not found"):
+        load_calibration(tmp_path / "missing.json")
+
+
+def test_calibrate_cli(tmp_path: Path) -> None:
+    from mergekit_collapse.cli import main
+
+    records = tmp_path / "records.csv"
+    _csv(records)
+    out = tmp_path / "cal.json"
+    res = CliRunner().invoke(main, ["calibrate", str(records), "--score", "x", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["bands"] == {"elevated": pytest.approx(0.25), "collapse": pytest.approx(0.45)}
+    assert "elevated ≥ 0.25" in res.output
+    res = CliRunner().invoke(main, ["calibrate", str(records), "--score", "zzz"])
+    assert res.exit_code == 2 and "no score column" in res.output
