@@ -1,0 +1,62 @@
+"""lm-eval runner on a tiny real model through the real harness, offline; merging loss (Eq. 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.evaluation import merging_loss, run_tasks
+
+
+def test_merging_loss_eq1() -> None:
+    assert merging_loss(0.45, 0.9) == pytest.approx(-50.0)
+    assert merging_loss(0.9, 0.9) == pytest.approx(0.0)
+    assert merging_loss(0.0, 0.8) == pytest.approx(-100.0)
+    assert merging_loss(0.6, 0.5) == pytest.approx(20.0)
+
+
+def test_merging_loss_rejects_zero_constituent() -> None:
+    with pytest.raises(BadInputError, match="scores 0"):
+        merging_loss(0.5, 0.0)
+    with pytest.raises(BadInputError):
+        merging_loss(float("nan"), 0.5)
+
+
+def _tiny_tasks(root: Path) -> Path:
+    """Two tiny local tasks: a 2-way multiple choice and a generate_until exact-match task."""
+    rows = [{"prompt": f"Is {i} even or odd?", "choices": ["even", "odd"], "label": i % 2,
+             "answer": ["even", "odd"][i % 2]} for i in range(6)]
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+              "test_split": "test", "doc_to_text": "{{prompt}}", "metadata": {"version": 1}}
+    mc = {"task": "tiny_mc", "output_type": "multiple_choice", "doc_to_choice": "choices",
+          "doc_to_target": "label", "metric_list": [{"metric": "acc"}], **common}
+    gen = {"task": "tiny_gen", "output_type": "generate_until", "doc_to_target": "answer",
+           "generation_kwargs": {"until": ["</s>"], "max_gen_toks": 3, "do_sample": False},
+           "metric_list": [{"metric": "exact_match"}], **common}
+    yamls = root / "tasks"
+    yamls.mkdir()
+    (yamls / "tiny_mc.yaml").write_text(yaml.safe_dump(mc))
+    (yamls / "tiny_gen.yaml").write_text(yaml.safe_dump(gen))
+    return yamls
+
+
+def test_run_tasks_on_tiny_model(tiny_zoo: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
+    yamls = _tiny_tasks(tmp_path)
+    scores = run_tasks(model, tok, ["tiny_mc", "tiny_gen"], include_path=yamls, limit=4,
+                       batch_size=4)
+    assert set(scores) == {"tiny_mc", "tiny_gen"}
+    assert 0.0 <= scores["tiny_mc"]["acc"] <= 1.0
+    assert scores["tiny_gen"]["exact_match"] == 0.0  # a random model never spells "even"
+    with pytest.raises(BadInputError, match="unknown lm-eval task"):
+        run_tasks(model, tok, ["no_such_task"], include_path=yamls, limit=1)
