@@ -396,7 +396,7 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                 if lora_dir is None:
                     body = model.get_decoder()
                 else:
-                    peft_model = _swap_adapter(model, peft_model, lora_dir)
+                    peft_model = swap_adapter(model, peft_model, lora_dir)
                     body = peft_model.get_base_model().get_decoder()
                 idx = [position[k] for k in missing]
                 ids = encode(tok, [texts[i] for i in idx], settings)
@@ -422,7 +422,7 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     return result
 
 
-def _swap_adapter(model: Any, peft_model: Any, lora_dir: Path) -> Any:
+def swap_adapter(model: Any, peft_model: Any, lora_dir: Path) -> Any:
     """Make `lora_dir` the only active adapter on the shared base; drop the previous one."""
     from peft import PeftModel
 

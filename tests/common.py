@@ -83,3 +83,44 @@ def make_lora(base: str | Path, path: str | Path, seed: int, r: int = 4, scale: 
     path = Path(path)
     peft_model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_tasks(root: Path) -> Path:
+    """Two tiny local lm-eval tasks: `tiny_mc` (2-way multiple choice) and `tiny_gen` (exact match)."""
+    import json
+
+    import yaml
+
+    root = Path(root)
+    rows = [{"prompt": f"Is {i} even or odd?", "choices": ["even", "odd"], "label": i % 2,
+             "answer": ["even", "odd"][i % 2]} for i in range(6)]
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+              "test_split": "test", "doc_to_text": "{{prompt}}", "metadata": {"version": 1}}
+    mc = {"task": "tiny_mc", "output_type": "multiple_choice", "doc_to_choice": "choices",
+          "doc_to_target": "label", "metric_list": [{"metric": "acc"}], **common}
+    gen = {"task": "tiny_gen", "output_type": "generate_until", "doc_to_target": "answer",
+           "generation_kwargs": {"until": ["</s>"], "max_gen_toks": 3, "do_sample": False},
+           "metric_list": [{"metric": "exact_match"}], **common}
+    yamls = root / "tasks"
+    yamls.mkdir()
+    (yamls / "tiny_mc.yaml").write_text(yaml.safe_dump(mc))
+    (yamls / "tiny_gen.yaml").write_text(yaml.safe_dump(gen))
+    return yamls
+
+
+def merge_with_mergekit(config_path: Path, out: Path, cache: Path) -> Path:
+    """Run mergekit's own run_merge on a YAML (guard section and all), CPU, LoRAs merged into cache."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    source = Path(config_path).read_text()
+    raw = yaml.safe_load(source)
+    raw.pop("guard", None)
+    run_merge(MergeConfiguration.model_validate(raw), str(out),
+              options=MergeOptions(lora_merge_cache=str(cache), copy_tokenizer=True, quiet=True),
+              config_source=source)
+    return Path(out)
