@@ -123,16 +123,19 @@ class WeightDir:
 
     Args:
         path: a local model folder with `model.safetensors`, sharded safetensors with
-            `model.safetensors.index.json`, or (only with `allow_pickle`) pickled `*.bin` weights.
+            `model.safetensors.index.json`, or (only with `allow_pickle`) `pytorch_model*.bin`.
         allow_pickle: accept pickle-only weights; they are loaded whole with
             `torch.load(weights_only=True)`, so nothing is streamed for them.
+        files: read exactly these safetensors files of the folder (e.g. an adapter's).
+        pickle_files: read exactly these pickled files (still only with `allow_pickle`).
 
     Raises:
         BadInputError: the folder is missing, has no weights, or only pickled weights without
             `allow_pickle`.
     """
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False, files: Sequence[str] | None = None):
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, files: Sequence[str] | None = None,
+                 pickle_files: Sequence[str] | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise BadInputError(f"model folder not found: {self.path}")
@@ -141,18 +144,21 @@ class WeightDir:
         self._where: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, str] = {}
-        names = list(files) if files is not None else self._safetensors_files()
+        names = [] if pickle_files is not None else \
+            list(files) if files is not None else self._safetensors_files()
         if names:
             self._index_safetensors([self.path / n for n in names])
-        else:
-            bins = sorted(p.name for p in self.path.glob("*.bin"))
-            if not bins:
-                raise BadInputError(f"{self.path}: no safetensors (or .bin) weights found")
-            if not allow_pickle:
-                raise BadInputError(
-                    f"{self.path}: only pickled weights ({', '.join(bins)}); pickle can run code on "
-                    "load — convert to safetensors, or pass allow_pickle=True / --allow-pickle")
-            self._load_pickled([self.path / b for b in bins])
+            return
+        # HF's pickled weight names only (training_args.bin and the like are not weights)
+        bins = list(pickle_files) if pickle_files is not None else \
+            sorted(p.name for p in self.path.glob("pytorch_model*.bin"))
+        if not bins:
+            raise BadInputError(f"{self.path}: no safetensors (or pytorch_model*.bin) weights found")
+        if not allow_pickle:
+            raise BadInputError(
+                f"{self.path}: only pickled weights ({', '.join(bins)}); pickle can run code on "
+                "load — convert to safetensors, or pass allow_pickle=True / --allow-pickle")
+        self._load_pickled([self.path / b for b in bins])
 
     def _safetensors_files(self) -> list[str]:
         index = self.path / "model.safetensors.index.json"
@@ -271,26 +277,17 @@ class LoraAdapter:
             raise BadInputError(f"{self.path}: peft_type {cfg.get('peft_type')} is not LoRA")
         if cfg.get("use_dora"):
             raise BadInputError(f"{self.path}: DoRA adapters are not supported (τ depends on base norms)")
-        st = self.path / "adapter_model.safetensors"
-        files = ["adapter_model.safetensors"] if st.is_file() else []
-        self.weights = WeightDir(self.path, allow_pickle=allow_pickle, files=files or None) \
-            if files else self._pickled_weights(allow_pickle)
+        if (self.path / "adapter_model.safetensors").is_file():
+            self.weights = WeightDir(self.path, files=["adapter_model.safetensors"])
+        elif (self.path / "adapter_model.bin").is_file():
+            self.weights = WeightDir(self.path, allow_pickle=allow_pickle, pickle_files=["adapter_model.bin"])
+        else:
+            raise BadInputError(f"{self.path}: no adapter_model.safetensors")
         self.modules: dict[str, _LoraModule] = {}
         #: adapter tensors that replace a base tensor outright (modules_to_save, biases): τ = W − W_base
         self.replaced: dict[str, str] = {}
         self._ab: tuple[str, torch.Tensor, torch.Tensor] | None = None
         self._parse(cfg)
-
-    def _pickled_weights(self, allow_pickle: bool) -> WeightDir:
-        if not (self.path / "adapter_model.bin").is_file():
-            raise BadInputError(f"{self.path}: no adapter_model.safetensors")
-        if not allow_pickle:
-            raise BadInputError(f"{self.path}: only a pickled adapter_model.bin; convert to "
-                                "safetensors or pass allow_pickle=True / --allow-pickle")
-        w = WeightDir.__new__(WeightDir)
-        w.path, w._where, w._shape, w._dtype, w._handles = self.path, {}, {}, {}, {}
-        w._load_pickled([self.path / "adapter_model.bin"])
-        return w
 
     def _parse(self, cfg: dict[str, Any]) -> None:
         r0 = cfg.get("r", 8)
@@ -556,25 +553,33 @@ class _Accumulator:
         import torch
 
         present = torch.tensor([t is not None for t in taus])
-        rows = [t.reshape(-1) if t is not None else None for t in taus]
-        idx = [i for i, r in enumerate(rows) if r is not None]
-        t = torch.zeros(self.n, numel, dtype=torch.float64)
-        for i in idx:
-            t[i] = rows[i]
+        zeros = None
+        rows = []
+        for tau in taus:
+            if tau is None:
+                zeros = zeros if zeros is not None else torch.zeros(numel, dtype=torch.float64)
+                rows.append(zeros)
+            else:
+                rows.append(tau.reshape(-1))
+        t = torch.stack(rows)
         pair = (present[:, None] | present[None, :]).to(torch.float64)  # pairs this tensor is in
-        absv = t.abs()
-        l1 = absv.sum(1)
+        a = t.abs()
+        sg = torch.sign(t)
+        nz = sg.abs()
+        l1, nnz = a.sum(1), nz.sum(1)
+        both_nz = nz @ nz.T
+        # same sign: both zero (numel − nnz_i − nnz_j + both_nz) or both non-zero and equal
+        # ((both_nz + sg·sg)/2), all from two products of the sign matrix
+        same = numel - nnz[:, None] - nnz[None, :] + both_nz + (both_nz + sg @ sg.T) / 2
+        # Σ_{sign same} |τ_i| = Σ τ_i⁺[τ_j>0] + τ_i⁻[τ_j<0] = (|τ_i|·|s_j| + τ_i·s_j) / 2;
+        # where signs differ, |τ_i − τ_j| = |τ_i| + |τ_j| (opposite, or one of them zero)
+        same_abs = (a @ nz.T + t @ sg.T) / 2
+        g = t @ t.T
         self.l1 += l1
         self.l1_pair += pair * l1[:, None]
         self.diff_l1 += pair * torch.cdist(t[None], t[None], p=1)[0]
-        pos, neg = (t > 0).to(torch.float64), (t < 0).to(torch.float64)
-        zero = 1.0 - pos - neg
-        same = pos @ pos.T + neg @ neg.T + zero @ zero.T
         self.sign_diff += pair * (numel - same)
-        # Σ_{sign same} |τ_i| = τ_i⁺·[τ_j>0] + τ_i⁻·[τ_j<0]; a differing sign adds |τ_i| + |τ_j|
-        same_abs = t.clamp(min=0) @ pos.T + (-t).clamp(min=0) @ neg.T
         self.conflict += pair * (l1[:, None] + l1[None, :] - same_abs - same_abs.T)
-        g = t @ t.T
         self.dot += g
         self._tensor_dot += g
         self.positions += pair * numel

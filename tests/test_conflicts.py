@@ -167,6 +167,14 @@ def test_lora_hand_computed(hand: dict[str, Path], tmp_path: Path,
                "base_model.model.v.lora_B.weight": torch.ones(2, 1)}, str(bad / "adapter_model.safetensors"))
     with pytest.raises(BadInputError, match="does not have"):
         conflict_metrics([f"{hand['base']}+{bad}", hand["m1"]], base=hand["base"])
+    pickled = _adapter(tmp_path / "pickled", [[1, 2]], [[1], [-1]], {"r": 1, "lora_alpha": 2})
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(pickled / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    with pytest.raises(BadInputError, match="pickle"):
+        LoraAdapter(pickled)
+    assert LoraAdapter(pickled, allow_pickle=True).delta("w.weight", 0, 2).tolist() == [[2, 4], [-2, -4]]
     dora = _adapter(tmp_path / "dora", [[1, 2]], [[1], [-1]], {"r": 1, "use_dora": True})
     with pytest.raises(BadInputError, match="DoRA"):
         LoraAdapter(dora)
