@@ -166,12 +166,16 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
         "pooling": report.pooling,
         "actions": [{"action": a.action, "changed": a.changed, "reason": a.reason} for a in report.actions],
     }
-    # the risk score is optional: newer reports may carry the score the guard decided with
-    dumped = report.model_dump()
+    # the risk score is optional: newer reports may carry the score (and band) the guard decided with
+    dumped = report.model_dump(mode="json")
     for key in ("risk", "risk_score"):
         if dumped.get(key) is not None:
             block["risk"] = dumped[key]
             break
+    for entry, model in zip(block["models"], dumped["models"], strict=True):
+        for key in ("risk", "risk_score", "risk_band"):
+            if model.get(key) is not None:
+                entry[key] = model[key]
     if evaluation is not None:
         block["observed"] = {
             "limit": evaluation.limit,

@@ -158,6 +158,25 @@ def test_infinite_mds_survives_the_yaml_metadata() -> None:
     assert back == data["mergeability"]
 
 
+def test_risk_score_is_carried_when_the_report_has_one() -> None:
+    from mergekit_collapse.card import mergeability_metadata
+
+    class Entry(ModelEntry):
+        risk_band: str | None = None
+
+    class WithRisk(GuardReport):
+        risk: dict | None = None
+        models: list[Entry]
+
+    base = make_report().model_dump()
+    base["models"][0]["risk_band"] = "elevated"
+    report = WithRisk.model_validate({**base, "risk": {"score": "retention", "value": 0.4}})
+    block = mergeability_metadata(report)
+    assert block["risk"] == {"score": "retention", "value": 0.4}
+    assert block["models"][0]["risk_band"] == "elevated" and "risk_band" not in block["models"][1]
+    assert "risk" not in mergeability_metadata(make_report())
+
+
 def test_card_body_has_heatmap_table_prediction_and_config(merged_dir: Path) -> None:
     text = write_card(merged_dir).read_text()
     body = text.split("\n---\n", 1)[1]
