@@ -277,3 +277,20 @@ def test_cli_subprocess_never_prints_the_token(hub: FakeHub, merged: Path, tmp_p
     assert "HTTP 500" in proc.stderr and REPO in proc.stderr
     assert "Authorization" in proc.stderr or "authenticated" in proc.stderr  # debug logging was on
     assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_missing_revision_is_a_404_hub_error_and_private_repos_stay_private(
+        hub: FakeHub, merged: Path) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    push(merged, REPO, token=TOKEN, private=True)
+    assert hub.repos[REPO].private
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.url).model_info(REPO, token=False)
+    before = state(hub, REPO)
+    (merged / "config.json").write_text("{}")
+    with pytest.raises(HubError, match="HTTP 404") as info:
+        push(merged, REPO, token=TOKEN, exist_ok=True, create_pr=True, revision="no-such-branch")
+    assert "\n" not in str(info.value) and REPO in str(info.value)
+    assert state(hub, REPO) == before
