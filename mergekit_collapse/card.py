@@ -44,6 +44,7 @@ class EvaluationTask(BaseModel):
     merged: float | None = None
     base: float | None = None
     loss: float | None = Field(default=None, description="Eq. 1, in percent")
+    observed_retention: float | None = Field(default=None, description="retention with the merge's own states")
 
 
 class Evaluation(BaseModel):
@@ -182,7 +183,10 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
             "mean_loss": _num(evaluation.mean_loss),
             "tasks": [{"model": t.model, "task": t.task, "eval": t.eval, "metric": t.metric,
                        "constituent": _num(t.constituent), "merged": _num(t.merged),
-                       "base": _num(t.base), "loss": _num(t.loss)} for t in evaluation.tasks],
+                       "base": _num(t.base), "loss": _num(t.loss),
+                       **({"observed_retention": _num(t.observed_retention)}
+                          if t.observed_retention is not None else {})}
+                      for t in evaluation.tasks],
         }
     return block
 

@@ -74,7 +74,7 @@ EVALUATION = {
     "schema_version": "1.0", "limit": 50, "mean_loss": -20.1,
     "tasks": [
         {"model": MODELS[0], "task": "sentiment", "eval": "sst2", "metric": "acc",
-         "constituent": 0.95, "merged": 0.6, "base": 0.5, "loss": -36.8},
+         "constituent": 0.95, "merged": 0.6, "base": 0.5, "loss": -36.8, "observed_retention": 0.4},
         {"model": MODELS[1], "task": "math", "eval": "gsm8k", "metric": "exact_match",
          "constituent": 0.3, "merged": 0.29, "base": 0.1, "loss": -3.3},
     ],
@@ -145,6 +145,8 @@ def test_card_metadata_round_trips_through_model_card_load(merged_dir: Path) -> 
     assert m["tool_version"] == "0.1.0"
     assert m["observed"]["mean_loss"] == -20.1
     assert m["observed"]["tasks"][0]["loss"] == -36.8
+    assert m["observed"]["tasks"][0]["observed_retention"] == 0.4
+    assert "observed_retention" not in m["observed"]["tasks"][1]
 
 
 def test_infinite_mds_survives_the_yaml_metadata() -> None:
