@@ -204,6 +204,10 @@ class WeightDir:
                 self._shape[name] = tuple(t.shape)
                 self._dtype[name] = "F32" if t.is_floating_point() else "I64"
 
+    def release(self) -> None:
+        """Drop the open memory maps (their touched pages would otherwise stay resident)."""
+        self._handles.clear()
+
     def float_names(self) -> set[str]:
         """Names of the floating-point tensors (the parameters; integer buffers are skipped)."""
         return {n for n, d in self._dtype.items() if _float_dtype(d)}
@@ -675,6 +679,8 @@ def conflict_metrics(config_or_models: Any, *, base: Any = None, allow_pickle: b
     sources, base_w, base_name, notes = resolve_sources(models, base, allow_pickle=allow_pickle)
     tensors = sorted(set().union(*(s.names for s in sources)))
     acc = _Accumulator(len(sources))
+    weight_dirs = [w for s in sources for w in (s.full, s.lora.weights if s.lora else None) if w]
+    weight_dirs += [base_w] if base_w is not None else []
     with torch.no_grad():
         for tensor in tensors:
             shape = _shape_of(tensor, sources, base_w)
@@ -690,6 +696,8 @@ def conflict_metrics(config_or_models: Any, *, base: Any = None, allow_pickle: b
                 numel = (stop - start) * row_numel if shape else 1
                 acc.update(taus, numel)
             acc.end_tensor()
+            for w in weight_dirs:
+                w.release()
     mats = _finish(acc)
     positions = [[int(v) for v in row] for row in acc.positions.tolist()]
     return ConflictReport(names=[s.name for s in sources], base=base_name,
