@@ -401,8 +401,8 @@ def resolve_sources(models: Sequence[Any], base: Any, *, allow_pickle: bool = Fa
         allow_pickle: accept pickle-only weights.
 
     Returns:
-        (sources in input order, the base weights or None when no tensor needs them,
-        the base reference as text, notes).
+        (sources in input order, the base's weights (only its header read so far; None when no
+        model needed it), the base reference as text, notes).
 
     Raises:
         BadInputError: no base can be found, a folder is missing, or tensor names/shapes disagree.
