@@ -15,9 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.observed import Evaluation
 from mergekit_collapse.report import GuardReport
 
 if TYPE_CHECKING:
@@ -29,33 +30,6 @@ DEFAULT_TEMPLATE = "mergeability_card.md.j2"
 TAGS = ["merge", "mergekit", "mergekit-collapse"]
 #: what a Hub model id looks like ("org/name"); local paths are left out of `base_model`
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class EvaluationTask(BaseModel):
-    """One (model, task) row of evaluation.json: lm-eval scores and the merging loss (Eq. 1)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    task: str
-    eval: str = Field(description="the lm-eval task name")
-    metric: str
-    constituent: float | None = None
-    merged: float | None = None
-    base: float | None = None
-    loss: float | None = Field(default=None, description="Eq. 1, in percent")
-    observed_retention: float | None = Field(default=None, description="retention with the merge's own states")
-
-
-class Evaluation(BaseModel):
-    """evaluation.json, written by the evaluation stage beside report.json."""
-
-    model_config = ConfigDict(extra="allow")
-
-    schema_version: str = "1.0"
-    limit: int | None = None
-    tasks: list[EvaluationTask] = Field(default_factory=list)
-    mean_loss: float | None = None
 
 
 def default_template_path() -> Path:

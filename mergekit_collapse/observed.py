@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_collapse import __version__
 from mergekit_collapse.config import LoadedConfig, TaskSpec
@@ -27,12 +27,14 @@ PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "bleu")
 class TaskOutcome(BaseModel):
     """One constituent's task: its own score, the merged model's, and the merging loss (Eq. 1)."""
 
+    model_config = ConfigDict(extra="allow")
+
     model: str
     task: str
     eval: str
     metric: str
-    constituent: float
-    merged: float
+    constituent: float | None = None
+    merged: float | None = None
     base: float | None = None
     loss: float | None = Field(description="(merged / constituent - 1) * 100; None if constituent is 0")
     observed_retention: float | None = None
@@ -41,11 +43,13 @@ class TaskOutcome(BaseModel):
 class Evaluation(BaseModel):
     """evaluation.json: what the card and the validity benchmark read."""
 
+    model_config = ConfigDict(extra="allow")
+
     schema_version: str = "1.0"
     tool_version: str = __version__
-    limit: int | None
-    tasks: list[TaskOutcome]
-    mean_loss: float | None
+    limit: int | None = None
+    tasks: list[TaskOutcome] = Field(default_factory=list)
+    mean_loss: float | None = None
 
 
 @dataclass(frozen=True)

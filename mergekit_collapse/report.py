@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_collapse.constants import REPORT_SCHEMA_VERSION
 
@@ -74,6 +74,9 @@ class Action(BaseModel):
 
 class GuardReport(BaseModel):
     """Everything the guard computed, JSON-serialisable and versioned."""
+
+    # an MDS of +inf (mean HiddenSim 0) must survive the JSON round trip
+    model_config = ConfigDict(ser_json_inf_nan="constants")
 
     schema_version: str = REPORT_SCHEMA_VERSION
     tool_version: str
