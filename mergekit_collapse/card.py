@@ -141,16 +141,10 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
         "pooling": report.pooling,
         "actions": [{"action": a.action, "changed": a.changed, "reason": a.reason} for a in report.actions],
     }
-    # the risk score is optional: newer reports may carry the score (and band) the guard decided with
-    dumped = report.model_dump(mode="json")
-    for key in ("risk", "risk_score"):
-        if dumped.get(key) is not None:
-            block["risk"] = dumped[key]
-            break
-    for entry, model in zip(block["models"], dumped["models"], strict=True):
-        for key in ("risk", "risk_score", "risk_band"):
-            if model.get(key) is not None:
-                entry[key] = model[key]
+    if report.risk is not None:
+        block["risk"] = report.risk.model_dump(mode="json")
+    for entry, model in zip(block["models"], report.models, strict=True):
+        entry["risk_score"], entry["risk_band"] = _num(model.risk_score), model.risk_band
     if evaluation is not None:
         block["observed"] = {
             "limit": evaluation.limit,

@@ -43,18 +43,18 @@ class TaskSpec(_Strict):
 
 
 class Budget(_Strict):
-    """Distortion budget: `relative` to the base model's probe spread (default), or `absolute`."""
+    """Distortion budget: `relative` to the base model's probe spread, or `absolute`.
+
+    Neither given: the calibrated default relative budget (`mergekit-collapse calibrate`).
+    """
 
     relative: float | None = Field(default=None, gt=0)
     absolute: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
-    def _one_of(self) -> Budget:
-        if (self.relative is None) == (self.absolute is None):
-            if self.relative is None and self.absolute is None:
-                self.relative = 0.25
-            else:
-                raise ValueError("budget takes exactly one of `relative` or `absolute`")
+    def _at_most_one(self) -> Budget:
+        if self.relative is not None and self.absolute is not None:
+            raise ValueError("budget takes exactly one of `relative` or `absolute`")
         return self
 
 

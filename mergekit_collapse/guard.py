@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from mergekit_collapse import __version__, geometry
+from mergekit_collapse.calibration import Calibration, load_calibration
 from mergekit_collapse.config import Budget, LoadedConfig, load_config
 from mergekit_collapse.decision import resolve_budget, verdict
 from mergekit_collapse.errors import BadInputError
@@ -21,8 +22,12 @@ from mergekit_collapse.report import (
     GuardReport,
     ModelEntry,
     ProbeInfo,
+    RiskInfo,
 )
 from mergekit_collapse.weights import planned_weights
+
+#: the relative budget when neither the config nor the calibration sets one
+DEFAULT_RELATIVE_BUDGET = 0.25
 
 
 @dataclass
@@ -135,7 +140,8 @@ def _finite(x: float) -> float | None:
 
 
 def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, probes: ProbeSet,
-           hidden_size: int, dtype: str, names: list[str] | None = None) -> GuardReport:
+           hidden_size: int, dtype: str, names: list[str] | None = None,
+           calibration: Calibration | None = None) -> GuardReport:
     """Geometry, budget and verdict from hidden states alone (numpy; no model is touched).
 
     Args:
@@ -145,14 +151,16 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         probes: the probe set the states were computed on.
         hidden_size: d. dtype: the extraction dtype (for the report).
         names: model names for the report (default: the config's references).
+        calibration: default budget and risk bands (default: `load_calibration()`).
     """
     g = cfg.guard
+    cal = calibration or load_calibration()
     names = names or [str(m) for m in cfg.models]
     tasks = [cfg.task_of(m).name for m in cfg.models]
     geo = geometry.analyse(hidden, hidden_size=hidden_size, jung_dim=g.jung_dim)
     scale, source = _budget_scale(base, hidden)
     try:
-        bud = resolve_budget(g.budget, scale, source)
+        bud = resolve_budget(g.budget, scale, source, cal.relative_budget or DEFAULT_RELATIVE_BUDGET)
     except ValueError:
         raise BadInputError("relative budget needs a non-degenerate probe spread; "
                             "use an absolute budget") from None
@@ -185,6 +193,9 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
             retention=_finite(anchored.retention[i]) if anchored is not None else None,
             relative_distortion=_finite(anchored.relative_distortion[i]) if anchored is not None else None,
         ))
+        score = getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields else None
+        entries[-1].risk_score = score
+        entries[-1].risk_band = cal.band(score)
     return GuardReport(
         tool_version=__version__,
         config=str(cfg.path) if cfg.path else None,
@@ -200,7 +211,10 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         weights={n: float(a) for n, a in zip(names, geo.ball.weights, strict=True)},
         planned_weights={n: float(x) for n, x in zip(names, w, strict=True)} if w is not None else None,
         budget=BudgetInfo(mode=bud.mode, value=bud.value, absolute=bud.absolute, scale=bud.scale,
-                          scale_source=bud.scale_source),
+                          scale_source=bud.scale_source, source=bud.source),
+        risk=RiskInfo(score=cal.score, direction=cal.direction, elevated=cal.bands.elevated,
+                      collapse=cal.bands.collapse, calibration=cal.source,
+                      auroc=cal.validity.auroc if cal.validity else None),
         verdict=v, decided_by=by,
         probes=ProbeInfo(k=probes.k, count=len(probes), sha256=probes.sha256, seed=probes.seed,
                          chat_template=probes.chat_template),

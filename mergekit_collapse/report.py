@@ -26,6 +26,8 @@ class ModelEntry(BaseModel):
     shift: float | None = Field(default=None, description="||p_i − p_base||² (needs a base model)")
     retention: float | None = Field(default=None, description="<p_m−p_0, p_i−p_0>/||p_i−p_0||²")
     relative_distortion: float | None = Field(default=None, description="||p_m − p_i||²/||p_i−p_0||²")
+    risk_score: float | None = Field(default=None, description="this model's value of the risk score")
+    risk_band: Literal["low", "elevated", "collapse"] | None = None
 
 
 class Distances(BaseModel):
@@ -52,6 +54,18 @@ class BudgetInfo(BaseModel):
     absolute: float = Field(description="the budget in squared hidden-state units")
     scale: float | None = Field(default=None, description="the scale a relative budget multiplies")
     scale_source: str | None = None
+    source: str = Field(default="config", description="config (file or CLI) | calibration")
+
+
+class RiskInfo(BaseModel):
+    """The per-model risk score the guard bands models with, and where its bands came from."""
+
+    score: str = Field(description="the ModelEntry field used, e.g. relative_distortion")
+    direction: Literal["higher", "lower"]
+    elevated: float
+    collapse: float
+    calibration: dict = Field(description="the calibration's source (records sha256, n, date) or note")
+    auroc: float | None = Field(default=None, description="its validity when calibrated")
 
 
 class ProbeInfo(BaseModel):
@@ -98,6 +112,7 @@ class GuardReport(BaseModel):
     pooling: str
     dtype: str
     hidden_size: int
+    risk: RiskInfo | None = None
     notes: list[str] = Field(default_factory=list)
     actions: list[Action] = Field(default_factory=list)
 
@@ -154,11 +169,14 @@ def to_markdown(r: GuardReport) -> str:
     ]
     if b.planned is not None:
         lines.append(f"| the config's own weights | {_fmt(b.planned)} |")
-    lines += ["", "| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention |",
-              "|---|---|---|---|---|---|---|"]
+    risk = f"risk ({r.risk.score})" if r.risk else "risk"
+    lines += ["", f"| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention | {risk} |",
+              "|---|---|---|---|---|---|---|---|"]
     for m in r.models:
+        band = f"{m.risk_band} ({_fmt(m.risk_score)})" if m.risk_band else "—"
         lines.append(f"| `{m.name}` | {m.task} | {_fmt(m.mds)} | {_fmt(m.mean_hidden_sim)} | "
-                     f"{_fmt(m.distortion_optimal)} | {_fmt(r.weights.get(m.name))} | {_fmt(m.retention)} |")
+                     f"{_fmt(m.distortion_optimal)} | {_fmt(r.weights.get(m.name))} | {_fmt(m.retention)} "
+                     f"| {band} |")
     if r.hidden_sim_note:
         lines += ["", f"> HiddenSim: {r.hidden_sim_note}"]
     for n in r.notes:

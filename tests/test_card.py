@@ -162,20 +162,17 @@ def test_infinite_mds_survives_the_yaml_metadata() -> None:
 
 def test_risk_score_is_carried_when_the_report_has_one() -> None:
     from mergekit_collapse.card import mergeability_metadata
+    from mergekit_collapse.report import RiskInfo
 
-    class Entry(ModelEntry):
-        risk_band: str | None = None
-
-    class WithRisk(GuardReport):
-        risk: dict | None = None
-        models: list[Entry]
-
-    base = make_report().model_dump()
-    base["models"][0]["risk_band"] = "elevated"
-    report = WithRisk.model_validate({**base, "risk": {"score": "retention", "value": 0.4}})
+    report = make_report()
+    report.risk = RiskInfo(score="relative_distortion", direction="higher", elevated=0.5,
+                           collapse=1.0, calibration={"n": 12}, auroc=0.8)
+    report.models[0].risk_score, report.models[0].risk_band = 0.7, "elevated"
     block = mergeability_metadata(report)
-    assert block["risk"] == {"score": "retention", "value": 0.4}
-    assert block["models"][0]["risk_band"] == "elevated" and "risk_band" not in block["models"][1]
+    assert block["risk"] == {"score": "relative_distortion", "direction": "higher", "elevated": 0.5,
+                             "collapse": 1.0, "calibration": {"n": 12}, "auroc": 0.8}
+    assert block["models"][0]["risk_band"] == "elevated" and block["models"][0]["risk_score"] == 0.7
+    assert block["models"][1]["risk_band"] is None
     assert "risk" not in mergeability_metadata(make_report())
 
 
