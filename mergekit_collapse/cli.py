@@ -13,6 +13,7 @@ from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseEr
 #: command name -> "module:attribute" of its click command
 COMMANDS = {
     "check": "mergekit_collapse.commands.check:check",
+    "merge": "mergekit_collapse.commands.merge:merge",
     "evaluate": "mergekit_collapse.commands.evaluate:evaluate",
     "card": "mergekit_collapse.commands.card:card",
     "push": "mergekit_collapse.commands.push:push",

@@ -1,0 +1,436 @@
+"""MergeKit integration: guard, re-organise, then merge with mergekit's own `run_merge`.
+
+One implementation, two doors:
+
+* `mergekit-yaml config.yml OUT --guard ...`: mergekit's own console script, extended at import
+  time by the `.pth` hook (`_mergekit_collapse_hook`), which calls `install_guard`.
+* `mergekit-collapse merge config.yml OUT ...` (`commands/merge.py`).
+
+Both call `guarded_merge`. Without `--guard`, `mergekit-yaml` runs mergekit's own code path,
+untouched. The report goes to `OUT/mergeability/` (and `--guard-report DIR`), where the card reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mergekit_collapse.config import Action as ActionName
+from mergekit_collapse.errors import BadInputError, CollapseError, GuardStoppedError
+
+LOG = logging.getLogger(__name__)
+
+#: the folder inside the merged model where the report (and later the evaluation) lives
+REPORT_DIR = "mergeability"
+#: the help section of our options in mergekit's PrettyPrintHelp
+HELP_CATEGORY = "Merge Guard (mergekit-collapse)"
+#: marks a click command that already has the guard options
+_INSTALLED = "_mergekit_collapse_guard"
+
+
+def guard_click_options(*, switch: bool = True) -> list[click.Option]:
+    """The `--guard-*` options shared by the mergekit-yaml hook and `mergekit-collapse merge`.
+
+    Args:
+        switch: include `--guard` itself (mergekit-yaml); `merge` always guards.
+
+    Returns:
+        New click.Option objects (a command owns its parameters, so build them per command).
+    """
+    opts = [
+        click.Option(["--guard-budget"], type=float, default=None,
+                     help="Relative distortion budget (× the base model's probe spread); "
+                          "overrides guard.budget."),
+        click.Option(["--guard-absolute-budget"], type=float, default=None,
+                     help="Absolute distortion budget (squared hidden-state units)."),
+        click.Option(["--guard-action"], type=click.Choice(list(typing.get_args(ActionName))),
+                     default=None,
+                     help="When over budget: abort (exit 3, no output), warn, drop, split, "
+                          "replace or order. Default: guard.action, else abort."),
+        click.Option(["--guard-weights"], type=click.Choice(["none", "suggest", "apply"]),
+                     default=None,
+                     help="Distortion-optimal weights α*: suggest (write a config with them) or "
+                          "apply (merge with them; linear/task-arithmetic family)."),
+        click.Option(["--guard-report"], type=click.Path(file_okay=False), default=None,
+                     help="Also write report.json, report.md and hidden_sim.png here "
+                          "(always written to OUT/mergeability/ when something is merged)."),
+        click.Option(["--guard-merge-all"], is_flag=True, default=False,
+                     help="split: merge every group into OUT/group-<k> (default: write their configs)."),
+        click.Option(["--guard-cache-dir"], type=click.Path(file_okay=False), default=None,
+                     help="Hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)."),
+    ]
+    if switch:
+        opts.insert(0, click.Option(
+            ["--guard"], is_flag=True, default=False,
+            help="Predict merging collapse first (mergekit-collapse); stop or re-organise the "
+                 "merge when over budget. Any --guard-* option implies it."))
+    return opts
+
+
+GUARD_PARAM_NAMES = tuple(o.name for o in guard_click_options())
+
+
+def wants_guard(params: dict[str, Any]) -> bool:
+    """True when `--guard` or any `--guard-*` option was given."""
+    return any(params.get(n) not in (None, False) for n in GUARD_PARAM_NAMES)
+
+
+def register_help_category(names: typing.Iterable[str]) -> None:
+    """List our options under their own heading in mergekit's PrettyPrintHelp."""
+    from mergekit.options import OPTION_CATEGORIES
+
+    for name in names:
+        OPTION_CATEGORIES.setdefault(name, HELP_CATEGORY)
+
+
+def install_guard(module: Any) -> None:
+    """Add the guard options to `module.main` (mergekit-yaml's click command); idempotent.
+
+    Without any guard option the command runs mergekit's own callback with exactly the arguments
+    it had before. Called by the `.pth` import hook, which logs and ignores any exception.
+
+    Args:
+        module: the imported `mergekit.scripts.run_yaml` module.
+
+    Raises:
+        TypeError: `module.main` is not a click command with a callback (an unknown mergekit).
+        RuntimeError: mergekit already has an option with one of our names.
+    """
+    cmd = getattr(module, "main", None)
+    if not isinstance(cmd, click.Command) or cmd.callback is None:
+        raise TypeError("mergekit.scripts.run_yaml.main is not a click command")
+    if getattr(cmd, _INSTALLED, False):
+        return
+    params = guard_click_options(switch=True)
+    clash = {p.name for p in cmd.params} & {p.name for p in params}
+    if clash:
+        raise RuntimeError(f"mergekit-yaml already has options {sorted(clash)}")
+    original = cmd.callback
+
+    @functools.wraps(original)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        guard = {n: kwargs.pop(n, None) for n in GUARD_PARAM_NAMES}
+        if not wants_guard(guard):
+            return original(*args, **kwargs)  # plain mergekit, untouched
+        return run_guarded_cli(kwargs["config_file"], kwargs["out_path"],
+                               merge_options_from(kwargs), guard, switch=True)
+
+    register_help_category(p.name for p in params)
+    cmd.params.extend(params)
+    cmd.callback = callback
+    setattr(cmd, _INSTALLED, True)
+
+
+def merge_options_from(params: dict[str, Any]) -> Any:
+    """mergekit's MergeOptions from a command's parameters, as `add_merge_options` builds it."""
+    from mergekit.options import MergeOptions
+
+    return MergeOptions(**{k: params[k] for k in MergeOptions.model_fields if k in params})
+
+
+def run_guarded_cli(config_file: str, out_path: str, merge_options: Any, guard: dict[str, Any], *,
+                    switch: bool) -> None:
+    """The guarded path of a click command: `guarded_merge`, a summary, our exit codes.
+
+    Args:
+        config_file: the mergekit YAML. out_path: the output folder.
+        merge_options: mergekit's MergeOptions.
+        guard: the `--guard-*` values.
+        switch: called from mergekit-yaml (print our errors here, as one line, and exit).
+
+    Raises:
+        CollapseError: from `mergekit-collapse merge` (its CLI group maps it to an exit code).
+    """
+    merge_options.apply_global_options()
+    try:
+        result = guarded_merge(
+            config_file, out_path, merge_options,
+            action=guard.get("guard_action"), budget=guard.get("guard_budget"),
+            absolute_budget=guard.get("guard_absolute_budget"),
+            weights=guard.get("guard_weights"), report_dir=guard.get("guard_report"),
+            merge_all=bool(guard.get("guard_merge_all")), cache_dir=guard.get("guard_cache_dir"))
+    except CollapseError as e:
+        if not switch:
+            raise
+        click.echo(f"mergekit-collapse: {e}", err=True)
+        sys.exit(e.exit_code)
+    click.echo(result.summary(), err=True)
+
+
+@dataclass
+class GuardedMerge:
+    """What `guarded_merge` did.
+
+    Attributes:
+        report: the guard's report, with the actions taken.
+        outputs: folders mergekit wrote models to.
+        configs: the re-organised / re-weighted configs written next to the output.
+        report_paths: report.json / report.md / hidden_sim.png, per folder written.
+    """
+
+    report: Any  # GuardReport
+    outputs: list[Path] = field(default_factory=list)
+    configs: list[Path] = field(default_factory=list)
+    report_paths: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        r = self.report
+        b = r.bounds
+        lines = [f"mergekit-collapse: {r.verdict} (r*² {b.exact:.4g}, budget {r.budget.absolute:.4g}, "
+                 f"decided by {r.decided_by})"]
+        lines += [f"  {a.action}: {a.changed}" for a in r.actions]
+        lines += [f"  config: {p}" for p in self.configs]
+        lines += [f"  merged: {p}" for p in self.outputs]
+        lines += [f"  report: {p}" for p in self.report_paths if p.name == "report.md"]
+        return "\n".join(lines)
+
+
+def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: Any, *,
+                  action: str | None = None, budget: float | None = None,
+                  absolute_budget: float | None = None, weights: str | None = None,
+                  report_dir: str | Path | None = None, merge_all: bool = False,
+                  cache_dir: str | Path | None = None, progress: bool | None = None) -> GuardedMerge:
+    """Run the guard on a mergekit config, apply its action, and merge with mergekit's run_merge.
+
+    Nothing is written to `out_path` before the guard has decided: when it stops the merge
+    (action `abort`, or no re-organisation fits the budget) no output folder is created.
+
+    Args:
+        config_path: the mergekit YAML (with its `guard:` section).
+        out_path: mergekit's output folder. Re-organised configs are written beside it as
+            `<OUT>.<action>.yml`; the report goes to `<OUT>/mergeability/`.
+        merge_options: mergekit's MergeOptions (device, dtype handling, trust_remote_code, ...).
+        action: overrides guard.action (abort, warn, drop, split, replace, order).
+        budget: relative budget, overrides guard.budget.
+        absolute_budget: absolute budget, overrides guard.budget.
+        weights: overrides guard.weights (none, suggest, apply).
+        report_dir: also write the report here (written even when the merge is stopped).
+        merge_all: split: merge every group into `<OUT>/group-<k>`.
+        cache_dir: hidden-state cache root.
+        progress: progress bars (default: unless mergekit's --quiet).
+
+    Returns:
+        What was merged and written.
+
+    Raises:
+        BadInputError: invalid config, guard section or options.
+        GuardStoppedError: over budget and the action stopped the merge (exit 3).
+    """
+    from mergekit_collapse.config import load_config
+    from mergekit_collapse.guard import run_guard
+    from mergekit_collapse.reorganise import ActionContext, get_action
+
+    out = Path(out_path)
+    cfg = load_config(config_path)
+    overrides = {k: v for k, v in (("action", action), ("weights", weights)) if v is not None}
+    cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
+    run = run_guard(
+        cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())),
+        device=getattr(merge_options, "device", None) or "auto", dtype="auto",
+        cache_dir=cache_dir, trust_remote_code=bool(getattr(merge_options, "trust_remote_code", False)),
+        progress=(not getattr(merge_options, "quiet", False)) if progress is None else progress,
+        budget=budget, absolute_budget=absolute_budget, **overrides)
+    report, settings = run.report, run.cfg.guard
+    ctx = ActionContext(
+        report=report, raw=_raw(cfg.source), refs=list(run.cfg.models), budget=report.budget.absolute,
+        merge_method=cfg.merge.merge_method, base=cfg.base, vectors=run.vectors,
+        candidates=dict(settings.candidates), candidate_refs=candidate_refs)
+    plan = get_action(settings.action).plan(ctx, merge_all=merge_all)
+    report.actions.extend(plan.records)
+    result = GuardedMerge(report=report)
+    if plan.stop:
+        if report_dir:
+            result.report_paths += list(report.write(report_dir).values())
+            raise GuardStoppedError(f"{plan.stop}; report: {Path(report_dir) / 'report.md'}", report)
+        raise GuardStoppedError(plan.stop, report)
+
+    report.actions.extend(_weights(plan, ctx, settings.weights, out))
+    jobs = []
+    for pm in plan.merges:
+        target = out / pm.name if pm.name else out
+        source = cfg.source
+        if pm.changed:
+            path = _sibling(out, pm.suffix)
+            source = _write_config(path, pm.raw)
+            result.configs.append(path)
+            for rec in report.actions:
+                if _belongs(rec, pm, settings.action):
+                    rec.configs.append(str(path))
+        if pm.merge:
+            jobs.append((pm, target, source))
+    if plan.multi_stage is not None:
+        path = _sibling(out, "order")
+        path.write_text(plan.multi_stage, encoding="utf-8")
+        result.configs.append(path)
+        for rec in report.actions:
+            rec.configs.append(str(path))
+
+    for pm, target, source in jobs:
+        merge_config(pm.raw, target, merge_options, config_source=source)
+        result.outputs.append(target)
+    if plan.multi_stage is not None:
+        stages = _sibling(out, "stages", ext="")
+        merge_multi_stage(plan.multi_stage, out, stages, merge_options)
+        result.outputs.append(out)
+
+    result.report_paths += list(report.write(out / REPORT_DIR).values())
+    if report_dir:
+        result.report_paths += list(report.write(report_dir).values())
+    return result
+
+
+def _belongs(rec: Any, pm: Any, action: str) -> bool:
+    """Is this record about this planned merge's config (split records name their group)?"""
+    if rec.action == action or (rec.action == "weights" and "applied" in rec.changed):
+        return not pm.name or rec.changed.startswith(f"{pm.name}:")
+    return False
+
+
+def _raw(source: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(source)
+
+
+def _sibling(out: Path, suffix: str, ext: str = ".yml") -> Path:
+    """`<OUT>.<suffix>.yml` next to the output folder."""
+    return out.parent / f"{out.name}.{suffix}{ext}"
+
+
+def _write_config(path: Path, raw: dict) -> str:
+    from mergekit_collapse.reorganise import dump_config
+
+    text = dump_config(raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
+    """For `replace`: give every candidate its task's probe spec, so the guard can extract it.
+
+    Returns:
+        (the config with candidate task entries, candidate text -> ModelReference).
+
+    Raises:
+        BadInputError: a candidate task that no model has, or a candidate that is not a model reference.
+    """
+    from mergekit_collapse.config import LoadedConfig
+    from mergekit_collapse.reorganise import parse_ref
+
+    if not wanted or not cfg.guard.candidates:
+        return cfg, {}
+    by_name = {spec.name: spec for spec in cfg.guard.tasks.values()}
+    tasks = dict(cfg.guard.tasks)
+    refs: dict[str, Any] = {}
+    for task, texts in cfg.guard.candidates.items():
+        if task not in by_name:
+            raise BadInputError(f"guard.candidates names task '{task}', which no model of this merge has")
+        for text in texts:
+            ref = parse_ref(text)
+            if ref is None:
+                raise BadInputError(f"guard.candidates['{task}']: '{text}' is not a model reference")
+            refs[text] = ref
+            tasks.setdefault(text, by_name[task])
+    guard = cfg.guard.model_copy(update={"tasks": tasks})
+    return LoadedConfig(path=cfg.path, source=cfg.source, merge=cfg.merge, guard=guard,
+                        models=cfg.models, base=cfg.base), refs
+
+
+def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
+    """`--guard-weights`: α* of each planned merge's own models, suggested or applied.
+
+    `suggest` writes `<OUT>[.<action>]-weights.yml` beside the output and merges as planned;
+    `apply` rewrites the planned configs (linear and task-arithmetic family methods only).
+    """
+    from mergekit_collapse import geometry
+    from mergekit_collapse.reorganise import TASK_FAMILY, weights_config
+    from mergekit_collapse.report import Action
+
+    if mode == "none":
+        return []
+    if plan.multi_stage is not None:
+        return [Action(action="weights", changed="not applied",
+                       reason="a multi-stage (order) plan weights each stage by its group sizes")]
+    records = []
+    linear = ctx.merge_method == "linear" or ctx.merge_method in TASK_FAMILY
+    for pm in plan.merges:
+        if len(pm.members) < 2:
+            continue
+        sq = geometry.pairwise_distances(ctx.vectors(pm.members)).sq
+        alpha = geometry.enclosing_ball(sq).weights
+        weights = {m: float(a) for m, a in zip(pm.members, alpha, strict=True)}
+        text = ", ".join(f"{m}: {a:.3f}" for m, a in weights.items())
+        where = f"{pm.name}: " if pm.name else ""
+        if mode == "apply" and linear:
+            pm.raw = weights_config(pm.raw, weights)
+            pm.changed = True
+            pm.suffix = f"{pm.suffix}-weights" if pm.suffix else "weights"
+            records.append(Action(
+                action="weights", changed=f"{where}applied α* as weight: {text}",
+                reason="distortion-optimal convex weights (minimum enclosing ball): the worst "
+                       "model's distortion is the smallest any convex merge allows",
+                models=[str(m) for m in pm.members]))
+        else:
+            why = ("suggested only (--guard-weights suggest)" if mode == "suggest" else
+                   f"not applied: {ctx.merge_method} has no linear weights")
+            records.append(Action(action="weights", changed=f"{where}α* {text}", reason=why,
+                                  models=[str(m) for m in pm.members]))
+            if mode == "suggest" and linear:
+                path = _sibling(out, f"{pm.suffix}-weights" if pm.suffix else "weights")
+                _write_config(path, weights_config(pm.raw, weights))
+                records[-1].configs.append(str(path))
+    return records
+
+
+def merge_config(raw: dict, out: str | Path, merge_options: Any, *,
+                 config_source: str | None = None) -> None:
+    """Merge one config with mergekit's own run_merge.
+
+    Args:
+        raw: the mergekit YAML mapping (a `guard:` key is ignored, as mergekit itself ignores it).
+        out: the output folder.
+        merge_options: mergekit's MergeOptions.
+        config_source: the YAML text mergekit records in the output (default: its own dump).
+
+    Raises:
+        BadInputError: mergekit rejects the config.
+    """
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from pydantic import ValidationError
+
+    body = {k: v for k, v in raw.items() if k != "guard"}
+    try:
+        merge = MergeConfiguration.model_validate(body)
+    except (ValidationError, RuntimeError, ValueError) as e:
+        raise BadInputError(f"invalid mergekit config: {str(e).splitlines()[0]}") from None
+    run_merge(merge, str(out), options=merge_options, config_source=config_source)
+
+
+def merge_multi_stage(text: str, out: str | Path, intermediate_dir: str | Path,
+                      merge_options: Any) -> None:
+    """Run a mergekit-multi YAML with mergekit's own multimerge machinery.
+
+    Args:
+        text: the multi-document YAML (named stages, one unnamed final merge).
+        out: the final model's folder.
+        intermediate_dir: where the named stages are written.
+        merge_options: mergekit's MergeOptions.
+    """
+    from mergekit.graph import Executor
+    from mergekit.scripts import multimerge
+
+    Path(intermediate_dir).mkdir(parents=True, exist_ok=True)
+    configs, deps = multimerge.load_config(text, str(intermediate_dir))
+    tasks = multimerge.make_tasks(configs, deps, merge_options, str(intermediate_dir), str(out),
+                                  lazy=False)
+    Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="Merging stages")
