@@ -1,0 +1,35 @@
+"""Every shipped example config parses with mergekit's own MergeConfiguration and our guard schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergekit_collapse.config import load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "merge_configs").rglob("*.yml"))
+
+
+def test_there_are_examples():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_example_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.models, "an example merges at least one model"
+    # every constituent has a task with probes, so `check` can run on it
+    for model in cfg.models:
+        assert cfg.task_of(model).probes is not None
+
+
+def test_paper_settings():
+    root = Path(__file__).parent.parent / "merge_configs" / "paper"
+    glue = load_config(root / "glue-qwen2.5-3b.yml")
+    assert len(glue.models) == 8 and glue.merge.merge_method == "ties"
+    assert {glue.task_of(m).name for m in glue.models} == {
+        "cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "wnli"}
+    lol = load_config(root / "lots-of-loras-mistral-7b.yml")
+    assert len(lol.models) == 8 and all(m.lora is not None for m in lol.models)
+    assert {str(m.model) for m in lol.models} == {"mistralai/Mistral-7B-Instruct-v0.2"}
