@@ -20,6 +20,7 @@ COMMANDS = {
     "conflicts": "mergekit_collapse.commands.conflicts:conflicts",
     "stats": "mergekit_collapse.commands.stats:stats",
     "calibrate": "mergekit_collapse.commands.calibrate:calibrate",
+    "zoo": "mergekit_collapse.commands.zoo:zoo",
 }
 
 
