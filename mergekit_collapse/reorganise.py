@@ -134,7 +134,8 @@ def largest_within_budget(sq: np.ndarray, budget: float, *,
         passing = [grp for c in _cliques_of_size(maximal, size)
                    if within((grp := confirm(sq, c)).radius_sq, budget)]
         if passing:
-            return min(passing, key=lambda grp: (grp.radius_sq, grp.members))
+            # radii equal up to round-off tie: then the first in config order
+            return min(passing, key=lambda grp: (round(grp.radius_sq / budget, 9), grp.members))
     raise AssertionError("unreachable: a single model is always within budget")
 
 
