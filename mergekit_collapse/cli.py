@@ -10,17 +10,28 @@ import click
 
 from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseError
 
-#: command name -> "module:attribute" of its click command
+#: command name -> ("module:attribute" of its click command, one-line help for `--help`);
+#: `--help` reads the help from here and imports no command module (some import torch).
 COMMANDS = {
-    "check": "mergekit_collapse.commands.check:check",
-    "merge": "mergekit_collapse.commands.merge:merge",
-    "evaluate": "mergekit_collapse.commands.evaluate:evaluate",
-    "card": "mergekit_collapse.commands.card:card",
-    "push": "mergekit_collapse.commands.push:push",
-    "conflicts": "mergekit_collapse.commands.conflicts:conflicts",
-    "stats": "mergekit_collapse.commands.stats:stats",
-    "calibrate": "mergekit_collapse.commands.calibrate:calibrate",
-    "zoo": "mergekit_collapse.commands.zoo:zoo",
+    "check": ("mergekit_collapse.commands.check:check",
+              "Predict collapse for a mergekit config: HiddenSim, MDS, exact bounds, verdict."),
+    "merge": ("mergekit_collapse.commands.merge:merge",
+              "Guard, re-organise if over budget, and merge with mergekit (mergekit-yaml flags)."),
+    "evaluate": ("mergekit_collapse.commands.evaluate:evaluate",
+                 "lm-eval on a merge and its constituents; merging loss (Eq. 1)."),
+    "run": ("mergekit_collapse.commands.run:run",
+            "guard -> merge -> evaluate -> card -> push, resumable."),
+    "demo": ("mergekit_collapse.commands.demo:demo",
+             "The offline demo on SmolLM2-135M and its task-adapter zoo."),
+    "card": ("mergekit_collapse.commands.card:card", "Write the mergeability model card (README.md)."),
+    "push": ("mergekit_collapse.commands.push:push", "Push a merged folder to the Hub in one commit."),
+    "conflicts": ("mergekit_collapse.commands.conflicts:conflicts",
+                  "Parameter-conflict metrics (Eqs. 4-7), pairwise, streamed."),
+    "stats": ("mergekit_collapse.commands.stats:stats",
+              "Correlation, AUROC and ANOVA of metrics against merging loss."),
+    "calibrate": ("mergekit_collapse.commands.calibrate:calibrate",
+                  "Fit the default budget and risk bands from merge records."),
+    "zoo": ("mergekit_collapse.commands.zoo:zoo", "The demo's SmolLM2 task zoo: export, train, score."),
 }
 
 
@@ -31,11 +42,14 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
+        if name not in COMMANDS:
             return None
-        module, attr = target.split(":")
+        module, attr = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
     def invoke(self, ctx: click.Context):
         try:

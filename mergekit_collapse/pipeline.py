@@ -1,0 +1,196 @@
+"""guard -> merge -> evaluate -> card -> push, as one resumable run (`mergekit-collapse run`).
+
+Each finished stage is recorded in OUT/mergeability/pipeline.json with a hash of its inputs and the
+sizes of its outputs; a re-run skips a stage whose record matches and whose outputs are intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_collapse.constants import cache_root
+
+STATE_FILE = "pipeline.json"
+REPORT_DIR = "mergeability"
+
+
+@dataclass
+class PipelineResult:
+    """Where everything is, and what each stage did."""
+
+    out: Path
+    report: Any = None  # GuardReport
+    evaluations: dict[str, Any] = field(default_factory=dict)  # output folder -> Evaluation
+    configs: list[Path] = field(default_factory=list)
+    cards: list[Path] = field(default_factory=list)
+    push: Any = None  # hub.PushResult
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _sha(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _files(folder: Path) -> dict[str, int]:
+    """Sizes of the files a stage wrote (model weights, config, card...)."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and REPORT_DIR not in p.relative_to(folder).parts}
+
+
+class StageState:
+    """pipeline.json: per stage, its inputs' hash and its outputs' sizes."""
+
+    def __init__(self, out: Path):
+        self.path = out / REPORT_DIR / STATE_FILE
+        try:
+            self.data: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def done(self, stage: str, inputs: str, check: Callable[[dict], bool] = lambda r: True) -> bool:
+        rec = self.data.get(stage)
+        return bool(rec and rec.get("inputs") == inputs and check(rec))
+
+    def record(self, stage: str, inputs: str, **info: Any) -> None:
+        self.data[stage] = {"inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+
+    def get(self, stage: str) -> dict[str, Any]:
+        return self.data.get(stage, {})
+
+
+def default_merge_options(**overrides: Any) -> Any:
+    """mergekit's MergeOptions for the pipeline: LoRAs merged once into the shared cache."""
+    from mergekit.options import MergeOptions
+
+    opts = {"lora_merge_cache": str(cache_root() / "lora_merged"), "copy_tokenizer": True,
+            "quiet": True}
+    return MergeOptions(**{**opts, **overrides})
+
+
+def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = None,
+                 action: str | None = None, budget: float | None = None,
+                 absolute_budget: float | None = None, weights: str | None = None,
+                 merge_all: bool = False, evaluate: bool = True, limit: int | None = None,
+                 with_base: bool = False, push_repo: str | None = None, dry_run: bool = False,
+                 private: bool = False, exist_ok: bool = False, template: Path | None = None,
+                 progress: bool = True, echo: Callable[[str], None] = print) -> PipelineResult:
+    """Guard, merge with mergekit, evaluate with lm-eval, write the card, push to the Hub.
+
+    Args:
+        config: the mergekit YAML with its `guard:` section.
+        out: the merged model's folder.
+        merge_options: mergekit MergeOptions (default: `default_merge_options()`).
+        action, budget, absolute_budget, weights, merge_all: guard overrides (see `guarded_merge`).
+        evaluate: run lm-eval on the merge(s) and the constituents.
+        limit: lm-eval documents per task.
+        with_base: also score the base model.
+        push_repo: push the (main) merged folder to this Hub repo.
+        dry_run: plan the push, contact nothing.
+        private, exist_ok: push options.
+        template: a card template of the user's.
+        progress: progress bars.
+        echo: where stage lines go.
+
+    Returns:
+        The PipelineResult.
+
+    Raises:
+        BadInputError: bad config or inputs. GuardStoppedError: the guard stopped the merge.
+        HubError: the push failed (nothing half-pushed).
+    """
+    from mergekit_collapse.config import load_config
+    from mergekit_collapse.integration import guarded_merge
+    from mergekit_collapse.report import GuardReport
+
+    out = Path(out)
+    config = Path(config)
+    result = PipelineResult(out=out)
+    state = StageState(out)
+    stages = ["guard + merge", "evaluate", "card", "push"]
+    opts = merge_options or default_merge_options()
+
+    def stage(i: int, note: str = "") -> None:
+        echo(f"[{i + 1}/{len(stages)}] {stages[i]}{' — ' + note if note else ''}")
+
+    # 1. guard + merge
+    t0 = time.time()
+    inputs = _sha(config.read_text(encoding="utf-8"), action, budget, absolute_budget, weights,
+                  merge_all, opts.model_dump(mode="json") if hasattr(opts, "model_dump") else str(opts))
+    rec = state.get("merge")
+    intact = all(Path(o).is_dir() and _files(Path(o)) == sizes
+                 for o, sizes in rec.get("outputs", {}).items())
+    if state.done("merge", inputs) and intact and (out / REPORT_DIR / "report.json").exists():
+        stage(0, "finished earlier, outputs intact: skipped")
+        result.skipped.append("merge")
+        result.report = GuardReport.read(out / REPORT_DIR)
+        outputs = [Path(o) for o in rec["outputs"]]
+        merged_configs = [Path(c) if c else config for c in rec["configs"]]
+    else:
+        stage(0)
+        done = guarded_merge(config, out, opts, action=action, budget=budget,
+                             absolute_budget=absolute_budget, weights=weights, merge_all=merge_all,
+                             progress=progress)
+        echo(done.summary())
+        result.report = done.report
+        outputs = done.outputs
+        merged_configs = _config_of_each(done, config)
+        state.record("merge", inputs, outputs={str(o): _files(o) for o in outputs},
+                     configs=[str(c) for c in merged_configs])
+    result.configs = [c for c in merged_configs if c != config]
+    result.seconds["merge"] = time.time() - t0
+
+    # 2. evaluate
+    t0 = time.time()
+    if evaluate:
+        from mergekit_collapse.observed import Evaluation, evaluate_merge, write_evaluation
+
+        for folder, cfg_path in zip(outputs, merged_configs, strict=True):
+            key = _sha(state.get("merge").get("outputs", {}).get(str(folder)), str(cfg_path), limit,
+                       with_base)
+            target = folder / REPORT_DIR / "evaluation.json"
+            if state.done(f"evaluate:{folder}", key) and target.exists():
+                stage(1, f"{folder.name}: finished earlier: skipped")
+                result.evaluations[str(folder)] = Evaluation.model_validate_json(target.read_text())
+                continue
+            stage(1, f"{folder.name} (limit {limit or 'all'})")
+            report = result.report if folder == out else None
+            ev = evaluate_merge(folder, load_config(cfg_path), limit=limit, with_base=with_base,
+                                report=report, progress=progress)
+            write_evaluation(ev, folder / REPORT_DIR, report)
+            result.evaluations[str(folder)] = ev
+            state.record(f"evaluate:{folder}", key)
+    result.seconds["evaluate"] = time.time() - t0
+
+    # 3. card (cheap: always re-rendered from what is on disk)
+    from mergekit_collapse.card import write_card
+
+    stage(2)
+    for folder, cfg_path in zip(outputs, merged_configs, strict=True):
+        if (folder / REPORT_DIR / "report.json").exists():
+            result.cards.append(write_card(folder, template=template, config_path=cfg_path))
+
+    # 4. push
+    if push_repo:
+        from mergekit_collapse.hub import push
+
+        stage(3, f"{push_repo}{' (dry run)' if dry_run else ''}")
+        result.push = push(out, push_repo, private=private, exist_ok=exist_ok, dry_run=dry_run)
+    return result
+
+
+def _config_of_each(done: Any, original: Path) -> list[Path]:
+    """The config each output folder was merged from: re-organised configs pair with outputs in
+    order (drop, split groups); otherwise the user's config (warn, a passing set, order)."""
+    written = [c for c in done.configs if c.suffix == ".yml" and ".order" not in c.name]
+    if len(written) == len(done.outputs):
+        return list(written)
+    return [original] * len(done.outputs)
