@@ -39,9 +39,12 @@ def _sha(*parts: Any) -> str:
 
 
 def _files(folder: Path) -> dict[str, int]:
-    """Sizes of the files a stage wrote (model weights, config, card...)."""
+    """Sizes of the files mergekit wrote (weights, config, tokenizer): the merge stage's outputs.
+
+    README.md (rewritten by the card stage) and the report folder belong to later stages.
+    """
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and REPORT_DIR not in p.relative_to(folder).parts}
+            if p.is_file() and p.name != "README.md" and REPORT_DIR not in p.relative_to(folder).parts}
 
 
 class StageState:

@@ -35,6 +35,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".onnx", ".msgpack", ".npy", ".zip")
 
 
+#: tokens the fake Hub accepts (a planted secret that must never appear in any output)
+TOKEN = "hf_PLANTEDsecret123"
+OTHER_TOKEN = "hf_bobsToken456"
+
+
 def git_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hub_server import FakeHub
+from hub_server import TOKEN, FakeHub
 from test_card import make_merged_dir
 
 from mergekit_collapse.card import write_card
@@ -18,41 +18,7 @@ from mergekit_collapse.cli import main
 from mergekit_collapse.errors import EXIT_HUB, HubError
 from mergekit_collapse.hub import push
 
-TOKEN = "hf_PLANTEDsecret123"
-OTHER_TOKEN = "hf_bobsToken456"
 REPO = "alice/merged-model"
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """A running fake Hub; HF_ENDPOINT points at it, Xet is off, no stored login, no HF_TOKEN.
-
-    huggingface_hub reads HF_HUB_DISABLE_XET / HF_HUB_OFFLINE / HF_TOKEN_PATH once at import, so the
-    constants are patched too (conftest sets HF_HUB_OFFLINE=1 for every test).
-    """
-    from huggingface_hub import constants
-
-    server = FakeHub({TOKEN: "alice", OTHER_TOKEN: "bob"}).start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-    # the client's user-agent code fetches an "agent harness" registry from constants.ENDPOINT once:
-    # keep that off the network (a fresh empty cache) and everything else on the fake Hub
-    registry = tmp_path / "agent_harnesses.json"
-    registry.write_text('{"standardEnvVars": [], "harnesses": {}}')
-    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(registry))
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr("huggingface_hub.utils._detect_agent._registry", None)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
