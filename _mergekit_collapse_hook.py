@@ -10,7 +10,6 @@ Fail-safe: any exception while finding, wrapping or installing is logged at debu
 mergekit carries on. Setting MERGEKIT_COLLAPSE_DISABLE=1 installs nothing at all.
 """
 
-from __future__ import annotations
 
 import os
 import sys
