@@ -277,7 +277,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         merge_config(pm.raw, target, merge_options, config_source=source)
         result.outputs.append(target)
     if plan.multi_stage is not None:
-        stages = _sibling(out, "stages", ext="")
+        stages = _sibling(out.resolve(), "stages", ext="")  # absolute: mergekit takes a/b for a Hub id
         merge_multi_stage(plan.multi_stage, out, stages, merge_options)
         result.outputs.append(out)
 
