@@ -64,14 +64,24 @@ def train(tasks: tuple[str, ...], out: Path | None, seed: int, max_steps: int, t
               help="lm-eval documents per task.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the scores JSON here (default: the package's zoo/scores.json).")
-def score(tasks: tuple[str, ...], limit: int, batch_size: int, out: Path | None) -> None:
-    """Score each adapter on its own task and the base model on every task, with lm-eval."""
-    from mergekit_collapse.zoo import SCORES_FILE, TASKS
-    from mergekit_collapse.zoo.scores import score_zoo
+              help="Read/write the scores JSON here (default: the package's zoo/scores.json).")
+@click.option("--base-only", is_flag=True, help="Score only the base model.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads.")
+def score(tasks: tuple[str, ...], limit: int, batch_size: int, out: Path | None, base_only: bool,
+          threads: int | None) -> None:
+    """Score each adapter on its own task and the base model on every task, with lm-eval.
 
-    res = score_zoo(list(tasks) or list(TASKS), limit=limit, batch_size=batch_size,
-                    out_file=out or SCORES_FILE, log=lambda m: click.echo(m, err=True))
+    Scores already recorded under the same --limit are kept (the base is not re-run).
+    """
+    from mergekit_collapse.zoo import SCORES_FILE, TASKS
+    from mergekit_collapse.zoo.scores import metric_of, score_zoo
+
+    names = list(tasks) or list(TASKS)
+    res = score_zoo(names, limit=limit, batch_size=batch_size,
+                    out_file=out or SCORES_FILE, adapters=not base_only, threads=threads,
+                    log=lambda m: click.echo(m, err=True))
     click.echo(f"{'task':16} {'metric':12} {'base':>6} {'adapter':>8}")
-    for task, s in res["tasks"].items():
-        click.echo(f"{task:16} {s['metric']:12} {s['base']:6.3f} {s['adapter']:8.3f}")
+    for task in names:
+        own = res["tasks"].get(task, {}).get("adapter")
+        shown = f"{own:8.3f}" if own is not None else f"{'-':>8}"
+        click.echo(f"{task:16} {metric_of(task):12} {res['base'][task]:6.3f} {shown}")

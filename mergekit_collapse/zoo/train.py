@@ -45,7 +45,7 @@ class TrainSettings:
     check_every: int = 10
     n_val: int = 128
     target: float = 0.97
-    threads: int = 2
+    threads: int = 1
     bf16: bool = True
 
 
@@ -209,7 +209,8 @@ def save_adapter(peft_model: Any, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     peft_model.peft_config["default"].base_model_name_or_path = HUB_ID
-    peft_model.save_pretrained(out, safe_serialization=True)
+    # save_embedding_layers=False: only attention is adapted; skips peft's Hub look-up of the base
+    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     weights = out / "adapter_model.safetensors"
     half = {k: v.to(torch.float16).contiguous() for k, v in load_file(weights).items()}
     save_file(half, weights, metadata={"format": "pt"})
