@@ -189,6 +189,8 @@ class GuardedMerge:
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]
         lines += [f"  config: {p}" for p in self.configs]
         lines += [f"  merged: {p}" for p in self.outputs]
+        if self.configs and not self.outputs:
+            lines.append("  not merged: run mergekit-yaml on each config, or add --guard-merge-all")
         lines += [f"  report: {p}" for p in self.report_paths if p.name == "report.md"]
         return "\n".join(lines)
 

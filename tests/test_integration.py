@@ -197,3 +197,23 @@ def test_merge_command_passes_mergekit_options_through(configs, tmp_path):
               "--quiet")
     assert res.returncode == 3 and not out.exists()
     assert res.stderr.strip().startswith("error: guard stopped the merge")
+
+
+def test_order_runs_a_multi_stage_plan_end_to_end(tiny_zoo, tmp_path):
+    raw = config(tiny_zoo, ["ft1", "ft2", "ft3"], action="order")
+    raw.update(merge_method="slerp", parameters={"t": 0.5})
+    del raw["base_model"]
+    for m in raw["models"]:
+        del m["parameters"]
+    path = tmp_path / "order.yml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "merged"
+    res = run(MERGEKIT_YAML, str(path), str(out), "--guard-absolute-budget", BUDGET, "--quiet")
+    assert res.returncode == 0, res.stderr
+    docs = list(yaml.safe_load_all((tmp_path / "merged.order.yml").read_text()))
+    assert [Path(m["model"]).name for m in docs[0]["models"]] == ["ft1", "ft2"]  # closest first
+    assert docs[1]["base_model"] == "stage-1" and "name" not in docs[1]
+    assert (tmp_path / "merged.stages" / "stage-1" / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
+    report = json.loads((out / "mergeability" / "report.json").read_text())
+    assert [a["action"] for a in report["actions"]] == ["order", "order"]
