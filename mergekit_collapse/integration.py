@@ -245,14 +245,17 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         report=report, raw=_raw(cfg.source), refs=list(run.cfg.models), budget=report.budget.absolute,
         merge_method=cfg.merge.merge_method, base=cfg.base, vectors=run.vectors,
         candidates=dict(settings.candidates), candidate_refs=candidate_refs)
-    plan = get_action(settings.action).plan(ctx, merge_all=merge_all)
+    try:
+        plan = get_action(settings.action).plan(ctx, merge_all=merge_all)
+    except ValueError as e:  # e.g. too many replacement combinations to try
+        raise BadInputError(f"guard action '{settings.action}': {e}") from None
     report.actions.extend(plan.records)
     result = GuardedMerge(report=report)
     if plan.stop:
         if report_dir:
             result.report_paths += list(report.write(report_dir).values())
             raise GuardStoppedError(f"{plan.stop}; report: {Path(report_dir) / 'report.md'}", report)
-        raise GuardStoppedError(plan.stop, report)
+        raise GuardStoppedError(f"{plan.stop} (--guard-report DIR keeps the report)", report)
 
     report.actions.extend(_weights(plan, ctx, settings.weights, out))
     jobs = []
