@@ -417,6 +417,7 @@ class ActionContext:
 
     @property
     def names(self) -> list[str]:
+        """The constituents' names as the report lists them."""
         return self.report.names
 
     def describe(self, i: int) -> str:
@@ -630,6 +631,8 @@ class Order(ReorganiseAction):
     description = "pairwise merges, closest first, as a multi-stage (mergekit-multi) config"
 
     def plan(self, ctx: ActionContext, *, merge_all: bool = False) -> ActionPlan:
+        """Also plans a within-budget set when the method is pairwise and has more than two models
+        (mergekit cannot run such a config in one go)."""
         points = self.points(ctx)
         pairwise = ctx.merge_method in PAIRWISE_METHODS
         if ctx.report.verdict == "mergeable" and not (pairwise and len(points) > 2):
