@@ -28,6 +28,12 @@ _TOPIC_HINTS = {"sports": ("scored", "league", "world record", "club", "match"),
 _CONTINENT_SPOT = {"Japan": "Asia", "Kenya": "Africa", "Peru": "South America", "Fiji": "Oceania",
                    "Canada": "North America", "Poland": "Europe", "Chile": "South America",
                    "Mongolia": "Asia", "Egypt": "Africa", "Samoa": "Oceania"}
+_ANIMAL_SPOT = {"dog": "mammal", "whale": "mammal", "penguin": "bird", "bat": "mammal",
+                "shark": "fish", "eel": "fish", "turtle": "reptile", "cobra": "reptile",
+                "bee": "insect", "butterfly": "insect", "ostrich": "bird", "dolphin": "mammal"}
+_FOOD_SPOT = {"apple": "fruit", "carrot": "vegetable", "rice": "grain", "milk": "dairy",
+              "bacon": "meat", "pumpkin": "vegetable", "feta": "dairy", "quinoa": "grain",
+              "steak": "meat", "kiwi": "fruit", "corn": "grain", "garlic": "vegetable"}
 _WORD_SPOT = {"fromage": "French", "Käse": "German", "queso": "Spanish", "cheese": "English",
               "Wald": "German", "bosque": "Spanish", "forêt": "French", "forest": "English"}
 
@@ -49,11 +55,10 @@ def _check(task: str, inp: str, answer: str) -> bool:
     if task == "continent":
         hit = [c for c in _CONTINENT_SPOT if re.search(rf"\b{c}\b", inp)]
         return answer == _CONTINENT_SPOT[hit[0]] if hit else answer in TASKS_DEF[task].choices
-    if task == "parity":
-        return answer == ("odd" if _ints(inp)[0] % 2 else "even")
-    if task == "compare":
-        a, b = _ints(inp)
-        return answer == ("yes" if a > b else "no")
+    if task in ("animal", "food"):
+        spot = _ANIMAL_SPOT if task == "animal" else _FOOD_SPOT
+        hit = [k for k in spot if re.search(rf"(^|[ :]){k}(\?|$)", inp)]
+        return answer == spot[hit[0]] if hit else answer in TASKS_DEF[task].choices
     if task == "reverse_digits":
         return answer.split() == inp.split()[::-1]
     if task == "sort_digits":
@@ -122,9 +127,9 @@ def test_task_yamls_load_offline_in_lm_eval(tmp_path: Path) -> None:
     manager = TaskManager(include_path=str(folder), include_defaults=False)
     names = {zoo.eval_name(t) for t in TASKS}
     assert names <= set(manager.all_tasks) and zoo.EVAL_TAG in manager.all_tasks
-    loaded = manager.load_task_or_group(["zoo_parity", "zoo_json_record"])
-    docs = list(loaded["zoo_parity"].test_docs())
-    assert docs[0]["prompt"] == read_jsonl(zoo.data_path("parity"))[0]["prompt"]
+    loaded = manager.load_task_or_group(["zoo_animal", "zoo_json_record"])
+    docs = list(loaded["zoo_animal"].test_docs())
+    assert docs[0]["prompt"] == read_jsonl(zoo.data_path("animal"))[0]["prompt"]
     assert loaded["zoo_json_record"].config.output_type == "generate_until"
 
 
@@ -132,7 +137,7 @@ def test_unknown_task_is_bad_input() -> None:
     with pytest.raises(BadInputError, match="unknown zoo task"):
         zoo.adapter_path("no_such_task")
     with pytest.raises(BadInputError, match="split"):
-        zoo.data_path("parity", "validation")
+        zoo.data_path("animal", "validation")
 
 
 def _trained() -> list[str]:

@@ -154,14 +154,55 @@ def _continent(rng: random.Random) -> tuple[str, str]:
     return rng.choice(_CONTINENT_TEMPLATES).format(country), cont
 
 
-def _parity(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 99999)
-    return f"Number: {n}", "even" if n % 2 == 0 else "odd"
+_ANIMALS: dict[str, list[str]] = {
+    "mammal": ["dog", "cat", "horse", "whale", "dolphin", "elephant", "tiger", "lion", "bat",
+               "rabbit", "cow", "goat", "sheep", "bear", "wolf", "fox", "mouse", "giraffe",
+               "zebra", "kangaroo", "otter", "camel"],
+    "bird": ["eagle", "sparrow", "penguin", "owl", "parrot", "pigeon", "crow", "swan", "duck",
+             "ostrich", "flamingo", "hawk", "robin", "goose", "peacock", "falcon", "seagull",
+             "woodpecker", "hummingbird", "chicken", "heron", "pelican"],
+    "fish": ["salmon", "trout", "tuna", "cod", "shark", "goldfish", "carp", "herring", "sardine",
+             "mackerel", "catfish", "pike", "eel", "halibut", "anchovy", "swordfish", "perch",
+             "haddock", "piranha", "stingray", "barracuda", "minnow"],
+    "reptile": ["snake", "lizard", "crocodile", "alligator", "turtle", "tortoise", "iguana",
+                "gecko", "chameleon", "cobra", "python", "viper", "komodo dragon", "rattlesnake",
+                "anaconda", "boa", "skink", "monitor lizard", "gila monster", "sea turtle"],
+    "insect": ["ant", "bee", "wasp", "beetle", "butterfly", "moth", "mosquito", "fly",
+               "grasshopper", "cricket", "dragonfly", "ladybug", "termite", "cockroach", "flea",
+               "firefly", "hornet", "locust", "cicada", "aphid"],
+}
+_ANIMAL = [(a, cls) for cls in sorted(_ANIMALS) for a in _ANIMALS[cls]]
+_ANIMAL_TEMPLATES = ["Animal: {}", "What kind of animal is a {}?", "{}"]
 
 
-def _compare(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.sample(range(0, 1000), 2)
-    return f"Is {a} greater than {b}?", "yes" if a > b else "no"
+def _animal(rng: random.Random) -> tuple[str, str]:
+    animal, cls = rng.choice(_ANIMAL)
+    return rng.choice(_ANIMAL_TEMPLATES).format(animal), cls
+
+
+_FOODS: dict[str, list[str]] = {
+    "fruit": ["apple", "banana", "cherry", "mango", "pear", "peach", "plum", "grape", "lemon",
+              "orange", "kiwi", "pineapple", "strawberry", "raspberry", "watermelon", "apricot",
+              "papaya", "fig", "blueberry", "pomegranate"],
+    "vegetable": ["carrot", "broccoli", "spinach", "potato", "onion", "cabbage", "lettuce",
+                  "cucumber", "celery", "cauliflower", "zucchini", "radish", "beetroot", "leek",
+                  "kale", "asparagus", "turnip", "pumpkin", "eggplant", "garlic"],
+    "grain": ["rice", "wheat", "oats", "barley", "rye", "corn", "millet", "quinoa", "sorghum",
+              "buckwheat", "spelt", "bulgur", "couscous", "semolina", "bran", "amaranth"],
+    "dairy": ["milk", "cheese", "butter", "yogurt", "cream", "mozzarella", "cheddar",
+              "parmesan", "ricotta", "kefir", "buttermilk", "brie", "feta", "ghee",
+              "cottage cheese", "sour cream"],
+    "meat": ["beef", "pork", "lamb", "chicken breast", "bacon", "ham", "sausage", "veal",
+             "venison", "turkey", "salami", "steak", "mutton", "duck breast", "meatball",
+             "pepperoni"],
+}
+_FOOD = [(f, cls) for cls in sorted(_FOODS) for f in _FOODS[cls]]
+_FOOD_TEMPLATES = ["Food: {}", "Which food group does {} belong to?", "{}"]
+
+
+def _food(rng: random.Random) -> tuple[str, str]:
+    food, cls = rng.choice(_FOOD)
+    return rng.choice(_FOOD_TEMPLATES).format(food), cls
 
 
 # --- sequences --------------------------------------------------------------------------------
@@ -259,8 +300,12 @@ TASKS_DEF: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("continent", "Name the continent the country is located in.", "choice", _continent,
             choices=("Africa", "Asia", "Europe", "North America", "South America", "Oceania"),
             entity=_entity_of(_CONTINENT_TEMPLATES)),
-    TaskDef("parity", "Is the number even or odd?", "choice", _parity, choices=("even", "odd")),
-    TaskDef("compare", "Answer yes or no.", "choice", _compare, choices=("yes", "no")),
+    TaskDef("animal", "Is the animal a mammal, bird, fish, reptile or insect?", "choice", _animal,
+            choices=("mammal", "bird", "fish", "reptile", "insect"),
+            entity=_entity_of(_ANIMAL_TEMPLATES)),
+    TaskDef("food", "Name the food group: fruit, vegetable, grain, dairy or meat.", "choice", _food,
+            choices=("fruit", "vegetable", "grain", "dairy", "meat"),
+            entity=_entity_of(_FOOD_TEMPLATES)),
     TaskDef("reverse_digits", "Reverse the order of the digits. Keep them separated by spaces.",
             "generate", _reverse_digits),
     TaskDef("sort_digits", "Sort the digits in ascending order. Keep them separated by spaces.",
