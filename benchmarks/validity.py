@@ -1,0 +1,269 @@
+"""Predictive validity on the demo zoo (real SmolLM2-135M-Instruct + task LoRAs).
+
+All pairs of tasks (as the paper's Table 18) and random groups of 4-8 tasks are merged with real
+mergekit (linear, task_arithmetic, ties), each constituent's merging loss (Eq. 1) is measured with
+lm-eval, and every predictor is computed beside it: the paper's HiddenSim / MDS, the exact geometry
+(distortion under alpha* and under the merge's own weights), the base-anchored retention and
+relative distortion (pre-merge) and observed retention (post-merge), at two poolings and two
+layers, and the four parameter-conflict metrics. Records are appended as each merge finishes, so
+the run is resumable and a time budget leaves a usable, balanced subset (experiments run in a
+seeded shuffled order).
+
+    python benchmarks/validity.py --work /tmp/validity --minutes 60
+    python benchmarks/validity.py --work /tmp/validity --analyse   # tables only
+
+Writes <work>/records.jsonl (the merge records `mergekit-collapse stats/calibrate` read) and
+<work>/validity.md (the tables RESULTS.md quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergekit_collapse import geometry
+from mergekit_collapse.config import parse_config
+from mergekit_collapse.guard import assess, extraction_settings
+from mergekit_collapse.hidden_states import extract
+from mergekit_collapse.probes import build_probes
+
+METHODS = {
+    # linear: the average; task_arithmetic: the sum (lambda 1); ties: density 0.5, sign election
+    "linear": {"params": {"weight": 1.0}, "global": {}},
+    "task_arithmetic": {"params": {"weight": 1.0}, "global": {"lambda": 1.0}},
+    "ties": {"params": {"weight": 1.0, "density": 0.5}, "global": {"lambda": 1.0}},
+}
+#: (pooling, layer) settings every predictor is computed at; the first is the guard's default
+SETTINGS = [("mean", -1), ("last", -1), ("mean", 16), ("last", 16)]
+PER_MODEL = ("mds_group", "distortion_optimal", "distortion_planned", "retention",
+             "relative_distortion")
+
+
+def ref(zoo: Path, task: str) -> str:
+    return f"{zoo / 'smollm2'}+{zoo / 'adapters' / task}"
+
+
+def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str = "mean",
+                 layer: int = -1) -> dict[str, Any]:
+    """The config as the guard sees it (always with the base, for the anchored predictors)."""
+    spec = METHODS[method]
+    cfg: dict[str, Any] = {
+        "merge_method": method,
+        "base_model": str(zoo / "smollm2"),
+        "models": [{"model": ref(zoo, t), "parameters": dict(spec["params"])} for t in tasks],
+        "dtype": "float32",
+        "guard": {"k": k, "pooling": pooling, "layer": layer, "tasks": {ref(zoo, t): {
+            "name": t, "probes": {"file": str(zoo / "tasks" / t / "test.jsonl"), "field": "prompt"},
+            "eval": str(zoo / "tasks" / f"zoo_{t}.yaml")} for t in tasks}},
+    }
+    if spec["global"]:
+        cfg["parameters"] = dict(spec["global"])
+    return cfg
+
+
+def mergekit_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What mergekit merges: linear takes no base model (it would weigh it as one more input)."""
+    out = {k: v for k, v in cfg.items() if k != "guard"}
+    if out["merge_method"] == "linear":
+        out.pop("base_model")
+    return out
+
+
+def experiments(tasks: list[str], n_groups: int, seed: int) -> list[tuple[str, tuple[str, ...]]]:
+    rng = random.Random(seed)
+    pairs = list(itertools.combinations(tasks, 2))
+    groups = {tuple(sorted(rng.sample(tasks, rng.randint(4, 8)))) for _ in range(4 * n_groups)}
+    groups_l = sorted(groups)[:n_groups] if len(groups) > n_groups else sorted(groups)
+    rng.shuffle(groups_l)
+    todo = [(m, g) for g in [*pairs, *groups_l[:n_groups]] for m in METHODS]
+    rng.shuffle(todo)
+    return todo
+
+
+def exp_id(method: str, group: tuple[str, ...]) -> str:
+    return f"{method}:{'+'.join(group)}"
+
+
+class Predictors:
+    """Hidden states of base + every adapter at every setting, extracted once (then cached)."""
+
+    def __init__(self, zoo: Path, tasks: list[str], k: int):
+        self.zoo, self.tasks, self.k = zoo, tasks, k
+        self.probes = build_probes(parse_config(json.dumps(guard_config(zoo, tasks, "linear", k))))
+        self.vectors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        self.global_sim: dict[tuple[str, int], np.ndarray] = {}
+        for pooling, layer in SETTINGS:
+            cfg = parse_config(json.dumps(guard_config(zoo, tasks, "linear", k, pooling, layer)))
+            settings = extraction_settings(cfg, device="cpu", dtype="float32")
+            ext = extract([cfg.base, *cfg.models], self.probes.texts, settings, progress=True)
+            self.vectors[(pooling, layer)] = ext.vectors
+            self.hidden_size = ext.hidden_size
+            h = np.stack([ext.vectors[str(m)] for m in cfg.models])
+            # the paper's protocol: HiddenSim over the whole set of fine-tuned models
+            sim, _ = geometry.hidden_sim(geometry.pairwise_distances(h).mean)
+            self.global_sim[(pooling, layer)] = sim
+
+    def group_probes(self, cfg: Any) -> tuple[Any, np.ndarray]:
+        """The group's own probe set (as the guard builds it) and its rows in the full set."""
+        probes = build_probes(cfg)
+        position = {t: i for i, t in enumerate(self.probes.texts)}
+        return probes, np.array([position[t] for t in probes.texts])
+
+    def report(self, method: str, group: tuple[str, ...], pooling: str = "mean", layer: int = -1) -> Any:
+        """The guard's report for this merge, on the group's own probes, from cached vectors."""
+        cfg = parse_config(json.dumps(guard_config(self.zoo, list(group), method, self.k, pooling, layer)))
+        probes, rows = self.group_probes(cfg)
+        vec = self.vectors[(pooling, layer)]
+        hidden = np.stack([vec[str(m)][rows] for m in cfg.models])
+        return assess(cfg, hidden, vec[str(cfg.base)][rows], probes=probes,
+                      hidden_size=self.hidden_size, dtype="float32")
+
+    def rows(self, method: str, group: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
+        out: dict[str, dict[str, float | None]] = {t: {} for t in group}
+        for pooling, layer in SETTINGS:
+            suffix = "" if (pooling, layer) == SETTINGS[0] else f"@{pooling}{layer}"
+            rep = self.report(method, group, pooling, layer)
+            idx = [self.tasks.index(t) for t in group]
+            sim = self.global_sim[(pooling, layer)]
+            for i, (t, m) in enumerate(zip(group, rep.models, strict=True)):
+                mean_sim = float(np.mean([sim[idx[i], j] for j in idx if j != idx[i]]))
+                row = out[t]
+                row["mean_hidden_sim" + suffix] = mean_sim
+                row["mds" + suffix] = 1 / mean_sim if mean_sim > 0 else float("inf")
+                row["mds_group" + suffix] = m.mds
+                for name in PER_MODEL[1:]:
+                    row[name + suffix] = getattr(m, name)
+                row["exact_rel" + suffix] = rep.bounds.exact / rep.budget.scale
+        return out
+
+
+def conflict_rows(zoo: Path, group: tuple[str, ...], cache: dict) -> dict[str, dict[str, float]]:
+    """The conflict metrics (Eqs. 4-7), pairwise; a model's value is its mean over its pairs."""
+    from mergekit_collapse.conflicts import METRICS, conflict_metrics
+
+    values: dict[str, dict[str, list[float]]] = {t: {} for t in group}
+    for pair in itertools.combinations(group, 2):
+        if pair not in cache:
+            rep = conflict_metrics(parse_config(json.dumps(guard_config(zoo, list(pair), "linear", 1))))
+            cache[pair] = {f"conflict_{name}": rep.metric(name)[0][1] for name in METRICS}
+        for t in pair:
+            for name, v in cache[pair].items():
+                if v is not None:
+                    values[t].setdefault(name, []).append(v)
+    return {t: {k: float(np.mean(v)) for k, v in d.items()} for t, d in values.items()}
+
+
+def run(args: argparse.Namespace) -> None:
+    from mergekit_collapse.config import parse_config as parse
+    from mergekit_collapse.observed import evaluate_merge
+    from mergekit_collapse.zoo import TASKS, export_zoo
+
+    work = Path(args.work)
+    zoo = export_zoo(work / "zoo")
+    tasks = [t for t in TASKS if (zoo / "adapters" / t).is_dir()]
+    records_path = work / "records.jsonl"
+    done = set()
+    if records_path.exists():
+        done = {json.loads(line)["group"] for line in records_path.read_text().splitlines() if line}
+    plan = experiments(tasks, args.groups, args.seed)
+    print(f"{len(plan)} experiments, {len(done)} done; {len(tasks)} tasks", flush=True)
+    t0 = time.time()
+    preds = Predictors(zoo, tasks, args.k)
+    print(f"predictors ready in {time.time() - t0:.0f}s", flush=True)
+    conflicts: dict = {}
+    merged_root = Path(args.scratch)
+    for n, (method, group) in enumerate(plan):
+        gid = exp_id(method, group)
+        if gid in done:
+            continue
+        if time.time() - t0 > args.minutes * 60:
+            print(f"time budget reached after {n} experiments", flush=True)
+            break
+        t1 = time.time()
+        raw = guard_config(zoo, list(group), method, args.k)
+        cfg = parse(json.dumps(raw))
+        rows = preds.rows(method, group)
+        conf = conflict_rows(zoo, group, conflicts) if not args.no_conflicts else {}
+        out = merged_root / "merged"
+        shutil.rmtree(out, ignore_errors=True)
+        merge(mergekit_config(raw), out, work / "lora_cache")
+        t_merge = time.time() - t1
+        report = preds.report(method, group)
+        ev = evaluate_merge(out, cfg, limit=args.limit, batch_size=16, report=report, progress=False)
+        shutil.rmtree(out, ignore_errors=True)
+        with records_path.open("a") as f:
+            for o in ev.tasks:
+                row = {"group": gid, "task": o.task, "method": method, "model": o.model,
+                       "size": len(group), "loss": o.loss, "merged": o.merged,
+                       "constituent": o.constituent, "metric": o.metric,
+                       "observed_retention": o.observed_retention,
+                       **rows[o.task], **conf.get(o.task, {})}
+                f.write(json.dumps(row) + "\n")
+        losses = ", ".join(f"{o.task}:{o.loss:+.0f}" for o in ev.tasks if o.loss is not None)
+        print(f"[{n + 1}/{len(plan)}] {gid}  merge {t_merge:.0f}s total {time.time() - t1:.0f}s  {losses}",
+              flush=True)
+
+
+def merge(config: dict[str, Any], out: Path, lora_cache: Path) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              options=MergeOptions(lora_merge_cache=str(lora_cache), copy_tokenizer=True, quiet=True,
+                                   lazy_unpickle=False))
+
+
+def analyse(work: Path, threshold: float) -> str:
+    """Tables: per predictor Pearson/Spearman/AUROC, overall and per method; pooling/layer; ANOVA."""
+    from mergekit_collapse.statistics import parse_records, summarize
+
+    text = (work / "records.jsonl").read_text()
+    lines = [f"records: {len(text.splitlines())} rows, threshold {threshold:g}%\n"]
+    rows = [json.loads(x) for x in text.splitlines() if x]
+    for subset, name in [(None, "all merges"), ("pair", "pairs"), ("group", "groups of 4-8")]:
+        sel = [r for r in rows if subset is None or (r["size"] == 2) == (subset == "pair")]
+        if len(sel) < 5:
+            continue
+        sub = parse_records("\n".join(json.dumps(r) for r in sel), "jsonl")
+        rep = summarize(sub, threshold=threshold)
+        lines.append(f"\n### {name} (n = {len(sel)}, collapsed = "
+                     f"{sum(1 for r in sel if r['loss'] is not None and r['loss'] < threshold)})\n")
+        lines.append(rep.to_markdown())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/validity")
+    p.add_argument("--scratch", default="/dev/shm/mkc-validity", help="where merges are written")
+    p.add_argument("--minutes", type=float, default=60)
+    p.add_argument("--limit", type=int, default=24, help="lm-eval documents per task")
+    p.add_argument("--groups", type=int, default=20)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=-30.0)
+    p.add_argument("--no-conflicts", action="store_true")
+    p.add_argument("--analyse", action="store_true", help="only write the tables")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not args.analyse:
+        run(args)
+    md = analyse(work, args.threshold)
+    (work / "validity.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
