@@ -90,14 +90,17 @@ def load_scores() -> dict[str, Any]:
     return json.loads(SCORES_FILE.read_text(encoding="utf-8"))
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _place(src: Path, dst: Path, *, link: bool = False) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
-    try:
-        os.link(src, dst)  # the 540 MB base: no second copy on the same file system
-    except OSError:
-        shutil.copy2(src, dst)
+    if link:  # the 540 MB base: no second copy on the same file system
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)  # small files are copied: editing the export never touches the package
 
 
 def export_zoo(out_dir: str | Path, *, tasks: list[str] | None = None) -> Path:
@@ -126,14 +129,14 @@ def export_zoo(out_dir: str | Path, *, tasks: list[str] | None = None) -> Path:
     base = ensure_smollm2()
     for f in base.iterdir():
         if f.is_file():
-            _link_or_copy(f, out / "smollm2" / f.name)
+            _place(f, out / "smollm2" / f.name, link=True)
     for task, src in adapters.items():
         for name in ADAPTER_FILES:
-            _link_or_copy(src / name, out / "adapters" / task / name)
+            _place(src / name, out / "adapters" / task / name)
     task_dir = out / "tasks"
     for task in TASKS:
         for split in ("train", "test"):
-            _link_or_copy(data_path(task, split), task_dir / task / f"{split}.jsonl")
+            _place(data_path(task, split), task_dir / task / f"{split}.jsonl")
     write_task_yamls(task_dir, task_dir)
     if SCORES_FILE.is_file():
         shutil.copy2(SCORES_FILE, out / "scores.json")

@@ -84,8 +84,9 @@ def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size
             result["tasks"] = previous.get("tasks", {})
 
     def save() -> None:
-        if out_file:
-            result["base"] = dict(sorted(result["base"].items()))
+        if out_file:  # tasks no longer in the zoo are dropped
+            result["base"] = {t: v for t, v in sorted(result["base"].items()) if t in TASKS_DEF}
+            result["tasks"] = {t: v for t, v in result["tasks"].items() if t in TASKS_DEF}
             Path(out_file).write_text(json.dumps(result, indent=1) + "\n")
 
     missing = [t for t in tasks if t not in result["base"]]
