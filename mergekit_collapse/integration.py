@@ -173,10 +173,12 @@ class GuardedMerge:
         outputs: folders mergekit wrote models to.
         configs: the re-organised / re-weighted configs written next to the output.
         report_paths: report.json / report.md / hidden_sim.png, per folder written.
+        sources: for each folder in `outputs`, the config it was merged from (None: as written).
     """
 
     report: Any  # GuardReport
     outputs: list[Path] = field(default_factory=list)
+    sources: list[Path | None] = field(default_factory=list)
     configs: list[Path] = field(default_factory=list)
     report_paths: list[Path] = field(default_factory=list)
 
@@ -262,6 +264,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     for pm in plan.merges:
         target = out / pm.name if pm.name else out
         source = cfg.source
+        path = None
         if pm.changed:
             path = _sibling(out, pm.suffix)
             source = _write_config(path, pm.raw)
@@ -270,7 +273,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                 if _belongs(rec, pm, settings.action):
                     rec.configs.append(str(path))
         if pm.merge:
-            jobs.append((pm, target, source))
+            jobs.append((pm, target, source, path))
     if plan.multi_stage is not None:
         path = _sibling(out, "order")
         path.write_text(plan.multi_stage, encoding="utf-8")
@@ -278,13 +281,15 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         for rec in report.actions:
             rec.configs.append(str(path))
 
-    for pm, target, source in jobs:
+    for pm, target, source, path in jobs:
         merge_config(pm.raw, target, merge_options, config_source=source)
         result.outputs.append(target)
+        result.sources.append(path)
     if plan.multi_stage is not None:
         stages = _sibling(out.resolve(), "stages", ext="")  # absolute: mergekit takes a/b for a Hub id
         merge_multi_stage(plan.multi_stage, out, stages, merge_options)
         result.outputs.append(out)
+        result.sources.append(None)  # the final stage merges the config's own constituents
 
     result.report_paths += list(report.write(out / REPORT_DIR).values())
     if report_dir:

@@ -145,7 +145,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         echo(done.summary())
         result.report = done.report
         outputs = done.outputs
-        merged_configs = _config_of_each(done, config)
+        merged_configs = [src or config for src in done.sources]
         state.record("merge", inputs, outputs={str(o): _files(o) for o in outputs},
                      configs=[str(c) for c in merged_configs])
     result.configs = [c for c in merged_configs if c != config]
@@ -189,11 +189,3 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         result.push = push(out, push_repo, private=private, exist_ok=exist_ok, dry_run=dry_run)
     return result
 
-
-def _config_of_each(done: Any, original: Path) -> list[Path]:
-    """The config each output folder was merged from: re-organised configs pair with outputs in
-    order (drop, split groups); otherwise the user's config (warn, a passing set, order)."""
-    written = [c for c in done.configs if c.suffix == ".yml" and ".order" not in c.name]
-    if len(written) == len(done.outputs):
-        return list(written)
-    return [original] * len(done.outputs)
