@@ -57,7 +57,8 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
         model: a loaded `transformers.PreTrainedModel` (merge a peft adapter in first).
         tokenizer: its tokenizer (with a chat template when `apply_chat_template`).
         tasks: lm-eval task (or tag/group) names.
-        include_path: a folder (or YAML file) of extra task configs, e.g. the zoo's task YAMLs.
+        include_path: a folder of extra task configs, e.g. the zoo's task YAMLs (a YAML file
+            stands for its folder).
         limit: evaluate only the first `limit` documents of each task.
         batch_size: lm-eval batch size.
         apply_chat_template: wrap each prompt in the tokenizer's chat template (the zoo's format).
@@ -83,6 +84,8 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
     paths = str(include_path) if include_path is not None else None
     if paths is not None and not Path(paths).exists():
         raise BadInputError(f"lm-eval include path not found: {paths}")
+    if paths is not None and Path(paths).is_file():  # lm-eval indexes folders, not single files
+        paths = str(Path(paths).parent)
     manager = TaskManager(include_path=paths, include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:

@@ -58,5 +58,8 @@ def test_run_tasks_on_tiny_model(tiny_zoo: dict[str, Path], tmp_path: Path) -> N
     assert set(scores) == {"tiny_mc", "tiny_gen"}
     assert 0.0 <= scores["tiny_mc"]["acc"] <= 1.0
     assert scores["tiny_gen"]["exact_match"] == 0.0  # a random model never spells "even"
+    one = run_tasks(model, tok, ["tiny_mc"], include_path=yamls / "tiny_mc.yaml", limit=2,
+                    batch_size=2)
+    assert set(one) == {"tiny_mc"}
     with pytest.raises(BadInputError, match="unknown lm-eval task"):
         run_tasks(model, tok, ["no_such_task"], include_path=yamls, limit=1)
