@@ -109,3 +109,13 @@ def test_help_is_fast_and_lists_commands():
             "assert 'torch' not in sys.modules and 'mergekit' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+def test_every_listed_command_resolves():
+    import click
+
+    from mergekit_collapse.cli import COMMANDS, main
+
+    for name in COMMANDS:
+        command = main.get_command(None, name)
+        assert isinstance(command, click.Command) and command.name == name
