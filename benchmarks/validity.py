@@ -224,22 +224,40 @@ def merge(config: dict[str, Any], out: Path, lora_cache: Path) -> None:
 
 
 def analyse(work: Path, threshold: float) -> str:
-    """Tables: per predictor Pearson/Spearman/AUROC, overall and per method; pooling/layer; ANOVA."""
+    """Tables: a ranking of every predictor x setting, then per subset Pearson/Spearman/AUROC, ANOVA."""
     from mergekit_collapse.statistics import parse_records, summarize
 
     text = (work / "records.jsonl").read_text()
-    lines = [f"records: {len(text.splitlines())} rows, threshold {threshold:g}%\n"]
     rows = [json.loads(x) for x in text.splitlines() if x]
-    for subset, name in [(None, "all merges"), ("pair", "pairs"), ("group", "groups of 4-8")]:
-        sel = [r for r in rows if subset is None or (r["size"] == 2) == (subset == "pair")]
+    merges = len({r["group"] for r in rows})
+    lines = [f"{len(rows)} records from {merges} merges; collapsed = loss < {threshold:g}%\n"]
+    full = summarize(parse_records(text, "jsonl", source="records.jsonl"), threshold=threshold)
+    lines += ["### Predictor ranking (all merges)\n",
+              "AUROC in the predictor's own direction (0.5 = chance); ρ = Spearman with loss.\n",
+              "| predictor | setting | n | AUROC | direction | Spearman ρ | p |", "|---|---|---|---|---|---|---|"]
+    ranked = sorted(full.metrics, key=lambda m: -(m.auroc.auroc_best or 0))
+    for m in ranked:
+        if m.metric in ("merged", "constituent", "size"):
+            continue
+        name, _, setting = m.metric.partition("@")
+        c, a = m.correlation, m.auroc
+        lines.append(f"| {name} | {setting or 'mean-1'} | {c.n} | {_f(a.auroc_best)} | "
+                     f"{a.direction or '—'} | {_f(c.spearman_rho)} | {_f(c.spearman_p)} |")
+    for subset, title in (("pair", "pairs"), ("group", "groups of 4-8")):
+        sel = [r for r in rows if (r["size"] == 2) == (subset == "pair")]
         if len(sel) < 5:
             continue
-        sub = parse_records("\n".join(json.dumps(r) for r in sel), "jsonl")
-        rep = summarize(sub, threshold=threshold)
-        lines.append(f"\n### {name} (n = {len(sel)}, collapsed = "
-                     f"{sum(1 for r in sel if r['loss'] is not None and r['loss'] < threshold)})\n")
-        lines.append(rep.to_markdown())
+        rep = summarize(parse_records("\n".join(json.dumps(r) for r in sel), "jsonl"),
+                        threshold=threshold)
+        keep = [m for m in rep.metrics if "@" not in m.metric
+                and m.metric not in ("merged", "constituent", "size")]
+        rep.metrics = keep
+        lines += [f"\n### {title}: default setting (mean pooling, last layer)\n", rep.to_markdown()]
     return "\n".join(lines)
+
+
+def _f(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
