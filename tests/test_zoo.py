@@ -68,9 +68,8 @@ def _check(task: str, inp: str, answer: str) -> bool:
     if task == "next_letter":
         return answer.split() == [chr((ord(c) - 97 + 1) % 26 + 97) for c in inp.split()]
     if task == "arithmetic":
-        a, op1, b, op2, c = inp.split()
-        total = int(a) + (int(b) if op1 == "+" else -int(b))
-        return int(answer) == total + (int(c) if op2 == "+" else -int(c))
+        a, op, b = inp.split()
+        return op == "+" and int(answer) == int(a) + int(b)
     if task == "json_record":
         rec = json.loads(answer)
         return (list(rec) == ["name", "age", "city"] and rec["name"].isupper()
