@@ -256,6 +256,30 @@ def analyse(work: Path, threshold: float) -> str:
     return "\n".join(lines)
 
 
+def calibrate(work: Path, setting: str, score: str, threshold: float) -> Path:
+    """Fit the guard's default calibration on the records re-keyed to one (pooling, layer) setting.
+
+    The setting's columns (e.g. `relative_distortion@last-1`) become the plain names the guard's
+    report uses; the default relative budget is fitted on `exact_rel` (r*² / base probe spread).
+    """
+    from mergekit_collapse.calibration import calibrate_file
+
+    suffix = "" if setting == "mean-1" else f"@{setting}"
+    rows = [json.loads(x) for x in (work / "records.jsonl").read_text().splitlines() if x]
+    keyed = []
+    for r in rows:
+        base = {k: v for k, v in r.items() if "@" not in k}
+        if suffix:
+            base.update({k[: -len(suffix)]: v for k, v in r.items() if k.endswith(suffix)})
+        keyed.append(base)
+    path = work / f"records-{setting}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in keyed))
+    cal, out = calibrate_file(path, out=work / "calibration.json", score=score, threshold=threshold)
+    cal.source["setting"] = setting
+    out.write_text(cal.model_dump_json(indent=2))
+    return out
+
+
 def _f(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
 
@@ -272,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=-30.0)
     p.add_argument("--no-conflicts", action="store_true")
     p.add_argument("--analyse", action="store_true", help="only write the tables")
+    p.add_argument("--calibrate", metavar="POOLING+LAYER", default=None,
+                   help="also fit the guard's calibration at this setting, e.g. last-1")
+    p.add_argument("--score", default="relative_distortion", help="the risk score to calibrate")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -280,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     md = analyse(work, args.threshold)
     (work / "validity.md").write_text(md)
     print(md)
+    if args.calibrate:
+        print(f"calibration: {calibrate(work, args.calibrate, args.score, args.threshold)}")
     return 0
 
 

@@ -41,7 +41,9 @@ Direction = Literal["higher", "lower"]
 Band = Literal["low", "elevated", "collapse"]
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_RESOURCE = "calibration_default.json"
-DEFAULT_BUDGET_COLUMN = "relative_distortion"
+#: the records column a relative budget bounds: the merge's r*² over the base model's probe spread
+#: (benchmarks/validity.py writes it; the guard's verdict compares r*² with budget × spread)
+DEFAULT_BUDGET_COLUMN = "exact_rel"
 
 
 class Bands(BaseModel):

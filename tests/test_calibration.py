@@ -27,7 +27,7 @@ NOISE = [1, 2, 1, 2, 1, 2, 1, 2]  # AUROC exactly .5
 
 
 def _csv(path: Path | None = None) -> str:
-    lines = ["group,task,method,model,loss,x,relative_distortion,noise"]
+    lines = ["group,task,method,model,loss,x,exact_rel,noise"]
     for i, (x, loss, n) in enumerate(zip(X, LOSS, NOISE, strict=True)):
         lines.append(f"g{i // 2},t{i % 4},linear,m{i},{loss},{x},{2 * x},{n}")
     text = "\n".join(lines) + "\n"
@@ -60,7 +60,7 @@ def test_fit_lower_direction_and_auto_score() -> None:
     assert cal.direction == "lower"
     assert cal.bands.collapse == pytest.approx(-0.45) and cal.bands.elevated == pytest.approx(-0.25)
     assert cal.band(-0.5) == "collapse" and cal.band(-0.3) == "elevated" and cal.band(0.0) == "low"
-    auto = fit_calibration(parse_records(_csv()))  # x and relative_distortion tie (AUROC .75) > noise
+    auto = fit_calibration(parse_records(_csv()))  # x and exact_rel tie (AUROC .75) > noise
     assert auto.score == "x"
     forced = fit_calibration(parse_records(_csv()), score="x", direction="lower")
     assert forced.direction == "lower" and forced.validity.auroc == pytest.approx(0.25)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_collapse.calibration import DEFAULT_BUDGET_COLUMN
+
 
 @click.command("calibrate")
 @click.argument("records", type=click.Path(dir_okay=False, path_type=Path))
@@ -16,8 +18,8 @@ import click
               help="A record is 'collapsed' when its loss (percent, Eq. 1) is below this.")
 @click.option("--sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Minimum share of collapsed records the 'elevated' edge must flag.")
-@click.option("--budget-column", default="relative_distortion", show_default=True,
-              help="The column holding the guard's relative budget quantity.")
+@click.option("--budget-column", default=DEFAULT_BUDGET_COLUMN, show_default=True,
+              help="The column holding r*² / base probe spread (what a relative budget bounds).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the calibration JSON (default: <cache>/calibration.json).")
 def calibrate(records: Path, score: str | None, direction: str | None, threshold: float,
