@@ -65,7 +65,7 @@ class GuardSettings(_Strict):
     k: int = Field(default=5, ge=1, description="probes per task")
     seed: int = 0
     layer: int = Field(default=-1, description="hidden layer; -1 = last (final-norm output)")
-    pooling: Pooling = "mean"
+    pooling: Pooling = "last"  # benchmarks/RESULTS.md: last-token pooling predicted loss better
     chat_template: bool = True
     max_length: int = Field(default=256, ge=8, description="probe token limit")
     batch_size: int = Field(default=16, ge=1)

@@ -36,7 +36,7 @@ class ExtractionSettings:
     """How to turn a model and a probe into one vector."""
 
     layer: int = -1
-    pooling: str = "mean"
+    pooling: str = "last"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # auto: accelerate's device_map="auto" over GPUs, else CPU
     batch_size: int = 16
