@@ -196,6 +196,15 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         score = getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields else None
         entries[-1].risk_score = score
         entries[-1].risk_band = cal.band(score)
+    # The validated score decides by default (benchmarks/RESULTS.md: the bounds alone predicted
+    # collapse weakly); an explicit budget asks for the geometric test alone.
+    if v == "mergeable" and bud.source == "calibration" and any(
+            e.risk_band == "collapse" for e in entries):
+        v, by = "collapse", "risk"
+        flagged = ", ".join(f"{e.task} ({cal.score} {e.risk_score:.3g})" for e in entries
+                            if e.risk_band == "collapse")
+        notes.append(f"bounds within budget, but the calibrated risk score puts {flagged} in the "
+                     f"collapse band (≥ {cal.bands.collapse:.3g})")
     return GuardReport(
         tool_version=__version__,
         config=str(cfg.path) if cfg.path else None,

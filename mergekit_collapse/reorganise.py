@@ -534,6 +534,8 @@ class Drop(ReorganiseAction):
     description = "merge the largest subset of models within budget"
 
     def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
+        if ctx.report.decided_by == "risk":
+            return self._drop_risky(ctx)
         grp = largest_within_budget(ctx.sq, ctx.budget)
         if len(grp.members) < 2:
             return ActionPlan(
@@ -551,6 +553,23 @@ class Drop(ReorganiseAction):
             models=[ctx.names[i]]) for i in dropped]
         return ActionPlan(records=records, merges=[PlannedMerge(
             name="", raw=raw, members=kept, changed=True, suffix=self.name)])
+
+
+    def _drop_risky(self, ctx: ActionContext) -> ActionPlan:
+        """A risk verdict: drop the models the calibrated score puts in the collapse band."""
+        models = ctx.report.models
+        risky = [i for i, m in enumerate(models) if m.risk_band == "collapse"]
+        kept = [ctx.refs[i] for i in range(len(models)) if i not in risky]
+        score = ctx.report.risk.score if ctx.report.risk else "risk score"
+        records = [Action(
+            action=self.name, changed=f"dropped {ctx.names[i]}",
+            reason=(f"{ctx.describe(i)}: {score} {models[i].risk_score:.3g} is in the calibrated "
+                    f"collapse band"), models=[ctx.names[i]]) for i in risky]
+        if len(kept) < 2:
+            return ActionPlan(records=records, stop="guard stopped the merge: fewer than two models "
+                                                    "are outside the collapse band")
+        return ActionPlan(records=records, merges=[PlannedMerge(
+            name="", raw=subset_config(ctx.raw, kept), members=kept, changed=True, suffix=self.name)])
 
 
 class Split(ReorganiseAction):

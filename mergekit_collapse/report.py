@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergekit_collapse.constants import REPORT_SCHEMA_VERSION
 
 Verdict = Literal["mergeable", "collapse"]
-DecidedBy = Literal["jung", "converse", "exact"]
+DecidedBy = Literal["jung", "converse", "exact", "risk"]
 
 
 class ModelEntry(BaseModel):

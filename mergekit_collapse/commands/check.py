@@ -16,18 +16,22 @@ def format_text(report) -> str:  # noqa: ANN001 - GuardReport, imported lazily
     lines = [
         f"verdict: {report.verdict.upper()} (decided by {report.decided_by})",
         f"budget:  {report.budget.absolute:.4g} ({report.budget.mode} {report.budget.value:g})",
+        f"risk:    {report.risk.score} (calibrated AUROC {report.risk.auroc or float('nan'):.2f}); "
+        f"bands elevated ≥ {report.risk.elevated:.3g}, collapse ≥ {report.risk.collapse:.3g}"
+        if report.risk else "risk:    —",
         f"bounds:  converse Δ²/4 {b.converse:.4g} ≤ exact r*² {b.exact:.4g} ≤ "
         f"Jung {b.jung:.4g} (n={b.jung_n});  uniform average {b.uniform:.4g}",
         f"probes:  {report.probes.count} (k={report.probes.k}), layer {report.layer}, "
         f"{report.pooling} pooling, {report.dtype}",
         "",
-        f"{'model':<48} {'task':<16} {'MDS':>7} {'dist α*':>9} {'α*':>6} {'retention':>9}",
+        f"{'model':<40} {'task':<14} {'MDS':>6} {'dist α*':>9} {'α*':>6} {'retention':>9} {'risk':>16}",
     ]
     for m in report.models:
         mds = "—" if m.mds is None else ("inf" if m.mds == float("inf") else f"{m.mds:.3f}")
         ret = "—" if m.retention is None else f"{m.retention:.3f}"
-        lines.append(f"{m.name[-48:]:<48} {m.task[:16]:<16} {mds:>7} {m.distortion_optimal:>9.4g} "
-                     f"{report.weights[m.name]:>6.3f} {ret:>9}")
+        risk = "—" if m.risk_band is None else f"{m.risk_band} {m.risk_score:.3g}"
+        lines.append(f"{m.name[-40:]:<40} {m.task[:14]:<14} {mds:>6} {m.distortion_optimal:>9.4g} "
+                     f"{report.weights[m.name]:>6.3f} {ret:>9} {risk:>16}")
     for note in ([report.hidden_sim_note] if report.hidden_sim_note else []) + report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
