@@ -110,7 +110,7 @@ def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
         budget: relative budget (overrides `guard.budget`), a multiple of the base's probe spread.
         absolute_budget: budget in squared hidden-state units.
         device: "auto" (accelerate over GPUs, else CPU), "cpu", "cuda", "cuda:1", ...
-        dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16".
+        dtype: "auto" (bfloat16), "float32", "float32", "bfloat16", "float16".
         cache_dir: hidden-state cache root (default $MERGEKIT_COLLAPSE_CACHE).
         allow_pickle: allow .bin/.pt weights (unsafe for untrusted files).
         trust_remote_code: allow custom model code from the model folders.

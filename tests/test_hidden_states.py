@@ -36,7 +36,7 @@ def merged_adapter_vectors(base, lora, settings):
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_adapter_swap_equals_merged_adapter(tiny_zoo, pooling):
-    s = ExtractionSettings(pooling=pooling, batch_size=2)
+    s = ExtractionSettings(pooling=pooling, batch_size=2, dtype="float32")
     base = tiny_zoo["base"]
     refs = [ref(f"{base}+{tiny_zoo[f'lora{i}']}") for i in (1, 2, 3)]
     ext = extract([ref(str(base)), *refs], TEXTS, s, progress=False)
@@ -49,7 +49,7 @@ def test_adapter_swap_equals_merged_adapter(tiny_zoo, pooling):
 
 @pytest.mark.parametrize("layer", [0, 1, -2])
 def test_intermediate_layer_matches_output_hidden_states(tiny_zoo, layer):
-    s = ExtractionSettings(layer=layer, pooling="mean")
+    s = ExtractionSettings(layer=layer, pooling="mean", dtype="float32")
     ext = extract([ref(str(tiny_zoo["ft1"]))], TEXTS[:1], s, progress=False)
     model = load_causal_lm(tiny_zoo["ft1"], s, "cpu", torch.float32)
     tok = load_tokenizer(tiny_zoo["ft1"], s)
@@ -62,8 +62,8 @@ def test_intermediate_layer_matches_output_hidden_states(tiny_zoo, layer):
 
 def test_padding_does_not_change_vectors(tiny_zoo):
     r = ref(str(tiny_zoo["ft2"]))
-    batched = extract([r], TEXTS, ExtractionSettings(batch_size=8), progress=False)
-    alone = [extract([r], [t], ExtractionSettings(batch_size=1), cache_dir=None,
+    batched = extract([r], TEXTS, ExtractionSettings(batch_size=8, dtype="float32"), progress=False)
+    alone = [extract([r], [t], ExtractionSettings(batch_size=1, dtype="float32"), cache_dir=None,
                      progress=False).vectors[str(r)][0] for t in TEXTS]
     np.testing.assert_allclose(batched.vectors[str(r)], np.stack(alone), atol=1e-5)
 

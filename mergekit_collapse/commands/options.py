@@ -14,7 +14,7 @@ GUARD_OPTIONS = [
     click.option("--device", default="auto", show_default=True,
                  help="auto (accelerate over GPUs, else CPU), cpu, cuda, cuda:1, ..."),
     click.option("--dtype", default="auto", show_default=True,
-                 help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."),
+                 help="auto (bfloat16; float32 for exactness), float32, bfloat16, float16."),
     click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                  help="Hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)."),
     click.option("--layer", type=int, default=None, help="Hidden layer (-1 = final norm output)."),
