@@ -166,7 +166,7 @@ def test_every_adapter_clearly_beats_the_base() -> None:
     assert scores["limit"] and scores["apply_chat_template"] is True
     for task in _trained():
         s = scores["tasks"][task]
-        assert s["adapter"] >= max(s["base"] + 0.15, 0.8), (task, s)
+        assert s["adapter"] >= max(s["base"] + 0.15, 0.7), (task, s)
 
 
 def test_training_is_seeded_and_reproducible(tiny_zoo: dict[str, Path], tmp_path: Path) -> None:
