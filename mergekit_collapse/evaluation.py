@@ -66,7 +66,7 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
         seed: lm-eval's random seeds.
 
     Returns:
-        `{task: {metric: value}}`, e.g. `{"zoo_parity": {"acc": 0.98, "acc_stderr": 0.01}}`.
+        `{task: {metric: value}}`, e.g. `{"zoo_animal": {"acc": 0.9, "sample_len": 100.0}}`.
 
     Raises:
         BadInputError: no tasks, an unknown task, or a task whose data cannot be loaded.
