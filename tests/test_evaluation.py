@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import yaml
+from common import make_tiny_tasks
 
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.evaluation import merging_loss, run_tasks
@@ -26,33 +25,13 @@ def test_merging_loss_rejects_zero_constituent() -> None:
         merging_loss(float("nan"), 0.5)
 
 
-def _tiny_tasks(root: Path) -> Path:
-    """Two tiny local tasks: a 2-way multiple choice and a generate_until exact-match task."""
-    rows = [{"prompt": f"Is {i} even or odd?", "choices": ["even", "odd"], "label": i % 2,
-             "answer": ["even", "odd"][i % 2]} for i in range(6)]
-    data = root / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-              "test_split": "test", "doc_to_text": "{{prompt}}", "metadata": {"version": 1}}
-    mc = {"task": "tiny_mc", "output_type": "multiple_choice", "doc_to_choice": "choices",
-          "doc_to_target": "label", "metric_list": [{"metric": "acc"}], **common}
-    gen = {"task": "tiny_gen", "output_type": "generate_until", "doc_to_target": "answer",
-           "generation_kwargs": {"until": ["</s>"], "max_gen_toks": 3, "do_sample": False},
-           "metric_list": [{"metric": "exact_match"}], **common}
-    yamls = root / "tasks"
-    yamls.mkdir()
-    (yamls / "tiny_mc.yaml").write_text(yaml.safe_dump(mc))
-    (yamls / "tiny_gen.yaml").write_text(yaml.safe_dump(gen))
-    return yamls
-
-
 def test_run_tasks_on_tiny_model(tiny_zoo: dict[str, Path], tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"], dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
-    yamls = _tiny_tasks(tmp_path)
+    yamls = make_tiny_tasks(tmp_path)
     scores = run_tasks(model, tok, ["tiny_mc", "tiny_gen"], include_path=yamls, limit=4,
                        batch_size=4)
     assert set(scores) == {"tiny_mc", "tiny_gen"}

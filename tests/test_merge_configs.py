@@ -33,3 +33,14 @@ def test_paper_settings():
     lol = load_config(root / "lots-of-loras-mistral-7b.yml")
     assert len(lol.models) == 8 and all(m.lora is not None for m in lol.models)
     assert {str(m.model) for m in lol.models} == {"mistralai/Mistral-7B-Instruct-v0.2"}
+
+
+def test_demo_yml_is_the_demo_command_config():
+    from mergekit_collapse.demo import demo_config
+
+    root = Path(__file__).parent.parent / "merge_configs"
+    shipped = load_config(root / "demo.yml")
+    generated = demo_config("./zoo", probe_root="../zoo")
+    assert [str(m) for m in shipped.models] == [m["model"] for m in generated["models"]]
+    assert shipped.guard.action == generated["guard"]["action"]
+    assert shipped.merge.parameters == generated["parameters"]
