@@ -151,7 +151,7 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         limit: documents per task (None: all).
         batch_size: lm-eval batch size.
         with_base: also score the base model (for reference).
-        report: the guard's report; when given, observed retention is measured too.
+        report: the guard's report (its dtype is reused for the observed-retention pass).
         progress: show progress.
 
     Returns:
@@ -233,7 +233,7 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         gc.collect()
         steps.update(1)
 
-    retention = observed_retention(merged, cfg, report) if report is not None else {}
+    retention = observed_retention(merged, cfg, report.dtype if report is not None else "auto")
     steps.update(1)
     steps.close()
     outcomes = []
@@ -250,11 +250,11 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
     return Evaluation(limit=limit, tasks=outcomes, mean_loss=float(np.mean(losses)) if losses else None)
 
 
-def observed_retention(merged_dir: Path, cfg: LoadedConfig, report: GuardReport) -> dict[str, float]:
-    """Retention measured with the merged model's real hidden states on the report's probes.
+def observed_retention(merged_dir: Path, cfg: LoadedConfig, dtype: str = "auto") -> dict[str, float]:
+    """Retention measured with the merged model's real hidden states on the config's probes.
 
-    One forward pass of the merged model (the constituents' and base's vectors come from the cache).
-    Empty when the config has no base model or the probe set no longer matches the report.
+    One forward pass of the merged model (the constituents' and base's vectors come from the
+    guard's cache). Empty when the config has no base model.
     """
     from mergekit.common import ModelReference
 
@@ -266,9 +266,7 @@ def observed_retention(merged_dir: Path, cfg: LoadedConfig, report: GuardReport)
     if cfg.base is None:
         return {}
     probes = build_probes(cfg)
-    if probes.sha256 != report.probes.sha256:
-        return {}
-    settings = extraction_settings(cfg, device="cpu", dtype=report.dtype)
+    settings = extraction_settings(cfg, device="cpu", dtype=dtype)
     merged_ref = ModelReference.model_validate(str(Path(merged_dir).resolve()))
     ext = extract([cfg.base, *cfg.models, merged_ref], probes.texts, settings, progress=False)
     values = geometry.observed_retention(
