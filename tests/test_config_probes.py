@@ -104,3 +104,18 @@ def test_chat_template_applied():
     tok = make_tokenizer()
     assert format_probes(["hi"], tok, True) == ["<|user|>hi</s><|assistant|>"]
     assert format_probes(["hi"], tok, False) == ["hi"]
+
+
+def test_probes_from_lm_eval_task_docs(tmp_path):
+    from common import make_tiny_tasks
+
+    tasks = make_tiny_tasks(tmp_path)
+    cfg = json.loads(json.dumps(CONFIG))
+    cfg["guard"]["tasks"]["org/a"]["probes"] = {"lm_eval": "tiny_mc", "include_path": str(tasks)}
+    probes = build_probes(load_config(write(tmp_path, cfg)))
+    # doc_to_text of the task's test documents: "Is {i} even or odd?"
+    assert len(probes.texts[:3]) == 3
+    assert all(t.startswith("Is ") and t.endswith(" even or odd?") for t in probes.texts[:3])
+    cfg["guard"]["tasks"]["org/a"]["probes"] = {"lm_eval": "no_such_task", "include_path": str(tasks)}
+    with pytest.raises(BadInputError, match="cannot load lm-eval task"):
+        build_probes(load_config(write(tmp_path, cfg)))
