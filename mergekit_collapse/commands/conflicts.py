@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_collapse.commands.options import emit
+
 
 @click.command("conflicts")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
@@ -24,9 +26,4 @@ def conflicts(config: Path, fmt: str, out: Path | None, allow_pickle: bool, chun
 
     report = conflict_metrics(load_config(config), allow_pickle=allow_pickle, chunk_elements=chunk_elements)
     text = report.model_dump_json(indent=2) + "\n" if fmt == "json" else report.to_text()
-    if out is None:
-        click.echo(text, nl=False)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {out}")
+    emit(text, out)

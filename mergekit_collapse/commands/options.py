@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -42,3 +43,13 @@ def guard_kwargs(params: dict) -> dict:
     out = {k: params[k] for k in keys if k in params}
     out["progress"] = not params.get("no_progress", False)
     return out
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print `text`, or write it to `out` (parents created) and say where."""
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {out}")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_collapse.commands.options import emit
+
 
 def read_records_file(path: Path):  # -> statistics.Records
     """Read and parse a merge-records file (CSV, or JSONL by extension `.jsonl`/`.json`)."""
@@ -41,9 +43,4 @@ def stats(records: Path, threshold: float, fmt: str, out: Path | None) -> None:
 
     report = summarize(read_records_file(records), threshold=threshold)
     text = report.model_dump_json(indent=2) + "\n" if fmt == "json" else report.to_markdown()
-    if out is None:
-        click.echo(text, nl=False)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {out}")
+    emit(text, out)
