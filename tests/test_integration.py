@@ -20,7 +20,7 @@ import yaml
 BIN = Path(sys.executable).parent
 MERGEKIT_YAML = str(BIN / "mergekit-yaml")
 COLLAPSE = str(BIN / "mergekit-collapse")
-# between the close pair's r*² (~1) and the outlier's Δ²/4 (~8) on the tiny zoo
+# between the close pair's r*² (~1) and the outlier's Δ²/4 (~8) on the tiny zoo, at mean pooling
 BUDGET = "3.0"
 
 
@@ -33,8 +33,8 @@ def config(zoo: dict[str, Path], names: list[str], **guard) -> dict:
         "base_model": str(zoo["base"]),
         "dtype": "float32",
         "models": [{"model": str(zoo[n]), "parameters": {"weight": 0.5}} for n in names],
-        "guard": {"k": 2, "tasks": {str(zoo[n]): {"name": n, "probes": probes[n]} for n in names},
-                  **guard},
+        "guard": {"k": 2, "pooling": "mean",  # the pooling BUDGET was chosen for
+                  "tasks": {str(zoo[n]): {"name": n, "probes": probes[n]} for n in names}, **guard},
     }
 
 
