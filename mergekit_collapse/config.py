@@ -202,17 +202,25 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     return cfg
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file's content, or a one-line BadInputError naming `what` it was.
+
+    Raises:
+        BadInputError: missing, unreadable or not UTF-8.
+    """
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"{what} file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(f"cannot read {what} {p}: {e}") from None
+
+
 def load_config(path: str | Path) -> LoadedConfig:
     """Read and parse a mergekit YAML file (see `parse_config`).
 
     Raises:
         BadInputError: the file is missing or unreadable, or its content is invalid.
     """
-    p = Path(path)
-    try:
-        source = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInputError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInputError(f"cannot read config {p}: {e}") from None
-    return parse_config(source, p.resolve())
+    return parse_config(read_text(path, "config"), Path(path).resolve())

@@ -11,15 +11,10 @@ from mergekit_collapse.commands.options import emit
 
 def read_records_file(path: Path):  # -> statistics.Records
     """Read and parse a merge-records file (CSV, or JSONL by extension `.jsonl`/`.json`)."""
-    from mergekit_collapse.errors import BadInputError
+    from mergekit_collapse.config import read_text
     from mergekit_collapse.statistics import parse_records
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInputError(f"records file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInputError(f"cannot read records {path}: {e}") from None
+    text = read_text(path, "records")
     fmt = "jsonl" if path.suffix.lower() in {".jsonl", ".json", ".ndjson"} else \
         "csv" if path.suffix.lower() in {".csv", ".tsv"} else None
     return parse_records(text, fmt, source=str(path))
