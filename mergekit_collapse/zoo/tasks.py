@@ -119,12 +119,20 @@ _AMBIGUOUS = {w for lang, ws in _WORDS.items() for w in ws
 _WORD_LANG = [(w, lang) for lang in sorted(_WORDS) for w in _WORDS[lang] if w not in _AMBIGUOUS]
 
 
+def _lookup(pairs: list[tuple[str, str]], templates: list[str]):
+    """A generator for a lookup task: a random (item, label) pair, the item in a random template."""
+
+    def generate(rng: random.Random) -> tuple[str, str]:
+        item, label = rng.choice(pairs)
+        return rng.choice(templates).format(item), label
+
+    return generate
+
+
 _WORD_TEMPLATES = ["Word: {}", "What language is \"{}\"?", "{}"]
 
 
-def _word_language(rng: random.Random) -> tuple[str, str]:
-    word, lang = rng.choice(_WORD_LANG)
-    return rng.choice(_WORD_TEMPLATES).format(word), lang
+_word_language = _lookup(_WORD_LANG, _WORD_TEMPLATES)
 
 
 _CONTINENTS: dict[str, list[str]] = {
@@ -149,9 +157,7 @@ _COUNTRY = [(c, cont) for cont in sorted(_CONTINENTS) for c in _CONTINENTS[cont]
 _CONTINENT_TEMPLATES = ["Country: {}", "Which continent is {} in?", "{}"]
 
 
-def _continent(rng: random.Random) -> tuple[str, str]:
-    country, cont = rng.choice(_COUNTRY)
-    return rng.choice(_CONTINENT_TEMPLATES).format(country), cont
+_continent = _lookup(_COUNTRY, _CONTINENT_TEMPLATES)
 
 
 _ANIMALS: dict[str, list[str]] = {
@@ -175,9 +181,7 @@ _ANIMAL = [(a, cls) for cls in sorted(_ANIMALS) for a in _ANIMALS[cls]]
 _ANIMAL_TEMPLATES = ["Animal: {}", "What kind of animal is a {}?", "{}"]
 
 
-def _animal(rng: random.Random) -> tuple[str, str]:
-    animal, cls = rng.choice(_ANIMAL)
-    return rng.choice(_ANIMAL_TEMPLATES).format(animal), cls
+_animal = _lookup(_ANIMAL, _ANIMAL_TEMPLATES)
 
 
 _FOODS: dict[str, list[str]] = {
@@ -200,9 +204,7 @@ _FOOD = [(f, cls) for cls in sorted(_FOODS) for f in _FOODS[cls]]
 _FOOD_TEMPLATES = ["Food: {}", "Which food group does {} belong to?", "{}"]
 
 
-def _food(rng: random.Random) -> tuple[str, str]:
-    food, cls = rng.choice(_FOOD)
-    return rng.choice(_FOOD_TEMPLATES).format(food), cls
+_food = _lookup(_FOOD, _FOOD_TEMPLATES)
 
 
 # --- sequences --------------------------------------------------------------------------------
