@@ -287,6 +287,12 @@ def _model_lists(raw: dict) -> list[list]:
     return lists
 
 
+def _entries_of(raw: dict, refs: Any) -> list[tuple[dict, Any]]:
+    """(entry, its ModelReference) for every `{model: ...}` entry whose reference is in `refs`."""
+    return [(e, ref) for entries in _model_lists(raw) for e in entries
+            if isinstance(e, dict) and (ref := parse_ref(e.get("model"))) in refs]
+
+
 def subset_config(raw: dict, keep: Sequence[Any]) -> dict:
     """The config restricted to the kept constituents (base model, dtype, parameters unchanged).
 
@@ -334,10 +340,8 @@ def replace_config(raw: dict, mapping: dict[Any, str]) -> dict:
         A new mapping.
     """
     out = copy.deepcopy(raw)
-    for entries in _model_lists(out):
-        for e in entries:
-            if isinstance(e, dict) and (ref := parse_ref(e.get("model"))) in mapping:
-                e["model"] = mapping[ref]
+    for e, ref in _entries_of(out, mapping):
+        e["model"] = mapping[ref]
     guard = out.get("guard")
     if isinstance(guard, dict):
         tasks = {}
@@ -364,11 +368,9 @@ def weights_config(raw: dict, weights: dict[Any, float]) -> dict:
         A new mapping.
     """
     out = copy.deepcopy(raw)
-    for entries in _model_lists(out):
-        for e in entries:
-            if isinstance(e, dict) and (ref := parse_ref(e.get("model"))) in weights:
-                params = e.get("parameters") if isinstance(e.get("parameters"), dict) else {}
-                e["parameters"] = {**params, "weight": round(float(weights[ref]), 6)}
+    for e, ref in _entries_of(out, weights):
+        params = e.get("parameters") if isinstance(e.get("parameters"), dict) else {}
+        e["parameters"] = {**params, "weight": round(float(weights[ref]), 6)}
     return out
 
 
