@@ -115,6 +115,31 @@ def mergelens_pair_score(model_a_dir: str | Path, model_b_dir: str | Path,
     return float("nan") if score is None else float(score)
 
 
+def mergelens_base_scores(base_dir: str | Path, model_dirs: dict[str, Path],
+                          tmp: str | Path) -> dict[str, float]:
+    """MergeLens's per-candidate scores against an explicit shared base, from one `compare_models`.
+
+    With a base, MergeLens scores each (base, candidate) pair and reports the lowest as the set's
+    score, so these N numbers give its score for every subset: `min` over the members.
+
+    Args:
+        base_dir: the shared base model folder.
+        model_dirs: name -> full model folder, or peft adapter folder (merged into `tmp` first).
+        tmp: scratch folder for the merged adapters.
+
+    Returns:
+        name -> MCI score in [0, 100] (NaN where MergeLens withholds it).
+    """
+    from mergelens import compare_models
+
+    full = [str(_full_model(Path(d), base_dir, Path(tmp))) for d in model_dirs.values()]
+    res = compare_models(full, base_model=str(base_dir), metrics=list(SCORE_METRICS),
+                         show_progress=False, include_strategy=False)
+    scores = [res.pair_assessments[f"comparison_{i}"].score for i in range(len(full))]
+    return {name: float("nan") if s is None else float(s)
+            for name, s in zip(model_dirs, scores, strict=True)}
+
+
 def _demo() -> dict[str, Any]:
     """Tiny Llamas from tests/common.py, then one real SmolLM2 pair (timed)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -19,6 +19,7 @@ Writes <work>/records.jsonl (the merge records `mergekit-collapse stats/calibrat
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import random
@@ -41,7 +42,13 @@ METHODS = {
     "linear": {"params": {"weight": 1.0}, "global": {}},
     "task_arithmetic": {"params": {"weight": 1.0}, "global": {"lambda": 1.0}},
     "ties": {"params": {"weight": 1.0, "density": 0.5}, "global": {"lambda": 1.0}},
+    # pairs only: DARE (random drop 0.5, rescaled, sign election; seeded) and SLERP at t = 0.5
+    "dare_ties": {"params": {"weight": 1.0, "density": 0.5}, "global": {"lambda": 1.0}},
+    "slerp": {"params": {}, "global": {"t": 0.5}},
 }
+PAIR_ONLY = ("dare_ties", "slerp")
+#: the guard's default (pooling, layer), as the records' column suffix
+DEFAULT_SETTING = "last-1"
 #: (pooling, layer) settings every predictor is computed at; the first is the guard's default
 SETTINGS = [("mean", -1), ("last", -1), ("mean", 16), ("last", 16)]
 PER_MODEL = ("mds_group", "distortion_optimal", "distortion_planned", "retention",
@@ -54,7 +61,12 @@ def ref(zoo: Path, task: str) -> str:
 
 def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str = "mean",
                  layer: int = -1) -> dict[str, Any]:
-    """The config as the guard sees it (always with the base, for the anchored predictors)."""
+    """The config as the guard sees it (always with the base, for the anchored predictors).
+
+    SLERP's base is one of the pair, so the guard sees it as what it is at t = 0.5 to first order:
+    the linear average of the two.
+    """
+    method = "linear" if method == "slerp" else method
     spec = METHODS[method]
     cfg: dict[str, Any] = {
         "merge_method": method,
@@ -70,23 +82,37 @@ def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str 
     return cfg
 
 
-def mergekit_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What mergekit merges: linear takes no base model (it would weigh it as one more input)."""
+def mergekit_config(cfg: dict[str, Any], method: str) -> dict[str, Any]:
+    """What mergekit merges: linear takes no base model (it would weigh it as one more input);
+    SLERP interpolates from the first model of the pair to the second."""
     out = {k: v for k, v in cfg.items() if k != "guard"}
-    if out["merge_method"] == "linear":
+    if method == "slerp":
+        refs = [m["model"] for m in out["models"]]
+        return {"merge_method": "slerp", "base_model": refs[0], "models": [{"model": r} for r in refs],
+                "parameters": dict(METHODS["slerp"]["global"]), "dtype": out["dtype"]}
+    if method == "linear":
         out.pop("base_model")
     return out
 
 
 def experiments(tasks: list[str], n_groups: int, seed: int) -> list[tuple[str, tuple[str, ...]]]:
+    """Every pair and `n_groups` random groups of 4-8 tasks with linear / task_arithmetic / ties,
+    and dare_ties and slerp on a third of the pairs, in one seeded shuffle; then dare_ties and
+    slerp on the other pairs. A time budget leaves a balanced subset of the first part (every
+    method represented) before it spends anything on the rest."""
     rng = random.Random(seed)
     pairs = list(itertools.combinations(tasks, 2))
     groups = {tuple(sorted(rng.sample(tasks, rng.randint(4, 8)))) for _ in range(4 * n_groups)}
     groups_l = sorted(groups)[:n_groups] if len(groups) > n_groups else sorted(groups)
     rng.shuffle(groups_l)
-    todo = [(m, g) for g in [*pairs, *groups_l[:n_groups]] for m in METHODS]
-    rng.shuffle(todo)
-    return todo
+    first = [(m, g) for g in [*pairs, *groups_l[:n_groups]] for m in METHODS if m not in PAIR_ONLY]
+    second = [(m, g) for g in pairs for m in PAIR_ONLY]
+    rng.shuffle(first)
+    rng.shuffle(second)
+    early = second[: len(second) // 3]
+    first += early
+    rng.shuffle(first)
+    return first + second[len(early):]
 
 
 def exp_id(method: str, group: tuple[str, ...]) -> str:
@@ -175,7 +201,9 @@ def run(args: argparse.Namespace) -> None:
     if records_path.exists():
         done = {json.loads(line)["group"] for line in records_path.read_text().splitlines() if line}
     plan = experiments(tasks, args.groups, args.seed)
-    print(f"{len(plan)} experiments, {len(done)} done; {len(tasks)} tasks", flush=True)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    print(f"{len(plan)} experiments, {len(done)} done; {len(tasks)} tasks; shard {shard}/{shards}",
+          flush=True)
     t0 = time.time()
     preds = Predictors(zoo, tasks, args.k)
     print(f"predictors ready in {time.time() - t0:.0f}s", flush=True)
@@ -183,7 +211,7 @@ def run(args: argparse.Namespace) -> None:
     merged_root = Path(args.scratch)
     for n, (method, group) in enumerate(plan):
         gid = exp_id(method, group)
-        if gid in done:
+        if gid in done or n % shards != shard:
             continue
         if time.time() - t0 > args.minutes * 60:
             print(f"time budget reached after {n} experiments", flush=True)
@@ -193,18 +221,20 @@ def run(args: argparse.Namespace) -> None:
         cfg = parse(json.dumps(raw))
         rows = preds.rows(method, group)
         conf = conflict_rows(zoo, group, conflicts) if not args.no_conflicts else {}
-        out = merged_root / "merged"
+        out = merged_root / f"merged-{shard}"
         shutil.rmtree(out, ignore_errors=True)
-        merge(mergekit_config(raw), out, work / "lora_cache")
+        merge(mergekit_config(raw, method), out, work / "lora_cache", seed=args.seed)
         t_merge = time.time() - t1
         report = preds.report(method, group)
-        ev = evaluate_merge(out, cfg, limit=args.limit, batch_size=16, report=report, progress=False)
+        ev = evaluate_merge(out, cfg, limit=args.limit, batch_size=16, report=report, progress=False,
+                            dtype=args.eval_dtype)
         shutil.rmtree(out, ignore_errors=True)
         with records_path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # shards append to one file
             for o in ev.tasks:
                 row = {"group": gid, "task": o.task, "method": method, "model": o.model,
                        "size": len(group), "loss": o.loss, "merged": o.merged,
-                       "constituent": o.constituent, "metric": o.metric,
+                       "constituent": o.constituent, "metric": o.metric, "eval_dtype": ev.dtype,
                        "observed_retention": o.observed_retention,
                        **rows[o.task], **conf.get(o.task, {})}
                 f.write(json.dumps(row) + "\n")
@@ -213,46 +243,121 @@ def run(args: argparse.Namespace) -> None:
               flush=True)
 
 
-def merge(config: dict[str, Any], out: Path, lora_cache: Path) -> None:
+def merge(config: dict[str, Any], out: Path, lora_cache: Path, seed: int) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     run_merge(MergeConfiguration.model_validate(config), str(out),
               options=MergeOptions(lora_merge_cache=str(lora_cache), copy_tokenizer=True, quiet=True,
-                                   lazy_unpickle=False))
+                                   lazy_unpickle=False, random_seed=seed))
 
 
-def analyse(work: Path, threshold: float) -> str:
+def mergelens_scores(work: Path) -> dict[str, float]:
+    """MergeLens's (base, task model) score per task, computed once into <work>/mergelens.json."""
+    import tempfile
+
+    from mergelens_score import mergelens_base_scores
+
+    path = work / "mergelens.json"
+    if not path.exists():
+        zoo = work / "zoo"
+        tasks = sorted(p.name for p in (zoo / "adapters").iterdir() if p.is_dir())
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            scores = mergelens_base_scores(zoo / "smollm2", {t: zoo / "adapters" / t for t in tasks}, tmp)
+        path.write_text(json.dumps({"scores": scores, "seconds": round(time.time() - t0)}, indent=1))
+    return json.loads(path.read_text())["scores"]
+
+
+def with_mergelens(rows: list[dict[str, Any]], scores: dict[str, float]) -> None:
+    """Add MergeLens's score for the merge (its own aggregate: the lowest member) and the model's own."""
+    members: dict[str, list[str]] = {}
+    for r in rows:
+        members.setdefault(r["group"], []).append(r["task"])
+    for r in rows:
+        r["mergelens_mci"] = min(scores[t] for t in members[r["group"]])
+        r["mergelens_model"] = scores[r["task"]]
+
+
+def read_records(work: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (work / "records.jsonl").read_text().splitlines() if x]
+
+
+def at_setting(rows: list[dict[str, Any]], setting: str) -> list[dict[str, Any]]:
+    """Rows re-keyed to one (pooling, layer) setting: `relative_distortion@last-1` becomes
+    `relative_distortion` (the name the guard's report uses); other settings' columns go."""
+    suffix = "" if setting == "mean-1" else f"@{setting}"
+    out = []
+    for r in rows:
+        base = {k: v for k, v in r.items() if "@" not in k}
+        if suffix:
+            base.update({k[: -len(suffix)]: v for k, v in r.items() if k.endswith(suffix)})
+        out.append(base)
+    return out
+
+
+def cross_check(rows: list[dict[str, Any]], other: Path, threshold: float) -> str:
+    """Losses of the same (merge, task) in another records file (e.g. lm-eval in float32)."""
+    theirs = {(r["group"], r["task"]): r for r in
+              (json.loads(x) for x in other.read_text().splitlines() if x)}
+    pairs = [(r["loss"], theirs[(r["group"], r["task"])]["loss"]) for r in rows
+             if (r["group"], r["task"]) in theirs and r["loss"] is not None
+             and theirs[(r["group"], r["task"])]["loss"] is not None]
+    if not pairs:
+        return f"cross-check with {other}: no common records"
+    a, b = np.array(pairs).T
+    agree = np.mean((a < threshold) == (b < threshold))
+    return (f"cross-check with {other}: {len(pairs)} common records; |loss difference| median "
+            f"{np.median(np.abs(a - b)):.1f}, mean {np.mean(np.abs(a - b)):.1f}, max {np.max(np.abs(a - b)):.1f} "
+            f"points; collapsed/not agree on {agree:.0%}; Pearson r {np.corrcoef(a, b)[0, 1]:.3f}")
+
+
+def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     """Tables: a ranking of every predictor x setting, then per subset Pearson/Spearman/AUROC, ANOVA."""
     from mergekit_collapse.statistics import parse_records, summarize
 
-    text = (work / "records.jsonl").read_text()
-    rows = [json.loads(x) for x in text.splitlines() if x]
+    rows = read_records(work)
+    if (work / "mergelens.json").exists():
+        with_mergelens(rows, mergelens_scores(work))
+    text = "".join(json.dumps(r) + "\n" for r in rows)
     merges = len({r["group"] for r in rows})
     lines = [f"{len(rows)} records from {merges} merges; collapsed = loss < {threshold:g}%\n"]
     full = summarize(parse_records(text, "jsonl", source="records.jsonl"), threshold=threshold)
     lines += ["### Predictor ranking (all merges)\n",
-              "AUROC in the predictor's own direction (0.5 = chance); ρ = Spearman with loss.\n",
-              "| predictor | setting | n | AUROC | direction | Spearman ρ | p |", "|---|---|---|---|---|---|---|"]
+              "AUROC in the predictor's own direction (0.5 = chance); ρ = Spearman with loss; "
+              "within-task ρ and p beyond task: what the predictor adds to knowing the task "
+              "(statistics.beyond_task).\n",
+              "| predictor | setting | n | AUROC | direction | Spearman ρ | p | within-task ρ | "
+              "p beyond task |", "|---|---|---|---|---|---|---|---|---|"]
     ranked = sorted(full.metrics, key=lambda m: -(m.auroc.auroc_best or 0))
     for m in ranked:
         if m.metric in ("merged", "constituent", "size"):
             continue
         name, _, setting = m.metric.partition("@")
-        c, a = m.correlation, m.auroc
+        c, a, b = m.correlation, m.auroc, m.beyond_task
         lines.append(f"| {name} | {setting or 'mean-1'} | {c.n} | {_f(a.auroc_best)} | "
-                     f"{a.direction or '—'} | {_f(c.spearman_rho)} | {_f(c.spearman_p)} |")
-    for subset, title in (("pair", "pairs"), ("group", "groups of 4-8")):
-        sel = [r for r in rows if (r["size"] == 2) == (subset == "pair")]
+                     f"{a.direction or '—'} | {_f(c.spearman_rho)} | {_f(c.spearman_p)} | "
+                     f"{_f(b.within_rho)} | {_f(b.p)} |")
+    default = at_setting(rows, DEFAULT_SETTING)
+    subsets = [("pairs", lambda r: r["size"] == 2), ("groups of 4-8", lambda r: r["size"] > 2)]
+    subsets += [(f"method {m}", lambda r, m=m: r["method"] == m) for m in METHODS]
+    for title, pick in subsets:
+        sel = [r for r in default if pick(r)]
         if len(sel) < 5:
             continue
         rep = summarize(parse_records("\n".join(json.dumps(r) for r in sel), "jsonl"),
                         threshold=threshold)
-        keep = [m for m in rep.metrics if "@" not in m.metric
-                and m.metric not in ("merged", "constituent", "size")]
-        rep.metrics = keep
-        lines += [f"\n### {title}: default setting (mean pooling, last layer)\n", rep.to_markdown()]
+        rep.metrics = [m for m in rep.metrics if m.metric not in ("merged", "constituent", "size")]
+        lines += [f"\n### {title}: the guard's default setting ({DEFAULT_SETTING})\n", rep.to_markdown()]
+    pairs = [r for r in rows if r["size"] == 2]
+    if pairs:
+        rep = summarize(parse_records("\n".join(json.dumps(r) for r in pairs), "jsonl"),
+                        threshold=threshold)
+        md = rep.to_markdown()
+        lines += ["\n### ANOVA of loss on pairs (every method)\n", md[md.index("**One-way ANOVA"):]]
+    if other is not None:
+        lines += ["\n### Cross-check\n", cross_check(rows, other, threshold)]
     return "\n".join(lines)
 
 
@@ -264,14 +369,7 @@ def calibrate(work: Path, setting: str, score: str, threshold: float) -> Path:
     """
     from mergekit_collapse.calibration import calibrate_file
 
-    suffix = "" if setting == "mean-1" else f"@{setting}"
-    rows = [json.loads(x) for x in (work / "records.jsonl").read_text().splitlines() if x]
-    keyed = []
-    for r in rows:
-        base = {k: v for k, v in r.items() if "@" not in k}
-        if suffix:
-            base.update({k[: -len(suffix)]: v for k, v in r.items() if k.endswith(suffix)})
-        keyed.append(base)
+    keyed = at_setting(read_records(work), setting)
     path = work / f"records-{setting}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in keyed))
     cal, out = calibrate_file(path, out=work / "calibration.json", score=score, threshold=threshold)
@@ -290,21 +388,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scratch", default="/dev/shm/mkc-validity", help="where merges are written")
     p.add_argument("--minutes", type=float, default=60)
     p.add_argument("--limit", type=int, default=24, help="lm-eval documents per task")
+    p.add_argument("--eval-dtype", default="bfloat16",
+                   help="lm-eval dtype of the merges and their constituents (both alike)")
     p.add_argument("--groups", type=int, default=20)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run every N-th experiment from the I-th (N processes share --work)")
     p.add_argument("--threshold", type=float, default=-30.0)
     p.add_argument("--no-conflicts", action="store_true")
     p.add_argument("--analyse", action="store_true", help="only write the tables")
+    p.add_argument("--mergelens", action="store_true",
+                   help="only compute MergeLens's per-task scores (needs mergelens; then analysed)")
     p.add_argument("--calibrate", metavar="POOLING+LAYER", default=None,
                    help="also fit the guard's calibration at this setting, e.g. last-1")
     p.add_argument("--score", default="relative_distortion", help="the risk score to calibrate")
+    p.add_argument("--cross-check", metavar="RECORDS", default=None,
+                   help="compare losses with another run's records (e.g. lm-eval in float32)")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if not args.analyse:
+    if args.mergelens:
+        print(f"MergeLens scores: {mergelens_scores(work)}", flush=True)
+    elif not args.analyse:
         run(args)
-    md = analyse(work, args.threshold)
+    md = analyse(work, args.threshold, Path(args.cross_check) if args.cross_check else None)
     (work / "validity.md").write_text(md)
     print(md)
     if args.calibrate:

@@ -34,6 +34,11 @@ Conventions
 * **ANOVA** of loss by task and by method: one-way F-tests per factor (scipy ``f_oneway``) and
   the additive two-way model ``loss ~ C(method) + C(task)`` (statsmodels OLS, type-II sums of
   squares). The paper's Table 3 "one-way" p-values are reproduced by the two-way model.
+* **Beyond the task**: task identity alone explains much of the loss (the paper's ANOVA), so a
+  metric that only recognises "hard" tasks scores well on AUROC. `beyond_task` asks what it adds:
+  Spearman ρ of the task-demeaned metric against the task-demeaned loss (the *within-task* ρ),
+  and the partial F-test of the metric in ``loss ~ C(task) + metric`` against ``loss ~ C(task)``
+  (ordinary least squares, 1 numerator df) with the share of the remaining variance it explains.
 * Degenerate inputs (n < 3, a constant column, one class only, one factor level) give ``None``
   and a ``reason``; never NaN, never an exception.
 """
@@ -387,6 +392,70 @@ def anova(loss: Sequence[float], task: Sequence[str], method: Sequence[str]) -> 
     return out
 
 
+class BeyondTask(BaseModel):
+    """What a metric says about loss beyond the task's identity (see the module docstring)."""
+
+    n: int
+    within_rho: float | None = None
+    within_p: float | None = None
+    f_value: float | None = None
+    p: float | None = None
+    partial_r2: float | None = Field(None, description="share of the task-only residual variance")
+    reason: str | None = None
+
+
+def _flat(d: np.ndarray, x: np.ndarray) -> bool:
+    """True when the demeaned `d` is zero up to the rounding of demeaning `x`."""
+    return bool(np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(x).max())))
+
+
+def _demean(x: np.ndarray, task: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    for t in np.unique(task):
+        out[task == t] -= x[task == t].mean()
+    return out
+
+
+def beyond_task(metric: Sequence[float], loss: Sequence[float], task: Sequence[str]) -> BeyondTask:
+    """Within-task Spearman ρ and the partial F-test of `metric` in ``loss ~ C(task) + metric``.
+
+    Args:
+        metric: the metric per record (non-finite rows dropped).
+        loss: merging loss per record (NaN rows dropped).
+        task: the task label per record.
+
+    Returns:
+        A `BeyondTask`; None values and a `reason` when it is undefined.
+    """
+    from scipy import stats
+
+    x, y = np.asarray(metric, dtype=float), np.asarray(loss, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y, t = x[keep], y[keep], np.asarray([str(v) for v in task], dtype=object)[keep]
+    levels = np.unique(t)
+    out = BeyondTask(n=len(y))
+    dx, dy = _demean(x, t), _demean(y, t)
+    df_resid = len(y) - len(levels) - 1
+    if df_resid < 1:
+        out.reason = f"no residual degrees of freedom (n = {len(y)}, {len(levels)} tasks)"
+    elif _flat(dx, x) or _flat(dy, y):
+        out.reason = "no variation within tasks"
+    else:
+        rho = stats.spearmanr(dx, dy)
+        out.within_rho, out.within_p = _clean(rho.statistic), _clean(rho.pvalue)
+        dummies = (t[:, None] == levels[None, :]).astype(float)
+        rss_task = float(((y - dummies @ np.linalg.lstsq(dummies, y, rcond=None)[0]) ** 2).sum())
+        full = np.column_stack([dummies, x])
+        rss_full = float(((y - full @ np.linalg.lstsq(full, y, rcond=None)[0]) ** 2).sum())
+        if rss_full <= 0:
+            out.reason = "the model fits exactly"
+        else:
+            f_value = (rss_task - rss_full) / (rss_full / df_resid)
+            out.f_value, out.p = _clean(f_value), _clean(stats.f.sf(f_value, 1, df_resid))
+            out.partial_r2 = _clean((rss_task - rss_full) / rss_task)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole summary
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +467,7 @@ class MetricStats(BaseModel):
     metric: str
     correlation: Correlation
     auroc: Auroc
+    beyond_task: BeyondTask
 
 
 class StatsReport(BaseModel):
@@ -416,14 +486,17 @@ class StatsReport(BaseModel):
                  f"{self.n_collapsed}.", "",
                  "AUROC: P(collapsed row's metric > non-collapsed row's); < 0.5 means lower values "
                  "go with collapse.", "",
-                 "| metric | n | Pearson r | p | Spearman ρ | p | AUROC | direction | note |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "Within-task ρ: Spearman of task-demeaned metric and loss; p beyond task: partial "
+                 "F-test of the metric in loss ~ C(task) + metric.", "",
+                 "| metric | n | Pearson r | p | Spearman ρ | p | AUROC | direction | within-task ρ | "
+                 "p beyond task | note |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in self.metrics:
-            c, a = m.correlation, m.auroc
-            note = "; ".join(x for x in (c.reason, a.reason) if x)
+            c, a, b = m.correlation, m.auroc, m.beyond_task
+            note = "; ".join(x for x in (c.reason, a.reason, b.reason) if x)
             lines.append(f"| {m.metric} | {c.n} | {_f(c.pearson_r)} | {_f(c.pearson_p)} | "
                          f"{_f(c.spearman_rho)} | {_f(c.spearman_p)} | {_f(a.auroc)} | "
-                         f"{a.direction or '—'} | {note} |")
+                         f"{a.direction or '—'} | {_f(b.within_rho)} | {_f(b.p)} | {note} |")
         for title, rows, reason in (("One-way ANOVA of loss", self.anova.one_way, None),
                                     ("Two-way additive ANOVA: loss ~ C(method) + C(task)",
                                      self.anova.two_way, self.anova.two_way_reason)):
@@ -453,13 +526,15 @@ def summarize(records: Records, *, threshold: float = DEFAULT_THRESHOLD) -> Stat
     """
     loss = records.column("loss")
     labels = collapsed(loss, threshold)
+    tasks = records.labels("task")
     stats_rows = []
     for name in records.metrics:
         x = records.column(name)
         keep = ~np.isnan(loss)
         stats_rows.append(MetricStats(metric=name, correlation=correlation(x, loss),
-                                      auroc=auroc(x[keep], labels[keep])))
+                                      auroc=auroc(x[keep], labels[keep]),
+                                      beyond_task=beyond_task(x, loss, tasks)))
     return StatsReport(
         n=records.n, groups=len(set(records.labels("group"))), threshold=threshold,
         n_collapsed=int(labels.sum()), metrics=stats_rows,
-        anova=anova(loss, records.labels("task"), records.labels("method")))
+        anova=anova(loss, tasks, records.labels("method")))

@@ -51,7 +51,7 @@ def test_evaluate_merge_end_to_end(merged, monkeypatch):
         assert t.observed_retention is not None and -1 < t.observed_retention < 2
     paths = write_evaluation(ev, out / "mergeability", report)
     data = json.loads(paths["json"].read_text())
-    assert data["schema_version"] == "1.0" and len(data["tasks"]) == 2
+    assert data["schema_version"] == "1.0" and len(data["tasks"]) == 2 and data["dtype"] == "float32"
     assert paths["plot"].stat().st_size > 1000
 
     # a re-run pays nothing: every score comes from the cache
@@ -61,3 +61,6 @@ def test_evaluate_merge_end_to_end(merged, monkeypatch):
     monkeypatch.setattr(evaluation, "run_tasks", no_eval)
     again = evaluate_merge(out, cfg, limit=6, batch_size=4, progress=False)
     assert [t.merged for t in again.tasks] == [t.merged for t in ev.tasks]
+    # scores are cached per dtype: bfloat16 is scored afresh, for the merge and constituents alike
+    with pytest.raises(AssertionError, match="ran again"):
+        evaluate_merge(out, cfg, limit=6, batch_size=4, progress=False, dtype="bfloat16")

@@ -14,6 +14,7 @@ from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.statistics import (
     anova,
     auroc,
+    beyond_task,
     collapsed,
     correlation,
     parse_records,
@@ -87,6 +88,31 @@ def test_two_way_additive_anova_hand_computed() -> None:
     assert const.one_way[0].f_value is None and const.two_way_reason == "constant loss"
 
 
+def test_beyond_task_separates_task_identity_from_within_task_signal() -> None:
+    rng = np.random.default_rng(0)
+    task = np.repeat(["easy", "mid", "hard"], 20)
+    effect = np.repeat([0.0, -10.0, -80.0], 20)
+    within = rng.normal(size=60)
+    loss = effect - 5 * within + rng.normal(scale=0.5, size=60)
+    # a metric that only knows the task: perfect AUROC, nothing beyond the task
+    labels_only = -effect + rng.normal(size=60)  # + noise unrelated to the loss
+    only = beyond_task(labels_only, loss, task)
+    assert auroc(labels_only, collapsed(loss)).auroc == pytest.approx(1.0)
+    assert only.p > 0.01 and abs(only.within_rho) < 0.4
+    assert beyond_task(-effect, loss, task).reason == "no variation within tasks"
+    # a metric that tracks the within-task variation: strongly beyond the task
+    tracks = beyond_task(within, loss, task)
+    assert tracks.within_rho < -0.9 and tracks.p < 1e-10 and tracks.partial_r2 > 0.9
+    # hand check of the partial F on a tiny design: task A [0, 2] vs x [0, 1], B [5, 9] vs x [0, 1]
+    res = beyond_task([0, 1, 0, 1, 7], [0, 2, 5, 9, 4], ["A", "A", "B", "B", "C"])
+    # task-only residual: A ±1, B ±2, C 0 -> RSS 10; with x (within slope 3): ±0.5 four times -> RSS 1
+    assert res.f_value == pytest.approx((10 - 1) / (1 / 1)) and res.partial_r2 == pytest.approx(0.9)
+    assert beyond_task([1, 2, 3], [1, 2, 3], ["A", "B", "C"]).reason.startswith("no residual")
+    assert beyond_task([1, 1, 2, 2], [3, 3, 4, 4], ["A", "A", "B", "B"]).reason == "no variation within tasks"
+    # a constant score (MergeLens's 99.9 on every zoo model) says nothing, despite float rounding
+    assert beyond_task([99.9] * 6, [0, -50, -5, -90, 0, -40], list("AABBCC")).within_rho is None
+
+
 CSV = """group,task,method,model,loss,mds,retention,note
 g1,cola,linear,a,-10,1.1,0.9,ok
 g1,wnli,linear,b,-60,2.5,0.2,
@@ -122,7 +148,8 @@ def test_summarize_and_markdown() -> None:
     assert by["mds"].auroc.auroc == pytest.approx(1.0) and by["mds"].correlation.n == 5
     assert by["retention"].auroc.auroc == pytest.approx(0.0) and by["retention"].auroc.direction == "lower"
     md = rep.to_markdown()
-    assert "| mds | 5 |" in md and "Two-way additive ANOVA" in md
+    assert "| mds | 5 |" in md and "Two-way additive ANOVA" in md and "within-task ρ" in md
+    assert by["retention"].beyond_task.n == 6
 
 
 def test_stats_cli(tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ import click
 @click.option("--limit", type=int, default=None, help="Documents per task (quick runs).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--with-base", is_flag=True, help="Also score the base model.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Scoring dtype of the merge and its constituents alike.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where to write evaluation.json (default MERGED_DIR/mergeability).")
 @click.option("--no-progress", is_flag=True)
 def evaluate(merged_dir: str, config: str, limit: int | None, batch_size: int, with_base: bool,
-             out_dir: str | None, no_progress: bool) -> None:
+             dtype: str, out_dir: str | None, no_progress: bool) -> None:
     """Evaluate MERGED_DIR and each constituent of CONFIG on their tasks; report merging loss (Eq. 1)."""
     from mergekit_collapse.config import load_config
     from mergekit_collapse.observed import evaluate_merge, write_evaluation
@@ -27,7 +29,8 @@ def evaluate(merged_dir: str, config: str, limit: int | None, batch_size: int, w
     report_path = Path(merged_dir) / "mergeability" / "report.json"
     report = GuardReport.read(report_path) if report_path.exists() else None
     evaluation = evaluate_merge(merged_dir, load_config(config), limit=limit, batch_size=batch_size,
-                                with_base=with_base, report=report, progress=not no_progress)
+                                with_base=with_base, report=report, progress=not no_progress,
+                                dtype=dtype)
     paths = write_evaluation(evaluation, out, report)
     click.echo(f"{'task':<18} {'metric':<12} {'own':>7} {'merged':>7} {'loss %':>8} {'obs.ret':>8}")
     for t in evaluation.tasks:
