@@ -283,7 +283,7 @@ def worker_main(name: str, spec_path: str) -> None:
 
 
 #: OpenMP wait policy for the workers ("" = leave the environment as it is); set by --omp-wait-policy
-OMP_POLICY = {"value": "PASSIVE"}
+OMP_POLICY = {"value": ""}
 
 
 def run(name: str, spec: dict[str, Any], work: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -679,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2-minute smoke run (small N)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.json"))
     p.add_argument("--work", default="/tmp/mkc-speed", help="scratch folder (models, caches)")
-    p.add_argument("--omp-wait-policy", default="PASSIVE",
+    p.add_argument("--omp-wait-policy", default="",
                    help="OMP_WAIT_POLICY for the workers ('' = as in the environment); (g) compares")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1,15 +1,16 @@
 """Predictive validity on the demo zoo (real SmolLM2-135M-Instruct + task LoRAs).
 
 All pairs of tasks (as the paper's Table 18) and random groups of 4-8 tasks are merged with real
-mergekit (linear, task_arithmetic, ties), each constituent's merging loss (Eq. 1) is measured with
-lm-eval, and every predictor is computed beside it: the paper's HiddenSim / MDS, the exact geometry
-(distortion under alpha* and under the merge's own weights), the base-anchored retention and
-relative distortion (pre-merge) and observed retention (post-merge), at two poolings and two
-layers, and the four parameter-conflict metrics. Records are appended as each merge finishes, so
-the run is resumable and a time budget leaves a usable, balanced subset (experiments run in a
-seeded shuffled order).
+mergekit (linear, task_arithmetic, ties; dare_ties and slerp on pairs), each constituent's merging
+loss (Eq. 1) is measured with lm-eval, and every predictor is computed beside it: the paper's
+HiddenSim / MDS, the exact geometry (distortion under alpha* and under the merge's own weights),
+the base-anchored retention and relative distortion (pre-merge) and observed retention
+(post-merge), at two poolings and two layers, the four parameter-conflict metrics, and
+MergeLens's compatibility score. Records are appended as each merge finishes, so the run is
+resumable and a time budget leaves a usable, balanced subset (experiments run in a seeded
+shuffled order); `--shard I/N` splits the plan over N processes.
 
-    python benchmarks/validity.py --work /tmp/validity --minutes 60
+    python benchmarks/validity.py --work /tmp/validity --minutes 240 --calibrate last-1
     python benchmarks/validity.py --work /tmp/validity --analyse   # tables only
 
 Writes <work>/records.jsonl (the merge records `mergekit-collapse stats/calibrate` read) and
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.util
 import itertools
 import json
 import random
@@ -335,6 +337,8 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
         if m.metric in ("merged", "constituent", "size"):
             continue
         name, _, setting = m.metric.partition("@")
+        if name.startswith(("conflict_", "mergelens_")):
+            setting = "—"  # weight-space scores: no pooling, no layer
         c, a, b = m.correlation, m.auroc, m.beyond_task
         lines.append(f"| {name} | {setting or 'mean-1'} | {c.n} | {_f(a.auroc_best)} | "
                      f"{a.direction or '—'} | {_f(c.spearman_rho)} | {_f(c.spearman_p)} | "
@@ -399,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-conflicts", action="store_true")
     p.add_argument("--analyse", action="store_true", help="only write the tables")
     p.add_argument("--mergelens", action="store_true",
-                   help="only compute MergeLens's per-task scores (needs mergelens; then analysed)")
+                   help="only compute MergeLens's per-task scores (needs mergelens; a run does it "
+                        "at its end when mergelens is installed)")
     p.add_argument("--calibrate", metavar="POOLING+LAYER", default=None,
                    help="also fit the guard's calibration at this setting, e.g. last-1")
     p.add_argument("--score", default="relative_distortion", help="the risk score to calibrate")
@@ -408,10 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.mergelens:
-        print(f"MergeLens scores: {mergelens_scores(work)}", flush=True)
-    elif not args.analyse:
+    if not (args.analyse or args.mergelens):
         run(args)
+    # MergeLens once per work folder (the first shard; skipped when mergelens is not installed)
+    if args.mergelens or (not args.analyse and args.shard.startswith("0/")
+                          and importlib.util.find_spec("mergelens") is not None):
+        print(f"MergeLens scores: {mergelens_scores(work)}", flush=True)
     md = analyse(work, args.threshold, Path(args.cross_check) if args.cross_check else None)
     (work / "validity.md").write_text(md)
     print(md)

@@ -11,13 +11,15 @@ From merge records (format: `mergekit_collapse.statistics`), with "collapsed" me
   cut, leaving the sensitive side to *elevated*); the *elevated* edge is the least extreme cut that still flags at least ``sensitivity``
   (default 0.9) of the collapsed rows, never beyond the collapse edge. Edges sit halfway between
   the two observed values they separate.
-* **relative_budget** — when the records carry the guard's budget quantity (a
-  ``relative_distortion`` column, ``||p_m − p_i||² / ||p_i − p_0||²``), its Youden-J cut with
-  higher = more risk; otherwise None (the guard keeps its own default).
+* **relative_budget** — when the records carry the guard's budget quantity (the ``exact_rel``
+  column by default: the group's r*² over the base's probe spread, what a relative budget
+  bounds), its Youden-J cut with higher = more risk; otherwise None (the guard keeps its own
+  default).
 
 The result is a `Calibration` JSON written to ``cache_root()/calibration.json`` by default;
 `load_calibration` reads that file when present, else the packaged
-``calibration_default.json`` (conservative placeholders until ``benchmarks/validity.py`` runs).
+``calibration_default.json``, fitted on the records of ``benchmarks/validity.py``
+(``benchmarks/results/records-last-1.jsonl``; its ``source`` says how).
 """
 
 from __future__ import annotations

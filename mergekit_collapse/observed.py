@@ -303,7 +303,7 @@ def plot_predicted_vs_observed(report: GuardReport, evaluation: Evaluation, path
     by_name = {m.name: m for m in report.models}
     rows = [(o, by_name[o.model]) for o in evaluation.tasks if o.model in by_name and o.loss is not None]
     panels = [("MDS (Eq. 3)", lambda o, m: m.mds),
-              ("distortion under α*", lambda o, m: m.distortion_optimal),
+              ("relative distortion (the risk score)", lambda o, m: m.relative_distortion),
               ("retention (planned)", lambda o, m: m.retention),
               ("observed retention", lambda o, m: o.observed_retention)]
     panels = [p for p in panels if any(p[1](o, m) is not None for o, m in rows)]
@@ -316,6 +316,7 @@ def plot_predicted_vs_observed(report: GuardReport, evaluation: Evaluation, path
         for x, y, label in pts:
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(-30, color="grey", lw=0.8, ls="--")
+        ax.ticklabel_format(axis="x", useOffset=False)
         ax.set_xlabel(title, fontsize=8)
         ax.set_ylabel("merging loss % (Eq. 1)", fontsize=8)
     fig.suptitle(f"predicted vs observed — verdict: {report.verdict}", fontsize=9)
