@@ -148,6 +148,7 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
     if evaluation is not None:
         block["observed"] = {
             "limit": evaluation.limit,
+            "dtype": evaluation.dtype,
             "mean_loss": _num(evaluation.mean_loss),
             "tasks": [{"model": t.model, "task": t.task, "eval": t.eval, "metric": t.metric,
                        "constituent": _num(t.constituent), "merged": _num(t.merged),

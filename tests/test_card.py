@@ -143,7 +143,8 @@ def test_card_metadata_round_trips_through_model_card_load(merged_dir: Path) -> 
     assert m["layer"] == -1 and m["pooling"] == "last"
     assert m["actions"] == [{"action": "warn", "changed": "nothing", "reason": "code is the outlier"}]
     assert m["tool_version"] == "0.1.0"
-    assert m["observed"]["mean_loss"] == -20.1
+    assert m["observed"]["mean_loss"] == -20.1 and m["observed"]["dtype"] == "float32"
+    assert "lm-eval (float32) on 50 documents per task" in ModelCard.load(path).text
     assert m["observed"]["tasks"][0]["loss"] == -36.8
     assert m["observed"]["tasks"][0]["observed_retention"] == 0.4
     assert "observed_retention" not in m["observed"]["tasks"][1]
