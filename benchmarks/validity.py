@@ -191,7 +191,6 @@ def conflict_rows(zoo: Path, group: tuple[str, ...], cache: dict) -> dict[str, d
 
 
 def run(args: argparse.Namespace) -> None:
-    from mergekit_collapse.config import parse_config as parse
     from mergekit_collapse.observed import evaluate_merge
     from mergekit_collapse.zoo import TASKS, export_zoo
 
@@ -220,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
             break
         t1 = time.time()
         raw = guard_config(zoo, list(group), method, args.k)
-        cfg = parse(json.dumps(raw))
+        cfg = parse_config(json.dumps(raw))
         rows = preds.rows(method, group)
         conf = conflict_rows(zoo, group, conflicts) if not args.no_conflicts else {}
         out = merged_root / f"merged-{shard}"
@@ -317,7 +316,7 @@ def cross_check(rows: list[dict[str, Any]], other: Path, threshold: float) -> st
 
 def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     """Tables: a ranking of every predictor x setting, then per subset Pearson/Spearman/AUROC, ANOVA."""
-    from mergekit_collapse.statistics import parse_records, summarize
+    from mergekit_collapse.statistics import anova, parse_records, summarize
 
     rows = read_records(work)
     if (work / "mergelens.json").exists():
@@ -356,10 +355,8 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
         lines += [f"\n### {title}: the guard's default setting ({DEFAULT_SETTING})\n", rep.to_markdown()]
     pairs = [r for r in rows if r["size"] == 2]
     if pairs:
-        rep = summarize(parse_records("\n".join(json.dumps(r) for r in pairs), "jsonl"),
-                        threshold=threshold)
-        md = rep.to_markdown()
-        lines += ["\n### ANOVA of loss on pairs (every method)\n", md[md.index("**One-way ANOVA"):]]
+        table = anova([r["loss"] for r in pairs], [r["task"] for r in pairs], [r["method"] for r in pairs])
+        lines += ["\n### ANOVA of loss on pairs (every method)", table.to_markdown()]
     if other is not None:
         lines += ["\n### Cross-check\n", cross_check(rows, other, threshold)]
     return "\n".join(lines)

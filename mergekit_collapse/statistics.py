@@ -319,6 +319,21 @@ class Anova(BaseModel):
     two_way: list[AnovaRow] = Field(description="loss ~ C(method) + C(task), type-II SS")
     two_way_reason: str | None = None
 
+    def to_markdown(self) -> str:
+        """The one-way and the two-way tables."""
+        lines: list[str] = []
+        for title, rows, reason in (("One-way ANOVA of loss", self.one_way, None),
+                                    ("Two-way additive ANOVA: loss ~ C(method) + C(task)",
+                                     self.two_way, self.two_way_reason)):
+            lines += ["", f"**{title}** (n = {self.n})", ""]
+            if reason:
+                lines.append(f"undefined: {reason}")
+                continue
+            lines += ["| factor | levels | df | df resid | F | p | note |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r.factor} | {r.levels} | {_f(r.df)} | {_f(r.df_resid)} | {_f(r.f_value)} | "
+                      f"{_f(r.p)} | {r.reason or ''} |" for r in rows]
+        return "\n".join(lines) + "\n"
+
 
 def _one_way(factor: str, loss: np.ndarray, levels: list[str]) -> AnovaRow:
     from scipy import stats
@@ -497,17 +512,7 @@ class StatsReport(BaseModel):
             lines.append(f"| {m.metric} | {c.n} | {_f(c.pearson_r)} | {_f(c.pearson_p)} | "
                          f"{_f(c.spearman_rho)} | {_f(c.spearman_p)} | {_f(a.auroc)} | "
                          f"{a.direction or '—'} | {_f(b.within_rho)} | {_f(b.p)} | {note} |")
-        for title, rows, reason in (("One-way ANOVA of loss", self.anova.one_way, None),
-                                    ("Two-way additive ANOVA: loss ~ C(method) + C(task)",
-                                     self.anova.two_way, self.anova.two_way_reason)):
-            lines += ["", f"**{title}** (n = {self.anova.n})", ""]
-            if reason:
-                lines.append(f"undefined: {reason}")
-                continue
-            lines += ["| factor | levels | df | df resid | F | p | note |", "|---|---|---|---|---|---|---|"]
-            lines += [f"| {r.factor} | {r.levels} | {_f(r.df)} | {_f(r.df_resid)} | {_f(r.f_value)} | "
-                      f"{_f(r.p)} | {r.reason or ''} |" for r in rows]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.anova.to_markdown()
 
 
 def _f(x: float | None) -> str:
