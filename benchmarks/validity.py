@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -244,6 +245,53 @@ def run(args: argparse.Namespace) -> None:
               flush=True)
 
 
+def rehearse_records(args: argparse.Namespace) -> None:
+    """The rehearsal (label-free) of every merge in a records file, into <work>/rehearsal.jsonl.
+
+    The merges are the records' own (same tasks, method, parameters and seed), merged again in
+    memory; their losses stay in the records file, so no lm-eval run is repeated.
+    """
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_collapse.guard import extraction_settings
+    from mergekit_collapse.rehearsal import rehearse
+    from mergekit_collapse.zoo import export_zoo
+
+    work = Path(args.work)
+    zoo = export_zoo(work / "zoo")
+    rows = [json.loads(x) for x in Path(args.records).read_text().splitlines() if x]
+    plan = list(dict.fromkeys(r["group"] for r in rows))
+    out_path = work / "rehearsal.jsonl"
+    done = {json.loads(x)["group"] for x in out_path.read_text().splitlines() if x} \
+        if out_path.exists() else set()
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    t0 = time.time()
+    for n, gid in enumerate(plan):
+        if gid in done or n % shards != shard:
+            continue
+        if time.time() - t0 > args.minutes * 60:
+            print(f"time budget reached after {n} merges", flush=True)
+            break
+        method, _, names = gid.partition(":")
+        group = tuple(names.split("+"))
+        raw = guard_config(zoo, list(group), method, args.k)
+        cfg = parse_config(json.dumps(raw))
+        probes = build_probes(cfg)
+        by_model = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
+                             if task == cfg.task_of(m).name] for m in cfg.models}
+        merge_cfg = MergeConfiguration.model_validate(mergekit_config(raw, method))
+        r = rehearse(merge_cfg, cfg.models, by_model, extraction_settings(cfg, dtype=args.rehearse_dtype),
+                     answer_tokens=args.answer_tokens, seed=args.seed)
+        with out_path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            for m in cfg.models:
+                f.write(json.dumps({"group": gid, "task": cfg.task_of(m).name, **r.models[str(m)],
+                                    "seconds": r.seconds, "dtype": r.dtype}) + "\n")
+        print(f"[{n + 1}/{len(plan)}] {gid} {r.seconds} " + ", ".join(
+            f"{cfg.task_of(m).name}:{r.models[str(m)]['rehearsal_token_agreement']:.2f}"
+            for m in cfg.models), flush=True)
+
+
 def merge(config: dict[str, Any], out: Path, lora_cache: Path, seed: int) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -362,6 +410,172 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+#: per-model predictors judged out of sample: (column, riskier direction)
+OOS_PREDICTORS = [("relative_distortion", "higher"), ("rehearsal_token_agreement", "lower"),
+                  ("rehearsal_agreement", "lower"), ("rehearsal_kl", "higher"), ("mds", "higher"),
+                  ("conflict_sign_change_ratio", "higher"), ("exact_rel", "higher")]
+
+
+def joined(records: Path, work: Path) -> list[dict[str, Any]]:
+    """The records at the guard's default setting, with each merge's rehearsal columns."""
+    rows = at_setting([json.loads(x) for x in records.read_text().splitlines() if x], DEFAULT_SETTING)
+    reh = {(r["group"], r["task"]): r for r in read_rehearsal(work)}
+    return [{**r, **{k: v for k, v in reh[(r["group"], r["task"])].items() if k.startswith("rehearsal")}}
+            for r in rows if (r["group"], r["task"]) in reh and r["loss"] is not None]
+
+
+def read_rehearsal(work: Path) -> list[dict[str, Any]]:
+    path = work / "rehearsal.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+
+
+def _edge(x: np.ndarray, y: np.ndarray, direction: str) -> float:
+    """The collapse edge (Youden's J) fitted on (x, y), in the score's own units."""
+    from mergekit_collapse.calibration import roc_cuts
+
+    sign = 1.0 if direction == "higher" else -1.0
+    cut, _ = roc_cuts(sign * x, y, sensitivity=0.9)
+    return sign * cut.edge
+
+
+def _flags(x: np.ndarray, edge: float, direction: str) -> np.ndarray:
+    return x >= edge if direction == "higher" else x <= edge
+
+
+def leave_one_task_out(rows: list[dict[str, Any]], column: str, direction: str, threshold: float,
+                       by_method: bool = False) -> np.ndarray:
+    """Each row's collapse flag from an edge fitted on the other tasks' rows only (and, with
+    `by_method`, on the rows of the same merge method)."""
+    x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in rows], dtype=float)
+    y = np.array([r["loss"] < threshold for r in rows])
+    task = np.array([r["task"] for r in rows])
+    method = np.array([r["method"] for r in rows])
+    flags = np.zeros(len(rows), dtype=bool)
+    for t in np.unique(task):
+        for m in (np.unique(method) if by_method else [None]):
+            test = (task == t) & ((method == m) if m is not None else True)
+            train = (task != t) & ((method == m) if m is not None else True) & ~np.isnan(x)
+            if not test.any() or y[train].all() or not y[train].any():
+                continue
+            flags[test] = _flags(x[test], _edge(x[train], y[train], direction), direction)
+    return flags
+
+
+def _rates(flag: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    return float(flag[y].mean()) if y.any() else float("nan"), \
+        float((~flag[~y]).mean()) if (~y).any() else float("nan")
+
+
+def merge_level(rows: list[dict[str, Any]], flags: np.ndarray, threshold: float) -> tuple[float, float, int, int]:
+    """(sensitivity, specificity, merges that collapsed, merges that did not): a merge is stopped
+    when any of its models is flagged, and collapsed when any of its models lost > |threshold|%."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["group"], []).append(i)
+    stop = np.array([flags[idx].any() for idx in groups.values()])
+    bad = np.array([any(rows[i]["loss"] < threshold for i in idx) for idx in groups.values()])
+    sens, spec = _rates(stop, bad)
+    return sens, spec, int(bad.sum()), int((~bad).sum())
+
+
+def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, dict[str, Any]]:
+    """Per-model AUROC, and leave-one-task-out bands judged at model and merge level, per predictor,
+    for all merges, pairs, groups and each method. Returns (markdown, the headline numbers)."""
+    from mergekit_collapse.statistics import auroc
+
+    subsets = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
+               ("groups", lambda r: r["size"] > 2)]
+    subsets += [(m, lambda r, m=m: r["method"] == m) for m in METHODS]
+    n_merges = len({r["group"] for r in rows})
+    lines = [f"{len(rows)} constituent losses from {n_merges} merges that were also rehearsed; "
+             f"collapsed = loss < {threshold:g}%. AUROC needs no fitting; the sensitivity and "
+             "specificity are of bands fitted with each task left out (LOTO: the held-out task's "
+             "rows are judged by an edge fitted on the other tasks only).\n",
+             "| predictor | subset | n | collapsed | AUROC | LOTO sens. | LOTO spec. | merges | "
+             "merge sens. | merge spec. |", "|---|---|---|---|---|---|---|---|---|---|"]
+    headline: dict[str, Any] = {}
+    loto = {(c, False): leave_one_task_out(rows, c, d, threshold) for c, d in OOS_PREDICTORS}
+    loto[("relative_distortion", True)] = leave_one_task_out(rows, "relative_distortion", "higher",
+                                                            threshold, by_method=True)
+    variants = [(f"{c}", c, d, loto[(c, False)]) for c, d in OOS_PREDICTORS]
+    variants.append(("relative_distortion, bands per method", "relative_distortion", "higher",
+                     loto[("relative_distortion", True)]))
+    for c in ("rehearsal_agreement", "rehearsal_token_agreement"):
+        variants.append((f"either ({c} or relative_distortion)", None, None,
+                         loto[(c, False)] | loto[("relative_distortion", False)]))
+    # the guard's default decision: the rehearsal's band, or the bounds over the calibrated budget
+    variants.append(("the verdict: rehearsal_agreement or r*² over the relative budget", None, None,
+                     loto[("rehearsal_agreement", False)] | loto[("exact_rel", False)]))
+    for name, column, direction, flags in variants:
+        for sub, pick in subsets:
+            idx = [i for i, r in enumerate(rows) if pick(r)]
+            if len(idx) < 10:
+                continue
+            sel = [rows[i] for i in idx]
+            y = np.array([r["loss"] < threshold for r in sel])
+            a = None
+            if column is not None:
+                x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in sel], dtype=float)
+                res = auroc(x if direction == "higher" else -x, y)
+                a = res.auroc
+            sens, spec = _rates(flags[idx], y)
+            ms, mp, nb, ng = merge_level(sel, flags[idx], threshold)
+            lines.append(f"| {name} | {sub} | {len(sel)} | {int(y.sum())} | {_f(a)} | {_f(sens)} | "
+                         f"{_f(spec)} | {nb}+{ng} | {_f(ms)} | {_f(mp)} |")
+            headline[f"{name}|{sub}"] = {"n": len(sel), "auroc": a, "loto_sensitivity": sens,
+                                         "loto_specificity": spec, "merge_sensitivity": ms,
+                                         "merge_specificity": mp, "merges_collapsed": nb,
+                                         "merges_fine": ng}
+    per_task = ["\n### Within each task (rehearsal token agreement vs relative distortion)\n",
+                "| task | n | collapsed | AUROC rehearsal | AUROC relative distortion |", "|---|---|---|---|---|"]
+    for t in sorted({r["task"] for r in rows}):
+        sel = [r for r in rows if r["task"] == t]
+        y = np.array([r["loss"] < threshold for r in sel])
+        ra = auroc(-np.array([r["rehearsal_token_agreement"] for r in sel]), y).auroc
+        rd = auroc(np.array([r["relative_distortion"] if r["relative_distortion"] is not None else np.nan
+                             for r in sel]), y).auroc
+        per_task.append(f"| {t} | {len(sel)} | {int(y.sum())} | {_f(ra)} | {_f(rd)} |")
+    return "\n".join(lines + per_task) + "\n", headline
+
+
+def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
+                        decides: str | None) -> Path:
+    """Add the rehearsal's bands (fitted on every rehearsed record), the deciding signal and the
+    out-of-sample numbers (`out_of_sample`) to the packaged default calibration; write it to
+    <work>/calibration.json (copy it over mergekit_collapse/calibration_default.json to ship it).
+
+    `decides` None: the signal whose leave-one-task-out merge-level verdict has the larger
+    sensitivity + specificity over all merges.
+    """
+    from mergekit_collapse.calibration import SignalBands, fit_calibration, load_calibration
+    from mergekit_collapse.statistics import parse_records
+
+    rows = joined(records, work)
+    text = "".join(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}) + "\n"
+                   for r in rows)
+    fit = fit_calibration(parse_records(text, "jsonl"), score=score, direction="lower",
+                          threshold=threshold)
+    _, headline = out_of_sample(rows, threshold)
+    if decides is None:
+        def j(name: str) -> float:
+            h = headline[f"{name}|all"]
+            return h["merge_sensitivity"] + h["merge_specificity"]
+        decides = "rehearsal" if j(score) >= j("relative_distortion") else "risk"
+    cal = load_calibration(Path(__file__).parent.parent / "mergekit_collapse" / "calibration_default.json")
+    cal.rehearsal = SignalBands(score=score, direction="lower", bands=fit.bands, validity=fit.validity)
+    cal.decides = decides
+    cal.out_of_sample = {"method": "leave one task out (benchmarks/validity.py --oos)",
+                         "rehearsed_records": len(rows),
+                         "merges": len({r["group"] for r in rows}),
+                         "records_sha256": hashlib.sha256(records.read_bytes()).hexdigest(),
+                         "rehearsal_sha256": hashlib.sha256((work / "rehearsal.jsonl").read_bytes()).hexdigest(),
+                         "headline": {k: v for k, v in headline.items() if k.endswith("|all")
+                                      or k.endswith("|pairs")}}
+    out = work / "calibration.json"
+    out.write_text(cal.model_dump_json(indent=2) + "\n")
+    return out
+
+
 def calibrate(work: Path, setting: str, score: str, threshold: float) -> Path:
     """Fit the guard's default calibration on the records re-keyed to one (pooling, layer) setting.
 
@@ -405,11 +619,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", metavar="POOLING+LAYER", default=None,
                    help="also fit the guard's calibration at this setting, e.g. last-1")
     p.add_argument("--score", default="relative_distortion", help="the risk score to calibrate")
+    p.add_argument("--rehearse", action="store_true",
+                   help="only rehearse the merges of --records (label-free; into <work>/rehearsal.jsonl)")
+    p.add_argument("--records", default=str(Path(__file__).parent / "results" / "records.jsonl"))
+    p.add_argument("--answer-tokens", type=int, default=32)
+    p.add_argument("--calibrate-rehearsal", metavar="SCORE", default=None,
+                   help="with --oos: add the rehearsal's bands on SCORE (e.g. "
+                        "rehearsal_token_agreement) to the default calibration")
+    p.add_argument("--decides", choices=["risk", "rehearsal"], default=None,
+                   help="with --calibrate-rehearsal: the deciding signal (default: the better one "
+                        "out of sample)")
+    p.add_argument("--oos", action="store_true",
+                   help="only the out-of-sample tables of --records joined with <work>/rehearsal.jsonl "
+                        "(<work>/oos.md, oos.json)")
+    p.add_argument("--rehearse-dtype", default="auto")
     p.add_argument("--cross-check", metavar="RECORDS", default=None,
                    help="compare losses with another run's records (e.g. lm-eval in float32)")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.rehearse:
+        rehearse_records(args)
+        return 0
+    if args.oos:
+        md, headline = out_of_sample(joined(Path(args.records), work), args.threshold)
+        (work / "oos.md").write_text(md)
+        (work / "oos.json").write_text(json.dumps(headline, indent=1))
+        print(md)
+        if args.calibrate_rehearsal:
+            print("calibration:", calibrate_rehearsal(work, Path(args.records), args.threshold,
+                                                      args.calibrate_rehearsal, args.decides))
+        return 0
     if not (args.analyse or args.mergelens):
         run(args)
     # MergeLens once per work folder (the first shard; skipped when mergelens is not installed)

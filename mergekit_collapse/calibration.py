@@ -69,8 +69,37 @@ class Validity(BaseModel):
     sensitivity_elevated: float | None = None
 
 
+def band_of(value: float | None, direction: Direction, bands: Bands) -> Band | None:
+    """The band of one score value: "collapse" at or beyond the collapse edge, "elevated" at or
+    beyond the elevated edge, else "low"; None for a missing value."""
+    if value is None or math.isnan(value):
+        return None
+    sign = 1.0 if direction == "higher" else -1.0
+    if sign * value >= sign * bands.collapse:
+        return "collapse"
+    if sign * value >= sign * bands.elevated:
+        return "elevated"
+    return "low"
+
+
+class SignalBands(BaseModel):
+    """Bands on a second per-model signal (the rehearsal's predicted retention)."""
+
+    score: str = Field(description="the ModelEntry field the bands apply to")
+    direction: Direction
+    bands: Bands
+    validity: Validity | None = None
+
+    def band(self, value: float | None) -> Band | None:
+        return band_of(value, self.direction, self.bands)
+
+
 class Calibration(BaseModel):
-    """The default risk score's bands and the guard's default relative budget."""
+    """The default risk score's bands and the guard's default relative budget.
+
+    `rehearsal` carries the bands of the rehearsal's score, and `decides` which of the two signals
+    decides the verdict when both were computed (the better one out of sample, RESULTS.md).
+    """
 
     score: str = Field(description="the per-model score column the bands apply to")
     direction: Direction = Field(description="higher: larger scores are riskier; lower: smaller")
@@ -79,6 +108,10 @@ class Calibration(BaseModel):
     threshold: float = Field(default=DEFAULT_THRESHOLD, description="loss below this = collapsed")
     source: dict[str, Any] = Field(description="records file sha256, n, date — or a note")
     validity: Validity | None = None
+    rehearsal: SignalBands | None = None
+    decides: Literal["risk", "rehearsal"] = "risk"
+    out_of_sample: dict[str, Any] | None = Field(default=None, description=(
+        "how the bands did on records they were not fitted on (benchmarks/validity.py)"))
 
     @model_validator(mode="after")
     def _ordered(self) -> Calibration:
@@ -89,24 +122,8 @@ class Calibration(BaseModel):
         return self
 
     def band(self, value: float | None) -> Band | None:
-        """The risk band of one score value (None for a missing value).
-
-        Args:
-            value: the score of one model.
-
-        Returns:
-            "collapse" at or beyond the collapse edge, "elevated" at or beyond the elevated edge,
-            else "low".
-        """
-        if value is None or math.isnan(value):
-            return None
-        s = value if self.direction == "higher" else -value
-        sign = 1.0 if self.direction == "higher" else -1.0
-        if s >= sign * self.bands.collapse:
-            return "collapse"
-        if s >= sign * self.bands.elevated:
-            return "elevated"
-        return "low"
+        """The risk band of one score value (see `band_of`)."""
+        return band_of(value, self.direction, self.bands)
 
 
 # ---------------------------------------------------------------------------------------------

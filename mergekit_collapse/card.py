@@ -143,8 +143,12 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
     }
     if report.risk is not None:
         block["risk"] = report.risk.model_dump(mode="json")
+    if report.rehearsal is not None:
+        block["rehearsal"] = report.rehearsal.model_dump(mode="json")
     for entry, model in zip(block["models"], report.models, strict=True):
         entry["risk_score"], entry["risk_band"] = _num(model.risk_score), model.risk_band
+        entry["predicted_retention"] = _num(model.predicted_retention)
+        entry["rehearsal_band"] = model.rehearsal_band
     if evaluation is not None:
         block["observed"] = {
             "limit": evaluation.limit,
@@ -200,7 +204,9 @@ def _rows(report: GuardReport, evaluation: Evaluation | None) -> list[dict[str, 
     for m in report.models:
         row: dict[str, Any] = {"name": m.name, "task": m.task, "mds": m.mds,
                                "distortion": m.distortion_optimal, "retention": m.retention,
-                               "weight": report.weights.get(m.name)}
+                               "weight": report.weights.get(m.name), "risk_score": m.risk_score,
+                               "risk_band": m.risk_band, "rehearsal_band": m.rehearsal_band,
+                               "predicted_retention": m.predicted_retention}
         t = by_model.get(m.name)
         if t is not None:
             row.update(eval=t.eval, metric=t.metric, constituent=t.constituent, merged=t.merged,

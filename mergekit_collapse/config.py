@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergekit_collapse.errors import BadInputError
 
 Pooling = Literal["mean", "last"]
 Action = Literal["abort", "warn", "drop", "split", "replace", "order"]
+Rehearse = Literal["auto", "on", "off"]
 
 
 class _Strict(BaseModel):
@@ -48,8 +49,8 @@ class Budget(_Strict):
     Neither given: the calibrated default relative budget (`mergekit-collapse calibrate`).
     """
 
-    relative: float | None = Field(default=None, gt=0)
-    absolute: float | None = Field(default=None, gt=0)
+    relative: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    absolute: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _at_most_one(self) -> Budget:
@@ -74,6 +75,22 @@ class GuardSettings(_Strict):
     action: Action = "abort"
     candidates: dict[str, list[str]] = Field(default_factory=dict)
     weights: Literal["none", "suggest", "apply"] = "none"
+    base: str | None = Field(default=None, description=(
+        "the common base model the constituents were fine-tuned from (the risk score's anchor), "
+        "for configs that do not name it: e.g. a linear merge of full fine-tunes"))
+    rehearse: Rehearse = Field(default="auto", description=(
+        "merge in memory and compare the merged model's answers on the probes with each "
+        "constituent's; auto: when the inputs weigh at most rehearse_max_gb"))
+    rehearse_max_gb: float = Field(default=8.0, gt=0, description=(
+        "auto rehearsal only when the merge's distinct input weights total at most this"))
+    answer_tokens: int = Field(default=32, ge=1, le=512, description=(
+        "longest greedy answer the rehearsal compares, in tokens"))
+
+    @field_validator("rehearse", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads an unquoted `on`/`off` as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 @dataclass
@@ -85,7 +102,8 @@ class LoadedConfig:
     merge: Any  # mergekit.config.MergeConfiguration
     guard: GuardSettings
     models: list[Any]  # constituent mergekit ModelReference, in YAML order, base excluded
-    base: Any | None  # mergekit ModelReference or None
+    base: Any | None  # the anchor p_0: mergekit ModelReference or None (see `find_base`)
+    base_source: str | None = None  # where the anchor came from, or why there is none
 
     def task_of(self, model: Any) -> TaskSpec:
         """The TaskSpec of a constituent model, matched by mergekit's own parse of the key."""
@@ -130,13 +148,33 @@ def _all_fields() -> list[str]:
     return sorted(names)
 
 
+def endpoint_base(method: str) -> bool:
+    """Whether `method`'s base_model is one of two models it interpolates (slerp, nearswap,
+    arcee_fusion: mergekit's contract requires a base and takes exactly two inputs), so the base is
+    a constituent with a task of its own rather than the common ancestor."""
+    import mergekit.merge_methods as methods
+
+    try:
+        contract = methods.get(method).spec.contract
+    except RuntimeError:  # an unknown method: mergekit's own validation reports it
+        return False
+    return contract.max_inputs == 2 and contract.base.value == "required"
+
+
 def ordered_models(merge: Any) -> list[Any]:
-    """Constituent models in the order the YAML lists them (mergekit's referenced_models() is a set)."""
+    """Constituent models in the order the YAML lists them (mergekit's referenced_models() is a set).
+
+    The base model is left out, except where it is an interpolation endpoint (`endpoint_base`).
+    """
     seen: list[Any] = []
+    skip = None if endpoint_base(merge.merge_method) else merge.base_model
 
     def add(ref: Any) -> None:
-        if ref is not None and ref not in seen and ref != merge.base_model:
+        if ref is not None and ref not in seen and ref != skip:
             seen.append(ref)
+
+    if skip is None:
+        add(merge.base_model)
 
     for m in merge.models or []:
         add(m.model)
@@ -150,6 +188,32 @@ def ordered_models(merge: Any) -> list[Any]:
             for src in s.sources:
                 add(src.model)
     return seen
+
+
+def find_base(merge: Any, guard: GuardSettings, models: list[Any]) -> tuple[Any | None, str]:
+    """The anchor p_0 of the risk score, and where it came from (or why there is none).
+
+    In order: `guard.base`; mergekit's `base_model` when it is the common ancestor (not an
+    interpolation endpoint); the base every constituent's `base+lora` reference shares.
+    """
+    from mergekit.common import ModelReference
+
+    if guard.base is not None:
+        try:
+            return _parse_ref(guard.base), "guard.base"
+        except (ValidationError, ValueError):
+            raise BadInputError(f"guard.base '{guard.base}' is not a model reference") from None
+    if merge.base_model is not None and merge.base_model not in models:
+        return merge.base_model, "base_model"
+    bases = {m.model for m in models if m.lora is not None}
+    if models and len(bases) == 1 and all(m.lora is not None for m in models):
+        return ModelReference(model=bases.pop()), "the base of every base+lora reference"
+    if any(m.lora is None for m in models) or len(bases) > 1:
+        why = ("the models share no base+lora base and the config names no base_model; "
+               "set guard.base to the model they were fine-tuned from")
+    else:
+        why = "no constituent models"
+    return None, why
 
 
 def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
@@ -187,8 +251,9 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     except ValidationError as e:
         raise BadInputError(where + _friendly(e, {})) from None
     models = ordered_models(merge)
+    base, base_source = find_base(merge, guard, models)
     cfg = LoadedConfig(path=path, source=source, merge=merge, guard=guard, models=models,
-                       base=merge.base_model)
+                       base=base, base_source=base_source)
     known = {str(m) for m in models}
     for key in guard.tasks:
         try:
@@ -224,3 +289,11 @@ def load_config(path: str | Path) -> LoadedConfig:
         BadInputError: the file is missing or unreadable, or its content is invalid.
     """
     return parse_config(read_text(path, "config"), Path(path).resolve())
+
+
+def with_guard(cfg: LoadedConfig, guard: GuardSettings) -> LoadedConfig:
+    """The same config with other guard settings (the anchor follows a changed `guard.base`)."""
+    if guard.base == cfg.guard.base:
+        return replace(cfg, guard=guard)
+    base, source = find_base(cfg.merge, guard, cfg.models)
+    return replace(cfg, guard=guard, base=base, base_source=source)

@@ -1,4 +1,16 @@
-"""Budget and verdict (Corollary 1, corrected): Jung is only sufficient, Δ²/4 only necessary."""
+"""The verdict, in one place: budget, bounds (Corollary 1, corrected) and the per-model signals.
+
+| budget | bounds at the budget | per-model signal (`Calibration.decides`, else the other) | verdict | decided_by |
+|---|---|---|---|---|
+| explicit (config or CLI) | Jung ≤ budget / Δ²/4 > budget / r*² | reported, not used | mergeable / collapse | jung / converse / exact |
+| calibrated default | any | a model in the signal's collapse band | collapse | risk / rehearsal |
+| calibrated default | over (Δ²/4 or r*²) | none in the collapse band | collapse | converse / exact |
+| calibrated default | within | none in the collapse band | mergeable | risk / rehearsal |
+| calibrated default | within | no signal (no base model, no rehearsal) | unassessed | none |
+
+Jung is only sufficient and Δ²/4 only necessary; the exact r*² decides between them. An explicit
+budget asks for the geometric test alone. A signal counts only when every model has a value.
+"""
 
 from __future__ import annotations
 
@@ -46,3 +58,29 @@ def verdict(*, jung: float, converse: float, exact: float, budget: float) -> tup
     if converse > budget:
         return "collapse", "converse"
     return ("mergeable" if exact <= budget else "collapse"), "exact"
+
+
+def decide(*, bounds: tuple[str, str], budget_source: str, signals: dict[str, list[str | None]],
+           prefer: str) -> tuple[str, str, str | None]:
+    """(verdict, decided_by, note) by the module's table.
+
+    Args:
+        bounds: `verdict()` at the budget in force.
+        budget_source: "config" (explicit) or "calibration".
+        signals: each per-model signal's bands, in model order ("risk", "rehearsal").
+        prefer: the signal that decides when several are complete.
+    """
+    if budget_source != "calibration":
+        return *bounds, None
+    complete = [k for k, bands in signals.items() if bands and all(b is not None for b in bands)]
+    if not complete:
+        if bounds[0] == "collapse":
+            return *bounds, None
+        return "unassessed", "none", ("no validated per-model signal could be computed, so the "
+                                      "calibrated budget's bounds alone do not vouch for this merge")
+    signal = prefer if prefer in complete else complete[0]
+    if "collapse" in signals[signal]:
+        return "collapse", signal, None
+    if bounds[0] == "collapse":
+        return *bounds, None
+    return "mergeable", signal, None

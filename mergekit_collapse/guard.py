@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from mergekit_collapse import __version__, geometry
 from mergekit_collapse.calibration import Calibration, load_calibration
-from mergekit_collapse.config import Budget, LoadedConfig, load_config
-from mergekit_collapse.decision import resolve_budget, verdict
+from mergekit_collapse.config import LoadedConfig, load_config, with_guard
+from mergekit_collapse.decision import decide, resolve_budget, verdict
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.hidden_states import Extraction, ExtractionSettings, extract
 from mergekit_collapse.probes import ProbeSet, build_probes
@@ -22,6 +23,7 @@ from mergekit_collapse.report import (
     GuardReport,
     ModelEntry,
     ProbeInfo,
+    RehearsalInfo,
     RiskInfo,
 )
 from mergekit_collapse.weights import planned_weights
@@ -51,18 +53,18 @@ def apply_overrides(cfg: LoadedConfig, *, budget: float | None = None,
     if budget is not None and absolute_budget is not None:
         raise BadInputError("give either a relative budget or an absolute one, not both")
     if budget is not None:
-        update["budget"] = Budget(relative=budget)
+        update["budget"] = {"relative": budget}
     if absolute_budget is not None:
-        update["budget"] = Budget(absolute=absolute_budget)
+        update["budget"] = {"absolute": absolute_budget}
     if not update:
         return cfg
     try:
-        guard = cfg.guard.model_validate({**cfg.guard.model_dump(), **{
-            k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in update.items()}})
-    except ValueError as e:
-        raise BadInputError(f"invalid override: {str(e).splitlines()[-1]}") from None
-    return LoadedConfig(path=cfg.path, source=cfg.source, merge=cfg.merge, guard=guard,
-                        models=cfg.models, base=cfg.base)
+        guard = cfg.guard.model_validate({**cfg.guard.model_dump(), **update})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise BadInputError(f"invalid override {where}={err.get('input')!r}: {err['msg']}") from None
+    return with_guard(cfg, guard)
 
 
 def extraction_settings(cfg: LoadedConfig, *, device: str = "auto", dtype: str = "auto",
@@ -95,8 +97,41 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
                   cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
     base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
     hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
-    report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype)
+    rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=Path(cache_dir) if cache_dir else None)
+    report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
+                    rehearsal=rehearsal)
     return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
+
+
+def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
+                  cache_dir: Path | None = None) -> tuple[Any, RehearsalInfo]:
+    """The rehearsal as `guard.rehearse` asks: (Rehearsal or None, what happened and why).
+
+    "auto" rehearses when the merge's inputs weigh at most `guard.rehearse_max_gb` and says why
+    not otherwise (also when mergekit cannot merge the config in memory); "on" raises instead.
+    """
+    from mergekit_collapse.rehearsal import input_bytes, rehearse
+
+    g = cfg.guard
+    if g.rehearse == "off":
+        return None, RehearsalInfo(status="off", reason="guard.rehearse: off")
+    if g.rehearse == "auto":
+        size = input_bytes(cfg.merge) / 1e9
+        if size > g.rehearse_max_gb:
+            return None, RehearsalInfo(status="skipped", reason=(
+                f"the inputs weigh {size:.1f} GB > rehearse_max_gb {g.rehearse_max_gb:g}; "
+                "--rehearse on forces it"))
+    by_model = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
+                         if task == cfg.task_of(m).name] for m in cfg.models}
+    try:
+        r = rehearse(cfg.merge, cfg.models, by_model, settings, answer_tokens=g.answer_tokens,
+                     seed=g.seed, cache_dir=cache_dir)
+    except BadInputError as e:
+        if g.rehearse == "on":
+            raise
+        return None, RehearsalInfo(status="skipped", reason=str(e))
+    return r, RehearsalInfo(status="ran", answer_tokens=r.answer_tokens, dtype=r.dtype,
+                            seconds=r.seconds)
 
 
 def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
@@ -141,7 +176,8 @@ def _finite(x: float) -> float | None:
 
 def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, probes: ProbeSet,
            hidden_size: int, dtype: str, names: list[str] | None = None,
-           calibration: Calibration | None = None) -> GuardReport:
+           calibration: Calibration | None = None,
+           rehearsal: tuple[Any, RehearsalInfo] | None = None) -> GuardReport:
     """Geometry, budget and verdict from hidden states alone (numpy; no model is touched).
 
     Args:
@@ -152,6 +188,7 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         hidden_size: d. dtype: the extraction dtype (for the report).
         names: model names for the report (default: the config's references).
         calibration: default budget and risk bands (default: `load_calibration()`).
+        rehearsal: `run_rehearsal`'s result, or None (not asked for).
     """
     g = cfg.guard
     cal = calibration or load_calibration()
@@ -164,8 +201,10 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
     except ValueError:
         raise BadInputError("relative budget needs a non-degenerate probe spread; "
                             "use an absolute budget") from None
-    v, by = verdict(jung=geo.jung, converse=geo.converse, exact=geo.exact, budget=bud.absolute)
+    bounds = verdict(jung=geo.jung, converse=geo.converse, exact=geo.exact, budget=bud.absolute)
     notes = list(geo.notes)
+    if base is None:
+        notes.append(f"risk score unavailable: {cfg.base_source or 'no base model'}")
 
     w, why = planned_weights(cfg)
     planned = anchored = None
@@ -196,15 +235,30 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         score = getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields else None
         entries[-1].risk_score = score
         entries[-1].risk_band = cal.band(score)
-    # The validated score decides by default (benchmarks/RESULTS.md: the bounds alone predicted
-    # collapse weakly); an explicit budget asks for the geometric test alone.
-    if v == "mergeable" and bud.source == "calibration" and any(
-            e.risk_band == "collapse" for e in entries):
-        v, by = "collapse", "risk"
-        flagged = ", ".join(f"{e.task} ({cal.score} {e.risk_score:.3g})" for e in entries
-                            if e.risk_band == "collapse")
-        notes.append(f"bounds within budget, but the calibrated risk score puts {flagged} in the "
-                     f"collapse band (≥ {cal.bands.collapse:.3g})")
+    result, info = rehearsal or (None, None)
+    info = info.model_copy() if info is not None else None
+    if result is not None:
+        info.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_token_agreement"
+        if cal.rehearsal:
+            info.direction = cal.rehearsal.direction
+            info.elevated, info.collapse = cal.rehearsal.bands.elevated, cal.rehearsal.bands.collapse
+        for e, m in zip(entries, cfg.models, strict=True):
+            for k, x in result.models[str(m)].items():
+                setattr(e, k, x)
+            e.predicted_retention = getattr(e, info.score)
+            e.rehearsal_band = cal.rehearsal.band(e.predicted_retention) if cal.rehearsal else None
+    elif info is not None and info.reason:
+        notes.append(f"rehearsal {info.status}: {info.reason}")
+    v, by, why = decide(bounds=bounds, budget_source=bud.source, prefer=cal.decides, signals={
+        "risk": [e.risk_band for e in entries], "rehearsal": [e.rehearsal_band for e in entries]})
+    if why:
+        notes.append(why)
+    flagged = ([f"{e.task} ({cal.score} {e.risk_score:.3g})" for e in entries
+                if e.risk_band == "collapse"] if by == "risk" else
+               [f"{e.task} ({info.score} {e.predicted_retention:.3g})" for e in entries
+                if e.rehearsal_band == "collapse"] if by == "rehearsal" else [])
+    if flagged:
+        notes.append(f"the calibrated {by} signal puts {', '.join(flagged)} in the collapse band")
     return GuardReport(
         tool_version=__version__,
         config=str(cfg.path) if cfg.path else None,
@@ -224,6 +278,7 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         risk=RiskInfo(score=cal.score, direction=cal.direction, elevated=cal.bands.elevated,
                       collapse=cal.bands.collapse, calibration=cal.source,
                       auroc=cal.validity.auroc if cal.validity else None),
+        rehearsal=info,
         verdict=v, decided_by=by,
         probes=ProbeInfo(k=probes.k, count=len(probes), sha256=probes.sha256, seed=probes.seed,
                          chat_template=probes.chat_template),

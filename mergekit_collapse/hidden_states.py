@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +72,16 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
-    """The torch dtype: 'auto' is bfloat16 (benchmarks/RESULTS.md: on CPU 5x faster than float32
-    for a 0.3% median / 1.1% max relative error in drms and 0.02% in r*²)."""
+    """The torch dtype. 'auto' is bfloat16 where the hardware computes in it natively (CUDA, or a
+    CPU with AVX512-BF16/AMX: there 5x faster than float32 for a 0.3% median / 1.1% max relative
+    error in drms, benchmarks/RESULTS.md) and float32 elsewhere (on an AVX2-only CPU bfloat16 is
+    emulated and 5-10x slower than float32)."""
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16
+        native = (device != "cpu" and torch.cuda.is_available()) or \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -140,7 +145,7 @@ def folder_identity(folder: Path) -> str:
         if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES + _IDENTITY_FILES) and f.name != "README.md":
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
-        _atomic_write_bytes(memo_path, json.dumps(memo).encode())
+        atomic_write_bytes(memo_path, json.dumps(memo).encode())
     return h.hexdigest()
 
 
@@ -155,7 +160,7 @@ def model_identity(ref: Any) -> str:
 # ---------------------------------------------------------------- cache
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "wb") as f:
@@ -180,8 +185,8 @@ class VectorCache:
             try:
                 with np.load(self.path) as z:
                     self.data = dict(zip(z["keys"].tolist(), z["vectors"], strict=True))
-            except (OSError, ValueError, KeyError):
-                log.debug("ignoring unreadable cache file %s", self.path)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                log.warning("recomputing unreadable cache file %s", self.path)
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if k not in self.data]
@@ -195,7 +200,7 @@ class VectorCache:
 
         buf = io.BytesIO()
         np.savez(buf, keys=np.array(keys), vectors=np.stack([self.data[k] for k in keys]))
-        _atomic_write_bytes(self.path, buf.getvalue())
+        atomic_write_bytes(self.path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- the forward pass
@@ -322,7 +327,8 @@ def load_tokenizer(folder: Path, settings: ExtractionSettings) -> Any:
     return tok
 
 
-def _pad_id(tok: Any) -> int:
+def pad_id(tok: Any) -> int:
+    """The tokenizer's padding id: its pad token, else its end-of-sequence token, else 0."""
     for t in (tok.pad_token_id, tok.eos_token_id):
         if t is not None:
             return int(t)
@@ -401,7 +407,7 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                     body = peft_model.get_base_model().get_decoder()
                 idx = [position[k] for k in missing]
                 ids = encode(tok, [texts[i] for i in idx], settings)
-                vecs = forward_pooled(body, ids, settings, _pad_id(tok))
+                vecs = forward_pooled(body, ids, settings, pad_id(tok))
                 cache.update(dict(zip(missing, vecs, strict=True)))
                 result.computed[str(ref)] = len(missing)
                 bar.update(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,9 @@ def guard_click_options(*, switch: bool = True) -> list[click.Option]:
                      default=None,
                      help="Distortion-optimal weights α*: suggest (write a config with them) or "
                           "apply (merge with them; linear/task-arithmetic family)."),
+        click.Option(["--guard-rehearse"], type=click.Choice(["auto", "on", "off"]), default=None,
+                     help="Merge in memory first and compare answers on the probes "
+                          "(default guard.rehearse: auto)."),
         click.Option(["--guard-report"], type=click.Path(file_okay=False), default=None,
                      help="Also write report.json, report.md and hidden_sim.png here "
                           "(always written to OUT/mergeability/ when something is merged)."),
@@ -79,7 +83,8 @@ GUARD_PARAM_NAMES = tuple(o.name for o in guard_click_options())
 
 def wants_guard(params: dict[str, Any]) -> bool:
     """True when `--guard` or any `--guard-*` option was given."""
-    return any(params.get(n) not in (None, False) for n in GUARD_PARAM_NAMES)
+    # `is not`, not `in`: a budget of 0 is given (and then refused), not absent (0 == False)
+    return any(params.get(n) is not None and params.get(n) is not False for n in GUARD_PARAM_NAMES)
 
 
 def register_help_category(names: typing.Iterable[str]) -> None:
@@ -154,7 +159,8 @@ def run_guarded_cli(config_file: str, out_path: str, merge_options: Any, guard: 
             config_file, out_path, merge_options,
             action=guard.get("guard_action"), budget=guard.get("guard_budget"),
             absolute_budget=guard.get("guard_absolute_budget"),
-            weights=guard.get("guard_weights"), report_dir=guard.get("guard_report"),
+            weights=guard.get("guard_weights"), rehearse=guard.get("guard_rehearse"),
+            report_dir=guard.get("guard_report"),
             merge_all=bool(guard.get("guard_merge_all")), cache_dir=guard.get("guard_cache_dir"))
     except CollapseError as e:
         if not switch:
@@ -181,13 +187,20 @@ class GuardedMerge:
     sources: list[Path | None] = field(default_factory=list)
     configs: list[Path] = field(default_factory=list)
     report_paths: list[Path] = field(default_factory=list)
+    merge_seconds: float = 0.0
 
     def summary(self) -> str:
         """A few lines for the terminal."""
         r = self.report
         b = r.bounds
-        lines = [f"mergekit-collapse: {r.verdict} (r*² {b.exact:.4g}, budget {r.budget.absolute:.4g}, "
-                 f"decided by {r.decided_by})"]
+        lines = [f"mergekit-collapse: {r.verdict} (decided by {r.decided_by}; r*² {b.exact:.4g}, "
+                 f"budget {r.budget.absolute:.4g})"]
+        h = r.rehearsal
+        if h is not None and h.status == "ran":
+            lines.append(f"  rehearsal: {sum(h.seconds.values()):.1f} s (in-memory merge "
+                         f"{h.seconds.get('merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
+        elif h is not None:
+            lines.append(f"  rehearsal {h.status}: {h.reason}")
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]
         lines += [f"  config: {p}" for p in self.configs]
         lines += [f"  merged: {p}" for p in self.outputs]
@@ -200,7 +213,8 @@ class GuardedMerge:
 def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: Any, *,
                   action: str | None = None, budget: float | None = None,
                   absolute_budget: float | None = None, weights: str | None = None,
-                  report_dir: str | Path | None = None, merge_all: bool = False,
+                  rehearse: str | None = None, report_dir: str | Path | None = None,
+                  merge_all: bool = False,
                   cache_dir: str | Path | None = None, progress: bool | None = None) -> GuardedMerge:
     """Run the guard on a mergekit config, apply its action, and merge with mergekit's run_merge.
 
@@ -216,6 +230,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         budget: relative budget, overrides guard.budget.
         absolute_budget: absolute budget, overrides guard.budget.
         weights: overrides guard.weights (none, suggest, apply).
+        rehearse: overrides guard.rehearse (auto, on, off).
         report_dir: also write the report here (written even when the merge is stopped).
         merge_all: split: merge every group into `<OUT>/group-<k>`.
         cache_dir: hidden-state cache root.
@@ -234,7 +249,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
 
     out = Path(out_path)
     cfg = load_config(config_path)
-    overrides = {k: v for k, v in (("action", action), ("weights", weights)) if v is not None}
+    overrides = {k: v for k, v in (("action", action), ("weights", weights), ("rehearse", rehearse))
+                 if v is not None}
     cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
     run = run_guard(
         cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())),
@@ -282,7 +298,9 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
             rec.configs.append(str(path))
 
     for pm, target, source, path in jobs:
+        t0 = time.perf_counter()
         merge_config(pm.raw, target, merge_options, config_source=source)
+        result.merge_seconds += time.perf_counter() - t0
         result.outputs.append(target)
         result.sources.append(path)
     if plan.multi_stage is not None:
@@ -333,7 +351,7 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
     Raises:
         BadInputError: a candidate task that no model has, or a candidate that is not a model reference.
     """
-    from mergekit_collapse.config import LoadedConfig
+    from mergekit_collapse.config import with_guard
     from mergekit_collapse.reorganise import parse_ref
 
     if not wanted or not cfg.guard.candidates:
@@ -351,8 +369,7 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
             refs[text] = ref
             tasks.setdefault(text, by_name[task])
     guard = cfg.guard.model_copy(update={"tasks": tasks})
-    return LoadedConfig(path=cfg.path, source=cfg.source, merge=cfg.merge, guard=guard,
-                        models=cfg.models, base=cfg.base), refs
+    return with_guard(cfg, guard), refs
 
 
 def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:

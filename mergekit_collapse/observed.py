@@ -110,9 +110,9 @@ class ScoreCache:
 
     def put(self, identity: str, task: EvalTask, limit: int | None, dtype: str,
             metrics: dict[str, float]) -> None:
-        from mergekit_collapse.hidden_states import _atomic_write_bytes
+        from mergekit_collapse.hidden_states import atomic_write_bytes
 
-        _atomic_write_bytes(self._path(identity, task, limit, dtype), json.dumps(metrics).encode())
+        atomic_write_bytes(self._path(identity, task, limit, dtype), json.dumps(metrics).encode())
 
 
 def _score(model: Any, tok: Any, identity: str, tasks: list[EvalTask], *, limit: int | None,

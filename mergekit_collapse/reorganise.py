@@ -428,18 +428,35 @@ class ActionContext:
         mds = "undefined" if m.mds is None else f"{m.mds:.3g}"
         return f"{m.name} (task {m.task}, MDS {mds}, distortion {m.distortion_optimal:.4g})"
 
+    def flagged(self) -> list[int]:
+        """The models the deciding per-model signal (risk or rehearsal) puts in its collapse band."""
+        by = self.report.decided_by
+        if by not in ("risk", "rehearsal"):
+            return []
+        return [i for i, m in enumerate(self.report.models) if getattr(m, f"{by}_band") == "collapse"]
+
     def worst(self) -> int:
-        """The outlier: highest MDS, else highest distortion under the uniform average."""
+        """The outlier: the first flagged model, else highest MDS, else highest distortion under
+        the uniform average."""
         models = self.report.models
+        if self.flagged():
+            return self.flagged()[0]
         if all(m.mds is not None for m in models):
             return max(range(len(models)), key=lambda i: models[i].mds)
         return max(range(len(models)), key=lambda i: models[i].distortion_uniform)
 
     def over(self) -> str:
-        """Why the set is over budget, in one clause."""
-        b = self.report.bounds
+        """Why the set is not mergeable, in one clause."""
+        r, b = self.report, self.report.bounds
+        if r.verdict == "unassessed":
+            return ("no validated signal vouches for this merge (no base model for the risk score, "
+                    "no rehearsal); set guard.base, allow the rehearsal, or give an explicit budget")
+        if self.flagged():
+            return (f"predicted collapse: the calibrated {r.decided_by} signal puts "
+                    f"{', '.join(r.models[i].task for i in self.flagged())} in the collapse band; "
+                    f"outlier {self.describe(self.worst())}")
         return (f"predicted collapse: r*² {b.exact:.4g} > budget {self.budget:.4g} "
-                f"(decided by {self.report.decided_by}); outlier {self.describe(self.worst())}")
+                f"(decided by {r.decided_by}); outlier {self.describe(self.worst())}")
 
 
 @dataclass
@@ -491,6 +508,10 @@ class ReorganiseAction:
         """
         if ctx.report.verdict == "mergeable":
             return ActionPlan(merges=[_as_written(ctx)])
+        if ctx.report.verdict == "unassessed" and self.name != "warn":
+            return ActionPlan(records=[Action(action=self.name, changed="merge stopped",
+                                              reason=ctx.over())],
+                              stop=f"guard stopped the merge: {ctx.over()}")
         return self.reorganise(ctx, merge_all=merge_all)
 
     def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
@@ -536,7 +557,7 @@ class Drop(ReorganiseAction):
     description = "merge the largest subset of models within budget"
 
     def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
-        if ctx.report.decided_by == "risk":
+        if ctx.flagged():
             return self._drop_risky(ctx)
         grp = largest_within_budget(ctx.sq, ctx.budget)
         if len(grp.members) < 2:
@@ -558,14 +579,17 @@ class Drop(ReorganiseAction):
 
 
     def _drop_risky(self, ctx: ActionContext) -> ActionPlan:
-        """A risk verdict: drop the models the calibrated score puts in the collapse band."""
-        models = ctx.report.models
-        risky = [i for i, m in enumerate(models) if m.risk_band == "collapse"]
+        """A risk or rehearsal verdict: drop the models the deciding signal puts in its collapse band."""
+        models, r = ctx.report.models, ctx.report
+        risky = ctx.flagged()
         kept = [ctx.refs[i] for i in range(len(models)) if i not in risky]
-        score = ctx.report.risk.score if ctx.report.risk else "risk score"
+        if r.decided_by == "risk":
+            score, value = (r.risk.score if r.risk else "risk score"), (lambda m: m.risk_score)
+        else:
+            score, value = r.rehearsal.score, (lambda m: m.predicted_retention)
         records = [Action(
             action=self.name, changed=f"dropped {ctx.names[i]}",
-            reason=(f"{ctx.describe(i)}: {score} {models[i].risk_score:.3g} is in the calibrated "
+            reason=(f"{ctx.describe(i)}: {score} {value(models[i]):.3g} is in the calibrated "
                     f"collapse band"), models=[ctx.names[i]]) for i in risky]
         if len(kept) < 2:
             return ActionPlan(records=records, stop="guard stopped the merge: fewer than two models "
@@ -664,7 +688,7 @@ class Order(ReorganiseAction):
         """The models to order: the constituents, plus the base when it is also listed (slerp)."""
         listed = {parse_ref(e.get("model")) for entries in _model_lists(ctx.raw)
                   for e in entries if isinstance(e, dict)}
-        if ctx.base is not None and ctx.base in listed:
+        if ctx.base is not None and ctx.base in listed and ctx.base not in ctx.refs:
             return [ctx.base, *ctx.refs]
         return list(ctx.refs)
 

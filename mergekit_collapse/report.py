@@ -9,8 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_collapse.constants import REPORT_SCHEMA_VERSION
 
-Verdict = Literal["mergeable", "collapse"]
-DecidedBy = Literal["jung", "converse", "exact", "risk"]
+#: "unassessed": the calibrated default budget was in use, the bounds were within it, and no
+#: validated per-model signal could be computed (no base model, no rehearsal): nothing vouches
+Verdict = Literal["mergeable", "collapse", "unassessed"]
+DecidedBy = Literal["jung", "converse", "exact", "risk", "rehearsal", "none"]
+Band = Literal["low", "elevated", "collapse"]
 
 
 class ModelEntry(BaseModel):
@@ -27,7 +30,16 @@ class ModelEntry(BaseModel):
     retention: float | None = Field(default=None, description="<p_m−p_0, p_i−p_0>/||p_i−p_0||²")
     relative_distortion: float | None = Field(default=None, description="||p_m − p_i||²/||p_i−p_0||²")
     risk_score: float | None = Field(default=None, description="this model's value of the risk score")
-    risk_band: Literal["low", "elevated", "collapse"] | None = None
+    risk_band: Band | None = None
+    rehearsal_agreement: float | None = Field(default=None, description=(
+        "share of its probes on which the in-memory merge's greedy answer equals this model's"))
+    rehearsal_token_agreement: float | None = Field(default=None, description=(
+        "share of its answer tokens the in-memory merge predicts as this model does"))
+    rehearsal_kl: float | None = Field(default=None, description=(
+        "KL(model ‖ merge) of the first answer token, mean over its probes"))
+    predicted_retention: float | None = Field(default=None, description=(
+        "the rehearsal score the bands apply to (see RehearsalInfo.score)"))
+    rehearsal_band: Band | None = None
 
 
 class Distances(BaseModel):
@@ -66,6 +78,21 @@ class RiskInfo(BaseModel):
     collapse: float
     calibration: dict = Field(description="the calibration's source (records sha256, n, date) or note")
     auroc: float | None = Field(default=None, description="its validity when calibrated")
+
+
+class RehearsalInfo(BaseModel):
+    """Whether the merge was rehearsed in memory, what it cost, and the bands of its score."""
+
+    status: Literal["ran", "skipped", "off"]
+    reason: str | None = Field(default=None, description="why it was skipped or off")
+    score: str | None = Field(default=None, description="the ModelEntry field banded as predicted_retention")
+    direction: Literal["higher", "lower"] | None = None
+    elevated: float | None = None
+    collapse: float | None = None
+    answer_tokens: int | None = None
+    dtype: str | None = None
+    seconds: dict[str, float] = Field(default_factory=dict,
+                                      description="answers (constituents), merge, compare")
 
 
 class ProbeInfo(BaseModel):
@@ -113,6 +140,7 @@ class GuardReport(BaseModel):
     dtype: str
     hidden_size: int
     risk: RiskInfo | None = None
+    rehearsal: RehearsalInfo | None = None
     notes: list[str] = Field(default_factory=list)
     actions: list[Action] = Field(default_factory=list)
 
@@ -150,7 +178,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def to_markdown(r: GuardReport) -> str:
     """A summary fit for a PR comment."""
-    icon = "✅" if r.verdict == "mergeable" else "⛔"
+    icon = {"mergeable": "✅", "collapse": "⛔"}.get(r.verdict, "⚠️")
     b = r.bounds
     lines = [
         f"### {icon} mergekit-collapse: **{r.verdict}** (decided by {r.decided_by})",
@@ -170,13 +198,20 @@ def to_markdown(r: GuardReport) -> str:
     if b.planned is not None:
         lines.append(f"| the config's own weights | {_fmt(b.planned)} |")
     risk = f"risk ({r.risk.score})" if r.risk else "risk"
-    lines += ["", f"| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention | {risk} |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention | {risk} "
+              "| rehearsal |", "|---|---|---|---|---|---|---|---|---|"]
     for m in r.models:
         band = f"{m.risk_band} ({_fmt(m.risk_score)})" if m.risk_band else "—"
+        reh = (f"{m.rehearsal_band} ({_fmt(m.predicted_retention)})" if m.rehearsal_band
+               else _fmt(m.predicted_retention))
         lines.append(f"| `{m.name}` | {m.task} | {_fmt(m.mds)} | {_fmt(m.mean_hidden_sim)} | "
                      f"{_fmt(m.distortion_optimal)} | {_fmt(r.weights.get(m.name))} | {_fmt(m.retention)} "
-                     f"| {band} |")
+                     f"| {band} | {reh} |")
+    if r.rehearsal is not None:
+        h = r.rehearsal
+        cost = ", ".join(f"{k} {v:.1f} s" for k, v in h.seconds.items())
+        lines += ["", f"Rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
+                  + (f"; {cost}" if cost else "")]
     if r.hidden_sim_note:
         lines += ["", f"> HiddenSim: {r.hidden_sim_note}"]
     for n in r.notes:

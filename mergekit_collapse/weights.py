@@ -1,9 +1,10 @@
 """The merge's own weights, read from the mergekit config and linearised for the geometry.
 
 Under LMC the planned merge is the point p_m = p_0 + sum_j w_j (p_j - p_0) (p_0 the base). For
-linear merges w is the normalised weights (convex); for the task-arithmetic family (TIES, DARE,
-DELLA, breadcrumbs) w_j = lambda * weight_j, divided by the weight sum when `normalize` is on
-(sparsification and sign election are ignored: a first-order view); for SLERP w = [t].
+linear merges w is the normalised weights (a base model listed among the inputs takes its share of
+the sum); for the task-arithmetic family (TIES, DARE, DELLA, breadcrumbs) w_j = lambda * weight_j,
+divided by the weight sum when `normalize` is on (sparsification and sign election are ignored: a
+first-order view); for SLERP between models A (its base_model) and B, w = [1 - t, t].
 """
 
 from __future__ import annotations
@@ -76,19 +77,22 @@ def planned_weights(cfg: Any) -> tuple[np.ndarray | None, str | None]:
     n = len(cfg.models)
     if method == "slerp":
         t = scalar(_param(cfg, "t"))
-        if t is None or n != 1:
-            return None, "slerp needs one non-base model and a t"
-        return np.array([t]), None
+        if t is None or n != 2:
+            return None, "slerp needs two models and a t"
+        return np.array([1 - t, t]), None
     if method not in _TASK_FAMILY | {"linear"}:
         return None, f"{method}: no linear weights; using the uniform average"
     w = np.array([scalar(_param(cfg, "weight", params.get(m)), 1.0) for m in cfg.models])
+    # linear weighs a listed base model as one more input: its weight joins the normaliser
+    base_w = (scalar(_param(cfg, "weight", params[merge.base_model]), 1.0)
+              if method == "linear" and merge.base_model in params else 0.0)
     normalize = scalar(_param(cfg, "normalize"), None)
     if normalize is None:
         normalize = bool(_method_default(method, "normalize"))
     if normalize:
-        if w.sum() == 0:
+        if w.sum() + base_w == 0:
             return None, "weights sum to zero"
-        w = w / w.sum()
+        w = w / (w.sum() + base_w)
     if method in _TASK_FAMILY:
         w = w * scalar(_param(cfg, "lambda"), 1.0)
     return w, None

@@ -47,7 +47,9 @@ def test_slices_are_understood():
         "slices": [{"sources": [{"model": "m/x", "layer_range": [0, 2]},
                                 {"model": "m/y", "layer_range": [0, 2]}]}],
         "parameters": {"t": 0.5}}))
-    assert [str(m) for m in cfg.models] == ["m/y"]
+    # slerp's base_model is one of the two models it interpolates: both are constituents
+    assert [str(m) for m in cfg.models] == ["m/x", "m/y"]
+    assert cfg.base is None and "guard.base" in cfg.base_source
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -22,6 +22,8 @@ def test_example_config_is_valid(path):
     # every constituent has a task with probes, so `check` can run on it
     for model in cfg.models:
         assert cfg.task_of(model).probes is not None
+    # and every shape has the risk score's anchor: base_model, guard.base or a shared base+lora base
+    assert cfg.base is not None, cfg.base_source
 
 
 def test_paper_settings():
@@ -44,3 +46,13 @@ def test_demo_yml_is_the_demo_command_config():
     assert [str(m) for m in shipped.models] == [m["model"] for m in generated["models"]]
     assert shipped.guard.action == generated["guard"]["action"]
     assert shipped.merge.parameters == generated["parameters"]
+
+
+def test_shapes_cover_every_config_shape():
+    shapes = {p.stem: load_config(p) for p in CONFIGS if p.parent.name == "shapes"}
+    assert {c.merge.merge_method for c in shapes.values()} >= {"linear", "ties", "dare_ties", "slerp"}
+    assert shapes["linear-loras"].merge.base_model is None
+    assert "base+lora" in shapes["linear-loras"].base_source
+    assert shapes["linear-full"].base_source == "guard.base"
+    slerp = shapes["slerp-slices"]
+    assert len(slerp.models) == 2 and slerp.merge.base_model in slerp.models

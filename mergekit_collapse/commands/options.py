@@ -23,6 +23,11 @@ GUARD_OPTIONS = [
     click.option("--k", "k", type=int, default=None, help="Probes per task."),
     click.option("--seed", type=int, default=None, help="Probe sampling seed."),
     click.option("--jung-dim", type=click.Choice(["affine", "hidden"]), default=None),
+    click.option("--rehearse", type=click.Choice(["auto", "on", "off"]), default=None,
+                 help="Merge in memory and compare answers on the probes (default guard.rehearse: "
+                      "auto, when the inputs weigh at most guard.rehearse_max_gb)."),
+    click.option("--base", "base", default=None,
+                 help="The common base model (risk-score anchor) when the config names none."),
     click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt weights (unsafe)."),
     click.option("--trust-remote-code", is_flag=True, help="Allow custom model code."),
     click.option("--no-progress", is_flag=True, help="No progress bars."),
@@ -39,7 +44,7 @@ def guard_options(f: Callable) -> Callable:
 def guard_kwargs(params: dict) -> dict:
     """Map the options' values onto `guard.run_guard` keyword arguments."""
     keys = ["budget", "absolute_budget", "device", "dtype", "cache_dir", "layer", "pooling", "k",
-            "seed", "jung_dim", "allow_pickle", "trust_remote_code"]
+            "seed", "jung_dim", "rehearse", "base", "allow_pickle", "trust_remote_code"]
     out = {k: params[k] for k in keys if k in params}
     out["progress"] = not params.get("no_progress", False)
     return out
