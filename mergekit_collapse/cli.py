@@ -14,7 +14,11 @@ from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseEr
 #: `--help` reads the help from here and imports no command module (some import torch).
 COMMANDS = {
     "check": ("mergekit_collapse.commands.check:check",
-              "Predict collapse for a mergekit config: HiddenSim, MDS, exact bounds, verdict."),
+              "Predict collapse for mergekit configs: HiddenSim, MDS, exact bounds, verdict."),
+    "validate": ("mergekit_collapse.commands.validate:validate",
+                 "Fast config checks without a model (YAML, mergekit and guard schemas, paths)."),
+    "schema": ("mergekit_collapse.commands.schema:schema",
+               "Print the JSON Schema of the guard: section, report.json or the card metadata."),
     "merge": ("mergekit_collapse.commands.merge:merge",
               "Guard, re-organise if over budget, and merge with mergekit (mergekit-yaml flags)."),
     "evaluate": ("mergekit_collapse.commands.evaluate:evaluate",
