@@ -261,6 +261,8 @@ def rehearse_records(args: argparse.Namespace) -> None:
     zoo = export_zoo(work / "zoo")
     rows = [json.loads(x) for x in Path(args.records).read_text().splitlines() if x]
     plan = list(dict.fromkeys(r["group"] for r in rows))
+    if args.reverse:  # a second process can work from the other end
+        plan = plan[::-1]
     out_path = work / "rehearsal.jsonl"
     done = {json.loads(x)["group"] for x in out_path.read_text().splitlines() if x} \
         if out_path.exists() else set()
@@ -425,8 +427,10 @@ def joined(records: Path, work: Path) -> list[dict[str, Any]]:
 
 
 def read_rehearsal(work: Path) -> list[dict[str, Any]]:
+    """The rehearsal rows, the first of each (merge, task) (two processes may meet)."""
     path = work / "rehearsal.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+    return list({(r["group"], r["task"]): r for r in reversed(rows)}.values())[::-1]
 
 
 def _edge(x: np.ndarray, y: np.ndarray, direction: str) -> float:
@@ -442,10 +446,25 @@ def _flags(x: np.ndarray, edge: float, direction: str) -> np.ndarray:
     return x >= edge if direction == "higher" else x <= edge
 
 
+def merge_edge(rows: list[dict[str, Any]], x: np.ndarray, direction: str, threshold: float) -> float:
+    """The collapse edge that maximises the merge-level Youden J (a merge is stopped when any of
+    its models is flagged), ties to the more specific edge; edges halfway between observed values."""
+    values = np.unique(x[~np.isnan(x)])
+    cuts = (values[:-1] + values[1:]) / 2 if len(values) > 1 else values
+    best, best_j = float(cuts[0]), -2.0
+    for edge in (cuts if direction == "lower" else cuts[::-1]):
+        sens, spec, _, _ = merge_level(rows, _flags(x, edge, direction), threshold)
+        j = (0 if np.isnan(sens) else sens) + (0 if np.isnan(spec) else spec) - 1
+        if j > best_j + 1e-12:
+            best, best_j = float(edge), j
+    return best
+
+
 def leave_one_task_out(rows: list[dict[str, Any]], column: str, direction: str, threshold: float,
-                       by_method: bool = False) -> np.ndarray:
+                       by_method: bool = False, merge_fit: bool = False) -> np.ndarray:
     """Each row's collapse flag from an edge fitted on the other tasks' rows only (and, with
-    `by_method`, on the rows of the same merge method)."""
+    `by_method`, on the rows of the same merge method); the edge maximises the model-level Youden
+    J, or with `merge_fit` the merge-level one (`merge_edge`)."""
     x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in rows], dtype=float)
     y = np.array([r["loss"] < threshold for r in rows])
     task = np.array([r["task"] for r in rows])
@@ -457,7 +476,12 @@ def leave_one_task_out(rows: list[dict[str, Any]], column: str, direction: str, 
             train = (task != t) & ((method == m) if m is not None else True) & ~np.isnan(x)
             if not test.any() or y[train].all() or not y[train].any():
                 continue
-            flags[test] = _flags(x[test], _edge(x[train], y[train], direction), direction)
+            if merge_fit:
+                keep = np.flatnonzero(train)
+                edge = merge_edge([rows[i] for i in keep], x[keep], direction, threshold)
+            else:
+                edge = _edge(x[train], y[train], direction)
+            flags[test] = _flags(x[test], edge, direction)
     return flags
 
 
@@ -497,15 +521,21 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
     loto = {(c, False): leave_one_task_out(rows, c, d, threshold) for c, d in OOS_PREDICTORS}
     loto[("relative_distortion", True)] = leave_one_task_out(rows, "relative_distortion", "higher",
                                                             threshold, by_method=True)
+    merge_fit = {c: leave_one_task_out(rows, c, d, threshold, merge_fit=True)
+                 for c, d in OOS_PREDICTORS if c in ("rehearsal_agreement", "relative_distortion")}
     variants = [(f"{c}", c, d, loto[(c, False)]) for c, d in OOS_PREDICTORS]
     variants.append(("relative_distortion, bands per method", "relative_distortion", "higher",
                      loto[("relative_distortion", True)]))
+    for c, flags in merge_fit.items():
+        d = dict(OOS_PREDICTORS)[c]
+        variants.append((f"{c}, edge fitted for the merge verdict", c, d, flags))
     for c in ("rehearsal_agreement", "rehearsal_token_agreement"):
         variants.append((f"either ({c} or relative_distortion)", None, None,
                          loto[(c, False)] | loto[("relative_distortion", False)]))
-    # the guard's default decision: the rehearsal's band, or the bounds over the calibrated budget
-    variants.append(("the verdict: rehearsal_agreement or r*² over the relative budget", None, None,
-                     loto[("rehearsal_agreement", False)] | loto[("exact_rel", False)]))
+    # the bounds over the calibrated relative budget as a veto beside each signal
+    for c in ("rehearsal_agreement", "relative_distortion"):
+        variants.append((f"{c} or r*² over the relative budget", None, None,
+                         loto[(c, False)] | loto[("exact_rel", False)]))
     for name, column, direction, flags in variants:
         for sub, pick in subsets:
             idx = [i for i, r in enumerate(rows) if pick(r)]
@@ -526,12 +556,12 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
                                          "loto_specificity": spec, "merge_sensitivity": ms,
                                          "merge_specificity": mp, "merges_collapsed": nb,
                                          "merges_fine": ng}
-    per_task = ["\n### Within each task (rehearsal token agreement vs relative distortion)\n",
+    per_task = ["\n### Within each task (rehearsal agreement vs relative distortion)\n",
                 "| task | n | collapsed | AUROC rehearsal | AUROC relative distortion |", "|---|---|---|---|---|"]
     for t in sorted({r["task"] for r in rows}):
         sel = [r for r in rows if r["task"] == t]
         y = np.array([r["loss"] < threshold for r in sel])
-        ra = auroc(-np.array([r["rehearsal_token_agreement"] for r in sel]), y).auroc
+        ra = auroc(-np.array([r["rehearsal_agreement"] for r in sel]), y).auroc
         rd = auroc(np.array([r["relative_distortion"] if r["relative_distortion"] is not None else np.nan
                              for r in sel]), y).auroc
         per_task.append(f"| {t} | {len(sel)} | {int(y.sum())} | {_f(ra)} | {_f(rd)} |")
@@ -562,15 +592,22 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
             return h["merge_sensitivity"] + h["merge_specificity"]
         decides = "rehearsal" if j(score) >= j("relative_distortion") else "risk"
     cal = load_calibration(Path(__file__).parent.parent / "mergekit_collapse" / "calibration_default.json")
-    cal.rehearsal = SignalBands(score=score, direction="lower", bands=fit.bands, validity=fit.validity)
+    # the verdict is about merges: its collapse edge maximises the merge-level J (the model-level
+    # fit's Youden edge is kept in validity.youden_j); elevated stays the high-sensitivity edge
+    x = np.array([r[score] for r in rows], dtype=float)
+    collapse = merge_edge(rows, x, "lower", threshold)
+    bands = fit.bands.model_copy(update={"collapse": collapse,
+                                         "elevated": max(fit.bands.elevated, collapse)})
+    cal.rehearsal = SignalBands(score=score, direction="lower", bands=bands, validity=fit.validity)
     cal.decides = decides
     cal.out_of_sample = {"method": "leave one task out (benchmarks/validity.py --oos)",
                          "rehearsed_records": len(rows),
                          "merges": len({r["group"] for r in rows}),
                          "records_sha256": hashlib.sha256(records.read_bytes()).hexdigest(),
                          "rehearsal_sha256": hashlib.sha256((work / "rehearsal.jsonl").read_bytes()).hexdigest(),
-                         "headline": {k: v for k, v in headline.items() if k.endswith("|all")
-                                      or k.endswith("|pairs")}}
+                         "headline": {k: v for k, v in headline.items()
+                                      if k.split("|")[0] in (score, f"{score}, edge fitted for the "
+                                                             "merge verdict", "relative_distortion")}}
     out = work / "calibration.json"
     out.write_text(cal.model_dump_json(indent=2) + "\n")
     return out
@@ -623,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only rehearse the merges of --records (label-free; into <work>/rehearsal.jsonl)")
     p.add_argument("--records", default=str(Path(__file__).parent / "results" / "records.jsonl"))
     p.add_argument("--answer-tokens", type=int, default=32)
+    p.add_argument("--reverse", action="store_true", help="--rehearse from the end of the plan")
     p.add_argument("--calibrate-rehearsal", metavar="SCORE", default=None,
                    help="with --oos: add the rehearsal's bands on SCORE (e.g. "
                         "rehearsal_token_agreement) to the default calibration")

@@ -3,13 +3,15 @@
 | budget | bounds at the budget | per-model signal (`Calibration.decides`, else the other) | verdict | decided_by |
 |---|---|---|---|---|
 | explicit (config or CLI) | Jung ≤ budget / Δ²/4 > budget / r*² | reported, not used | mergeable / collapse | jung / converse / exact |
-| calibrated default | any | a model in the signal's collapse band | collapse | risk / rehearsal |
-| calibrated default | over (Δ²/4 or r*²) | none in the collapse band | collapse | converse / exact |
-| calibrated default | within | none in the collapse band | mergeable | risk / rehearsal |
-| calibrated default | within | no signal (no base model, no rehearsal) | unassessed | none |
+| calibrated default | reported, not used | a model in the signal's collapse band | collapse | risk / rehearsal |
+| calibrated default | reported, not used | none in the collapse band | mergeable | risk / rehearsal |
+| calibrated default | over (Δ²/4 or r*²) | no signal (no base model, no rehearsal) | collapse | converse / exact |
+| calibrated default | within | no signal | unassessed | none |
 
 Jung is only sufficient and Δ²/4 only necessary; the exact r*² decides between them. An explicit
 budget asks for the geometric test alone. A signal counts only when every model has a value.
+Beside a validated signal the bounds at the calibrated budget are not a veto: out of sample they
+only cost specificity (benchmarks/RESULTS.md, "Out of sample").
 """
 
 from __future__ import annotations
@@ -79,8 +81,4 @@ def decide(*, bounds: tuple[str, str], budget_source: str, signals: dict[str, li
         return "unassessed", "none", ("no validated per-model signal could be computed, so the "
                                       "calibrated budget's bounds alone do not vouch for this merge")
     signal = prefer if prefer in complete else complete[0]
-    if "collapse" in signals[signal]:
-        return "collapse", signal, None
-    if bounds[0] == "collapse":
-        return *bounds, None
-    return "mergeable", signal, None
+    return ("collapse" if "collapse" in signals[signal] else "mergeable"), signal, None

@@ -131,6 +131,7 @@ def merge_in_memory(merge: Any, *, dtype: Any, seed: int = 0, trust_remote_code:
 
     if merge.tokenizer is not None or merge.tokenizer_source is not None:
         raise BadInputError("rehearsal does not support configs with a tokenizer section")
+    merge = merge.model_copy(deep=True)  # mergekit's planner rewrites its config in place
     lora_cache = (cache_dir or cache_root()) / "lora_merged"
     lora_cache.mkdir(parents=True, exist_ok=True)
     _fresh_lora_cache(merge, lora_cache)

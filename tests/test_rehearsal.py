@@ -141,8 +141,12 @@ def test_decision_table():
     # an incomplete preferred signal falls back to the other
     assert decide(bounds=within, budget_source="calibration", signals={"risk": ok, "rehearsal": none},
                   prefer="rehearsal")[:2] == ("mergeable", "risk")
-    # bounds over the calibrated budget still stop the merge
-    assert decide(bounds=over, budget_source="calibration", signals={"risk": ok}, prefer="risk")[:2] == over
+    # beside a validated signal the bounds at the calibrated budget are no veto ...
+    assert decide(bounds=over, budget_source="calibration", signals={"risk": ok},
+                  prefer="risk")[:2] == ("mergeable", "risk")
+    # ... but without one they still stop the merge
+    assert decide(bounds=over, budget_source="calibration", signals={"risk": none},
+                  prefer="risk")[:2] == over
     # no signal: never a bare "mergeable"
     v, by, why = decide(bounds=within, budget_source="calibration", signals={"risk": none}, prefer="risk")
     assert (v, by) == ("unassessed", "none") and "no validated" in why
@@ -178,3 +182,9 @@ def test_unquoted_on_off_in_yaml_mean_on_and_off():
     text = "merge_method: linear\nmodels:\n  - model: a/x\n  - model: a/y\nguard:\n  rehearse: {}\n"
     assert [parse_config(text.format(v)).guard.rehearse for v in ("off", "on", "auto")] == \
         ["off", "on", "auto"]
+
+
+def test_the_rehearsal_leaves_the_config_as_written(tiny_zoo):
+    # mergekit's planner rewrites `models:` into `modules:` in place; the guard's config must not change
+    cfg, _ = _rehearse(tiny_zoo, ["ft1", "ft2"], base_model=False)
+    assert cfg.merge.models is not None and cfg.merge.modules is None
