@@ -37,10 +37,10 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from mergekit_collapse.constants import cache_root
 from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.report import Band
 from mergekit_collapse.statistics import DEFAULT_THRESHOLD, Records, auroc, collapsed, correlation
 
 Direction = Literal["higher", "lower"]
-Band = Literal["low", "elevated", "collapse"]
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_RESOURCE = "calibration_default.json"
 #: the records column a relative budget bounds: the merge's r*² over the base model's probe spread

@@ -253,10 +253,9 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         "risk": [e.risk_band for e in entries], "rehearsal": [e.rehearsal_band for e in entries]})
     if why:
         notes.append(why)
-    flagged = ([f"{e.task} ({cal.score} {e.risk_score:.3g})" for e in entries
-                if e.risk_band == "collapse"] if by == "risk" else
-               [f"{e.task} ({info.score} {e.predicted_retention:.3g})" for e in entries
-                if e.rehearsal_band == "collapse"] if by == "rehearsal" else [])
+    score = cal.score if by == "risk" else info.score if by == "rehearsal" else None
+    flagged = [f"{e.task} ({score} {e.signal(by)[1]:.3g})" for e in entries
+               if score and e.signal(by)[0] == "collapse"]
     if flagged:
         notes.append(f"the calibrated {by} signal puts {', '.join(flagged)} in the collapse band")
     return GuardReport(

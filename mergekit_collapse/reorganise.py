@@ -433,7 +433,7 @@ class ActionContext:
         by = self.report.decided_by
         if by not in ("risk", "rehearsal"):
             return []
-        return [i for i, m in enumerate(self.report.models) if getattr(m, f"{by}_band") == "collapse"]
+        return [i for i, m in enumerate(self.report.models) if m.signal(by)[0] == "collapse"]
 
     def worst(self) -> int:
         """The outlier: the first flagged model, else highest MDS, else highest distortion under
@@ -583,14 +583,12 @@ class Drop(ReorganiseAction):
         models, r = ctx.report.models, ctx.report
         risky = ctx.flagged()
         kept = [ctx.refs[i] for i in range(len(models)) if i not in risky]
-        if r.decided_by == "risk":
-            score, value = (r.risk.score if r.risk else "risk score"), (lambda m: m.risk_score)
-        else:
-            score, value = r.rehearsal.score, (lambda m: m.predicted_retention)
+        info = r.risk if r.decided_by == "risk" else r.rehearsal
+        score = info.score if info is not None else "risk score"
         records = [Action(
             action=self.name, changed=f"dropped {ctx.names[i]}",
-            reason=(f"{ctx.describe(i)}: {score} {value(models[i]):.3g} is in the calibrated "
-                    f"collapse band"), models=[ctx.names[i]]) for i in risky]
+            reason=(f"{ctx.describe(i)}: {score} {models[i].signal(r.decided_by)[1]:.3g} is in "
+                    f"the calibrated collapse band"), models=[ctx.names[i]]) for i in risky]
         if len(kept) < 2:
             return ActionPlan(records=records, stop="guard stopped the merge: fewer than two models "
                                                     "are outside the collapse band")

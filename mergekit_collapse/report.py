@@ -41,6 +41,13 @@ class ModelEntry(BaseModel):
         "the rehearsal score the bands apply to (see RehearsalInfo.score)"))
     rehearsal_band: Band | None = None
 
+    def signal(self, name: str) -> tuple[Band | None, float | None]:
+        """(band, value) of a per-model signal: "risk" (risk_score) or "rehearsal"
+        (predicted_retention)."""
+        if name == "rehearsal":
+            return self.rehearsal_band, self.predicted_retention
+        return self.risk_band, self.risk_score
+
 
 class Distances(BaseModel):
     mean: list[list[float]] = Field(description="dmean(i,j) = mean_x ||h_i − h_j||")

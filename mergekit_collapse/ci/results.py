@@ -92,9 +92,7 @@ def signal(report: Any) -> str:
 
 def model_band(report: Any, m: Any) -> tuple[str | None, float | None]:
     """(band, score) of one model under `signal(report)` (None, None when it has none)."""
-    if signal(report) == "rehearsal":
-        return getattr(m, "rehearsal_band", None), getattr(m, "predicted_retention", None)
-    return m.risk_band, m.risk_score
+    return m.signal(signal(report))
 
 
 def _edges(report: Any, band: str) -> tuple[str, str, float | None]:
