@@ -3,7 +3,7 @@
 MergeKit has no plugin entry point, so this module, imported at interpreter start-up by a `.pth`
 file, puts one tiny finder at the front of `sys.meta_path`. It answers only for
 `mergekit.scripts.run_yaml`: it lets the normal machinery find and run that module, then hands the
-module to `mergekit_collapse.integration.install_guard`, which adds the guard options to its click
+module to `mergekit_collapse.cli.mergekit_yaml.install_guard`, which adds the guard options to its click
 command. Nothing else is imported at start-up (only `sys` and `os`, which are already loaded).
 
 Fail-safe: any exception while finding, wrapping or installing is logged at debug level and plain
@@ -48,7 +48,7 @@ class _GuardLoader:
         try:
             if disabled():
                 return
-            from mergekit_collapse.integration import install_guard
+            from mergekit_collapse.cli.mergekit_yaml import install_guard
 
             install_guard(module)
         except Exception:  # noqa: BLE001 - fail-safe: plain mergekit must keep working

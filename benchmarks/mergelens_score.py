@@ -166,8 +166,8 @@ def _demo() -> dict[str, Any]:
         out["tiny"]["same_as_default_metrics"] = (
             mergelens_result(near_a, far, metrics=None).mci.score
             == mergelens_result(near_a, far).mci.score)
-    from mergekit_collapse.base_model import ensure_smollm2
-    from mergekit_collapse.zoo import ADAPTER_DIR
+    from mergekit_collapse.demo.base_model import ensure_smollm2
+    from mergekit_collapse.demo.zoo import ADAPTER_DIR
 
     smol = ensure_smollm2()
     adapters = sorted(p for p in ADAPTER_DIR.iterdir() if (p / "adapter_model.safetensors").is_file())

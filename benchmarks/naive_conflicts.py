@@ -126,8 +126,8 @@ def naive_conflict_metrics(models: list[str], base: str) -> dict[str, list[list[
 
 def main(argv: list[str]) -> int:
     """Time the naive loop against the streamed implementation on one mergekit config."""
-    from mergekit_collapse.config import load_config
-    from mergekit_collapse.conflicts import conflict_metrics
+    from mergekit_collapse.analysis.conflicts import conflict_metrics
+    from mergekit_collapse.guard.config import load_config
 
     cfg = load_config(argv[0])
     refs: list[Any] = [str(m) for m in cfg.models]

@@ -62,14 +62,14 @@ def _refs(spec: dict[str, Any], key: str) -> list[Any]:
 
 
 def _probe_texts(config: str) -> list[str]:
-    from mergekit_collapse.config import load_config
-    from mergekit_collapse.probes import build_probes
+    from mergekit_collapse.guard.config import load_config
+    from mergekit_collapse.guard.probes import build_probes
 
     return list(build_probes(load_config(config)).texts)
 
 
 def _settings(**kw: Any) -> Any:
-    from mergekit_collapse.hidden_states import ExtractionSettings
+    from mergekit_collapse.guard.extract import ExtractionSettings
 
     return ExtractionSettings(**kw)
 
@@ -79,11 +79,10 @@ def _settings(**kw: Any) -> Any:
 
 def w_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     """RSS of Python + torch + transformers + peft + the package, before any model is loaded."""
+    import mergekit_collapse.hidden_states  # noqa: F401
     import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
-
-    import mergekit_collapse.hidden_states  # noqa: F401
 
     torch.ones(8) @ torch.ones(8)
     return {}
@@ -91,7 +90,7 @@ def w_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 
 def w_extract(spec: dict[str, Any]) -> dict[str, Any]:
     """The guard's extraction (`extract`) of spec['refs'] on spec['texts'] into spec['cache']."""
-    from mergekit_collapse.hidden_states import extract
+    from mergekit_collapse.guard.extract import extract
 
     texts = spec["texts"]
     refs = _refs(spec, "refs")
@@ -139,7 +138,7 @@ def w_naive(spec: dict[str, Any]) -> dict[str, Any]:
 
 def w_check(spec: dict[str, Any]) -> dict[str, Any]:
     """The whole guard: `check(config)` with the cache root in spec['cache'] (cold when fresh)."""
-    from mergekit_collapse.guard import check
+    from mergekit_collapse.guard.assess import check
 
     t0 = time.perf_counter()
     rep = check(spec["config"], cache_dir=spec["cache"], progress=False)
@@ -166,7 +165,7 @@ def w_conflicts(spec: dict[str, Any]) -> dict[str, Any]:
     """Conflict metrics of spec['models'] vs spec['base'], streamed or naive (full loads)."""
     t0 = time.perf_counter()
     if spec["how"] == "streamed":
-        from mergekit_collapse.conflicts import conflict_metrics
+        from mergekit_collapse.analysis.conflicts import conflict_metrics
 
         rep = conflict_metrics(spec["models"], base=spec["base"])
         mats = {m: rep.metric(m) for m in ("magnitude_change_ratio", "sign_change_ratio",
@@ -189,7 +188,7 @@ def w_flops(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
-    from mergekit_collapse.hidden_states import (
+    from mergekit_collapse.guard.extract import (
         encode,
         forward_pooled,
         load_causal_lm,
@@ -382,7 +381,7 @@ def write_config(path: Path, base: Path, models: list[str], tasks: list[str], zo
 
 def setup(work: Path, n_scaling: int, n_full: int) -> dict[str, Any]:
     """Export the zoo; top up to 8 task adapters with random ones; scaling adapters; full copies."""
-    from mergekit_collapse.zoo import TASKS, export_zoo
+    from mergekit_collapse.demo.zoo import TASKS, export_zoo
 
     zoo = export_zoo(work / "zoo")
     base = zoo / "smollm2"
@@ -573,7 +572,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _token_count(base: Path, texts: list[str]) -> int:
-    from mergekit_collapse.hidden_states import encode, load_tokenizer
+    from mergekit_collapse.guard.extract import encode, load_tokenizer
 
     st = _settings()
     return sum(len(x) for x in encode(load_tokenizer(base, st), texts, st))
@@ -583,7 +582,7 @@ def dtype_error(fp: Any, bf: Any) -> dict[str, float]:
     """Relative error bf16 introduces in drms (off-diagonal pairs) and r*^2, fp32 as reference."""
     import numpy as np
 
-    from mergekit_collapse import geometry
+    from mergekit_collapse.guard import geometry
 
     d32, d16 = geometry.pairwise_distances(fp), geometry.pairwise_distances(bf)
     off = ~np.eye(len(fp), dtype=bool)

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from mergekit_collapse import geometry
-from mergekit_collapse.config import parse_config
-from mergekit_collapse.guard import assess, extraction_settings
-from mergekit_collapse.hidden_states import extract
-from mergekit_collapse.probes import build_probes
+from mergekit_collapse.guard import geometry
+from mergekit_collapse.guard.assess import assess, extraction_settings
+from mergekit_collapse.guard.config import parse_config
+from mergekit_collapse.guard.extract import extract
+from mergekit_collapse.guard.probes import build_probes
 
 METHODS = {
     # linear: the average; task_arithmetic: the sum (lambda 1); ties: density 0.5, sign election
@@ -177,7 +177,7 @@ class Predictors:
 
 def conflict_rows(zoo: Path, group: tuple[str, ...], cache: dict) -> dict[str, dict[str, float]]:
     """The conflict metrics (Eqs. 4-7), pairwise; a model's value is its mean over its pairs."""
-    from mergekit_collapse.conflicts import METRICS, conflict_metrics
+    from mergekit_collapse.analysis.conflicts import METRICS, conflict_metrics
 
     values: dict[str, dict[str, list[float]]] = {t: {} for t in group}
     for pair in itertools.combinations(group, 2):
@@ -192,8 +192,8 @@ def conflict_rows(zoo: Path, group: tuple[str, ...], cache: dict) -> dict[str, d
 
 
 def run(args: argparse.Namespace) -> None:
-    from mergekit_collapse.observed import evaluate_merge
-    from mergekit_collapse.zoo import TASKS, export_zoo
+    from mergekit_collapse.demo.zoo import TASKS, export_zoo
+    from mergekit_collapse.evaluate.observed import evaluate_merge
 
     work = Path(args.work)
     zoo = export_zoo(work / "zoo")
@@ -253,9 +253,9 @@ def rehearse_records(args: argparse.Namespace) -> None:
     """
     from mergekit.config import MergeConfiguration
 
-    from mergekit_collapse.guard import extraction_settings
-    from mergekit_collapse.rehearsal import rehearse
-    from mergekit_collapse.zoo import export_zoo
+    from mergekit_collapse.demo.zoo import export_zoo
+    from mergekit_collapse.guard.assess import extraction_settings
+    from mergekit_collapse.guard.rehearsal import rehearse
 
     work = Path(args.work)
     zoo = export_zoo(work / "zoo")
@@ -366,7 +366,7 @@ def cross_check(rows: list[dict[str, Any]], other: Path, threshold: float) -> st
 
 def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     """Tables: a ranking of every predictor x setting, then per subset Pearson/Spearman/AUROC, ANOVA."""
-    from mergekit_collapse.statistics import anova, parse_records, summarize
+    from mergekit_collapse.analysis.statistics import anova, parse_records, summarize
 
     rows = read_records(work)
     if (work / "mergelens.json").exists():
@@ -435,7 +435,7 @@ def read_rehearsal(work: Path) -> list[dict[str, Any]]:
 
 def _edge(x: np.ndarray, y: np.ndarray, direction: str) -> float:
     """The collapse edge (Youden's J) fitted on (x, y), in the score's own units."""
-    from mergekit_collapse.calibration import roc_cuts
+    from mergekit_collapse.analysis.calibrate import roc_cuts
 
     sign = 1.0 if direction == "higher" else -1.0
     cut, _ = roc_cuts(sign * x, y, sensitivity=0.9)
@@ -505,7 +505,7 @@ def merge_level(rows: list[dict[str, Any]], flags: np.ndarray, threshold: float)
 def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, dict[str, Any]]:
     """Per-model AUROC, and leave-one-task-out bands judged at model and merge level, per predictor,
     for all merges, pairs, groups and each method. Returns (markdown, the headline numbers)."""
-    from mergekit_collapse.statistics import auroc
+    from mergekit_collapse.analysis.statistics import auroc
 
     subsets = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
                ("groups", lambda r: r["size"] > 2)]
@@ -577,8 +577,9 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
     `decides` None: the signal whose leave-one-task-out merge-level verdict has the larger
     sensitivity + specificity over all merges.
     """
-    from mergekit_collapse.calibration import SignalBands, fit_calibration, load_calibration
-    from mergekit_collapse.statistics import parse_records
+    from mergekit_collapse.analysis.calibrate import fit_calibration
+    from mergekit_collapse.analysis.statistics import parse_records
+    from mergekit_collapse.guard.calibration import SignalBands, load_calibration
 
     rows = joined(records, work)
     text = "".join(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}) + "\n"
@@ -619,7 +620,7 @@ def calibrate(work: Path, setting: str, score: str, threshold: float) -> Path:
     The setting's columns (e.g. `relative_distortion@last-1`) become the plain names the guard's
     report uses; the default relative budget is fitted on `exact_rel` (r*² / base probe spread).
     """
-    from mergekit_collapse.calibration import calibrate_file
+    from mergekit_collapse.analysis.calibrate import calibrate_file
 
     keyed = at_setting(read_records(work), setting)
     path = work / f"records-{setting}.jsonl"

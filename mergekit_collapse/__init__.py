@@ -16,7 +16,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
 if TYPE_CHECKING:
-    from mergekit_collapse.guard import check
+    from mergekit_collapse.guard.assess import check
 
 __all__ = ["__version__", "check"]
 
@@ -24,7 +24,7 @@ __all__ = ["__version__", "check"]
 def __getattr__(name: str) -> Any:
     # lazy: `import mergekit_collapse` must not import torch
     if name == "check":
-        from mergekit_collapse.guard import check
+        from mergekit_collapse.guard.assess import check
 
         return check
     raise AttributeError(name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_collapse.constants import cache_root
+from mergekit_collapse._constants import cache_root
 
 STATE_FILE = "pipeline.json"
 REPORT_DIR = "mergeability"
@@ -110,9 +110,9 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         BadInputError: bad config or inputs. GuardStoppedError: the guard stopped the merge.
         HubError: the push failed (nothing half-pushed).
     """
-    from mergekit_collapse.config import load_config
-    from mergekit_collapse.integration import guarded_merge
-    from mergekit_collapse.report import GuardReport
+    from mergekit_collapse.guard.config import load_config
+    from mergekit_collapse.guard.report import GuardReport
+    from mergekit_collapse.merge import guarded_merge
 
     out = Path(out)
     config = Path(config)
@@ -154,7 +154,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
     # 2. evaluate
     t0 = time.time()
     if evaluate:
-        from mergekit_collapse.observed import Evaluation, evaluate_merge, write_evaluation
+        from mergekit_collapse.evaluate.observed import Evaluation, evaluate_merge, write_evaluation
 
         for folder, cfg_path in zip(outputs, merged_configs, strict=True):
             key = _sha(state.get("merge").get("outputs", {}).get(str(folder)), str(cfg_path), limit,
@@ -174,7 +174,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
     result.seconds["evaluate"] = time.time() - t0
 
     # 3. card (cheap: always re-rendered from what is on disk)
-    from mergekit_collapse.card import write_card
+    from mergekit_collapse.publish.card import write_card
 
     stage(2)
     for folder, cfg_path in zip(outputs, merged_configs, strict=True):
@@ -183,7 +183,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
 
     # 4. push
     if push_repo:
-        from mergekit_collapse.hub import push
+        from mergekit_collapse.publish.hub import push
 
         stage(3, f"{push_repo}{' (dry run)' if dry_run else ''}")
         result.push = push(out, push_repo, private=private, exist_ok=exist_ok, dry_run=dry_run)

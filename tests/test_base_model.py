@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_collapse import base_model
+from mergekit_collapse.demo import base_model
 from mergekit_collapse.errors import BadInputError
 
 

@@ -9,16 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mergekit_collapse.calibration import (
-    Bands,
-    Calibration,
-    calibrate_file,
-    default_path,
-    fit_calibration,
-    load_calibration,
-)
+from mergekit_collapse.analysis.calibrate import calibrate_file, fit_calibration
+from mergekit_collapse.analysis.statistics import parse_records
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.statistics import parse_records
+from mergekit_collapse.guard.calibration import Bands, Calibration, default_path, load_calibration
 
 # collapsed (loss < −30) rows have x ∈ {.3, .5, .6, .8}; the others x ∈ {.1, .2, .4, .7}
 X = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mergekit_collapse.card import default_template_path, render_card, write_card
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import EXIT_BAD_INPUT, BadInputError
-from mergekit_collapse.report import (
+from mergekit_collapse.guard.report import (
     Action,
     Bounds,
     BudgetInfo,
@@ -21,6 +20,7 @@ from mergekit_collapse.report import (
     ModelEntry,
     ProbeInfo,
 )
+from mergekit_collapse.publish.card import default_template_path, render_card, write_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["acme/llama-sentiment", "acme/llama-math", "/local/ckpt/llama-code"]
@@ -153,7 +153,7 @@ def test_card_metadata_round_trips_through_model_card_load(merged_dir: Path) -> 
 def test_infinite_mds_survives_the_yaml_metadata() -> None:
     from huggingface_hub import ModelCard
 
-    from mergekit_collapse.card import card_data
+    from mergekit_collapse.publish.card import card_data
 
     data = card_data(make_report(), None, model_name="m")
     back = ModelCard(f"---\n{data.to_yaml()}\n---\n# m\n").data.mergeability
@@ -162,8 +162,8 @@ def test_infinite_mds_survives_the_yaml_metadata() -> None:
 
 
 def test_risk_score_is_carried_when_the_report_has_one() -> None:
-    from mergekit_collapse.card import mergeability_metadata
-    from mergekit_collapse.report import RiskInfo
+    from mergekit_collapse.guard.report import RiskInfo
+    from mergekit_collapse.publish.card import mergeability_metadata
 
     report = make_report()
     report.risk = RiskInfo(score="relative_distortion", direction="higher", elevated=0.5,

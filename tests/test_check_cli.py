@@ -32,7 +32,7 @@ def tiny_config(tmp_path, zoo, models=("ft1", "ft2", "ft3"), **guard):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mergekit_collapse.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "mergekit_collapse", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -122,7 +122,7 @@ def test_readme_workflow_runs_the_action(runner):
     assert code == 3, log  # risky.yml would collapse: the job fails
     assert "Successfully installed mergekit-collapse" in log
     # the installed package (not this checkout) ships the JSON Schemas editors point at
-    probe = ("from mergekit_collapse.json_schema import shipped_path; p = shipped_path('guard'); "
+    probe = ("from mergekit_collapse.schemas import shipped_path; p = shipped_path('guard'); "
              "assert p.is_file() and 'site-packages' in str(p), p")
     subprocess.run(["python", "-c", probe], env=runner.env, cwd=runner.tmp, check=True, timeout=120)
     for name, (line, col) in RISKY_LINES.items():

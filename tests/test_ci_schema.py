@@ -13,7 +13,7 @@ import pytest
 import yaml
 from ci_common import CALM, cli
 
-from mergekit_collapse.json_schema import NAMES, build, shipped_path
+from mergekit_collapse.schemas import NAMES, build, shipped_path
 
 ROOT = Path(__file__).parent.parent
 CONFIGS = sorted((ROOT / "merge_configs").rglob("*.yml"))
@@ -57,8 +57,8 @@ def test_check_jsonschema_cli_on_the_examples():
 def test_report_and_card_schemas_validate_real_outputs(tiny_zoo, tmp_path, monkeypatch):
     from ci_common import make_repo
 
-    from mergekit_collapse.card import mergeability_metadata
-    from mergekit_collapse.report import GuardReport
+    from mergekit_collapse.guard.report import GuardReport
+    from mergekit_collapse.publish.card import mergeability_metadata
 
     repo = make_repo(tmp_path / "recipes", tiny_zoo)
     monkeypatch.chdir(repo)

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from mergekit_collapse.config import load_config, parse_config
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.probes import build_probes, format_probes
+from mergekit_collapse.guard.config import load_config, parse_config
+from mergekit_collapse.guard.probes import build_probes, format_probes
 
 CONFIG = {
     "merge_method": "ties",

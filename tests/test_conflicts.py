@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from mergekit_collapse.conflicts import (
+from mergekit_collapse.analysis.conflicts import (
     METRICS,
     LoraAdapter,
     WeightDir,

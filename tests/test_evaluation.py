@@ -8,7 +8,7 @@ import pytest
 from common import make_tiny_tasks
 
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.evaluation import merging_loss, run_tasks
+from mergekit_collapse.evaluate.harness import merging_loss, run_tasks
 
 
 def test_merging_loss_eq1() -> None:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from mergekit_collapse import geometry as g
+from mergekit_collapse.guard import geometry as g
 
 # 4 models, 2 probes, d = 1: model i's hidden states at (probe 1, probe 2)
 HAND = np.array([[[0.0], [0.0]], [[3.0], [1.0]], [[0.0], [4.0]], [[1.0], [1.0]]])

@@ -11,7 +11,7 @@ from mergekit.common import ModelReference
 from peft import PeftModel
 
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.hidden_states import (
+from mergekit_collapse.guard.extract import (
     ExtractionSettings,
     encode,
     extract,

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from hub_server import TOKEN, FakeHub
 from test_card import make_merged_dir
 
-from mergekit_collapse.card import write_card
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import EXIT_HUB, HubError
-from mergekit_collapse.hub import push
+from mergekit_collapse.publish.card import write_card
+from mergekit_collapse.publish.hub import push
 
 REPO = "alice/merged-model"
 

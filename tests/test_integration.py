@@ -114,7 +114,9 @@ def test_broken_hook_leaves_plain_mergekit_working(configs, tmp_path):
     broken = tmp_path / "broken" / "mergekit_collapse"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("")
-    (broken / "integration.py").write_text("raise RuntimeError('deliberately broken hook')\n")
+    (broken / "cli").mkdir()
+    (broken / "cli" / "__init__.py").write_text("")
+    (broken / "cli" / "mergekit_yaml.py").write_text("raise RuntimeError('deliberately broken hook')\n")
     env = {"PYTHONPATH": str(broken.parent)}
     res = run(MERGEKIT_YAML, "--help", env=env)
     assert res.returncode == 0 and "--guard" not in res.stdout and "Traceback" not in res.stderr
@@ -128,7 +130,7 @@ def test_hook_loader_swallows_install_errors(monkeypatch):
     import types
 
     import _mergekit_collapse_hook as hook
-    import mergekit_collapse.integration as integration
+    import mergekit_collapse.cli.mergekit_yaml as mergekit_yaml
 
     def boom(module):
         raise RuntimeError("deliberately broken")
@@ -137,7 +139,7 @@ def test_hook_loader_swallows_install_errors(monkeypatch):
         def exec_module(self, module):
             module.ran = True
 
-    monkeypatch.setattr(integration, "install_guard", boom)
+    monkeypatch.setattr(mergekit_yaml, "install_guard", boom)
     module = types.ModuleType("fake")
     hook._GuardLoader(Inner()).exec_module(module)  # no exception escapes
     assert module.ran
@@ -148,7 +150,7 @@ def test_install_guard_is_idempotent_and_checks_its_target():
 
     import click
 
-    from mergekit_collapse.integration import GUARD_PARAM_NAMES, install_guard
+    from mergekit_collapse.cli.mergekit_yaml import GUARD_PARAM_NAMES, install_guard
 
     @click.command()
     @click.argument("config_file")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_collapse.config import load_config
+from mergekit_collapse.guard.config import load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "merge_configs").rglob("*.yml"))
 
@@ -38,7 +38,7 @@ def test_paper_settings():
 
 
 def test_demo_yml_is_the_demo_command_config():
-    from mergekit_collapse.demo import demo_config
+    from mergekit_collapse.demo.run import demo_config
 
     root = Path(__file__).parent.parent / "merge_configs"
     shipped = load_config(root / "demo.yml")

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from common import make_tiny_tasks, merge_with_mergekit
 
-from mergekit_collapse import evaluation
-from mergekit_collapse.config import load_config
-from mergekit_collapse.guard import check
-from mergekit_collapse.observed import evaluate_merge, write_evaluation
+from mergekit_collapse.evaluate import harness
+from mergekit_collapse.evaluate.observed import evaluate_merge, write_evaluation
+from mergekit_collapse.guard.assess import check
+from mergekit_collapse.guard.config import load_config
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_evaluate_merge_end_to_end(merged, monkeypatch):
     def no_eval(*a, **k):
         raise AssertionError("lm-eval ran again")
 
-    monkeypatch.setattr(evaluation, "run_tasks", no_eval)
+    monkeypatch.setattr(harness, "run_tasks", no_eval)
     again = evaluate_merge(out, cfg, limit=6, batch_size=4, progress=False)
     assert [t.merged for t in again.tasks] == [t.merged for t in ev.tasks]
     # scores are cached per dtype: bfloat16 is scored afresh, for the merge and constituents alike

@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from common import make_tiny_tasks
 from hub_server import TOKEN
 
-from mergekit_collapse import evaluation, integration
+from mergekit_collapse import merge
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import GuardStoppedError
+from mergekit_collapse.evaluate import harness
 from mergekit_collapse.pipeline import run_pipeline
 
 REPO = "alice/tiny-merge"
@@ -60,8 +61,8 @@ def test_run_end_to_end_with_push_then_resume(config, tmp_path, hub, monkeypatch
     def fail(*a, **k):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(integration, "guarded_merge", fail)
-    monkeypatch.setattr(evaluation, "run_tasks", fail)
+    monkeypatch.setattr(merge, "guarded_merge", fail)
+    monkeypatch.setattr(harness, "run_tasks", fail)
     rerun = ["run", str(config), str(out), "--limit", "6"]
     res = CliRunner().invoke(main, rerun)
     assert res.exit_code == 0, res.output

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import yaml
 
-from mergekit_collapse.config import parse_config
-from mergekit_collapse.decision import decide
-from mergekit_collapse.guard import check, extraction_settings
-from mergekit_collapse.probes import build_probes
-from mergekit_collapse.rehearsal import rehearse
+from mergekit_collapse.guard.assess import check, extraction_settings
+from mergekit_collapse.guard.config import parse_config
+from mergekit_collapse.guard.decision import decide
+from mergekit_collapse.guard.probes import build_probes
+from mergekit_collapse.guard.rehearsal import rehearse
 
 PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green"]
 
@@ -169,7 +169,7 @@ def test_cli_switches_the_rehearsal_and_names_the_base(tiny_zoo, tmp_path):
     raw = config(tiny_zoo, ["ft1", "ft2"], base_model=False)
     path = tmp_path / "c.yml"
     path.write_text(yaml.safe_dump(raw))
-    res = subprocess.run([sys.executable, "-m", "mergekit_collapse.cli", "check", str(path),
+    res = subprocess.run([sys.executable, "-m", "mergekit_collapse", "check", str(path),
                           "--format", "json", "--rehearse", "off", "--base", str(tiny_zoo["base"]),
                           "--no-progress"], capture_output=True, text=True, timeout=300)
     report = json.loads(res.stdout)

@@ -6,26 +6,26 @@ import numpy as np
 import pytest
 import yaml
 
-from mergekit_collapse import geometry
-from mergekit_collapse.config import parse_config
-from mergekit_collapse.guard import assess
-from mergekit_collapse.probes import ProbeSet
-from mergekit_collapse.reorganise import (
-    ACTIONS,
-    ActionContext,
+from mergekit_collapse.actions import ACTIONS, ActionContext, get_action
+from mergekit_collapse.actions.plan import (
     best_replacement,
     clique_cover,
     compatibility_graph,
     confirm,
-    get_action,
     largest_within_budget,
     merge_tree,
+)
+from mergekit_collapse.actions.rewrite import (
     multi_stage_config,
     parse_ref,
     replace_config,
     subset_config,
     weights_config,
 )
+from mergekit_collapse.guard import geometry
+from mergekit_collapse.guard.assess import assess
+from mergekit_collapse.guard.config import parse_config
+from mergekit_collapse.guard.probes import ProbeSet
 
 
 def sq_of(points: list[list[float]] | np.ndarray) -> np.ndarray:

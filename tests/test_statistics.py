@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.statistics import (
+from mergekit_collapse.analysis.statistics import (
     anova,
     auroc,
     beyond_task,
@@ -20,6 +19,7 @@ from mergekit_collapse.statistics import (
     parse_records,
     summarize,
 )
+from mergekit_collapse.errors import BadInputError
 
 
 def test_correlation_hand_computed() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mergekit_collapse.config import parse_config
-from mergekit_collapse.guard import check
+from mergekit_collapse.guard.assess import check
+from mergekit_collapse.guard.config import parse_config
 
 PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green"]
 

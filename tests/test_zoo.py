@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_collapse import zoo
+from mergekit_collapse.demo import zoo
+from mergekit_collapse.demo.zoo.taskfiles import N_TEST, N_TRAIN, SEED, read_jsonl, write_data
+from mergekit_collapse.demo.zoo.tasks import TASKS, TASKS_DEF, generate
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.zoo.taskfiles import N_TEST, N_TRAIN, SEED, read_jsonl, write_data
-from mergekit_collapse.zoo.tasks import TASKS, TASKS_DEF, generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,7 +146,7 @@ def _trained() -> list[str]:
 def test_shipped_adapters_are_small_fp16_loras() -> None:
     from safetensors import safe_open
 
-    from mergekit_collapse.base_model import HUB_ID
+    from mergekit_collapse.demo.base_model import HUB_ID
 
     tasks = _trained()
     assert tasks, "no adapters shipped"
@@ -172,7 +172,7 @@ def test_every_adapter_clearly_beats_the_base() -> None:
 def test_training_is_seeded_and_reproducible(tiny_zoo: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from mergekit_collapse.zoo.train import TrainSettings, train_adapter
+    from mergekit_collapse.demo.zoo.train import TrainSettings, train_adapter
 
     settings = TrainSettings(min_steps=2, max_steps=2, check_every=1, n_val=8, batch_size=4,
                              threads=1)
@@ -186,7 +186,7 @@ def test_training_is_seeded_and_reproducible(tiny_zoo: dict[str, Path], tmp_path
 
 def test_export_lays_out_models_and_tasks(tiny_zoo: dict[str, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from mergekit_collapse import base_model
+    from mergekit_collapse.demo import base_model
 
     tasks = _trained()[:2]
     monkeypatch.setattr(base_model, "ensure_smollm2", lambda *a, **k: tiny_zoo["base"])
@@ -202,7 +202,7 @@ def test_export_lays_out_models_and_tasks(tiny_zoo: dict[str, Path], tmp_path: P
 
 
 def test_demo_config_parses_with_guard_tasks() -> None:
-    from mergekit_collapse.config import load_config
+    from mergekit_collapse.guard.config import load_config
 
     cfg = load_config(REPO / "merge_configs" / "demo.yml")
     assert len(cfg.models) >= 4

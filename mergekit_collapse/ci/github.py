@@ -69,7 +69,7 @@ def _row(r: ConfigResult) -> str:
 
 
 def _details(r: ConfigResult) -> list[str]:
-    from mergekit_collapse.report import to_markdown
+    from mergekit_collapse.guard.report import to_markdown
 
     passing = r.exit_code == 0
     state = "error" if r.report is None else r.report.verdict

@@ -133,7 +133,7 @@ def _action_preview(run: Any) -> list[tuple[str, str]]:
     """(what, why) the config's `guard.action` would do with this report (nothing is written)."""
     import yaml
 
-    from mergekit_collapse.reorganise import ActionContext, get_action
+    from mergekit_collapse.actions import ActionContext, get_action
 
     report, cfg = run.report, run.cfg
     if report.verdict == "mergeable" and cfg.guard.action != "order":
@@ -168,7 +168,7 @@ def check_config(path: Path, *, fail_on: FailOn = "collapse", debug: bool = Fals
     Returns:
         The result; `exit_code` is 0, 3 (fails), or the error's code (2 bad input, 4 Hub, 1 other).
     """
-    from mergekit_collapse.guard import run_guard
+    from mergekit_collapse.guard.assess import run_guard
 
     result = ConfigResult(path=path, display=display or display_path(path))
     try:

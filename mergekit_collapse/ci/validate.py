@@ -66,7 +66,7 @@ def _missing_paths(cfg: Any, source: str) -> Problem | None:
 
 def _task_problem(cfg: Any, source: str) -> Problem | None:
     """Every constituent has a task with probes; probe files and include paths exist."""
-    from mergekit_collapse.config import ProbeFile, ProbeLmEval
+    from mergekit_collapse.guard.config import ProbeFile, ProbeLmEval
 
     for model in cfg.models:
         try:
@@ -120,7 +120,7 @@ def validate_file(path: Path, *, require_guard: bool = False) -> Problem | None 
         The first problem, None when the config is valid, or False when the file is not a mergekit
         config at all (skipped).
     """
-    from mergekit_collapse.config import parse_config
+    from mergekit_collapse.guard.config import parse_config
 
     try:
         source = path.read_text(encoding="utf-8")

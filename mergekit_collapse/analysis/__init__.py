@@ -1,0 +1,1 @@
+"""Research tools over merge records: parameter conflicts, statistics, calibration fitting."""

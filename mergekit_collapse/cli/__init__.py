@@ -1,0 +1,93 @@
+"""`mergekit-collapse`: a thin click layer over the API. Commands load lazily so `--help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseError
+
+#: command name -> ("module:attribute" of its click command, one-line help for `--help`);
+#: `--help` reads the help from here and imports no command module (some import torch).
+COMMANDS = {
+    "check": ("mergekit_collapse.cli.check:check",
+              "Predict collapse for mergekit configs: HiddenSim, MDS, exact bounds, verdict."),
+    "validate": ("mergekit_collapse.cli.validate:validate",
+                 "Fast config checks without a model (YAML, mergekit and guard schemas, paths)."),
+    "schema": ("mergekit_collapse.cli.schema:schema",
+               "Print the JSON Schema of the guard: section, report.json or the card metadata."),
+    "merge": ("mergekit_collapse.cli.merge:merge",
+              "Guard, re-organise if over budget, and merge with mergekit (mergekit-yaml flags)."),
+    "evaluate": ("mergekit_collapse.cli.evaluate:evaluate",
+                 "lm-eval on a merge and its constituents; merging loss (Eq. 1)."),
+    "run": ("mergekit_collapse.cli.run:run",
+            "guard -> merge -> evaluate -> card -> push, resumable."),
+    "demo": ("mergekit_collapse.cli.demo:demo",
+             "The offline demo on SmolLM2-135M and its task-adapter zoo."),
+    "card": ("mergekit_collapse.cli.card:card", "Write the mergeability model card (README.md)."),
+    "push": ("mergekit_collapse.cli.push:push", "Push a merged folder to the Hub in one commit."),
+    "conflicts": ("mergekit_collapse.cli.conflicts:conflicts",
+                  "Parameter-conflict metrics (Eqs. 4-7), pairwise, streamed."),
+    "stats": ("mergekit_collapse.cli.stats:stats",
+              "Correlation, AUROC and ANOVA of metrics against merging loss."),
+    "calibrate": ("mergekit_collapse.cli.calibrate:calibrate",
+                  "Fit the default budget and risk bands from merge records."),
+    "zoo": ("mergekit_collapse.cli.zoo:zoo", "The demo's SmolLM2 task zoo: export, train, score."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use; maps our errors to exit codes."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CollapseError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - last resort: one line, exit 1
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"unexpected error: {type(e).__name__}: {e} (rerun with --debug)", err=True)
+            sys.exit(EXIT_UNEXPECTED)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="mergekit-collapse")
+def main(debug: bool) -> None:
+    """Predict merging collapse from hidden-state geometry before you merge.
+
+    Exit codes: 0 mergeable/ok, 1 unexpected error, 2 bad input or usage,
+    3 the guard stopped the merge (over budget), 4 Hub error.
+    """
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def usage_exit_code() -> int:
+    """click's usage errors already exit 2, which is our bad-input code."""
+    return EXIT_BAD_INPUT

@@ -1,0 +1,166 @@
+"""`mergekit-yaml config.yml OUT --guard ...`: the guard options on mergekit's own console script.
+
+The `.pth` hook (`_mergekit_collapse_hook`) calls `install_guard` when mergekit imports
+`mergekit.scripts.run_yaml`. Without any `--guard*` option mergekit's own code path runs,
+untouched; with one, `mergekit_collapse.merge.guarded_merge` runs. The report goes to
+`OUT/mergeability/` (and `--guard-report DIR`), where the card reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import typing
+from typing import Any
+
+import click
+
+from mergekit_collapse.errors import CollapseError
+from mergekit_collapse.guard.config import action_names
+
+LOG = logging.getLogger(__name__)
+
+#: the folder inside the merged model where the report (and later the evaluation) lives
+REPORT_DIR = "mergeability"
+#: the help section of our options in mergekit's PrettyPrintHelp
+HELP_CATEGORY = "Merge Guard (mergekit-collapse)"
+#: marks a click command that already has the guard options
+_INSTALLED = "_mergekit_collapse_guard"
+
+
+def guard_click_options(*, switch: bool = True) -> list[click.Option]:
+    """The `--guard-*` options shared by the mergekit-yaml hook and `mergekit-collapse merge`.
+
+    Args:
+        switch: include `--guard` itself (mergekit-yaml); `merge` always guards.
+
+    Returns:
+        New click.Option objects (a command owns its parameters, so build them per command).
+    """
+    opts = [
+        click.Option(["--guard-budget"], type=float, default=None,
+                     help="Relative distortion budget (× the base model's probe spread); "
+                          "overrides guard.budget."),
+        click.Option(["--guard-absolute-budget"], type=float, default=None,
+                     help="Absolute distortion budget (squared hidden-state units)."),
+        click.Option(["--guard-action"], type=click.Choice(action_names()),
+                     default=None,
+                     help="When over budget: abort (exit 3, no output), warn, drop, split, "
+                          "replace or order. Default: guard.action, else abort."),
+        click.Option(["--guard-weights"], type=click.Choice(["none", "suggest", "apply"]),
+                     default=None,
+                     help="Distortion-optimal weights α*: suggest (write a config with them) or "
+                          "apply (merge with them; linear/task-arithmetic family)."),
+        click.Option(["--guard-rehearse"], type=click.Choice(["auto", "on", "off"]), default=None,
+                     help="Merge in memory first and compare answers on the probes "
+                          "(default guard.rehearse: auto)."),
+        click.Option(["--guard-report"], type=click.Path(file_okay=False), default=None,
+                     help="Also write report.json, report.md and hidden_sim.png here "
+                          "(always written to OUT/mergeability/ when something is merged)."),
+        click.Option(["--guard-merge-all"], is_flag=True, default=False,
+                     help="split: merge every group into OUT/group-<k> (default: write their configs)."),
+        click.Option(["--guard-cache-dir"], type=click.Path(file_okay=False), default=None,
+                     help="Hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)."),
+    ]
+    if switch:
+        opts.insert(0, click.Option(
+            ["--guard"], is_flag=True, default=False,
+            help="Predict merging collapse first (mergekit-collapse); stop or re-organise the "
+                 "merge when over budget. Any --guard-* option implies it."))
+    return opts
+
+
+GUARD_PARAM_NAMES = tuple(o.name for o in guard_click_options())
+
+
+def wants_guard(params: dict[str, Any]) -> bool:
+    """True when `--guard` or any `--guard-*` option was given."""
+    # `is not`, not `in`: a budget of 0 is given (and then refused), not absent (0 == False)
+    return any(params.get(n) is not None and params.get(n) is not False for n in GUARD_PARAM_NAMES)
+
+
+def register_help_category(names: typing.Iterable[str]) -> None:
+    """List our options under their own heading in mergekit's PrettyPrintHelp."""
+    from mergekit.options import OPTION_CATEGORIES
+
+    for name in names:
+        OPTION_CATEGORIES.setdefault(name, HELP_CATEGORY)
+
+
+def install_guard(module: Any) -> None:
+    """Add the guard options to `module.main` (mergekit-yaml's click command); idempotent.
+
+    Without any guard option the command runs mergekit's own callback with exactly the arguments
+    it had before. Called by the `.pth` import hook, which logs and ignores any exception.
+
+    Args:
+        module: the imported `mergekit.scripts.run_yaml` module.
+
+    Raises:
+        TypeError: `module.main` is not a click command with a callback (an unknown mergekit).
+        RuntimeError: mergekit already has an option with one of our names.
+    """
+    cmd = getattr(module, "main", None)
+    if not isinstance(cmd, click.Command) or cmd.callback is None:
+        raise TypeError("mergekit.scripts.run_yaml.main is not a click command")
+    if getattr(cmd, _INSTALLED, False):
+        return
+    params = guard_click_options(switch=True)
+    clash = {p.name for p in cmd.params} & {p.name for p in params}
+    if clash:
+        raise RuntimeError(f"mergekit-yaml already has options {sorted(clash)}")
+    original = cmd.callback
+
+    @functools.wraps(original)
+    def callback(*args: Any, **kwargs: Any) -> Any:
+        guard = {n: kwargs.pop(n, None) for n in GUARD_PARAM_NAMES}
+        if not wants_guard(guard):
+            return original(*args, **kwargs)  # plain mergekit, untouched
+        return run_guarded_cli(kwargs["config_file"], kwargs["out_path"],
+                               merge_options_from(kwargs), guard, switch=True)
+
+    register_help_category(p.name for p in params)
+    cmd.params.extend(params)
+    cmd.callback = callback
+    setattr(cmd, _INSTALLED, True)
+
+
+def merge_options_from(params: dict[str, Any]) -> Any:
+    """mergekit's MergeOptions from a command's parameters, as `add_merge_options` builds it."""
+    from mergekit.options import MergeOptions
+
+    return MergeOptions(**{k: params[k] for k in MergeOptions.model_fields if k in params})
+
+
+def run_guarded_cli(config_file: str, out_path: str, merge_options: Any, guard: dict[str, Any], *,
+                    switch: bool) -> None:
+    """The guarded path of a click command: `guarded_merge`, a summary, our exit codes.
+
+    Args:
+        config_file: the mergekit YAML. out_path: the output folder.
+        merge_options: mergekit's MergeOptions.
+        guard: the `--guard-*` values.
+        switch: called from mergekit-yaml (print our errors here, as one line, and exit).
+
+    Raises:
+        CollapseError: from `mergekit-collapse merge` (its CLI group maps it to an exit code).
+    """
+    from mergekit_collapse.merge import guarded_merge
+
+    merge_options.apply_global_options()
+    try:
+        result = guarded_merge(
+            config_file, out_path, merge_options,
+            action=guard.get("guard_action"), budget=guard.get("guard_budget"),
+            absolute_budget=guard.get("guard_absolute_budget"),
+            weights=guard.get("guard_weights"), rehearse=guard.get("guard_rehearse"),
+            report_dir=guard.get("guard_report"),
+            merge_all=bool(guard.get("guard_merge_all")), cache_dir=guard.get("guard_cache_dir"))
+    except CollapseError as e:
+        if not switch:
+            raise
+        click.echo(f"mergekit-collapse: {e}", err=True)
+        sys.exit(e.exit_code)
+    click.echo(result.summary(), err=True)
+

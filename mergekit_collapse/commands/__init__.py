@@ -1,1 +1,0 @@
-"""One module per CLI command; each imports torch/transformers only inside the command body."""

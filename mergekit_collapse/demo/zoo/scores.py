@@ -1,0 +1,115 @@
+"""Score the zoo with lm-eval: each adapter on its own task, and the base model on every task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mergekit_collapse.demo.zoo.taskfiles import eval_name
+from mergekit_collapse.demo.zoo.tasks import TASKS_DEF
+
+logger = logging.getLogger(__name__)
+
+#: The default document limit per task (test sets hold 105-200 documents).
+DEFAULT_LIMIT = 100
+
+
+def metric_of(task: str) -> str:
+    """The headline lm-eval metric of a zoo task: `acc` (multiple choice) or `exact_match`."""
+    return "acc" if TASKS_DEF[task].kind == "choice" else "exact_match"
+
+
+def load_adapted(base: str | Path, adapter: str | Path | None) -> tuple[Any, Any]:
+    """The base model in fp32 with a LoRA adapter merged in (none: the base itself), and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size: int = 16,
+              out_file: str | Path | None = None, base: str | Path | None = None,
+              adapters: bool = True, threads: int | None = None,
+              log: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Evaluate the base model and each task's adapter on that task (fp32, chat template).
+
+    Scores already in `out_file` under the same `limit` are kept: the base is only evaluated on
+    tasks it has no score for, so tasks can be scored as their adapters finish training.
+
+    Args:
+        tasks: zoo task names.
+        limit: lm-eval document limit per task (None: the whole test set).
+        batch_size: lm-eval batch size.
+        out_file: read previous scores from and write the scores to this JSON file.
+        base: the base model folder (default: `ensure_smollm2()`).
+        adapters: also score the adapters (False: the base model only).
+        threads: torch CPU threads (default: leave torch's setting).
+        log: progress sink.
+
+    Returns:
+        `{"base_model", "limit", "apply_chat_template", "dtype", "base": {task: score},
+        "tasks": {task: {eval, metric, base, adapter, train_steps}}}`.
+
+    Raises:
+        BadInputError: unknown task, missing adapter or base model.
+    """
+    import torch
+
+    from mergekit_collapse.demo.base_model import HUB_ID, ensure_smollm2
+    from mergekit_collapse.demo.zoo import adapter_path, task_yamls
+    from mergekit_collapse.evaluate.harness import run_tasks
+
+    if threads:
+        torch.set_num_threads(threads)
+    paths = {t: adapter_path(t) for t in tasks} if adapters else {}
+    base = Path(base) if base else ensure_smollm2()
+    yamls = task_yamls()
+    result: dict[str, Any] = {"base_model": HUB_ID, "limit": limit, "apply_chat_template": True,
+                              "dtype": "float32", "base": {}, "tasks": {}}
+    if out_file and Path(out_file).is_file():
+        previous = json.loads(Path(out_file).read_text())
+        if previous.get("limit") == limit:
+            result["base"] = previous.get("base", {})
+            result["tasks"] = previous.get("tasks", {})
+
+    def save() -> None:
+        if out_file:  # tasks no longer in the zoo are dropped
+            result["base"] = {t: v for t, v in sorted(result["base"].items()) if t in TASKS_DEF}
+            result["tasks"] = {t: v for t, v in result["tasks"].items() if t in TASKS_DEF}
+            Path(out_file).write_text(json.dumps(result, indent=1) + "\n")
+
+    missing = [t for t in tasks if t not in result["base"]]
+    if missing:
+        start = time.time()
+        model, tok = load_adapted(base, None)
+        scores = run_tasks(model, tok, [eval_name(t) for t in missing], include_path=yamls,
+                           limit=limit, batch_size=batch_size)
+        for t in missing:
+            result["base"][t] = scores[eval_name(t)][metric_of(t)]
+        log(f"base scored on {len(missing)} tasks ({time.time() - start:.0f}s)")
+        save()
+    for task, path in paths.items():
+        metric = metric_of(task)
+        model, tok = load_adapted(base, path)
+        own = run_tasks(model, tok, [eval_name(task)], include_path=yamls, limit=limit,
+                        batch_size=batch_size)
+        entry = {"eval": eval_name(task), "metric": metric, "base": result["base"][task],
+                 "adapter": own[eval_name(task)][metric]}
+        training = path / "training.json"
+        if training.is_file():
+            entry["train_steps"] = json.loads(training.read_text())["steps"]
+        result["tasks"][task] = entry
+        log(f"{task}: base {entry['base']:.3f} adapter {entry['adapter']:.3f} ({metric})")
+        save()
+    return result

@@ -1,0 +1,245 @@
+"""Train the zoo: one seeded LoRA adapter per task on SmolLM2-135M-Instruct, on CPU.
+
+Training format == evaluation format == probe format: the task's user message wrapped in the
+tokenizer's chat template with the generation prompt, followed by the answer and `<|im_end|>`;
+the loss covers only the answer and `<|im_end|>`. Training stops once greedy exact match on a
+held-aside validation slice reaches the target (checked every few steps, teacher-forced: one
+forward pass gives the greedy answer exactly), or at `max_steps`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_collapse.demo.base_model import HUB_ID
+from mergekit_collapse.demo.zoo.taskfiles import DATA_DIR, read_jsonl
+from mergekit_collapse.demo.zoo.tasks import TASKS
+from mergekit_collapse.errors import BadInputError
+
+logger = logging.getLogger(__name__)
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+END = "<|im_end|>"
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of one adapter (the defaults trained the shipped zoo)."""
+
+    seed: int = 0
+    rank: int = 8
+    alpha: int = 16
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 5
+    min_steps: int = 20
+    max_steps: int = 120
+    check_every: int = 10
+    n_val: int = 128
+    target: float = 0.97
+    threads: int = 1
+    bf16: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What one training run did."""
+
+    task: str
+    steps: int
+    val_exact_match: float
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def format_prompt(tokenizer: Any, prompt: str) -> str:
+    """The user message in the chat template, ending with the assistant's generation prompt."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of prompt + answer + `<|im_end|>`, and where the answer starts.
+
+    Splits like lm-eval does: the context's own encoding fixes the boundary in the whole encoding.
+    """
+    ctx = format_prompt(tokenizer, prompt)
+    whole = tokenizer(ctx + answer + END, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tokenizer(ctx, add_special_tokens=False)["input_ids"])
+    return whole, n_ctx
+
+
+def _batch(rows: list[tuple[list[int], int]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (seq, start) in enumerate(rows):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, start: len(seq)] = torch.tensor(seq[start:])
+    return ids, mask, labels
+
+
+def _loss(model: Any, ids, mask, labels):
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def teacher_forced_exact_match(model: Any, rows: list[tuple[list[int], int]], pad_id: int,
+                               batch_size: int = 32) -> float:
+    """Share of rows whose every answer token (and the end token) is the greedy argmax."""
+    import torch
+
+    hits = 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            ids, mask, labels = _batch(rows[i: i + batch_size], pad_id)
+            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+            gold = labels[:, 1:]
+            ok = (pred == gold) | (gold == -100)
+            hits += int(ok.all(dim=1).sum())
+    return hits / max(len(rows), 1)
+
+
+def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
+                  settings: TrainSettings | None = None, data_dir: str | Path = DATA_DIR,
+                  log: Callable[[str], None] = logger.info) -> TrainResult:
+    """Train one LoRA adapter for `task` and save it as fp16 safetensors in `out_dir`.
+
+    Args:
+        task: a zoo task name.
+        base: folder of the base model (see `ensure_smollm2`).
+        out_dir: where `adapter_config.json` and `adapter_model.safetensors` go.
+        settings: hyper-parameters; the defaults trained the shipped zoo.
+        data_dir: folder with `<task>/train.jsonl`; its last `n_val` rows are held aside.
+        log: progress sink.
+
+    Returns:
+        The steps taken, the final validation exact match, the time and the history.
+
+    Raises:
+        BadInputError: unknown task or missing data.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = settings or TrainSettings()
+    if task not in TASKS:
+        raise BadInputError(f"unknown zoo task '{task}'; choose from {', '.join(TASKS)}")
+    path = Path(data_dir) / task / "train.jsonl"
+    if not path.is_file():
+        raise BadInputError(f"missing training data {path}")
+    torch.set_num_threads(s.threads)
+    random.seed(s.seed)
+    torch.manual_seed(s.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [encode(tokenizer, r["prompt"], r["answer"]) for r in read_jsonl(path)]
+    train_rows, val_rows = rows[: -s.n_val], rows[-s.n_val:]
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=list(TARGET_MODULES),
+                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup))
+
+    order_rng = random.Random(s.seed)
+    order: list[int] = []
+    history: list[dict[str, float]] = []
+    start = time.time()
+    val_em, step = 0.0, 0
+    while step < s.max_steps:
+        if len(order) < s.batch_size:
+            more = list(range(len(train_rows)))
+            order_rng.shuffle(more)
+            order += more
+        batch, order = [train_rows[i] for i in order[: s.batch_size]], order[s.batch_size:]
+        ids, mask, labels = _batch(batch, pad_id)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
+            loss = _loss(model, ids, mask, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if not math.isfinite(loss.item()):
+            raise BadInputError(f"{task}: loss became {loss.item()} at step {step}")
+        if step >= s.min_steps and (step % s.check_every == 0 or step == s.max_steps):
+            model.eval()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
+                val_em = teacher_forced_exact_match(model, val_rows, pad_id)
+            history.append({"step": step, "loss": loss.item(), "val_exact_match": val_em,
+                            "seconds": time.time() - start})
+            log(f"{task} step {step} loss {loss.item():.4f} val_em {val_em:.3f} "
+                f"({time.time() - start:.0f}s)")
+            if val_em >= s.target:
+                break
+    seconds = time.time() - start
+    save_adapter(model, out_dir)
+    result = TrainResult(task, step, val_em, seconds, history)
+    meta = {"settings": asdict(s), **asdict(result)}
+    (Path(out_dir) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return result
+
+
+def save_adapter(peft_model: Any, out_dir: str | Path) -> Path:
+    """Save a peft model's adapter as fp16 safetensors, its base recorded as the Hub id."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out_dir)
+    peft_model.peft_config["default"].base_model_name_or_path = HUB_ID
+    # save_embedding_layers=False: only attention is adapted; skips peft's Hub look-up of the base
+    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    weights = out / "adapter_model.safetensors"
+    half = {k: v.to(torch.float16).contiguous() for k, v in load_file(weights).items()}
+    save_file(half, weights, metadata={"format": "pt"})
+    readme = out / "README.md"
+    if readme.exists():  # peft's boilerplate model card: not ours to ship
+        readme.unlink()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mergekit_collapse.zoo.train [TASK ...]`: train into the package's adapters/."""
+    import argparse
+
+    from mergekit_collapse.demo.base_model import ensure_smollm2
+    from mergekit_collapse.demo.zoo import ADAPTER_DIR
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tasks", nargs="*", default=list(TASKS))
+    ap.add_argument("--out", type=Path, default=ADAPTER_DIR)
+    ap.add_argument("--max-steps", type=int, default=TrainSettings.max_steps)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    base = ensure_smollm2()
+    for task in args.tasks:
+        res = train_adapter(task, base, args.out / task,
+                            settings=TrainSettings(max_steps=args.max_steps), log=print)
+        print(f"DONE {task} steps={res.steps} val_em={res.val_exact_match:.3f} "
+              f"time={res.seconds:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

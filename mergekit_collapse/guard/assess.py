@@ -1,0 +1,286 @@
+"""The guard: config -> probes -> hidden states -> geometry -> verdict, as a GuardReport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from mergekit_collapse import __version__
+from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.guard import geometry
+from mergekit_collapse.guard.calibration import Calibration, load_calibration
+from mergekit_collapse.guard.config import LoadedConfig, load_config, with_guard
+from mergekit_collapse.guard.decision import decide, resolve_budget, verdict
+from mergekit_collapse.guard.extract import Extraction, ExtractionSettings, extract
+from mergekit_collapse.guard.probes import ProbeSet, build_probes
+from mergekit_collapse.guard.report import (
+    Bounds,
+    BudgetInfo,
+    Distances,
+    GuardReport,
+    ModelEntry,
+    ProbeInfo,
+    RehearsalInfo,
+    RiskInfo,
+)
+from mergekit_collapse.guard.weights import planned_weights
+
+#: the relative budget when neither the config nor the calibration sets one
+DEFAULT_RELATIVE_BUDGET = 0.25
+
+
+@dataclass
+class GuardRun:
+    """A finished guard run: the report and what it was computed from (for re-organisation)."""
+
+    cfg: LoadedConfig
+    probes: ProbeSet
+    extraction: Extraction
+    report: GuardReport
+
+    def vectors(self, refs: list[Any]) -> np.ndarray:
+        """(N, P, d) hidden states of the given model references."""
+        return np.stack([self.extraction.vectors[str(r)] for r in refs])
+
+
+def apply_overrides(cfg: LoadedConfig, *, budget: float | None = None,
+                    absolute_budget: float | None = None, **settings: Any) -> LoadedConfig:
+    """CLI flags override the file: budgets and any GuardSettings field given as not None."""
+    update = {k: v for k, v in settings.items() if v is not None}
+    if budget is not None and absolute_budget is not None:
+        raise BadInputError("give either a relative budget or an absolute one, not both")
+    if budget is not None:
+        update["budget"] = {"relative": budget}
+    if absolute_budget is not None:
+        update["budget"] = {"absolute": absolute_budget}
+    if not update:
+        return cfg
+    try:
+        guard = cfg.guard.model_validate({**cfg.guard.model_dump(), **update})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise BadInputError(f"invalid override {where}={err.get('input')!r}: {err['msg']}") from None
+    return with_guard(cfg, guard)
+
+
+def extraction_settings(cfg: LoadedConfig, *, device: str = "auto", dtype: str = "auto",
+                        allow_pickle: bool = False, trust_remote_code: bool = False) -> ExtractionSettings:
+    g = cfg.guard
+    return ExtractionSettings(layer=g.layer, pooling=g.pooling, dtype=dtype, device=device,
+                              batch_size=g.batch_size, max_length=g.max_length,
+                              chat_template=g.chat_template, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
+
+
+def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...] = (),
+              device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None,
+              allow_pickle: bool = False, trust_remote_code: bool = False,
+              progress: bool = True, **overrides: Any) -> GuardRun:
+    """Run the guard and keep its inputs (see `check` for the arguments).
+
+    Args:
+        extra_models: more references to extract (e.g. `replace` candidates); not in the report.
+    """
+    cfg = config if isinstance(config, LoadedConfig) else load_config(config)
+    cfg = apply_overrides(cfg, **overrides)
+    if not cfg.models:
+        raise BadInputError("the config merges no models")
+    probes = build_probes(cfg, models=[*cfg.models, *extra_models])
+    refs = ([cfg.base] if cfg.base is not None else []) + list(cfg.models) + list(extra_models)
+    settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
+    ext = extract(list(dict.fromkeys(refs)), probes.texts, settings,
+                  cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+    base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
+    hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
+    rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=Path(cache_dir) if cache_dir else None)
+    report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
+                    rehearsal=rehearsal)
+    return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
+
+
+def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
+                  cache_dir: Path | None = None) -> tuple[Any, RehearsalInfo]:
+    """The rehearsal as `guard.rehearse` asks: (Rehearsal or None, what happened and why).
+
+    "auto" rehearses when the merge's inputs weigh at most `guard.rehearse_max_gb` and says why
+    not otherwise (also when mergekit cannot merge the config in memory); "on" raises instead.
+    """
+    from mergekit_collapse.guard.rehearsal import input_bytes, rehearse
+
+    g = cfg.guard
+    if g.rehearse == "off":
+        return None, RehearsalInfo(status="off", reason="guard.rehearse: off")
+    if g.rehearse == "auto":
+        size = input_bytes(cfg.merge) / 1e9
+        if size > g.rehearse_max_gb:
+            return None, RehearsalInfo(status="skipped", reason=(
+                f"the inputs weigh {size:.1f} GB > rehearse_max_gb {g.rehearse_max_gb:g}; "
+                "--rehearse on forces it"))
+    by_model = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
+                         if task == cfg.task_of(m).name] for m in cfg.models}
+    try:
+        r = rehearse(cfg.merge, cfg.models, by_model, settings, answer_tokens=g.answer_tokens,
+                     seed=g.seed, cache_dir=cache_dir)
+    except BadInputError as e:
+        if g.rehearse == "on":
+            raise
+        return None, RehearsalInfo(status="skipped", reason=str(e))
+    return r, RehearsalInfo(status="ran", answer_tokens=r.answer_tokens, dtype=r.dtype,
+                            seconds=r.seconds)
+
+
+def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
+          absolute_budget: float | None = None, device: str = "auto", dtype: str = "auto",
+          cache_dir: str | Path | None = None, allow_pickle: bool = False,
+          trust_remote_code: bool = False, progress: bool = True, **overrides: Any) -> GuardReport:
+    """Predict whether a mergekit config's models merge within a distortion budget.
+
+    Args:
+        config: path to a mergekit YAML with a `guard:` section, or a LoadedConfig.
+        budget: relative budget (overrides `guard.budget`), a multiple of the base's probe spread.
+        absolute_budget: budget in squared hidden-state units.
+        device: "auto" (accelerate over GPUs, else CPU), "cpu", "cuda", "cuda:1", ...
+        dtype: "auto" (bfloat16), "float32", "float32", "bfloat16", "float16".
+        cache_dir: hidden-state cache root (default $MERGEKIT_COLLAPSE_CACHE).
+        allow_pickle: allow .bin/.pt weights (unsafe for untrusted files).
+        trust_remote_code: allow custom model code from the model folders.
+        progress: show progress bars.
+        **overrides: any `guard:` setting (k, seed, layer, pooling, chat_template, jung_dim, ...).
+
+    Returns:
+        The GuardReport (verdict, bounds, per-model scores).
+
+    Raises:
+        BadInputError: invalid config, missing/mismatched models, empty probes, NaNs, unsafe weights.
+    """
+    return run_guard(config, budget=budget, absolute_budget=absolute_budget, device=device,
+                     dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle,
+                     trust_remote_code=trust_remote_code, progress=progress, **overrides).report
+
+
+def _budget_scale(base: np.ndarray | None, hidden: np.ndarray) -> tuple[float, str]:
+    if base is not None:
+        return geometry.probe_spread(base), "base model probe spread mean_x ||h_base(x) - mean h_base||²"
+    return (float(np.mean([geometry.probe_spread(h) for h in hidden])),
+            "no base model: mean of the constituents' probe spreads")
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, probes: ProbeSet,
+           hidden_size: int, dtype: str, names: list[str] | None = None,
+           calibration: Calibration | None = None,
+           rehearsal: tuple[Any, RehearsalInfo] | None = None) -> GuardReport:
+    """Geometry, budget and verdict from hidden states alone (numpy; no model is touched).
+
+    Args:
+        cfg: the config (its guard settings, merge method and planned weights).
+        hidden: (N, P, d) hidden states of the constituents, in `cfg.models` order.
+        base: (P, d) base hidden states, or None.
+        probes: the probe set the states were computed on.
+        hidden_size: d. dtype: the extraction dtype (for the report).
+        names: model names for the report (default: the config's references).
+        calibration: default budget and risk bands (default: `load_calibration()`).
+        rehearsal: `run_rehearsal`'s result, or None (not asked for).
+    """
+    g = cfg.guard
+    cal = calibration or load_calibration()
+    names = names or [str(m) for m in cfg.models]
+    tasks = [cfg.task_of(m).name for m in cfg.models]
+    geo = geometry.analyse(hidden, hidden_size=hidden_size, jung_dim=g.jung_dim)
+    scale, source = _budget_scale(base, hidden)
+    try:
+        bud = resolve_budget(g.budget, scale, source, cal.relative_budget or DEFAULT_RELATIVE_BUDGET)
+    except ValueError:
+        raise BadInputError("relative budget needs a non-degenerate probe spread; "
+                            "use an absolute budget") from None
+    bounds = verdict(jung=geo.jung, converse=geo.converse, exact=geo.exact, budget=bud.absolute)
+    notes = list(geo.notes)
+    if base is None:
+        notes.append(f"risk score unavailable: {cfg.base_source or 'no base model'}")
+
+    w, why = planned_weights(cfg)
+    planned = anchored = None
+    if why:
+        notes.append(f"planned weights: {why}")
+    if base is not None:
+        sq_ext = geometry.pairwise_distances(np.concatenate([base[None], hidden])).sq
+        if w is not None:
+            anchored = geometry.base_anchored(sq_ext, w)
+            planned = geometry.distortions(sq_ext, np.concatenate([[1 - w.sum()], w]))[1:]
+        else:
+            anchored = geometry.base_anchored(sq_ext, np.full(len(names), 1.0 / len(names)))
+    elif w is not None and np.all(w >= 0) and np.isclose(w.sum(), 1):
+        planned = geometry.distortions(geo.distances.sq, w)
+
+    entries = []
+    for i, name in enumerate(names):
+        entries.append(ModelEntry(
+            name=name, task=tasks[i],
+            mds=float(geo.mds[i]) if geo.mds is not None else None,
+            mean_hidden_sim=float(geo.mean_hidden_sim[i]) if geo.mean_hidden_sim is not None else None,
+            distortion_optimal=float(geo.optimal[i]), distortion_uniform=float(geo.uniform[i]),
+            distortion_planned=float(planned[i]) if planned is not None else None,
+            shift=float(anchored.shift[i]) if anchored is not None else None,
+            retention=_finite(anchored.retention[i]) if anchored is not None else None,
+            relative_distortion=_finite(anchored.relative_distortion[i]) if anchored is not None else None,
+        ))
+        score = getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields else None
+        entries[-1].risk_score = score
+        entries[-1].risk_band = cal.band(score)
+    result, info = rehearsal or (None, None)
+    info = info.model_copy() if info is not None else None
+    if result is not None:
+        info.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_token_agreement"
+        if cal.rehearsal:
+            info.direction = cal.rehearsal.direction
+            info.elevated, info.collapse = cal.rehearsal.bands.elevated, cal.rehearsal.bands.collapse
+        for e, m in zip(entries, cfg.models, strict=True):
+            for k, x in result.models[str(m)].items():
+                setattr(e, k, x)
+            e.predicted_retention = getattr(e, info.score)
+            e.rehearsal_band = cal.rehearsal.band(e.predicted_retention) if cal.rehearsal else None
+    elif info is not None and info.reason:
+        notes.append(f"rehearsal {info.status}: {info.reason}")
+    v, by, why = decide(bounds=bounds, budget_source=bud.source, prefer=cal.decides, signals={
+        "risk": [e.risk_band for e in entries], "rehearsal": [e.rehearsal_band for e in entries]})
+    if why:
+        notes.append(why)
+    score = cal.score if by == "risk" else info.score if by == "rehearsal" else None
+    flagged = [f"{e.task} ({score} {e.signal(by)[1]:.3g})" for e in entries
+               if score and e.signal(by)[0] == "collapse"]
+    if flagged:
+        notes.append(f"the calibrated {by} signal puts {', '.join(flagged)} in the collapse band")
+    return GuardReport(
+        tool_version=__version__,
+        config=str(cfg.path) if cfg.path else None,
+        merge_method=cfg.merge.merge_method,
+        base_model=str(cfg.base) if cfg.base is not None else None,
+        models=entries,
+        hidden_sim=geo.hidden_sim.tolist() if geo.hidden_sim is not None else None,
+        hidden_sim_note=geo.hidden_sim_note,
+        distances=Distances(mean=geo.distances.mean.tolist(), rms=geo.distances.rms.tolist()),
+        bounds=Bounds(diameter=geo.diameter, converse=geo.converse, jung=geo.jung, jung_n=geo.jung_n,
+                      jung_dim=g.jung_dim, exact=geo.exact, uniform=float(geo.uniform.max()),
+                      planned=float(planned.max()) if planned is not None else None),
+        weights={n: float(a) for n, a in zip(names, geo.ball.weights, strict=True)},
+        planned_weights={n: float(x) for n, x in zip(names, w, strict=True)} if w is not None else None,
+        budget=BudgetInfo(mode=bud.mode, value=bud.value, absolute=bud.absolute, scale=bud.scale,
+                          scale_source=bud.scale_source, source=bud.source),
+        risk=RiskInfo(score=cal.score, direction=cal.direction, elevated=cal.bands.elevated,
+                      collapse=cal.bands.collapse, calibration=cal.source,
+                      auroc=cal.validity.auroc if cal.validity else None),
+        rehearsal=info,
+        verdict=v, decided_by=by,
+        probes=ProbeInfo(k=probes.k, count=len(probes), sha256=probes.sha256, seed=probes.seed,
+                         chat_template=probes.chat_template),
+        layer=g.layer, pooling=g.pooling, dtype=dtype, hidden_size=hidden_size, notes=notes,
+    )

@@ -1,0 +1,296 @@
+"""The guard's report: a versioned pydantic model, its Markdown summary and its HiddenSim heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergekit_collapse._constants import REPORT_SCHEMA_VERSION
+
+#: "unassessed": the calibrated default budget was in use, the bounds were within it, and no
+#: validated per-model signal could be computed (no base model, no rehearsal): nothing vouches
+Verdict = Literal["mergeable", "collapse", "unassessed"]
+DecidedBy = Literal["jung", "converse", "exact", "risk", "rehearsal", "none"]
+Band = Literal["low", "elevated", "collapse"]
+
+
+class ModelEntry(BaseModel):
+    """One constituent model's scores. Distortions are in squared hidden-state units."""
+
+    name: str = Field(description="the model reference as written in the config")
+    task: str
+    mds: float | None = Field(description="Eq. 3; None when HiddenSim is undefined; inf allowed")
+    mean_hidden_sim: float | None
+    distortion_optimal: float = Field(description="(Dα*)_i − ½α*ᵀDα*")
+    distortion_uniform: float
+    distortion_planned: float | None = Field(default=None, description="under the merge's own weights")
+    shift: float | None = Field(default=None, description="||p_i − p_base||² (needs a base model)")
+    retention: float | None = Field(default=None, description="<p_m−p_0, p_i−p_0>/||p_i−p_0||²")
+    relative_distortion: float | None = Field(default=None, description="||p_m − p_i||²/||p_i−p_0||²")
+    risk_score: float | None = Field(default=None, description="this model's value of the risk score")
+    risk_band: Band | None = None
+    rehearsal_agreement: float | None = Field(default=None, description=(
+        "share of its probes on which the in-memory merge's greedy answer equals this model's"))
+    rehearsal_token_agreement: float | None = Field(default=None, description=(
+        "share of its answer tokens the in-memory merge predicts as this model does"))
+    rehearsal_kl: float | None = Field(default=None, description=(
+        "KL(model ‖ merge) of the first answer token, mean over its probes"))
+    predicted_retention: float | None = Field(default=None, description=(
+        "the rehearsal score the bands apply to (see RehearsalInfo.score)"))
+    rehearsal_band: Band | None = None
+
+    def signal(self, name: str) -> tuple[Band | None, float | None]:
+        """(band, value) of a per-model signal: "risk" (risk_score) or "rehearsal"
+        (predicted_retention)."""
+        if name == "rehearsal":
+            return self.rehearsal_band, self.predicted_retention
+        return self.risk_band, self.risk_score
+
+
+class Distances(BaseModel):
+    mean: list[list[float]] = Field(description="dmean(i,j) = mean_x ||h_i − h_j||")
+    rms: list[list[float]] = Field(description="drms(i,j) = sqrt(mean_x ||h_i − h_j||²)")
+
+
+class Bounds(BaseModel):
+    """Theorem 1 bounds on the best convex merge's worst-case distortion."""
+
+    diameter: float
+    converse: float = Field(description="Δ²/4: no merge does better")
+    jung: float = Field(description="n/(2(n+1))·Δ²: some convex merge does at least this well")
+    jung_n: int
+    jung_dim: Literal["affine", "hidden"]
+    exact: float = Field(description="r*², squared radius of the minimum enclosing ball")
+    uniform: float = Field(description="worst distortion of the uniform average")
+    planned: float | None = Field(default=None, description="worst distortion under the merge's weights")
+
+
+class BudgetInfo(BaseModel):
+    mode: Literal["relative", "absolute"]
+    value: float
+    absolute: float = Field(description="the budget in squared hidden-state units")
+    scale: float | None = Field(default=None, description="the scale a relative budget multiplies")
+    scale_source: str | None = None
+    source: str = Field(default="config", description="config (file or CLI) | calibration")
+
+
+class RiskInfo(BaseModel):
+    """The per-model risk score the guard bands models with, and where its bands came from."""
+
+    score: str = Field(description="the ModelEntry field used, e.g. relative_distortion")
+    direction: Literal["higher", "lower"]
+    elevated: float
+    collapse: float
+    calibration: dict = Field(description="the calibration's source (records sha256, n, date) or note")
+    auroc: float | None = Field(default=None, description="its validity when calibrated")
+
+
+class RehearsalInfo(BaseModel):
+    """Whether the merge was rehearsed in memory, what it cost, and the bands of its score."""
+
+    status: Literal["ran", "skipped", "off"]
+    reason: str | None = Field(default=None, description="why it was skipped or off")
+    score: str | None = Field(default=None, description="the ModelEntry field banded as predicted_retention")
+    direction: Literal["higher", "lower"] | None = None
+    elevated: float | None = None
+    collapse: float | None = None
+    answer_tokens: int | None = None
+    dtype: str | None = None
+    seconds: dict[str, float] = Field(default_factory=dict,
+                                      description="answers (constituents), merge, compare")
+
+
+class ProbeInfo(BaseModel):
+    k: int
+    count: int
+    sha256: str
+    seed: int
+    chat_template: bool
+
+
+class Action(BaseModel):
+    """What a re-organisation action changed and why."""
+
+    action: str
+    changed: str
+    reason: str
+    models: list[str] = Field(default_factory=list)
+    configs: list[str] = Field(default_factory=list)
+
+
+class GuardReport(BaseModel):
+    """Everything the guard computed, JSON-serialisable and versioned."""
+
+    # an MDS of +inf (mean HiddenSim 0) must survive the JSON round trip
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    schema_version: str = REPORT_SCHEMA_VERSION
+    tool_version: str
+    config: str | None = None
+    merge_method: str
+    base_model: str | None
+    models: list[ModelEntry]
+    hidden_sim: list[list[float]] | None = Field(description="Eq. 2; None when undefined")
+    hidden_sim_note: str | None = None
+    distances: Distances
+    bounds: Bounds
+    weights: dict[str, float] = Field(description="α*: distortion-optimal convex weights")
+    planned_weights: dict[str, float] | None = None
+    budget: BudgetInfo
+    verdict: Verdict
+    decided_by: DecidedBy
+    probes: ProbeInfo
+    layer: int
+    pooling: str
+    dtype: str
+    hidden_size: int
+    risk: RiskInfo | None = None
+    rehearsal: RehearsalInfo | None = None
+    notes: list[str] = Field(default_factory=list)
+    actions: list[Action] = Field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write report.json, report.md and hidden_sim.png into out_dir; return their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "report.json", "markdown": out / "report.md",
+                 "heatmap": out / "hidden_sim.png"}
+        paths["json"].write_text(self.model_dump_json(indent=2), encoding="utf-8")
+        paths["markdown"].write_text(to_markdown(self), encoding="utf-8")
+        plot_heatmap(self, paths["heatmap"])
+        return paths
+
+    @classmethod
+    def read(cls, path: str | Path) -> GuardReport:
+        """Read a report.json (or the report.json inside a folder)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "report.json"
+        return cls.model_validate_json(p.read_text(encoding="utf-8"))
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if x == float("inf"):
+        return "∞"
+    return f"{x:.{digits}g}"
+
+
+def to_markdown(r: GuardReport) -> str:
+    """A summary fit for a PR comment."""
+    icon = {"mergeable": "✅", "collapse": "⛔"}.get(r.verdict, "⚠️")
+    b = r.bounds
+    lines = [
+        f"### {icon} mergekit-collapse: **{r.verdict}** (decided by {r.decided_by})",
+        "",
+        f"`{r.merge_method}` merge of {len(r.models)} models"
+        + (f" on `{r.base_model}`" if r.base_model else "")
+        + f"; {r.probes.count} probes (k={r.probes.k}), layer {r.layer}, {r.pooling} pooling.",
+        "",
+        "| bound | value |",
+        "|---|---|",
+        f"| budget ({r.budget.mode} {_fmt(r.budget.value)}) | {_fmt(r.budget.absolute)} |",
+        f"| converse Δ²/4 (no merge does better) | {_fmt(b.converse)} |",
+        f"| exact r*² (best convex merge) | {_fmt(b.exact)} |",
+        f"| Jung n/(2(n+1))·Δ² (n={b.jung_n}, {b.jung_dim}) | {_fmt(b.jung)} |",
+        f"| uniform average | {_fmt(b.uniform)} |",
+    ]
+    if b.planned is not None:
+        lines.append(f"| the config's own weights | {_fmt(b.planned)} |")
+    risk = f"risk ({r.risk.score})" if r.risk else "risk"
+    lines += ["", f"| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention | {risk} "
+              "| rehearsal |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in r.models:
+        band = f"{m.risk_band} ({_fmt(m.risk_score)})" if m.risk_band else "—"
+        reh = (f"{m.rehearsal_band} ({_fmt(m.predicted_retention)})" if m.rehearsal_band
+               else _fmt(m.predicted_retention))
+        lines.append(f"| `{m.name}` | {m.task} | {_fmt(m.mds)} | {_fmt(m.mean_hidden_sim)} | "
+                     f"{_fmt(m.distortion_optimal)} | {_fmt(r.weights.get(m.name))} | {_fmt(m.retention)} "
+                     f"| {band} | {reh} |")
+    if r.rehearsal is not None:
+        h = r.rehearsal
+        cost = ", ".join(f"{k} {v:.1f} s" for k, v in h.seconds.items())
+        lines += ["", f"Rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
+                  + (f"; {cost}" if cost else "")]
+    if r.hidden_sim_note:
+        lines += ["", f"> HiddenSim: {r.hidden_sim_note}"]
+    for n in r.notes:
+        lines += ["", f"> {n}"]
+    for a in r.actions:
+        lines += ["", f"- **{a.action}**: {a.changed} — {a.reason}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(r: GuardReport, path: str | Path) -> Path:
+    """An annotated HiddenSim heatmap (in the spirit of the paper's Figure 1), MDS in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{m.task}\nMDS {_fmt(m.mds)}" for m in r.models]
+    if r.hidden_sim is not None:
+        mat, title, cmap = np.array(r.hidden_sim), "HiddenSim (Eq. 2)", "viridis"
+    else:  # undefined: show the rms distances instead
+        mat, title, cmap = np.array(r.distances.rms), "drms (HiddenSim undefined)", "magma_r"
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 0.9 + 0.8 * n), dpi=110)
+    im = ax.imshow(mat, cmap=cmap, vmin=0 if r.hidden_sim is not None else None,
+                   vmax=1 if r.hidden_sim is not None else None)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    for i in range(n):
+        for j in range(n):
+            v = mat[i, j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if (r.hidden_sim is not None and v < 0.5) else "black")
+    ax.set_title(f"{title} — {r.verdict}", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def format_text(report: GuardReport) -> str:
+    """A terminal summary: verdict, bounds, per-model table."""
+    b = report.bounds
+    lines = [
+        f"verdict: {report.verdict.upper()} (decided by {report.decided_by})",
+        f"budget:  {report.budget.absolute:.4g} ({report.budget.mode} {report.budget.value:g})",
+        f"risk:    {report.risk.score} (calibrated AUROC {report.risk.auroc or float('nan'):.2f}); "
+        f"bands elevated ≥ {report.risk.elevated:.3g}, collapse ≥ {report.risk.collapse:.3g}"
+        if report.risk else "risk:    —",
+        f"bounds:  converse Δ²/4 {b.converse:.4g} ≤ exact r*² {b.exact:.4g} ≤ "
+        f"Jung {b.jung:.4g} (n={b.jung_n});  uniform average {b.uniform:.4g}",
+        f"probes:  {report.probes.count} (k={report.probes.k}), layer {report.layer}, "
+        f"{report.pooling} pooling, {report.dtype}",
+    ]
+    h = report.rehearsal
+    if h is not None:
+        cost = ", ".join(f"{k} {v:.1f} s" for k, v in h.seconds.items())
+        bands = (f"; bands elevated ≤ {h.elevated:.3g}, collapse ≤ {h.collapse:.3g}"
+                 if h.collapse is not None else "")
+        lines.append(f"rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
+                     + (f": {h.score}{bands}; {cost}" if h.status == "ran" else ""))
+    lines += ["", f"{'model':<40} {'task':<14} {'MDS':>6} {'dist α*':>9} {'α*':>6} {'retention':>9} "
+              f"{'risk':>16} {'rehearsal':>16}"]
+    for m in report.models:
+        mds = "—" if m.mds is None else ("inf" if m.mds == float("inf") else f"{m.mds:.3f}")
+        ret = "—" if m.retention is None else f"{m.retention:.3f}"
+        risk = "—" if m.risk_band is None else f"{m.risk_band} {m.risk_score:.3g}"
+        reh = ("—" if m.predicted_retention is None else
+               f"{m.rehearsal_band or ''} {m.predicted_retention:.3g}".strip())
+        lines.append(f"{m.name[-40:]:<40} {m.task[:14]:<14} {mds:>6} {m.distortion_optimal:>9.4g} "
+                     f"{report.weights[m.name]:>6.3f} {ret:>9} {risk:>16} {reh:>16}")
+    for note in ([report.hidden_sim_note] if report.hidden_sim_note else []) + report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""The guarded merge: guard, re-organise, then merge with mergekit's own `run_merge`.
+
+Two doors lead here: `mergekit-yaml config.yml OUT --guard ...` (`cli/mergekit_yaml.py`, mergekit's
+own console script extended by the `.pth` hook) and `mergekit-collapse merge config.yml OUT ...`.
+The report goes to `OUT/mergeability/` (and `--guard-report DIR`), where the card reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_collapse.errors import BadInputError, GuardStoppedError
+
+LOG = logging.getLogger(__name__)
+
+#: the folder inside the merged model where the report (and later the evaluation) lives
+REPORT_DIR = "mergeability"
+#: the help section of our options in mergekit's PrettyPrintHelp
+HELP_CATEGORY = "Merge Guard (mergekit-collapse)"
+#: marks a click command that already has the guard options
+_INSTALLED = "_mergekit_collapse_guard"
+
+
+@dataclass
+class GuardedMerge:
+    """What `guarded_merge` did.
+
+    Attributes:
+        report: the guard's report, with the actions taken.
+        outputs: folders mergekit wrote models to.
+        configs: the re-organised / re-weighted configs written next to the output.
+        report_paths: report.json / report.md / hidden_sim.png, per folder written.
+        sources: for each folder in `outputs`, the config it was merged from (None: as written).
+    """
+
+    report: Any  # GuardReport
+    outputs: list[Path] = field(default_factory=list)
+    sources: list[Path | None] = field(default_factory=list)
+    configs: list[Path] = field(default_factory=list)
+    report_paths: list[Path] = field(default_factory=list)
+    merge_seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        r = self.report
+        b = r.bounds
+        lines = [f"mergekit-collapse: {r.verdict} (decided by {r.decided_by}; r*² {b.exact:.4g}, "
+                 f"budget {r.budget.absolute:.4g})"]
+        h = r.rehearsal
+        if h is not None and h.status == "ran":
+            lines.append(f"  rehearsal: {sum(h.seconds.values()):.1f} s (in-memory merge "
+                         f"{h.seconds.get('merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
+        elif h is not None:
+            lines.append(f"  rehearsal {h.status}: {h.reason}")
+        lines += [f"  {a.action}: {a.changed}" for a in r.actions]
+        lines += [f"  config: {p}" for p in self.configs]
+        lines += [f"  merged: {p}" for p in self.outputs]
+        if self.configs and not self.outputs:
+            lines.append("  not merged: run mergekit-yaml on each config, or add --guard-merge-all")
+        lines += [f"  report: {p}" for p in self.report_paths if p.name == "report.md"]
+        return "\n".join(lines)
+
+
+def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: Any, *,
+                  action: str | None = None, budget: float | None = None,
+                  absolute_budget: float | None = None, weights: str | None = None,
+                  rehearse: str | None = None, report_dir: str | Path | None = None,
+                  merge_all: bool = False,
+                  cache_dir: str | Path | None = None, progress: bool | None = None) -> GuardedMerge:
+    """Run the guard on a mergekit config, apply its action, and merge with mergekit's run_merge.
+
+    Nothing is written to `out_path` before the guard has decided: when it stops the merge
+    (action `abort`, or no re-organisation fits the budget) no output folder is created.
+
+    Args:
+        config_path: the mergekit YAML (with its `guard:` section).
+        out_path: mergekit's output folder. Re-organised configs are written beside it as
+            `<OUT>.<action>.yml`; the report goes to `<OUT>/mergeability/`.
+        merge_options: mergekit's MergeOptions (device, dtype handling, trust_remote_code, ...).
+        action: overrides guard.action (abort, warn, drop, split, replace, order).
+        budget: relative budget, overrides guard.budget.
+        absolute_budget: absolute budget, overrides guard.budget.
+        weights: overrides guard.weights (none, suggest, apply).
+        rehearse: overrides guard.rehearse (auto, on, off).
+        report_dir: also write the report here (written even when the merge is stopped).
+        merge_all: split: merge every group into `<OUT>/group-<k>`.
+        cache_dir: hidden-state cache root.
+        progress: progress bars (default: unless mergekit's --quiet).
+
+    Returns:
+        What was merged and written.
+
+    Raises:
+        BadInputError: invalid config, guard section or options.
+        GuardStoppedError: over budget and the action stopped the merge (exit 3).
+    """
+    from mergekit_collapse.actions import ActionContext, get_action
+    from mergekit_collapse.guard.assess import run_guard
+    from mergekit_collapse.guard.config import load_config
+
+    out = Path(out_path)
+    cfg = load_config(config_path)
+    overrides = {k: v for k, v in (("action", action), ("weights", weights), ("rehearse", rehearse))
+                 if v is not None}
+    cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
+    run = run_guard(
+        cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())),
+        device=getattr(merge_options, "device", None) or "auto", dtype="auto",
+        cache_dir=cache_dir, trust_remote_code=bool(getattr(merge_options, "trust_remote_code", False)),
+        progress=(not getattr(merge_options, "quiet", False)) if progress is None else progress,
+        budget=budget, absolute_budget=absolute_budget, **overrides)
+    report, settings = run.report, run.cfg.guard
+    ctx = ActionContext(
+        report=report, raw=_raw(cfg.source), refs=list(run.cfg.models), budget=report.budget.absolute,
+        merge_method=cfg.merge.merge_method, base=cfg.base, vectors=run.vectors,
+        candidates=dict(settings.candidates), candidate_refs=candidate_refs)
+    try:
+        plan = get_action(settings.action).plan(ctx, merge_all=merge_all)
+    except ValueError as e:  # e.g. too many replacement combinations to try
+        raise BadInputError(f"guard action '{settings.action}': {e}") from None
+    report.actions.extend(plan.records)
+    result = GuardedMerge(report=report)
+    if plan.stop:
+        if report_dir:
+            result.report_paths += list(report.write(report_dir).values())
+            raise GuardStoppedError(f"{plan.stop}; report: {Path(report_dir) / 'report.md'}", report)
+        raise GuardStoppedError(f"{plan.stop} (--guard-report DIR keeps the report)", report)
+
+    report.actions.extend(_weights(plan, ctx, settings.weights, out))
+    jobs = []
+    for pm in plan.merges:
+        target = out / pm.name if pm.name else out
+        source = cfg.source
+        path = None
+        if pm.changed:
+            path = _sibling(out, pm.suffix)
+            source = _write_config(path, pm.raw)
+            result.configs.append(path)
+            for rec in report.actions:
+                if _belongs(rec, pm, settings.action):
+                    rec.configs.append(str(path))
+        if pm.merge:
+            jobs.append((pm, target, source, path))
+    if plan.multi_stage is not None:
+        path = _sibling(out, "order")
+        path.write_text(plan.multi_stage, encoding="utf-8")
+        result.configs.append(path)
+        for rec in report.actions:
+            rec.configs.append(str(path))
+
+    for pm, target, source, path in jobs:
+        t0 = time.perf_counter()
+        merge_config(pm.raw, target, merge_options, config_source=source)
+        result.merge_seconds += time.perf_counter() - t0
+        result.outputs.append(target)
+        result.sources.append(path)
+    if plan.multi_stage is not None:
+        stages = _sibling(out.resolve(), "stages", ext="")  # absolute: mergekit takes a/b for a Hub id
+        merge_multi_stage(plan.multi_stage, out, stages, merge_options)
+        result.outputs.append(out)
+        result.sources.append(None)  # the final stage merges the config's own constituents
+
+    result.report_paths += list(report.write(out / REPORT_DIR).values())
+    if report_dir:
+        result.report_paths += list(report.write(report_dir).values())
+    return result
+
+
+def _belongs(rec: Any, pm: Any, action: str) -> bool:
+    """Is this record about this planned merge's config (split records name their group)?"""
+    if rec.action == action or (rec.action == "weights" and "applied" in rec.changed):
+        return not pm.name or rec.changed.startswith(f"{pm.name}:")
+    return False
+
+
+def _raw(source: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(source)
+
+
+def _sibling(out: Path, suffix: str, ext: str = ".yml") -> Path:
+    """`<OUT>.<suffix>.yml` next to the output folder."""
+    return out.parent / f"{out.name}.{suffix}{ext}"
+
+
+def _write_config(path: Path, raw: dict) -> str:
+    from mergekit_collapse.actions.rewrite import dump_config
+
+    text = dump_config(raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
+    """For `replace`: give every candidate its task's probe spec, so the guard can extract it.
+
+    Returns:
+        (the config with candidate task entries, candidate text -> ModelReference).
+
+    Raises:
+        BadInputError: a candidate task that no model has, or a candidate that is not a model reference.
+    """
+    from mergekit_collapse.actions.rewrite import parse_ref
+    from mergekit_collapse.guard.config import with_guard
+
+    if not wanted or not cfg.guard.candidates:
+        return cfg, {}
+    by_name = {spec.name: spec for spec in cfg.guard.tasks.values()}
+    tasks = dict(cfg.guard.tasks)
+    refs: dict[str, Any] = {}
+    for task, texts in cfg.guard.candidates.items():
+        if task not in by_name:
+            raise BadInputError(f"guard.candidates names task '{task}', which no model of this merge has")
+        for text in texts:
+            ref = parse_ref(text)
+            if ref is None:
+                raise BadInputError(f"guard.candidates['{task}']: '{text}' is not a model reference")
+            refs[text] = ref
+            tasks.setdefault(text, by_name[task])
+    guard = cfg.guard.model_copy(update={"tasks": tasks})
+    return with_guard(cfg, guard), refs
+
+
+def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
+    """`--guard-weights`: α* of each planned merge's own models, suggested or applied.
+
+    `suggest` writes `<OUT>[.<action>]-weights.yml` beside the output and merges as planned;
+    `apply` rewrites the planned configs (linear and task-arithmetic family methods only).
+    """
+    from mergekit_collapse.actions.rewrite import weights_config
+    from mergekit_collapse.guard import geometry
+    from mergekit_collapse.guard.report import Action
+    from mergekit_collapse.guard.weights import TASK_FAMILY
+
+    if mode == "none":
+        return []
+    if plan.multi_stage is not None:
+        return [Action(action="weights", changed="not applied",
+                       reason="a multi-stage (order) plan weights each stage by its group sizes")]
+    records = []
+    linear = ctx.merge_method == "linear" or ctx.merge_method in TASK_FAMILY
+    for pm in plan.merges:
+        if len(pm.members) < 2:
+            continue
+        sq = geometry.pairwise_distances(ctx.vectors(pm.members)).sq
+        alpha = geometry.enclosing_ball(sq).weights
+        weights = {m: float(a) for m, a in zip(pm.members, alpha, strict=True)}
+        text = ", ".join(f"{m}: {a:.3f}" for m, a in weights.items())
+        where = f"{pm.name}: " if pm.name else ""
+        if mode == "apply" and linear:
+            pm.raw = weights_config(pm.raw, weights)
+            pm.changed = True
+            pm.suffix = f"{pm.suffix}-weights" if pm.suffix else "weights"
+            records.append(Action(
+                action="weights", changed=f"{where}applied α* as weight: {text}",
+                reason="distortion-optimal convex weights (minimum enclosing ball): the worst "
+                       "model's distortion is the smallest any convex merge allows",
+                models=[str(m) for m in pm.members]))
+        else:
+            why = ("suggested only (--guard-weights suggest)" if mode == "suggest" else
+                   f"not applied: {ctx.merge_method} has no linear weights")
+            records.append(Action(action="weights", changed=f"{where}α* {text}", reason=why,
+                                  models=[str(m) for m in pm.members]))
+            if mode == "suggest" and linear:
+                path = _sibling(out, f"{pm.suffix}-weights" if pm.suffix else "weights")
+                _write_config(path, weights_config(pm.raw, weights))
+                records[-1].configs.append(str(path))
+    return records
+
+
+def merge_config(raw: dict, out: str | Path, merge_options: Any, *,
+                 config_source: str | None = None) -> None:
+    """Merge one config with mergekit's own run_merge.
+
+    Args:
+        raw: the mergekit YAML mapping (a `guard:` key is ignored, as mergekit itself ignores it).
+        out: the output folder.
+        merge_options: mergekit's MergeOptions.
+        config_source: the YAML text mergekit records in the output (default: its own dump).
+
+    Raises:
+        BadInputError: mergekit rejects the config.
+    """
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from pydantic import ValidationError
+
+    body = {k: v for k, v in raw.items() if k != "guard"}
+    try:
+        merge = MergeConfiguration.model_validate(body)
+    except (ValidationError, RuntimeError, ValueError) as e:
+        raise BadInputError(f"invalid mergekit config: {str(e).splitlines()[0]}") from None
+    run_merge(merge, str(out), options=merge_options, config_source=config_source)
+
+
+def merge_multi_stage(text: str, out: str | Path, intermediate_dir: str | Path,
+                      merge_options: Any) -> None:
+    """Run a mergekit-multi YAML with mergekit's own multimerge machinery.
+
+    Args:
+        text: the multi-document YAML (named stages, one unnamed final merge).
+        out: the final model's folder.
+        intermediate_dir: where the named stages are written.
+        merge_options: mergekit's MergeOptions.
+    """
+    from mergekit.graph import Executor
+    from mergekit.scripts import multimerge
+
+    Path(intermediate_dir).mkdir(parents=True, exist_ok=True)
+    configs, deps = multimerge.load_config(text, str(intermediate_dir))
+    tasks = multimerge.make_tasks(configs, deps, merge_options, str(intermediate_dir), str(out),
+                                  lazy=False)
+    Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="Merging stages")

@@ -1,0 +1,1 @@
+"""Publishing: the mergeability card (`card`, `templates/`) and the atomic Hub push (`hub`)."""

@@ -1,0 +1,323 @@
+"""The mergeability card: a Hugging Face model card (README.md) for a merged model.
+
+It is rendered with `huggingface_hub.ModelCard` from a Jinja template. The default template ships inside
+the package (`mergekit_collapse/publish/templates/`, shipped as package data); `hub_cards/` at the repository
+root links to that same file, so there is one source of truth. The YAML metadata carries `base_model`,
+`base_model_relation: merge`, tags, a `model-index` from the evaluation, and a `mergeability:` block with
+the guard's numbers, so the Hub (and `ModelCard.load`) can read them back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.evaluate.observed import Evaluation
+from mergekit_collapse.guard.report import GuardReport
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+#: folder (relative to the merged model) holding the guard's outputs
+MERGEABILITY_DIR = "mergeability"
+DEFAULT_TEMPLATE = "mergeability_card.md.j2"
+TAGS = ["merge", "mergekit", "mergekit-collapse"]
+#: what a Hub model id looks like ("org/name"); local paths are left out of `base_model`
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_template_path() -> Path:
+    """The packaged default template (the file `hub_cards/mergeability_card.md.j2` links to).
+
+    Returns:
+        The template's path inside the installed package.
+    """
+    return Path(str(resources.files("mergekit_collapse.publish") / "templates" / DEFAULT_TEMPLATE))
+
+
+def _num(x: float | None) -> float | None:
+    """YAML-safe numbers: NaN has no stable round trip, so it becomes None; inf stays (.inf)."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a Markdown table: 3 significant digits, ∞ for inf, — for None."""
+    if x is None:
+        return "—"
+    if isinstance(x, (int, float)):
+        if math.isinf(x):
+            return "∞" if x > 0 else "-∞"
+        if math.isnan(x):
+            return "—"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def hub_base_models(report: GuardReport) -> list[str]:
+    """The Hub ids this merge derives from: the constituents (both parts of `model+lora`), else the base.
+
+    Local paths are not Hub ids and are left out (the Hub would reject them).
+
+    Args:
+        report: the guard's report.
+
+    Returns:
+        Unique Hub model ids, in config order; empty when none of the references is a Hub id.
+    """
+    refs: list[str] = []
+    for name in report.names:
+        refs.extend(part.strip() for part in name.split("+"))
+    ids = [r for r in refs if _REPO_ID.match(r)]
+    if not ids and report.base_model and _REPO_ID.match(report.base_model):
+        ids = [report.base_model]
+    return list(dict.fromkeys(ids))
+
+
+def read_evaluation(path: Path) -> Evaluation | None:
+    """Read evaluation.json if it exists.
+
+    Args:
+        path: the evaluation.json path.
+
+    Returns:
+        The parsed evaluation, or None when the file is absent.
+
+    Raises:
+        BadInputError: the file is not valid JSON or does not have evaluation.json's shape.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return Evaluation.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as e:
+        raise BadInputError(f"{path}: not a valid evaluation.json ({e.error_count()} errors: "
+                            f"{e.errors()[0]['msg']})") from None
+
+
+def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = None) -> dict[str, Any]:
+    """The card's `mergeability:` metadata block, in plain YAML-safe types.
+
+    Args:
+        report: the guard's report.
+        evaluation: the evaluation, if one was run.
+
+    Returns:
+        A dict with the budget, bounds, verdict, per-model scores, probes, layer, pooling, actions,
+        the tool version, the risk score when the report has one, and the observed losses if evaluated.
+    """
+    from mergekit_collapse import __version__
+
+    b = report.bounds
+    block: dict[str, Any] = {
+        "schema_version": report.schema_version,
+        "tool_version": report.tool_version,
+        "card_tool_version": __version__,
+        "verdict": report.verdict,
+        "decided_by": report.decided_by,
+        "merge_method": report.merge_method,
+        "budget": {"mode": report.budget.mode, "value": _num(report.budget.value),
+                   "absolute": _num(report.budget.absolute), "scale": _num(report.budget.scale),
+                   "scale_source": report.budget.scale_source},
+        "bounds": {"diameter": _num(b.diameter), "converse": _num(b.converse), "exact": _num(b.exact),
+                   "jung": _num(b.jung), "jung_n": b.jung_n, "jung_dim": b.jung_dim,
+                   "uniform": _num(b.uniform), "planned": _num(b.planned)},
+        "models": [{"name": m.name, "task": m.task, "mds": _num(m.mds),
+                    "distortion": _num(m.distortion_optimal),
+                    "distortion_planned": _num(m.distortion_planned),
+                    "retention": _num(m.retention), "weight": _num(report.weights.get(m.name))}
+                   for m in report.models],
+        "probes": {"sha256": report.probes.sha256, "count": report.probes.count, "k": report.probes.k,
+                   "seed": report.probes.seed, "chat_template": report.probes.chat_template},
+        "layer": report.layer,
+        "pooling": report.pooling,
+        "actions": [{"action": a.action, "changed": a.changed, "reason": a.reason} for a in report.actions],
+    }
+    if report.risk is not None:
+        block["risk"] = report.risk.model_dump(mode="json")
+    if report.rehearsal is not None:
+        block["rehearsal"] = report.rehearsal.model_dump(mode="json")
+    for entry, model in zip(block["models"], report.models, strict=True):
+        entry["risk_score"], entry["risk_band"] = _num(model.risk_score), model.risk_band
+        entry["predicted_retention"] = _num(model.predicted_retention)
+        entry["rehearsal_band"] = model.rehearsal_band
+    if evaluation is not None:
+        block["observed"] = {
+            "limit": evaluation.limit,
+            "dtype": evaluation.dtype,
+            "mean_loss": _num(evaluation.mean_loss),
+            "tasks": [{"model": t.model, "task": t.task, "eval": t.eval, "metric": t.metric,
+                       "constituent": _num(t.constituent), "merged": _num(t.merged),
+                       "base": _num(t.base), "loss": _num(t.loss),
+                       **({"observed_retention": _num(t.observed_retention)}
+                          if t.observed_retention is not None else {})}
+                      for t in evaluation.tasks],
+        }
+    return block
+
+
+def card_data(report: GuardReport, evaluation: Evaluation | None, *, model_name: str):
+    """The card's metadata as a `huggingface_hub.ModelCardData`.
+
+    Args:
+        report: the guard's report.
+        evaluation: the evaluation, or None.
+        model_name: the name `model-index` uses.
+
+    Returns:
+        A `ModelCardData` with base_model, base_model_relation, tags, library_name, model-index
+        (when evaluated) and mergeability.
+    """
+    from huggingface_hub import EvalResult, ModelCardData
+
+    base = hub_base_models(report)
+    eval_results = [
+        EvalResult(task_type="text-generation", task_name=t.task, dataset_type=t.eval,
+                   dataset_name=t.eval, metric_type=t.metric, metric_value=_num(t.merged),
+                   metric_name=f"{t.metric} (merged; constituent {fmt(t.constituent)})")
+        for t in (evaluation.tasks if evaluation else []) if t.merged is not None
+    ]
+    kwargs: dict[str, Any] = {}
+    if base:
+        kwargs = {"base_model": base if len(base) > 1 else base[0], "base_model_relation": "merge"}
+    return ModelCardData(
+        library_name="transformers",
+        tags=list(TAGS),
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+        mergeability=mergeability_metadata(report, evaluation),
+        **kwargs,
+    )
+
+
+def _rows(report: GuardReport, evaluation: Evaluation | None) -> list[dict[str, Any]]:
+    by_model = {t.model: t for t in (evaluation.tasks if evaluation else [])}
+    rows = []
+    for m in report.models:
+        row: dict[str, Any] = {"name": m.name, "task": m.task, "mds": m.mds,
+                               "distortion": m.distortion_optimal, "retention": m.retention,
+                               "weight": report.weights.get(m.name), "risk_score": m.risk_score,
+                               "risk_band": m.risk_band, "rehearsal_band": m.rehearsal_band,
+                               "predicted_retention": m.predicted_retention}
+        t = by_model.get(m.name)
+        if t is not None:
+            row.update(eval=t.eval, metric=t.metric, constituent=t.constituent, merged=t.merged,
+                       base=t.base, loss=t.loss)
+        rows.append(row)
+    return rows
+
+
+def render_card(out_dir: str | Path, *, template: Path | None = None,
+                config_path: Path | None = None, model_name: str | None = None) -> ModelCard:
+    """Render the mergeability card of a merged model directory.
+
+    Args:
+        out_dir: the merged model directory (mergekit's output) with `mergeability/report.json`,
+            and optionally `mergeability/evaluation.json`, `hidden_sim.png`, `predicted_vs_observed.png`.
+        template: a Jinja template of your own (same context as the default; see its header).
+        config_path: the mergekit YAML to show; defaults to `out_dir/mergekit_config.yml` if present.
+        model_name: the card's title and `model-index` name; defaults to the directory's name.
+
+    Returns:
+        The rendered `huggingface_hub.ModelCard` (not yet written; see `write_card`).
+
+    Raises:
+        BadInputError: no report in `out_dir`, an unreadable report, evaluation or template.
+    """
+    from huggingface_hub import ModelCard
+
+    from mergekit_collapse import __version__
+
+    out = Path(out_dir)
+    mdir = out / MERGEABILITY_DIR
+    if not (mdir / "report.json").is_file():
+        raise BadInputError(f"{out}: no {MERGEABILITY_DIR}/report.json (run `mergekit-collapse check` "
+                            "with this output folder first)")
+    try:
+        report = GuardReport.read(mdir)
+    except (ValidationError, ValueError) as e:
+        raise BadInputError(f"{mdir / 'report.json'}: not a valid guard report ({e})") from None
+    evaluation = read_evaluation(mdir / "evaluation.json")
+    name = model_name or out.resolve().name
+
+    config_file = Path(config_path) if config_path is not None else out / "mergekit_config.yml"
+    if config_path is not None and not config_file.is_file():
+        raise BadInputError(f"mergekit config not found: {config_file}")
+    mergekit_config = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
+
+    tpl = Path(template) if template is not None else default_template_path()
+    if not tpl.is_file():
+        raise BadInputError(f"card template not found: {tpl}")
+    data = card_data(report, evaluation, model_name=name)
+
+    import jinja2
+
+    try:
+        card = ModelCard.from_template(
+            data, template_str=tpl.read_text(encoding="utf-8"),
+            model_name=name, report=report.model_dump(mode="json"),
+            mergeability=data["mergeability"],
+            evaluation=evaluation.model_dump(mode="json") if evaluation else None,
+            rows=_rows(report, evaluation),
+            heatmap=f"{MERGEABILITY_DIR}/hidden_sim.png" if (mdir / "hidden_sim.png").is_file() else None,
+            scatter=(f"{MERGEABILITY_DIR}/predicted_vs_observed.png"
+                     if (mdir / "predicted_vs_observed.png").is_file() else None),
+            mergekit_config=mergekit_config, fmt=fmt, tool_version=__version__,
+        )
+    except jinja2.TemplateError as e:
+        raise BadInputError(f"card template {tpl}: {type(e).__name__}: {e}") from None
+    # a custom template may leave metadata out: put ours back, without overriding what it set
+    present = card.data.to_dict()
+    for key, value in data.to_dict().items():
+        if key in present:
+            continue
+        if key == "model-index":
+            card.data.eval_results, card.data.model_name = data.eval_results, data.model_name
+        else:
+            card.data[key] = value
+    return card
+
+
+def write_card(out_dir: str | Path, *, template: Path | None = None, config_path: Path | None = None,
+               model_name: str | None = None) -> Path:
+    """Render the mergeability card and write it as `out_dir/README.md` (replacing mergekit's README).
+
+    Args:
+        out_dir: the merged model directory.
+        template: a Jinja template of your own.
+        config_path: the mergekit YAML to show.
+        model_name: the card's title and `model-index` name.
+
+    Returns:
+        The README.md path.
+
+    Raises:
+        BadInputError: see `render_card`.
+    """
+    card = render_card(out_dir, template=template, config_path=config_path, model_name=model_name)
+    path = Path(out_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def load_card_metadata(path: str | Path) -> dict[str, Any]:
+    """Read a card's metadata back (what the Hub sees), as a plain dict.
+
+    Args:
+        path: a README.md.
+
+    Returns:
+        The YAML metadata as a dict (`model-index` included, as written).
+    """
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(Path(path)).data.to_dict()
+
