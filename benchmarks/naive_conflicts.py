@@ -43,11 +43,11 @@ def _load_dir(path: Path) -> dict[str, np.ndarray]:
 
 def _lora_tau(path: Path) -> dict[str, np.ndarray]:
     import torch
+    from peft import LoraConfig
     from safetensors.torch import load_file
 
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    cfg = LoraConfig.from_pretrained(str(path))
+    scaling = cfg.lora_alpha / math.sqrt(cfg.r) if cfg.use_rslora else cfg.lora_alpha / cfg.r
     sd = {k.removeprefix("base_model.model."): v.to(torch.float64).numpy()
           for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
     tau = {}
@@ -56,7 +56,7 @@ def _lora_tau(path: Path) -> dict[str, np.ndarray]:
             module = k[: -len(".lora_A.weight")]
             b = sd[f"{module}.lora_B.weight"]
             delta = b @ a
-            tau[f"{module}.weight"] = scaling * (delta.T if cfg.get("fan_in_fan_out") else delta)
+            tau[f"{module}.weight"] = scaling * (delta.T if cfg.fan_in_fan_out else delta)
         elif k.endswith(".lora_embedding_A"):
             module = k[: -len(".lora_embedding_A")]
             tau[f"{module}.weight"] = scaling * (sd[f"{module}.lora_embedding_B"] @ a).T

@@ -603,10 +603,12 @@ def _ok(value: float, target: float, higher: bool) -> str:
 
 def table(r: dict[str, Any]) -> str:
     """The side-by-side table printed at the end of a run."""
-    lines = [f"{'item':<46}{'value':>24}  target / status", "-" * 90]
+    from tabulate import tabulate
+
+    rows: list[list[str]] = []
 
     def row(name: str, value: str, status: str = "") -> None:
-        lines.append(f"{name:<46}{value:>24}  {status}")
+        rows.append([name, value, status])
 
     if "a" in r:
         a = r["a"]
@@ -668,9 +670,10 @@ def table(r: dict[str, Any]) -> str:
         row("(g) OMP_WAIT_POLICY=PASSIVE / 1 thread",
             f"{g['passive']['seconds']:.1f} / {g['one_thread']['seconds']:.1f} s",
             f"speedup {g['speedup_passive']:.1f}x")
-    lines.append(f"load average: start {r['env']['load_at_start']}, end {r['env'].get('load_at_end')}; "
-                 f"OMP_WAIT_POLICY {r['env']['omp_wait_policy']}; total {r['env'].get('total_s', 0):.0f} s")
-    return "\n".join(lines)
+    return (tabulate(rows, headers=["item", "value", "target / status"], colalign=("left", "right", "left"),
+                     disable_numparse=True)
+            + f"\nload average: start {r['env']['load_at_start']}, end {r['env'].get('load_at_end')}; "
+            f"OMP_WAIT_POLICY {r['env']['omp_wait_policy']}; total {r['env'].get('total_s', 0):.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -366,7 +366,12 @@ def cross_check(rows: list[dict[str, Any]], other: Path, threshold: float) -> st
 
 def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     """Tables: a ranking of every predictor x setting, then per subset Pearson/Spearman/AUROC, ANOVA."""
-    from mergekit_collapse.analysis.statistics import anova, parse_records, summarize
+    from mergekit_collapse.analysis.statistics import (
+        anova,
+        markdown_table,
+        parse_records,
+        summarize,
+    )
 
     rows = read_records(work)
     if (work / "mergelens.json").exists():
@@ -378,10 +383,9 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     lines += ["### Predictor ranking (all merges)\n",
               "AUROC in the predictor's own direction (0.5 = chance); ρ = Spearman with loss; "
               "within-task ρ and p beyond task: what the predictor adds to knowing the task "
-              "(statistics.beyond_task).\n",
-              "| predictor | setting | n | AUROC | direction | Spearman ρ | p | within-task ρ | "
-              "p beyond task |", "|---|---|---|---|---|---|---|---|---|"]
+              "(statistics.beyond_task).\n"]
     ranked = sorted(full.metrics, key=lambda m: -(m.auroc.auroc_best or 0))
+    table = []
     for m in ranked:
         if m.metric in ("merged", "constituent", "size"):
             continue
@@ -389,9 +393,10 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
         if name.startswith(("conflict_", "mergelens_")):
             setting = "—"  # weight-space scores: no pooling, no layer
         c, a, b = m.correlation, m.auroc, m.beyond_task
-        lines.append(f"| {name} | {setting or 'mean-1'} | {c.n} | {_f(a.auroc_best)} | "
-                     f"{a.direction or '—'} | {_f(c.spearman_rho)} | {_f(c.spearman_p)} | "
-                     f"{_f(b.within_rho)} | {_f(b.p)} |")
+        table.append([name, setting or "mean-1", c.n, _f(a.auroc_best), a.direction or "—",
+                      _f(c.spearman_rho), _f(c.spearman_p), _f(b.within_rho), _f(b.p)])
+    lines.append(markdown_table(["predictor", "setting", "n", "AUROC", "direction", "Spearman ρ", "p",
+                                 "within-task ρ", "p beyond task"], table))
     default = at_setting(rows, DEFAULT_SETTING)
     subsets = [("pairs", lambda r: r["size"] == 2), ("groups of 4-8", lambda r: r["size"] > 2)]
     subsets += [(f"method {m}", lambda r, m=m: r["method"] == m) for m in METHODS]
@@ -505,7 +510,7 @@ def merge_level(rows: list[dict[str, Any]], flags: np.ndarray, threshold: float)
 def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, dict[str, Any]]:
     """Per-model AUROC, and leave-one-task-out bands judged at model and merge level, per predictor,
     for all merges, pairs, groups and each method. Returns (markdown, the headline numbers)."""
-    from mergekit_collapse.analysis.statistics import auroc
+    from mergekit_collapse.analysis.statistics import auroc, markdown_table
 
     subsets = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
                ("groups", lambda r: r["size"] > 2)]
@@ -514,9 +519,8 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
     lines = [f"{len(rows)} constituent losses from {n_merges} merges that were also rehearsed; "
              f"collapsed = loss < {threshold:g}%. AUROC needs no fitting; the sensitivity and "
              "specificity are of bands fitted with each task left out (LOTO: the held-out task's "
-             "rows are judged by an edge fitted on the other tasks only).\n",
-             "| predictor | subset | n | collapsed | AUROC | LOTO sens. | LOTO spec. | merges | "
-             "merge sens. | merge spec. |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "rows are judged by an edge fitted on the other tasks only).\n"]
+    table = []
     headline: dict[str, Any] = {}
     loto = {(c, False): leave_one_task_out(rows, c, d, threshold) for c, d in OOS_PREDICTORS}
     loto[("relative_distortion", True)] = leave_one_task_out(rows, "relative_distortion", "higher",
@@ -550,29 +554,33 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
                 a = res.auroc
             sens, spec = _rates(flags[idx], y)
             ms, mp, nb, ng = merge_level(sel, flags[idx], threshold)
-            lines.append(f"| {name} | {sub} | {len(sel)} | {int(y.sum())} | {_f(a)} | {_f(sens)} | "
-                         f"{_f(spec)} | {nb}+{ng} | {_f(ms)} | {_f(mp)} |")
+            table.append([name, sub, len(sel), int(y.sum()), _f(a), _f(sens), _f(spec), f"{nb}+{ng}",
+                          _f(ms), _f(mp)])
             headline[f"{name}|{sub}"] = {"n": len(sel), "auroc": a, "loto_sensitivity": sens,
                                          "loto_specificity": spec, "merge_sensitivity": ms,
                                          "merge_specificity": mp, "merges_collapsed": nb,
                                          "merges_fine": ng}
-    per_task = ["\n### Within each task (rehearsal agreement vs relative distortion)\n",
-                "| task | n | collapsed | AUROC rehearsal | AUROC relative distortion |", "|---|---|---|---|---|"]
+    lines.append(markdown_table(["predictor", "subset", "n", "collapsed", "AUROC", "LOTO sens.",
+                                 "LOTO spec.", "merges", "merge sens.", "merge spec."], table))
+    per_task = []
     for t in sorted({r["task"] for r in rows}):
         sel = [r for r in rows if r["task"] == t]
         y = np.array([r["loss"] < threshold for r in sel])
         ra = auroc(-np.array([r["rehearsal_agreement"] for r in sel]), y).auroc
         rd = auroc(np.array([r["relative_distortion"] if r["relative_distortion"] is not None else np.nan
                              for r in sel]), y).auroc
-        per_task.append(f"| {t} | {len(sel)} | {int(y.sum())} | {_f(ra)} | {_f(rd)} |")
-    return "\n".join(lines + per_task) + "\n", headline
+        per_task.append([t, len(sel), int(y.sum()), _f(ra), _f(rd)])
+    lines += ["\n### Within each task (rehearsal agreement vs relative distortion)\n",
+              markdown_table(["task", "n", "collapsed", "AUROC rehearsal", "AUROC relative distortion"],
+                             per_task)]
+    return "\n".join(lines) + "\n", headline
 
 
 def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
                         decides: str | None) -> Path:
     """Add the rehearsal's bands (fitted on every rehearsed record), the deciding signal and the
     out-of-sample numbers (`out_of_sample`) to the packaged default calibration; write it to
-    <work>/calibration.json (copy it over mergekit_collapse/calibration_default.json to ship it).
+    <work>/calibration.json (copy it over mergekit_collapse/guard/calibration_default.json to ship it).
 
     `decides` None: the signal whose leave-one-task-out merge-level verdict has the larger
     sensitivity + specificity over all merges.
@@ -592,7 +600,7 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
             h = headline[f"{name}|all"]
             return h["merge_sensitivity"] + h["merge_specificity"]
         decides = "rehearsal" if j(score) >= j("relative_distortion") else "risk"
-    cal = load_calibration(Path(__file__).parent.parent / "mergekit_collapse" / "calibration_default.json")
+    cal = load_calibration(Path(__file__).parent.parent / "mergekit_collapse" / "guard" / "calibration_default.json")
     # the verdict is about merges: its collapse edge maximises the merge-level J (the model-level
     # fit's Youden edge is kept in validity.youden_j); elevated stays the high-sensitivity edge
     x = np.array([r[score] for r in rows], dtype=float)

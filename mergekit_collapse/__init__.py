@@ -3,12 +3,25 @@
     >>> from mergekit_collapse import check
     >>> report = check("merge_configs/demo.yml")
     >>> report.verdict
+
+The public API: `check` (the guard on one config), `run_pipeline` (guard -> merge -> evaluate ->
+card -> push), `GuardReport`, `push`, and the errors. The stages live in sub-packages named for
+them: guard/, actions/, merge, evaluate/, publish/, pipeline, with analysis/, ci/, demo/ and cli/
+beside them (README, "Layout").
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
+
+from mergekit_collapse.errors import (
+    BadInputError,
+    CollapseError,
+    GuardStoppedError,
+    HubError,
+)
 
 try:
     __version__ = version("mergekit-collapse")
@@ -17,14 +30,23 @@ except PackageNotFoundError:  # running from a source tree
 
 if TYPE_CHECKING:
     from mergekit_collapse.guard.assess import check
+    from mergekit_collapse.guard.report import GuardReport
+    from mergekit_collapse.pipeline import run_pipeline
+    from mergekit_collapse.publish.hub import push
 
-__all__ = ["__version__", "check"]
+#: lazy: `import mergekit_collapse` must not import torch
+_LAZY = {
+    "check": "mergekit_collapse.guard.assess",
+    "run_pipeline": "mergekit_collapse.pipeline",
+    "GuardReport": "mergekit_collapse.guard.report",
+    "push": "mergekit_collapse.publish.hub",
+}
+
+__all__ = ["BadInputError", "CollapseError", "GuardReport", "GuardStoppedError", "HubError",
+           "__version__", "check", "push", "run_pipeline"]
 
 
 def __getattr__(name: str) -> Any:
-    # lazy: `import mergekit_collapse` must not import torch
-    if name == "check":
-        from mergekit_collapse.guard.assess import check
-
-        return check
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(name)

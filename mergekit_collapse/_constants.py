@@ -11,6 +11,8 @@ ENV_DISABLE = "MERGEKIT_COLLAPSE_DISABLE"
 ENV_CACHE = "MERGEKIT_COLLAPSE_CACHE"
 
 REPORT_SCHEMA_VERSION = "1.0"
+#: the folder inside a merged model that holds the report, the evaluation and the plots
+REPORT_DIR = "mergeability"
 
 
 def hook_disabled() -> bool:

@@ -1,4 +1,9 @@
-"""Typed errors. The CLI maps each to one exit code and one line of text (traceback only with --debug)."""
+"""Typed errors. The CLI maps each to one exit code and one line of text (traceback only with --debug).
+
+Like huggingface_hub's, they are also the standard error they resemble: a `BadInputError` is a
+`ValueError`, a `ModelNotFoundError` a `FileNotFoundError`, so `except ValueError` in user code
+catches a malformed config as it would from any other library.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,18 @@ class CollapseError(Exception):
     exit_code = EXIT_UNEXPECTED
 
 
-class BadInputError(CollapseError):
+class BadInputError(CollapseError, ValueError):
     """Malformed config, missing or mismatched models, empty probes, NaNs, unsafe weights."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(BadInputError):
+    """The config is not valid: YAML, mergekit's own schema, or the `guard:` section."""
+
+
+class ModelNotFoundError(BadInputError, FileNotFoundError):
+    """A model path, Hub id or input file that cannot be found (or fetched from the Hub)."""
 
 
 class GuardStoppedError(CollapseError):
@@ -35,3 +48,8 @@ class HubError(CollapseError):
     """Talking to the Hugging Face Hub failed (no token, 401/403/404, network). Never carries a token."""
 
     exit_code = EXIT_HUB
+
+    def __init__(self, message: str, *, status: int | None = None, repo_id: str | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status, when the Hub answered
+        self.repo_id = repo_id

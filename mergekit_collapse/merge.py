@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergekit_collapse._constants import REPORT_DIR
 from mergekit_collapse.errors import BadInputError, GuardStoppedError
 
 LOG = logging.getLogger(__name__)
 
 #: the folder inside the merged model where the report (and later the evaluation) lives
-REPORT_DIR = "mergeability"
 #: the help section of our options in mergekit's PrettyPrintHelp
 HELP_CATEGORY = "Merge Guard (mergekit-collapse)"
 #: marks a click command that already has the guard options
@@ -70,7 +70,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                   absolute_budget: float | None = None, weights: str | None = None,
                   rehearse: str | None = None, report_dir: str | Path | None = None,
                   merge_all: bool = False,
-                  cache_dir: str | Path | None = None, progress: bool | None = None) -> GuardedMerge:
+                  cache_dir: str | Path | None = None, progress: bool | None = None,
+                  **settings: Any) -> GuardedMerge:
     """Run the guard on a mergekit config, apply its action, and merge with mergekit's run_merge.
 
     Nothing is written to `out_path` before the guard has decided: when it stops the merge
@@ -90,6 +91,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         merge_all: split: merge every group into `<OUT>/group-<k>`.
         cache_dir: hidden-state cache root.
         progress: progress bars (default: unless mergekit's --quiet).
+        **settings: other guard settings to override (layer, pooling, k, seed, jung_dim, base).
 
     Returns:
         What was merged and written.
@@ -104,8 +106,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
 
     out = Path(out_path)
     cfg = load_config(config_path)
-    overrides = {k: v for k, v in (("action", action), ("weights", weights), ("rehearse", rehearse))
-                 if v is not None}
+    overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
+                                   **settings}.items() if v is not None}
     cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
     run = run_guard(
         cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())),
@@ -120,6 +122,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         candidates=dict(settings.candidates), candidate_refs=candidate_refs)
     try:
         plan = get_action(settings.action).plan(ctx, merge_all=merge_all)
+    except BadInputError:  # an action's own one-line error (a ValueError too): as it is
+        raise
     except ValueError as e:  # e.g. too many replacement combinations to try
         raise BadInputError(f"guard action '{settings.action}': {e}") from None
     report.actions.extend(plan.records)
@@ -206,8 +210,7 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
     Raises:
         BadInputError: a candidate task that no model has, or a candidate that is not a model reference.
     """
-    from mergekit_collapse.actions.rewrite import parse_ref
-    from mergekit_collapse.guard.config import with_guard
+    from mergekit_collapse.guard.config import parse_ref, with_guard
 
     if not wanted or not cfg.guard.candidates:
         return cfg, {}
@@ -236,7 +239,7 @@ def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
     from mergekit_collapse.actions.rewrite import weights_config
     from mergekit_collapse.guard import geometry
     from mergekit_collapse.guard.report import Action
-    from mergekit_collapse.guard.weights import TASK_FAMILY
+    from mergekit_collapse.guard.weights import task_family
 
     if mode == "none":
         return []
@@ -244,7 +247,7 @@ def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
         return [Action(action="weights", changed="not applied",
                        reason="a multi-stage (order) plan weights each stage by its group sizes")]
     records = []
-    linear = ctx.merge_method == "linear" or ctx.merge_method in TASK_FAMILY
+    linear = ctx.merge_method == "linear" or ctx.merge_method in task_family()
     for pm in plan.merges:
         if len(pm.members) < 2:
             continue

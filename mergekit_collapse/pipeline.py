@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_collapse._constants import cache_root
+from mergekit_collapse._constants import REPORT_DIR, cache_root
+from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR
 
 STATE_FILE = "pipeline.json"
-REPORT_DIR = "mergeability"
 
 
 @dataclass
@@ -41,10 +41,12 @@ def _sha(*parts: Any) -> str:
 def _files(folder: Path) -> dict[str, int]:
     """Sizes of the files mergekit wrote (weights, config, tokenizer): the merge stage's outputs.
 
-    README.md (rewritten by the card stage) and the report folder belong to later stages.
+    README.md and `.eval_results/` (written by the card stage) and the report folder belong to
+    later stages.
     """
+    later = {REPORT_DIR, EVAL_RESULTS_DIR}
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "README.md" and REPORT_DIR not in p.relative_to(folder).parts}
+            if p.is_file() and p.name != "README.md" and not later & set(p.relative_to(folder).parts)}
 
 
 class StageState:
@@ -85,7 +87,8 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
                  merge_all: bool = False, evaluate: bool = True, limit: int | None = None,
                  with_base: bool = False, push_repo: str | None = None, dry_run: bool = False,
                  private: bool = False, exist_ok: bool = False, template: Path | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print) -> PipelineResult:
+                 progress: bool = True, echo: Callable[[str], None] = print,
+                 **settings: Any) -> PipelineResult:
     """Guard, merge with mergekit, evaluate with lm-eval, write the card, push to the Hub.
 
     Args:
@@ -102,6 +105,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         template: a card template of the user's.
         progress: progress bars.
         echo: where stage lines go.
+        **settings: other guard settings to override (rehearse, layer, k, ...; see `guarded_merge`).
 
     Returns:
         The PipelineResult.
@@ -127,7 +131,8 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
     # 1. guard + merge
     t0 = time.time()
     inputs = _sha(config.read_text(encoding="utf-8"), action, budget, absolute_budget, weights,
-                  merge_all, opts.model_dump(mode="json") if hasattr(opts, "model_dump") else str(opts))
+                  merge_all, opts.model_dump(mode="json") if hasattr(opts, "model_dump") else str(opts),
+                  *([settings] if settings else []))  # none given: earlier runs keep their hash
     rec = state.get("merge")
     intact = all(Path(o).is_dir() and _files(Path(o)) == sizes
                  for o, sizes in rec.get("outputs", {}).items())
@@ -141,7 +146,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         stage(0)
         done = guarded_merge(config, out, opts, action=action, budget=budget,
                              absolute_budget=absolute_budget, weights=weights, merge_all=merge_all,
-                             progress=progress)
+                             progress=progress, **settings)
         echo(done.summary())
         result.report = done.report
         outputs = done.outputs

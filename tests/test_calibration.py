@@ -6,10 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mergekit_collapse.analysis.calibrate import calibrate_file, fit_calibration
+from mergekit_collapse.analysis.calibrate import calibrate_file, fit_calibration, roc_cuts
 from mergekit_collapse.analysis.statistics import parse_records
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.calibration import Bands, Calibration, default_path, load_calibration
@@ -43,6 +44,19 @@ def test_fit_hand_computed() -> None:
     assert v.sensitivity_elevated == pytest.approx(1.0) and v.n == 8 and v.n_collapsed == 4
     assert cal.relative_budget == pytest.approx(0.9)  # the same cut on 2·x
     assert [cal.band(x) for x in (0.45, 0.3, 0.2, None)] == ["collapse", "elevated", "low", None]
+
+
+def test_roc_cuts_infinite_and_tied_scores() -> None:
+    # an infinite MDS is a valid score: distinct values (descending) inf, 3, 2, -inf;
+    # TPR .5 1 1 1, FPR 0 0 .5 1 (the tie at 2 is one cut) -> J = 1 at "≥ 3": edge (3 + 2) / 2
+    x = np.array([np.inf, 3.0, 2.0, 2.0, -np.inf, 2.0])
+    y = np.array([True, True, False, False, False, False])
+    collapse, elevated = roc_cuts(x, y, sensitivity=0.5)
+    assert collapse.edge == 2.5 and collapse.sensitivity == 1.0 and collapse.specificity == 1.0
+    assert elevated == collapse  # never above the collapse cut
+    # halfway between inf and 3 is not finite: the edge is the finite side
+    top, _ = roc_cuts(np.array([np.inf, 3.0, 1.0]), np.array([True, False, False]), sensitivity=1.0)
+    assert top.edge == 3.0 and top.specificity == 1.0
 
 
 def test_fit_lower_direction_and_auto_score() -> None:

@@ -133,8 +133,9 @@ def test_card_metadata_round_trips_through_model_card_load(merged_dir: Path) -> 
                            "scale_source": "base spread"}
     assert m["bounds"]["converse"] == 1.0 and m["bounds"]["jung"] == pytest.approx(4 / 3)
     assert m["bounds"]["jung_n"] == 2 and m["bounds"]["exact"] == 1.0
-    assert [(x["name"], x["task"]) for x in m["models"]] == list(zip(MODELS, ["sentiment", "math", "code"],
-                                                                     strict=True))
+    # models go by display name: a Hub id stays, a local path is never published
+    assert [(x["name"], x["task"]) for x in m["models"]] == [
+        (MODELS[0], "sentiment"), (MODELS[1], "math"), ("llama-code", "code")]
     assert [x["mds"] for x in m["models"]][:2] == [1.25, 1.5]
     # report.json itself writes inf as null (pydantic's JSON default), so the card shows what it read
     assert m["models"][2]["mds"] == GuardReport.read(merged_dir / "mergeability").models[2].mds
@@ -183,7 +184,8 @@ def test_card_body_has_heatmap_table_prediction_and_config(merged_dir: Path) -> 
     assert "![HiddenSim heatmap](mergeability/hidden_sim.png)" in body
     assert (merged_dir / "mergeability" / "hidden_sim.png").is_file()
     assert "| `acme/llama-sentiment` | sentiment | 1.25 |" in body
-    assert "| `/local/ckpt/llama-code` | code | — |" in body  # inf read back from JSON as null
+    assert "| `llama-code` | code | — |" in body  # inf read back from JSON as null
+    assert "/local/ckpt" not in text
     assert "## Predicted vs observed" in body
     assert "| sst2 |" in body and "-36.8" in body
     assert "![Predicted vs observed](mergeability/predicted_vs_observed.png)" in body
@@ -245,3 +247,77 @@ def test_cli_card(merged_dir: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["card", str(tmp_path / "missing")])
     assert res.exit_code == EXIT_BAD_INPUT
     assert "Traceback" not in res.output
+
+
+def test_display_names_hub_ids_relative_paths_and_adapter_folders(tmp_path: Path) -> None:
+    from mergekit_collapse.guard.report import display_names
+
+    root, other = tmp_path / "recipes", tmp_path / "elsewhere"
+    ft, base = root / "models" / "ft", other / "base"
+    adapters = [other / "a" / "adapter", other / "b" / "adapter"]
+    for folder in (ft, base, *adapters):
+        folder.mkdir(parents=True)
+    refs = ["acme/llama@main", str(ft), str(base), f"{ft}+{adapters[0]}", f"{ft}+{adapters[1]}",
+            f"{base}+{tmp_path / 'sentiment'}", "./zoo/ft3"]
+    assert display_names(refs, root) == {
+        "acme/llama@main": "acme/llama@main",  # a Hub id (and its revision) as it is
+        str(ft): "models/ft",  # inside the config's folder: relative to it
+        str(base): "base",  # outside: its folder's name
+        refs[3]: "models/ft+a/adapter", refs[4]: "models/ft+b/adapter",  # a clash: more of the path
+        refs[5]: "base+sentiment",
+        "./zoo/ft3": "./zoo/ft3",  # relative: as the config writes it
+    }
+    assert display_names([str(ft)]) == {str(ft): "ft"}
+
+
+def test_card_of_a_merge_of_local_folders_publishes_no_local_path(tmp_path: Path) -> None:
+    """Local folders show as display names; the lineage comes from what the checkpoints record."""
+    import yaml
+    from common import make_finetune, make_lora, make_tiny_llama
+
+    from mergekit_collapse import check
+    from mergekit_collapse.publish.card import load_card_metadata
+
+    base = make_tiny_llama(tmp_path / "models" / "base")
+    ft = make_finetune(base, tmp_path / "downloads" / "ft", seed=1)
+    lora = make_lora(base, tmp_path / "models" / "adapters" / "sentiment", seed=2)
+    # as downloaded from the Hub: the fine-tune's config and the adapter's base name Hub ids
+    config = json.loads((ft / "config.json").read_text())
+    (ft / "config.json").write_text(json.dumps({**config, "_name_or_path": "acme/tiny-ft"}))
+    adapter = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(
+        json.dumps({**adapter, "base_model_name_or_path": "acme/tiny-base"}))
+    refs = [str(ft), f"{base}+{lora}"]
+    source = yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+        "models": [{"model": r, "parameters": {"weight": 0.5}} for r in refs],
+        "guard": {"k": 1, "rehearse": "off", "tasks": {
+            r: {"name": name, "probes": {"file": str(tmp_path / f"{name}.txt")}}
+            for r, name in zip(refs, ["ft", "sentiment"], strict=True)}}})
+    for name in ("ft", "sentiment"):
+        (tmp_path / f"{name}.txt").write_text("one probe\nanother probe\n")
+    (tmp_path / "merge.yml").write_text(source)
+    report = check(tmp_path / "merge.yml", absolute_budget=1e9, progress=False)
+    report.notes.append(f"an adapter was read from {lora}")  # free text names local paths too
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "mergekit_config.yml").write_text(source)
+    report.write(out / "mergeability")
+    (out / "mergeability" / "evaluation.json").write_text(json.dumps({"limit": 4, "tasks": [
+        {"model": refs[1], "task": "sentiment", "eval": "zoo_sentiment", "metric": "acc",
+         "constituent": 0.9, "merged": 0.8, "loss": -11.1}]}))
+
+    readme = write_card(out)
+    text = readme.read_text()
+    meta = load_card_metadata(readme)
+    assert str(tmp_path) not in text and str(tmp_path) not in json.dumps(meta)
+    assert meta["base_model"] == ["acme/tiny-ft", "acme/tiny-base"]  # the parents' Hub ids
+    assert [m["name"] for m in meta["mergeability"]["models"]] == ["downloads/ft", "models/base+sentiment"]
+    assert meta["mergeability"]["observed"]["tasks"][0]["model"] == "models/base+sentiment"
+    assert "| `models/base+sentiment` | sentiment |" in text and "on `models/base`" in text
+    assert "- model: models/base+sentiment" in text  # the config shown names them the same way
+    assert "an adapter was read from models/adapters/sentiment" in text
+    # the local report keeps the paths, and says how each model is shown
+    local = GuardReport.read(out / "mergeability")
+    assert [(m.name, m.display) for m in local.models] == [
+        (refs[0], "downloads/ft"), (refs[1], "models/base+sentiment")]

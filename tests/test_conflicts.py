@@ -93,6 +93,9 @@ def test_sharded_and_pickle(hand: dict[str, Path], tmp_path: Path) -> None:
         {"weight_map": {"w.weight": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     r = conflict_metrics([hand["m1"], shard], base=hand["base"])
     assert r.magnitude_change_ratio[0][1] == pytest.approx(10 / 12)
+    (shard / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(BadInputError, match="unreadable shard index"):
+        conflict_metrics([hand["m1"], shard], base=hand["base"])
 
     pickled = tmp_path / "m2_bin"
     pickled.mkdir()
@@ -178,6 +181,15 @@ def test_lora_hand_computed(hand: dict[str, Path], tmp_path: Path,
     dora = _adapter(tmp_path / "dora", [[1, 2]], [[1], [-1]], {"r": 1, "use_dora": True})
     with pytest.raises(BadInputError, match="DoRA"):
         LoraAdapter(dora)
+    ia3 = _adapter(tmp_path / "ia3", [[1, 2]], [[1], [-1]], {"peft_type": "IA3"})
+    with pytest.raises(BadInputError, match="IA3 is not LoRA"):
+        LoraAdapter(ia3)
+    (ia3 / "adapter_config.json").write_text("{not json")
+    with pytest.raises(BadInputError, match="unreadable"):
+        LoraAdapter(ia3)
+    (ia3 / "adapter_config.json").unlink()
+    with pytest.raises(BadInputError, match="not a peft adapter"):
+        LoraAdapter(ia3)
 
 
 def test_streamed_equals_naive_on_zoo(tiny_zoo: dict[str, Path]) -> None:
@@ -235,5 +247,10 @@ def test_config_and_cli(tiny_zoo: dict[str, Path], tmp_path: Path) -> None:
     assert data["sign_change_ratio"][0][1] == pytest.approx(direct.sign_change_ratio[0][1])
     res = CliRunner().invoke(main, ["conflicts", str(cfg)])
     assert res.exit_code == 0 and "sign_change_ratio" in res.output
+    # each matrix: a header of model labels, then one row per model with its 4-digit values
+    lines = res.output.splitlines()
+    at = lines.index(f"sign_change_ratio ({METRICS['sign_change_ratio']})")
+    assert lines[at + 1].split() == ["[0]", "[1]"]
+    assert lines[at + 2].split() == ["[0]", *(f"{v:.4f}" for v in direct.sign_change_ratio[0])]
     res = CliRunner().invoke(main, ["conflicts", str(tmp_path / "missing.yml")])
     assert res.exit_code == 2 and "not found" in res.output

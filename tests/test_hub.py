@@ -149,6 +149,28 @@ def test_auth_errors_are_one_line_hub_errors(hub: FakeHub, merged: Path) -> None
     assert not calls(hub, "/commit/")
 
 
+def test_hub_errors_carry_the_status_and_the_repo_id(hub: FakeHub, merged: Path) -> None:
+    def failure(repo_id: str, **kwargs) -> HubError:
+        with pytest.raises(HubError) as info:
+            push(merged, repo_id, **kwargs)
+        assert TOKEN not in f"{info.value} {info.value!r} {vars(info.value)}"
+        return info.value
+
+    no_token = failure(REPO)
+    assert (no_token.status, no_token.repo_id) == (None, REPO)
+    rejected = failure(REPO, token="hf_notAValidToken")
+    assert (rejected.status, rejected.repo_id) == (401, REPO)
+    forbidden = failure("bob/theirs", token=TOKEN)
+    assert (forbidden.status, forbidden.repo_id) == (403, "bob/theirs")
+    hub.create(REPO)
+    exists = failure(REPO, token=TOKEN)
+    assert (exists.status, exists.repo_id) == (409, REPO)
+    missing = failure(REPO, token=TOKEN, exist_ok=True, create_pr=True, revision="no-such-branch")
+    assert (missing.status, missing.repo_id) == (404, REPO)
+    hub.faults["commit"] = 503
+    assert failure(REPO, token=TOKEN, exist_ok=True).status == 503
+
+
 def test_network_error_is_a_hub_error(hub: FakeHub, merged: Path) -> None:
     import socket
 
@@ -158,6 +180,7 @@ def test_network_error_is_a_hub_error(hub: FakeHub, merged: Path) -> None:
     with pytest.raises(HubError, match="cannot reach") as info:
         push(merged, REPO, token=TOKEN, endpoint=dead)
     assert TOKEN not in str(info.value)
+    assert (info.value.status, info.value.repo_id) == (None, REPO)  # no HTTP answer, no status
 
 
 def test_dry_run_contacts_nothing(hub: FakeHub, merged: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ PACKAGE = Path(mergekit_collapse.__file__).parent
 
 #: top-level parts of the package, lowest first: a module may import its own part or a lower one
 LAYERS = [
-    ("errors", "_constants"),
+    ("errors", "_constants", "_console"),
     ("guard",),
     ("actions",),
     ("merge",),
@@ -81,3 +81,13 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     (fake / "guard" / "x.py").write_text("def f():\n    from mergekit_collapse.cli import main\n")
     monkeypatch.setattr(f"{__name__}.PACKAGE", fake)
     assert upward_imports() == ["mergekit_collapse/guard/x.py:2 imports mergekit_collapse.cli"]
+
+
+def test_public_api_is_importable_without_torch():
+    code = ("import sys, mergekit_collapse as m; assert 'torch' not in sys.modules; "
+            "[getattr(m, n) for n in m.__all__]; print('torch' in sys.modules)")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # every name resolves; torch loads only when a model does

@@ -17,14 +17,13 @@ from mergekit_collapse.actions.plan import (
 )
 from mergekit_collapse.actions.rewrite import (
     multi_stage_config,
-    parse_ref,
     replace_config,
     subset_config,
     weights_config,
 )
 from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.assess import assess
-from mergekit_collapse.guard.config import parse_config
+from mergekit_collapse.guard.config import parse_config, parse_ref
 from mergekit_collapse.guard.probes import ProbeSet
 
 
@@ -104,6 +103,38 @@ def test_merge_tree_merges_the_closest_first():
 def test_registry_lists_every_action():
     assert sorted(ACTIONS) == ["abort", "drop", "order", "replace", "split", "warn"]
     assert all(get_action(name).name == name for name in ACTIONS)
+
+
+def test_an_entry_point_action_is_selectable(tmp_path, monkeypatch):
+    """Another installed package adds an action through the entry-point group; `guard.action`
+    accepts it and `get_action` loads it. An unknown name gets a did-you-mean."""
+    from pydantic import ValidationError
+
+    from mergekit_collapse.actions import base
+    from mergekit_collapse.guard.config import GuardSettings, action_names
+
+    (tmp_path / "keep_all_action.py").write_text(
+        "from mergekit_collapse.actions import ActionPlan, PlannedMerge, ReorganiseAction\n"
+        "class KeepAll(ReorganiseAction):\n"
+        "    name = 'keep-all'\n"
+        "    description = 'merge as written, with a record'\n"
+        "    def reorganise(self, ctx, *, merge_all):\n"
+        "        return ActionPlan(merges=[PlannedMerge(name='', raw=ctx.raw, members=list(ctx.refs),\n"
+        "                                               changed=False, suffix='')])\n")
+    dist = tmp_path / "keep_all-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: keep-all\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[mergekit_collapse.actions]\nkeep-all = keep_all_action:KeepAll\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(base, "ACTIONS", dict(base.ACTIONS))  # leave the real registry as it was
+
+    assert action_names()[-1] == "keep-all"
+    assert GuardSettings(action="keep-all").action == "keep-all"
+    plan = get_action("keep-all").plan(context(FAR, budget=1.0))
+    assert plan.stop is None and not plan.merges[0].changed
+    with pytest.raises(ValidationError, match="did you mean 'drop'"):
+        GuardSettings(action="dorp")
 
 
 # ---------------------------------------------------------------- config rewriting

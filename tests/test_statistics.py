@@ -86,6 +86,9 @@ def test_two_way_additive_anova_hand_computed() -> None:
     assert one["method"].f_value == pytest.approx(2 / (40 / 6))
     const = anova([3, 3, 3, 3, 3], ["A", "A", "B", "B", "B"], ["m", "n", "m", "n", "m"])
     assert const.one_way[0].f_value is None and const.two_way_reason == "constant loss"
+    # each task constant within: SS_task = 2·2.4² + 3·1.6² = 19.2 is defined, F = SS / 0 is not
+    flat = anova([1, 1, 5, 5, 5], ["A", "A", "B", "B", "B"], ["m", "n", "m", "n", "m"]).one_way[0]
+    assert flat.f_value is None and flat.reason.startswith("F undefined") and flat.sum_sq == pytest.approx(19.2)
 
 
 def test_beyond_task_separates_task_identity_from_within_task_signal() -> None:
@@ -139,6 +142,26 @@ def test_parse_records_csv_and_jsonl() -> None:
         parse_records("group,task,method,model,loss\n1,a,m,x,bad\n")
     with pytest.raises(BadInputError, match="not JSON"):
         parse_records("{broken", "jsonl")
+    with pytest.raises(BadInputError, match="not JSON"):
+        parse_records('{"group": 1}\n[1, 2]\n', "jsonl")
+    for extra in ("group,task,method,model,loss\n1,a,m,x,-3,9\n",
+                  "group,task,method,model,loss\n1,a,m,x,-3\n2,b,m,y,-4,9\n"):
+        with pytest.raises(BadInputError, match="more cells than the header"):
+            parse_records(extra)
+    with pytest.raises(BadInputError, match="no records"):
+        parse_records("group,task,method,model,loss\n")
+    # a short row's missing cells and a JSON line's missing keys are missing values
+    short = parse_records("group,task,method,model,loss,x\n1,a,m,p,-3,0.5\n2,b,m,q,-4\n")
+    assert short.metrics == ["x"] and np.isnan(short.column("x")[1])
+    sparse = parse_records('{"group": 1, "task": "t", "method": "m", "model": "a", "loss": -3}\n'
+                           '{"group": 2, "task": "t", "method": "m", "model": "b", "loss": -4, "x": 2}')
+    assert sparse.metrics == ["x"] and np.isnan(sparse.column("x")[0]) and sparse.labels("group") == ["1", "2"]
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    """The cells of every Markdown table row of `md` (header and separator rows included)."""
+    return [[c.strip() for c in line.strip()[1:-1].split("|")] for line in md.splitlines()
+            if line.startswith("|")]
 
 
 def test_summarize_and_markdown() -> None:
@@ -148,7 +171,9 @@ def test_summarize_and_markdown() -> None:
     assert by["mds"].auroc.auroc == pytest.approx(1.0) and by["mds"].correlation.n == 5
     assert by["retention"].auroc.auroc == pytest.approx(0.0) and by["retention"].auroc.direction == "lower"
     md = rep.to_markdown()
-    assert "| mds | 5 |" in md and "Two-way additive ANOVA" in md and "within-task ρ" in md
+    cells = {row[0]: row for row in _table_rows(md)}
+    assert cells["mds"][:2] == ["mds", "5"] and cells["retention"][7] == "lower"
+    assert "Two-way additive ANOVA" in md and "within-task ρ" in md
     assert by["retention"].beyond_task.n == 6
 
 

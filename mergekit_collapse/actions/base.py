@@ -56,7 +56,7 @@ class ActionContext:
         """`name` (task, MDS, distortion under α*): the numbers that say why a model was moved."""
         m = self.report.models[i]
         mds = "undefined" if m.mds is None else f"{m.mds:.3g}"
-        return f"{m.name} (task {m.task}, MDS {mds}, distortion {m.distortion_optimal:.4g})"
+        return f"{m.display or m.name} (task {m.task}, MDS {mds}, distortion {m.distortion_optimal:.4g})"
 
     def flagged(self) -> list[int]:
         """The models the deciding per-model signal (risk or rehearsal) puts in its collapse band."""

@@ -25,11 +25,11 @@ from mergekit_collapse.actions.plan import (
 from mergekit_collapse.actions.rewrite import (
     model_lists,
     multi_stage_config,
-    parse_ref,
     replace_config,
     subset_config,
 )
 from mergekit_collapse.guard import geometry
+from mergekit_collapse.guard.config import parse_ref
 from mergekit_collapse.guard.report import Action
 
 

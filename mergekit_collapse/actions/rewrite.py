@@ -7,21 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from mergekit_collapse.actions.plan import Stage
-from mergekit_collapse.guard.weights import TASK_FAMILY
+from mergekit_collapse.guard.config import parse_ref
+from mergekit_collapse.guard.weights import task_family
 
 # --------------------------------------------------------------------------------------------
 # mergekit config rewriting (plain YAML mappings, as the user wrote them)
 # --------------------------------------------------------------------------------------------
-
-
-def parse_ref(value: Any) -> Any | None:
-    """A mergekit ModelReference from a config value (string or mapping), or None if it is not one."""
-    from mergekit.common import ModelReference
-
-    try:
-        return ModelReference.model_validate(value)
-    except Exception:  # noqa: BLE001 - pydantic/ValueError: not a model reference
-        return None
 
 
 def model_lists(raw: dict) -> list[list]:
@@ -177,7 +168,7 @@ def multi_stage_config(raw: dict, points: list[Any], stages: list[Stage]) -> str
             doc["models"] = [{"model": left, "parameters": {"weight": st.left_size}},
                              {"model": right, "parameters": {"weight": st.right_size}}]
             doc["parameters"] = {p: v for p, v in params.items() if p != "weight"}
-            if method == "linear" or method in TASK_FAMILY:
+            if method == "linear" or method in task_family():
                 doc["parameters"]["normalize"] = True  # size-weighted average, not a sum
         doc.update(copy.deepcopy(common))
         docs.append(doc)

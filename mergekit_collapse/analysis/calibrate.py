@@ -48,19 +48,25 @@ def _edge(values: np.ndarray, k: int) -> float:
 def roc_cuts(oriented: np.ndarray, labels: np.ndarray, *, sensitivity: float) -> tuple[_Cut, _Cut]:
     """(Youden-J cut, high-sensitivity cut) for the rule "collapse when oriented score ≥ edge".
 
+    The ROC points are sklearn's `roc_curve` at every distinct score; each cut's edge lies halfway
+    between its score and the next lower one.
+
     Args:
-        oriented: scores, oriented so that higher = more risk (NaN already dropped).
-        labels: collapsed or not.
+        oriented: scores, oriented so that higher = more risk (NaN already dropped; ±inf allowed).
+        labels: collapsed or not (both classes present).
         sensitivity: the elevated cut's minimum sensitivity.
 
     Returns:
         The collapse cut (max J, ties to the more specific) and the elevated cut (the highest
         edge with sensitivity ≥ `sensitivity`, never above the collapse cut).
     """
-    values = np.unique(oriented)[::-1]  # distinct, descending
-    pos, neg = oriented[labels], oriented[~labels]
-    tpr = np.array([(pos >= v).mean() for v in values])
-    fpr = np.array([(neg >= v).mean() for v in values])
+    from sklearn.metrics import roc_curve
+
+    # roc_curve wants finite scores: pass each value's rank among the distinct values (±inf allowed)
+    distinct, rank = np.unique(oriented, return_inverse=True)
+    fpr, tpr, thresholds = roc_curve(labels, rank, drop_intermediate=False)
+    # drop sklearn's leading (inf, 0, 0) point: one point per distinct value, descending
+    values, fpr, tpr = distinct[thresholds[1:].astype(int)], fpr[1:], tpr[1:]
     j = tpr - fpr
     k_c = int(np.flatnonzero(j >= j.max() - 1e-12)[0])
     collapse = _Cut(edge=_edge(values, k_c), sensitivity=float(tpr[k_c]), specificity=float(1 - fpr[k_c]))

@@ -39,7 +39,6 @@ tensor, not N².
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -54,6 +53,7 @@ from mergekit_collapse.errors import BadInputError
 
 if TYPE_CHECKING:
     import torch
+    from peft import LoraConfig
 
 #: metric field name -> (paper equation, one-line meaning)
 METRICS: dict[str, str] = {
@@ -95,15 +95,16 @@ class ConflictReport(BaseModel):
         return getattr(self, name)
 
     def to_text(self, digits: int = 4) -> str:
-        """A plain-text rendering: one labelled matrix per metric."""
+        """A plain-text rendering: one labelled matrix per metric (tabulate), "—" where undefined."""
+        from tabulate import tabulate
+
         labels = [f"[{i}]" for i in range(len(self.names))]
         lines = [f"base: {self.base}"] + [f"{lab} {n}" for lab, n in zip(labels, self.names, strict=True)]
-        width = max(8, digits + 4)
         for name, meaning in METRICS.items():
-            lines += ["", f"{name} ({meaning})", " " * 5 + "".join(f"{lab:>{width}}" for lab in labels)]
-            for lab, row in zip(labels, self.metric(name), strict=True):
-                cells = "".join(f"{'—' if v is None else f'{v:.{digits}f}':>{width}}" for v in row)
-                lines.append(f"{lab:<5}{cells}")
+            rows = [[lab, *row] for lab, row in zip(labels, self.metric(name), strict=True)]
+            lines += ["", f"{name} ({meaning})",
+                      tabulate(rows, headers=["", *labels], tablefmt="plain", floatfmt=f".{digits}f",
+                               numalign="right", missingval="—")]
         for note in self.notes:
             lines += ["", f"note: {note}"]
         return "\n".join(lines) + "\n"
@@ -163,11 +164,13 @@ class WeightDir:
     def _safetensors_files(self) -> list[str]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+            from mergekit.io import ShardedTensorIndex
+
+            try:  # mergekit's own reading of the index's weight_map
+                shards = ShardedTensorIndex.from_disk(str(self.path)).shards
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise BadInputError(f"{index}: unreadable shard index ({e})") from None
-            return sorted(set(weight_map.values()))
+            return [s.filename for s in shards]
         if (self.path / "model.safetensors").is_file():
             return ["model.safetensors"]
         return sorted(p.name for p in self.path.glob("*.safetensors")
@@ -248,12 +251,20 @@ class _LoraModule:
     shape: tuple[int, ...] = ()
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # peft.utils.other.get_pattern_key: a pattern matches the key's tail at a "." boundary
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return patterns[key]
-    return default
+def _lora_config(path: Path) -> LoraConfig:
+    """peft's own reading of the adapter's `adapter_config.json`, which must be a LoRA's."""
+    from peft import LoraConfig, PeftType
+
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():  # checked first: peft would look for it on the Hub
+        raise BadInputError(f"{path}: no adapter_config.json (not a peft adapter)")
+    try:
+        cfg = LoraConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise BadInputError(f"{cfg_path}: unreadable ({e})") from None
+    if cfg.peft_type != PeftType.LORA:
+        raise BadInputError(f"{path}: peft_type {getattr(cfg.peft_type, 'value', cfg.peft_type)} is not LoRA")
+    return cfg
 
 
 class LoraAdapter:
@@ -270,16 +281,8 @@ class LoraAdapter:
 
     def __init__(self, path: str | Path, *, allow_pickle: bool = False):
         self.path = Path(path)
-        cfg_path = self.path / "adapter_config.json"
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise BadInputError(f"{self.path}: no adapter_config.json (not a peft adapter)") from None
-        except (OSError, ValueError) as e:
-            raise BadInputError(f"{cfg_path}: unreadable ({e})") from None
-        if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-            raise BadInputError(f"{self.path}: peft_type {cfg.get('peft_type')} is not LoRA")
-        if cfg.get("use_dora"):
+        cfg = _lora_config(self.path)
+        if cfg.use_dora:
             raise BadInputError(f"{self.path}: DoRA adapters are not supported (τ depends on base norms)")
         if (self.path / "adapter_model.safetensors").is_file():
             self.weights = WeightDir(self.path, files=["adapter_model.safetensors"])
@@ -293,13 +296,8 @@ class LoraAdapter:
         self._ab: tuple[str, torch.Tensor, torch.Tensor] | None = None
         self._parse(cfg)
 
-    def _parse(self, cfg: dict[str, Any]) -> None:
-        r0 = cfg.get("r", 8)
-        alpha0 = cfg.get("lora_alpha", r0)
-        rslora = bool(cfg.get("use_rslora", False))
-        fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-        rank_pattern = cfg.get("rank_pattern") or {}
-        alpha_pattern = cfg.get("alpha_pattern") or {}
+    def _parse(self, cfg: LoraConfig) -> None:
+        rank_pattern, alpha_pattern = cfg.rank_pattern or {}, cfg.alpha_pattern or {}
         pairs: dict[str, dict[str, str]] = {}
         for key in sorted(self.weights._shape):
             stripped = key
@@ -315,6 +313,8 @@ class LoraAdapter:
                 raise BadInputError(f"{self.path}: unsupported adapter tensor '{key}' (LoRA bias/DoRA)")
             else:
                 self.replaced[stripped] = key
+        from peft.utils.other import get_pattern_key
+
         for module, parts in pairs.items():
             embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
             a_key = parts.get("lora_embedding_A" if embedding else "lora_A")
@@ -327,10 +327,11 @@ class LoraAdapter:
                                     f"(A {a_shape}, B {b_shape}); only 2-D LoRA weights are supported")
             if a_shape[0] != b_shape[1]:
                 raise BadInputError(f"{self.path}: module '{module}' A {a_shape} and B {b_shape} disagree")
-            r = _pattern_value(rank_pattern, module, r0)
-            alpha = _pattern_value(alpha_pattern, module, alpha0)
-            scaling = alpha / math.sqrt(r) if rslora else alpha / r
-            if embedding or fan_in_fan_out:
+            # as peft's LoraModel._create_and_replace and LoraLayer.update_layer set them
+            r = rank_pattern.get(get_pattern_key(rank_pattern, module), cfg.r)
+            alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), cfg.lora_alpha)
+            scaling = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+            if embedding or cfg.fan_in_fan_out:
                 kind, shape = ("embedding" if embedding else "linear_t"), (a_shape[1], b_shape[0])
             else:
                 kind, shape = "linear", (b_shape[0], a_shape[1])

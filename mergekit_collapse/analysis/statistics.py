@@ -1,7 +1,7 @@
 """Predictive validity of collapse metrics: correlations, AUROC and ANOVA over merge records.
 
-Pure: numpy / scipy / statsmodels on in-memory data, no torch and no file I/O (callers read the
-file and pass its text to `parse_records`).
+Pure: numpy / scipy / statsmodels / pandas on in-memory data, no torch and no file I/O (callers
+read the file and pass its text to `parse_records`, which parses it with pandas).
 
 Merge records
 -------------
@@ -31,32 +31,34 @@ Conventions
   metric of a non-collapsed row)`` (ties count ½), computed as Mann–Whitney ``U / (n₁·n₀)``.
   0.5 is chance; a value below 0.5 means *lower* values go with collapse (e.g. HiddenSim,
   retention) and ``1 − auroc`` is its skill in that direction — reported as ``direction``.
-* **ANOVA** of loss by task and by method: one-way F-tests per factor (scipy ``f_oneway``) and
-  the additive two-way model ``loss ~ C(method) + C(task)`` (statsmodels OLS, type-II sums of
-  squares). The paper's Table 3 "one-way" p-values are reproduced by the two-way model.
+* **ANOVA** of loss by task and by method: one-way F-tests per factor and the additive two-way
+  model ``loss ~ C(method) + C(task)`` (statsmodels OLS and ``anova_lm``, type-II sums of squares
+  for the two-way). The paper's Table 3 "one-way" p-values are reproduced by the two-way model.
 * **Beyond the task**: task identity alone explains much of the loss (the paper's ANOVA), so a
   metric that only recognises "hard" tasks scores well on AUROC. `beyond_task` asks what it adds:
   Spearman ρ of the task-demeaned metric against the task-demeaned loss (the *within-task* ρ),
   and the partial F-test of the metric in ``loss ~ C(task) + metric`` against ``loss ~ C(task)``
-  (ordinary least squares, 1 numerator df) with the share of the remaining variance it explains.
+  (statsmodels ``compare_f_test``, 1 numerator df) with the share of the remaining variance it
+  explains.
 * Degenerate inputs (n < 3, a constant column, one class only, one factor level) give ``None``
   and a ``reason``; never NaN, never an exception.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.calibration import DEFAULT_THRESHOLD
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REQUIRED_COLUMNS = ("group", "task", "method", "model", "loss")
 
@@ -108,6 +110,38 @@ class Records(BaseModel):
         return [str(r.get(name, "")) for r in self.rows]
 
 
+def _read_jsonl(text: str, source: str) -> pd.DataFrame:
+    """JSON lines, one object each (pandas `read_json`: exact floats, no type conversion)."""
+    import pandas as pd
+
+    if not text.strip():
+        return pd.DataFrame()
+    try:
+        return pd.read_json(io.StringIO(text), lines=True, dtype=False, precise_float=True)
+    except (ValueError, TypeError) as e:  # TypeError: a line that is not a JSON object
+        raise BadInputError(f"{source}: not JSON lines of one object each ({_first_line(e)})") from None
+
+
+def _read_csv(text: str, source: str) -> pd.DataFrame:
+    """CSV with a header row, every cell as text (pandas `read_csv`); an empty cell reads ""."""
+    import warnings
+
+    import pandas as pd
+
+    try:
+        with warnings.catch_warnings():  # a first row longer than the header only warns
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
+        raise BadInputError(f"{source}: a row has more cells than the header ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def parse_records(text: str, fmt: Literal["csv", "jsonl"] | None = None, *, source: str = "records"
                   ) -> Records:
     """Parse a merge-records table from CSV or JSONL text.
@@ -123,33 +157,17 @@ def parse_records(text: str, fmt: Literal["csv", "jsonl"] | None = None, *, sour
     Raises:
         BadInputError: malformed rows, missing required columns, or a non-numeric `loss`.
     """
-    stripped = text.lstrip()
     if fmt is None:
-        fmt = "jsonl" if stripped.startswith("{") else "csv"
-    rows: list[dict[str, Any]] = []
+        fmt = "jsonl" if text.lstrip().startswith("{") else "csv"
     if fmt == "jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise BadInputError(f"{source}:{i}: not JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise BadInputError(f"{source}:{i}: each line must be a JSON object")
-            rows.append(row)
+        frame = _read_jsonl(text, source)
     elif fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text))
-        rows = [dict(r) for r in reader]
-        if reader.fieldnames and any(k is None for r in rows for k in r):
-            raise BadInputError(f"{source}: a row has more cells than the header")
+        frame = _read_csv(text, source)
     else:
         raise BadInputError(f"unknown records format '{fmt}' (csv or jsonl)")
-    if not rows:
+    if len(frame) == 0:
         raise BadInputError(f"{source}: no records")
-    columns: list[str] = []
-    for r in rows:
-        columns += [c for c in r if c not in columns]
+    rows, columns = frame.to_dict("records"), [str(c) for c in frame.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise BadInputError(f"{source}: missing required column(s) {missing}; "
@@ -329,20 +347,21 @@ class Anova(BaseModel):
             if reason:
                 lines.append(f"undefined: {reason}")
                 continue
-            lines += ["| factor | levels | df | df resid | F | p | note |", "|---|---|---|---|---|---|---|"]
-            lines += [f"| {r.factor} | {r.levels} | {_f(r.df)} | {_f(r.df_resid)} | {_f(r.f_value)} | "
-                      f"{_f(r.p)} | {r.reason or ''} |" for r in rows]
+            lines.append(markdown_table(
+                ["factor", "levels", "df", "df resid", "F", "p", "note"],
+                [[r.factor, r.levels, _f(r.df), _f(r.df_resid), _f(r.f_value), _f(r.p), r.reason or ""]
+                 for r in rows]))
         return "\n".join(lines) + "\n"
 
 
 def _one_way(factor: str, loss: np.ndarray, levels: list[str]) -> AnovaRow:
-    from scipy import stats
+    import pandas as pd
+    import statsmodels.api as sm
+    from statsmodels.formula.api import ols
 
-    groups: dict[str, list[float]] = {}
-    for v, g in zip(loss, levels, strict=True):
-        groups.setdefault(g, []).append(float(v))
-    row = AnovaRow(factor=factor, levels=len(groups))
-    n, k = len(loss), len(groups)
+    frame = pd.DataFrame({"loss": loss, factor: levels})
+    n, k = len(loss), frame[factor].nunique()
+    row = AnovaRow(factor=factor, levels=k)
     if k < 2:
         row.reason = f"{k} level(s) of {factor}: nothing to compare"
         return row
@@ -352,13 +371,13 @@ def _one_way(factor: str, loss: np.ndarray, levels: list[str]) -> AnovaRow:
     if np.unique(loss).size < 2:
         row.reason = "constant loss"
         return row
-    res = stats.f_oneway(*[np.array(g) for g in groups.values()])
-    grand = float(np.mean(loss))
-    row.sum_sq = float(sum(len(g) * (np.mean(g) - grand) ** 2 for g in groups.values()))
-    row.df, row.df_resid = float(k - 1), float(n - k)
-    row.f_value, row.p = _clean(res.statistic), _clean(res.pvalue)
-    if row.f_value is None:
+    fit = ols(f"loss ~ C({factor})", data=frame).fit()
+    rec = sm.stats.anova_lm(fit).loc[f"C({factor})"]
+    row.sum_sq, row.df, row.df_resid = float(rec["sum_sq"]), float(rec["df"]), float(fit.df_resid)
+    if frame.groupby(factor)["loss"].nunique().max() < 2:  # F = SS / 0; the fit's residuals are rounding
         row.reason = "F undefined (no variance within groups)"
+    else:
+        row.f_value, row.p = _clean(rec["F"]), _clean(rec["PR(>F)"])
     return row
 
 
@@ -442,7 +461,9 @@ def beyond_task(metric: Sequence[float], loss: Sequence[float], task: Sequence[s
     Returns:
         A `BeyondTask`; None values and a `reason` when it is undefined.
     """
+    import pandas as pd
     from scipy import stats
+    from statsmodels.formula.api import ols
 
     x, y = np.asarray(metric, dtype=float), np.asarray(loss, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
@@ -458,16 +479,15 @@ def beyond_task(metric: Sequence[float], loss: Sequence[float], task: Sequence[s
     else:
         rho = stats.spearmanr(dx, dy)
         out.within_rho, out.within_p = _clean(rho.statistic), _clean(rho.pvalue)
-        dummies = (t[:, None] == levels[None, :]).astype(float)
-        rss_task = float(((y - dummies @ np.linalg.lstsq(dummies, y, rcond=None)[0]) ** 2).sum())
-        full = np.column_stack([dummies, x])
-        rss_full = float(((y - full @ np.linalg.lstsq(full, y, rcond=None)[0]) ** 2).sum())
-        if rss_full <= 0:
+        frame = pd.DataFrame({"loss": y, "task": t, "metric": x})
+        task_only = ols("loss ~ C(task)", data=frame).fit()
+        full = ols("loss ~ C(task) + metric", data=frame).fit()
+        if full.ssr <= 0:
             out.reason = "the model fits exactly"
         else:
-            f_value = (rss_task - rss_full) / (rss_full / df_resid)
-            out.f_value, out.p = _clean(f_value), _clean(stats.f.sf(f_value, 1, df_resid))
-            out.partial_r2 = _clean((rss_task - rss_full) / rss_task)
+            f_value, p, _ = full.compare_f_test(task_only)
+            out.f_value, out.p = _clean(f_value), _clean(p)
+            out.partial_r2 = _clean((task_only.ssr - full.ssr) / task_only.ssr)
     return out
 
 
@@ -502,21 +522,27 @@ class StatsReport(BaseModel):
                  "AUROC: P(collapsed row's metric > non-collapsed row's); < 0.5 means lower values "
                  "go with collapse.", "",
                  "Within-task ρ: Spearman of task-demeaned metric and loss; p beyond task: partial "
-                 "F-test of the metric in loss ~ C(task) + metric.", "",
-                 "| metric | n | Pearson r | p | Spearman ρ | p | AUROC | direction | within-task ρ | "
-                 "p beyond task | note |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "F-test of the metric in loss ~ C(task) + metric.", ""]
+        rows = []
         for m in self.metrics:
             c, a, b = m.correlation, m.auroc, m.beyond_task
             note = "; ".join(x for x in (c.reason, a.reason, b.reason) if x)
-            lines.append(f"| {m.metric} | {c.n} | {_f(c.pearson_r)} | {_f(c.pearson_p)} | "
-                         f"{_f(c.spearman_rho)} | {_f(c.spearman_p)} | {_f(a.auroc)} | "
-                         f"{a.direction or '—'} | {_f(b.within_rho)} | {_f(b.p)} | {note} |")
+            rows.append([m.metric, c.n, _f(c.pearson_r), _f(c.pearson_p), _f(c.spearman_rho),
+                         _f(c.spearman_p), _f(a.auroc), a.direction or "—", _f(b.within_rho), _f(b.p), note])
+        lines.append(markdown_table(["metric", "n", "Pearson r", "p", "Spearman ρ", "p", "AUROC", "direction",
+                                     "within-task ρ", "p beyond task", "note"], rows))
         return "\n".join(lines) + "\n" + self.anova.to_markdown()
 
 
 def _f(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table (tabulate); cells are printed as given, never re-parsed as numbers."""
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=list(headers), tablefmt="github", disable_numparse=True)
 
 
 def summarize(records: Records, *, threshold: float = DEFAULT_THRESHOLD) -> StatsReport:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_collapse.ci.locate import model_sites, parse_ref
+from mergekit_collapse.ci.locate import model_sites
 from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.guard.config import parse_ref
 
 __all__ = ["Candidate", "changed_files", "expand", "is_guarded_config", "touched_by"]
 

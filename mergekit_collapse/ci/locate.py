@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from mergekit_collapse.guard.config import parse_ref
+
 __all__ = ["ModelSite", "Span", "locate_key", "locate_message", "model_sites", "parse_ref", "same_model"]
 
 
@@ -153,16 +155,6 @@ def model_sites(source: str) -> list[ModelSite]:
         models(_fields(module).get("models"), f"modules.{name}.models")
         slices(_fields(module).get("slices"), f"modules.{name}.slices")
     return sites
-
-
-def parse_ref(value: Any) -> Any | None:
-    """mergekit's own parse of a model reference (a string or a mapping), or None if it is not one."""
-    from mergekit.common import ModelReference
-
-    try:
-        return ModelReference.model_validate(value)
-    except (ValueError, TypeError):
-        return None
 
 
 def same_model(value: Any, name: str) -> bool:

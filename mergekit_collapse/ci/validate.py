@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from mergekit_collapse.ci.locate import Span, locate_key, locate_message, model_sites, parse_ref
+from mergekit_collapse.ci.locate import Span, locate_key, locate_message, model_sites
 from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.guard.config import parse_ref
 
 __all__ = ["Problem", "looks_local", "validate_file"]
 

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from mergekit_collapse import _console
 from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseError
 
 #: command name -> ("module:attribute" of its click command, one-line help for `--help`);
@@ -56,6 +57,10 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
     def invoke(self, ctx: click.Context):
+        # before any command module is imported: tqdm reads TQDM_DISABLE on its first import
+        _console.set_verbose(bool(ctx.params.get("verbose") or ctx.params.get("debug")))
+        _console.quiet_tqdm()
+        _console.quiet_third_party()
         try:
             return super().invoke(ctx)
         except CollapseError as e:
@@ -76,15 +81,18 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--verbose", is_flag=True,
+              help="Let the progress bars, warnings and logs of transformers, datasets, lm-eval, "
+                   "huggingface_hub, accelerate and mergekit through.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs (implies --verbose).")
 @click.version_option(package_name="mergekit-collapse")
-def main(debug: bool) -> None:
+def main(verbose: bool, debug: bool) -> None:
     """Predict merging collapse from hidden-state geometry before you merge.
 
     Exit codes: 0 mergeable/ok, 1 unexpected error, 2 bad input or usage,
     3 the guard stopped the merge (over budget), 4 Hub error.
     """
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -14,26 +14,34 @@ from pathlib import Path
 
 import click
 
-from mergekit_collapse.cli.options import guard_kwargs, guard_options
+from mergekit_collapse.cli.options import (
+    guard_overrides,
+    guard_specs,
+    options,
+    runtime_options,
+    runtime_specs,
+)
 from mergekit_collapse.errors import EXIT_UNEXPECTED
 
 
 def format_table(results: list) -> str:  # list[ConfigResult], imported lazily
-    """One line per config: verdict, worst band, how it was decided, cache use, exit status."""
-    from mergekit_collapse.ci.results import error_message, report_band
+    """One row per config: verdict, worst band, how it was decided, cache use, exit status (errors
+    are printed on stderr, one line each)."""
+    from tabulate import tabulate
 
-    lines = [f"{'config':<44} {'verdict':<10} {'worst band':<10} {'decided by':<10} "
-             f"{'cached':>7} {'exit':>4}"]
+    from mergekit_collapse.ci.results import report_band
+
+    rows = []
     for r in results:
-        name = r.display[-44:].replace("\n", " ")
+        name = r.display.replace("\n", " ")
         if r.report is None:
-            lines.append(f"{name:<44} {'error':<10} {error_message(r)[:90]}  exit {r.exit_code}")
+            rows.append([name, "error", "—", "—", "—", r.exit_code])
             continue
-        band = report_band(r.report) or "—"
         cached = f"{r.cached[0]}/{r.cached[1]}" if r.cached else "—"
-        lines.append(f"{name:<44} {r.report.verdict:<10} {band:<10} {r.report.decided_by:<10} "
-                     f"{cached:>7} {r.exit_code:>4}")
-    return "\n".join(lines)
+        rows.append([name, r.report.verdict, report_band(r.report) or "—", r.report.decided_by, cached,
+                     r.exit_code])
+    return tabulate(rows, headers=["config", "verdict", "worst band", "decided by", "cached", "exit"],
+                    tablefmt="plain", disable_numparse=True)
 
 
 def _slug(display: str, taken: set[str]) -> str:
@@ -121,14 +129,13 @@ def _select(configs: tuple[str, ...], changed_since: str | None, only_guarded: b
 @click.option("--only-guarded", is_flag=True,
               help="Skip named files that are not mergekit configs with a guard: section (as is "
                    "always done for folders and globs); for hooks that pass every YAML.")
-@click.option("--action", type=click.Choice(["abort", "warn", "drop", "split", "replace", "order"]),
-              default=None, help="The guard.action whose outcome the summary describes.")
 @click.option("--step-summary/--no-step-summary", default=True, show_default=True,
               help="--format github: append the job summary to $GITHUB_STEP_SUMMARY.")
-@guard_options
+@options(guard_specs())
+@options(runtime_specs("device", "dtype", "cache_dir", "allow_pickle", "trust_remote_code",
+                       "no_progress"))
 def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
-          changed_since: str | None, only_guarded: bool, action: str | None, step_summary: bool,
-          **params) -> None:
+          changed_since: str | None, only_guarded: bool, step_summary: bool, **params) -> None:
     """Compute HiddenSim, MDS and the exact distortion bounds for each config in CONFIGS (files,
     globs, folders); exit 3 if one is over budget (see --fail-on), 2 if one is broken."""
     from mergekit_collapse.ci.results import check_config, exit_status
@@ -136,7 +143,7 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
     selected, note = _select(configs, changed_since, only_guarded)
     if note:
         click.echo(note, err=True)
-    kwargs = guard_kwargs(params) | ({"action": action} if action else {})
+    kwargs = guard_overrides(params) | runtime_options(params).run_guard_kwargs()
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     results = [check_config(c.path, fail_on=fail_on, debug=debug, **kwargs) for c in selected]
     status = exit_status([r.exit_code for r in results])

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_collapse._constants import REPORT_DIR
+
 
 @click.command("evaluate")
 @click.argument("merged_dir", type=click.Path(file_okay=False))
@@ -21,23 +23,22 @@ import click
 def evaluate(merged_dir: str, config: str, limit: int | None, batch_size: int, with_base: bool,
              dtype: str, out_dir: str | None, no_progress: bool) -> None:
     """Evaluate MERGED_DIR and each constituent of CONFIG on their tasks; report merging loss (Eq. 1)."""
+    from tabulate import tabulate
+
     from mergekit_collapse.evaluate.observed import evaluate_merge, write_evaluation
     from mergekit_collapse.guard.config import load_config
     from mergekit_collapse.guard.report import GuardReport
 
-    out = Path(out_dir) if out_dir else Path(merged_dir) / "mergeability"
-    report_path = Path(merged_dir) / "mergeability" / "report.json"
+    out = Path(out_dir) if out_dir else Path(merged_dir) / REPORT_DIR
+    report_path = Path(merged_dir) / REPORT_DIR / "report.json"
     report = GuardReport.read(report_path) if report_path.exists() else None
     evaluation = evaluate_merge(merged_dir, load_config(config), limit=limit, batch_size=batch_size,
                                 with_base=with_base, report=report, progress=not no_progress,
                                 dtype=dtype)
     paths = write_evaluation(evaluation, out, report)
-    click.echo(f"{'task':<18} {'metric':<12} {'own':>7} {'merged':>7} {'loss %':>8} {'obs.ret':>8}")
-    for t in evaluation.tasks:
-        loss = "—" if t.loss is None else f"{t.loss:+.1f}"
-        ret = "—" if t.observed_retention is None else f"{t.observed_retention:.3f}"
-        click.echo(f"{t.task[:18]:<18} {t.metric[:12]:<12} {t.constituent:>7.3f} {t.merged:>7.3f} "
-                   f"{loss:>8} {ret:>8}")
+    rows = [[t.task, t.metric, t.constituent, t.merged, t.loss, t.observed_retention] for t in evaluation.tasks]
+    click.echo(tabulate(rows, headers=["task", "metric", "own", "merged", "loss %", "obs.ret"],
+                        floatfmt=("", "", ".3f", ".3f", "+.1f", ".3f"), numalign="right", missingval="—"))
     if evaluation.mean_loss is not None:
         click.echo(f"mean merging loss: {evaluation.mean_loss:+.1f}%")
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}", err=True)

@@ -1,7 +1,8 @@
 """`mergekit-collapse merge CONFIG OUT [mergekit-yaml options] [--guard-* options]`: guard, then merge.
 
 The same as `mergekit-yaml CONFIG OUT --guard ...`: mergekit's own `add_merge_options` gives every
-mergekit-yaml flag, and `integration.guarded_merge` does the work. The mergekit options are built
+mergekit-yaml flag, the `--guard-*` flags come from `cli.options` (generated from the `guard:` model),
+and `mergekit_collapse.merge.guarded_merge` does the work. The mergekit options are built
 on first use, so `mergekit-collapse --help` does not import mergekit (and torch).
 """
 

@@ -16,13 +16,18 @@ from typing import Any
 
 import click
 
+from mergekit_collapse.cli.options import (
+    PREFIX,
+    build,
+    guard_overrides,
+    guard_specs,
+    runtime_options,
+    runtime_specs,
+)
 from mergekit_collapse.errors import CollapseError
-from mergekit_collapse.guard.config import action_names
 
 LOG = logging.getLogger(__name__)
 
-#: the folder inside the merged model where the report (and later the evaluation) lives
-REPORT_DIR = "mergeability"
 #: the help section of our options in mergekit's PrettyPrintHelp
 HELP_CATEGORY = "Merge Guard (mergekit-collapse)"
 #: marks a click command that already has the guard options
@@ -30,7 +35,7 @@ _INSTALLED = "_mergekit_collapse_guard"
 
 
 def guard_click_options(*, switch: bool = True) -> list[click.Option]:
-    """The `--guard-*` options shared by the mergekit-yaml hook and `mergekit-collapse merge`.
+    """The `--guard-*` options shared by the mergekit-yaml hook, `merge` and `run` (see cli.options).
 
     Args:
         switch: include `--guard` itself (mergekit-yaml); `merge` always guards.
@@ -38,31 +43,7 @@ def guard_click_options(*, switch: bool = True) -> list[click.Option]:
     Returns:
         New click.Option objects (a command owns its parameters, so build them per command).
     """
-    opts = [
-        click.Option(["--guard-budget"], type=float, default=None,
-                     help="Relative distortion budget (× the base model's probe spread); "
-                          "overrides guard.budget."),
-        click.Option(["--guard-absolute-budget"], type=float, default=None,
-                     help="Absolute distortion budget (squared hidden-state units)."),
-        click.Option(["--guard-action"], type=click.Choice(action_names()),
-                     default=None,
-                     help="When over budget: abort (exit 3, no output), warn, drop, split, "
-                          "replace or order. Default: guard.action, else abort."),
-        click.Option(["--guard-weights"], type=click.Choice(["none", "suggest", "apply"]),
-                     default=None,
-                     help="Distortion-optimal weights α*: suggest (write a config with them) or "
-                          "apply (merge with them; linear/task-arithmetic family)."),
-        click.Option(["--guard-rehearse"], type=click.Choice(["auto", "on", "off"]), default=None,
-                     help="Merge in memory first and compare answers on the probes "
-                          "(default guard.rehearse: auto)."),
-        click.Option(["--guard-report"], type=click.Path(file_okay=False), default=None,
-                     help="Also write report.json, report.md and hidden_sim.png here "
-                          "(always written to OUT/mergeability/ when something is merged)."),
-        click.Option(["--guard-merge-all"], is_flag=True, default=False,
-                     help="split: merge every group into OUT/group-<k> (default: write their configs)."),
-        click.Option(["--guard-cache-dir"], type=click.Path(file_okay=False), default=None,
-                     help="Hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)."),
-    ]
+    opts = build(guard_specs(PREFIX) + runtime_specs("report", "merge_all", "cache_dir", prefix=PREFIX))
     if switch:
         opts.insert(0, click.Option(
             ["--guard"], is_flag=True, default=False,
@@ -140,7 +121,7 @@ def run_guarded_cli(config_file: str, out_path: str, merge_options: Any, guard: 
     Args:
         config_file: the mergekit YAML. out_path: the output folder.
         merge_options: mergekit's MergeOptions.
-        guard: the `--guard-*` values.
+        guard: the `--guard-*` values (by parameter name, `guard_budget`).
         switch: called from mergekit-yaml (print our errors here, as one line, and exit).
 
     Raises:
@@ -149,14 +130,12 @@ def run_guarded_cli(config_file: str, out_path: str, merge_options: Any, guard: 
     from mergekit_collapse.merge import guarded_merge
 
     merge_options.apply_global_options()
+    runtime = runtime_options(guard, PREFIX)
     try:
         result = guarded_merge(
-            config_file, out_path, merge_options,
-            action=guard.get("guard_action"), budget=guard.get("guard_budget"),
-            absolute_budget=guard.get("guard_absolute_budget"),
-            weights=guard.get("guard_weights"), rehearse=guard.get("guard_rehearse"),
-            report_dir=guard.get("guard_report"),
-            merge_all=bool(guard.get("guard_merge_all")), cache_dir=guard.get("guard_cache_dir"))
+            config_file, out_path, merge_options, report_dir=runtime.report,
+            merge_all=runtime.merge_all, cache_dir=runtime.cache_dir,
+            **guard_overrides(guard, PREFIX))
     except CollapseError as e:
         if not switch:
             raise

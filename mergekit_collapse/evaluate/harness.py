@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,23 @@ def _clean_metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """Skip lm-eval's `git describe` (for a `git_hash` we never read), unless verbose: outside a
+    repository git prints `fatal: not a git repository` on every evaluation."""
+    from lm_eval import evaluator
+
+    from mergekit_collapse._console import is_verbose
+
+    probe = evaluator.get_git_commit_hash
+    if not is_verbose():
+        evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
+
+
 def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
               include_path: str | Path | None = None, limit: int | None = None,
               batch_size: int = 16, apply_chat_template: bool = True,
@@ -75,6 +95,9 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from mergekit_collapse._console import is_verbose, quiet_third_party
+
+    quiet_third_party("transformers", "datasets")
     if not tasks:
         raise BadInputError("no evaluation tasks given")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -92,12 +115,16 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
         raise BadInputError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     device = str(getattr(model, "device", "cpu"))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    if not is_verbose():  # lm-eval's own switch for its per-request bars
+        for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, request_type, partial(getattr(lm, request_type), disable_tqdm=True))
     try:
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-            apply_chat_template=apply_chat_template, log_samples=False, bootstrap_iters=0,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed)
+        with _no_git_probe():
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                apply_chat_template=apply_chat_template, log_samples=False, bootstrap_iters=0,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed)
     except (FileNotFoundError, ConnectionError) as e:
         raise BadInputError(f"lm-eval could not load task data: {e}") from None
     if out is None:  # non-zero rank in a distributed run

@@ -6,19 +6,19 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_collapse import __version__
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import LoadedConfig, TaskSpec
-from mergekit_collapse.guard.report import GuardReport
+from mergekit_collapse.guard.report import GuardReport, display_names
 
 #: metrics tried in order as a task's headline score
 PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "bleu")
@@ -73,10 +73,16 @@ def resolve_eval(spec: TaskSpec, cfg: LoadedConfig) -> EvalTask | None:
         text = path.read_text(encoding="utf-8")
     except OSError:
         raise BadInputError(f"lm-eval task YAML not found: {path}") from None
-    m = re.search(r"^task:\s*['\"]?([\w.\-]+)", text, re.MULTILINE)
-    if not m:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    # lm-eval's own loader (`!function` tags, `include:`); resolve_func=False: imports no task code
+    try:
+        name = load_yaml(path, resolve_func=False).get("task")
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise BadInputError(f"{path}: not a readable lm-eval task YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(name, str) or not name:
         raise BadInputError(f"{path}: no `task:` name in this lm-eval YAML")
-    return EvalTask(m.group(1), path.parent, hashlib.sha256(text.encode()).hexdigest())
+    return EvalTask(name, path.parent, hashlib.sha256(text.encode()).hexdigest())
 
 
 def headline(metrics: dict[str, float], task: str) -> tuple[str, float]:
@@ -165,8 +171,7 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
     Raises:
         BadInputError: no model has an `eval` task, a task is unknown, a model is missing.
     """
-    from tqdm.auto import tqdm
-
+    from mergekit_collapse._console import Progress
     from mergekit_collapse.guard.extract import (
         ExtractionSettings,
         check_weights,
@@ -190,17 +195,18 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         raise BadInputError("no model has a guard.tasks.<ref>.eval task to evaluate on")
     all_tasks = list({t.name: t for t in (tasks[str(m)] for m in evaluated)}.values())
     cache = ScoreCache()
-    steps = tqdm(total=2 + len(evaluated) + int(with_base), desc="evaluate", unit="model",
-                 disable=not progress)
+    refs = [str(m) for m in evaluated] + ([str(cfg.base)] if with_base and cfg.base is not None else [])
+    steps = Progress("evaluate", 2 + len(evaluated) + int(with_base), enabled=progress,
+                     labels=display_names(refs, cfg.path.parent if cfg.path else None))
 
     check_weights(merged, str(merged), allow_pickle=False)
-    model, tok = load_causal_lm(merged, settings, "cpu", torch_dtype), load_tokenizer(merged, settings)
-    steps.set_postfix_str("merged")
-    merged_scores = _score(model, tok, folder_identity(merged), all_tasks, limit=limit,
-                           batch_size=batch_size, cache=cache, dtype=dtype)
-    del model
-    gc.collect()
-    steps.update(1)
+    with steps.step("merged"):
+        model = load_causal_lm(merged, settings, "cpu", torch_dtype)
+        tok = load_tokenizer(merged, settings)
+        merged_scores = _score(model, tok, folder_identity(merged), all_tasks, limit=limit,
+                               batch_size=batch_size, cache=cache, dtype=dtype)
+        del model
+        gc.collect()
 
     own: dict[str, dict[str, float]] = {}
     by_base: dict[Path, list[Any]] = {}
@@ -212,35 +218,35 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         tok = load_tokenizer(base_dir, settings)
         for m in group:
             t = tasks[str(m)]
-            steps.set_postfix_str(str(m)[-30:])
             ident = model_identity(m)
             hit = cache.get(ident, t, limit, dtype)
-            if hit is not None:
-                own[str(m)] = hit
-            else:
-                if loaded is None:
-                    loaded = load_causal_lm(base_dir, settings, "cpu", torch_dtype)
-                if m.lora is None:
-                    target = loaded
+            with steps.step(steps.label(str(m)), note="cached" if hit is not None else ""):
+                if hit is not None:
+                    own[str(m)] = hit
                 else:
-                    peft_model = swap_adapter(loaded, peft_model, local_dir(m.lora))
-                    target = peft_model.get_base_model()
-                own[str(m)] = _score(target, tok, ident, [t], limit=limit, batch_size=batch_size,
-                                     cache=cache, dtype=dtype)[t.name]
-            steps.update(1)
+                    if loaded is None:
+                        loaded = load_causal_lm(base_dir, settings, "cpu", torch_dtype)
+                    if m.lora is None:
+                        target = loaded
+                    else:
+                        peft_model = swap_adapter(loaded, peft_model, local_dir(m.lora))
+                        target = peft_model.get_base_model()
+                    own[str(m)] = _score(target, tok, ident, [t], limit=limit,
+                                         batch_size=batch_size, cache=cache, dtype=dtype)[t.name]
         del loaded, peft_model
         gc.collect()
     if with_base and cfg.base is not None:
-        base_dir = local_dir(cfg.base.model)
-        base_model = load_causal_lm(base_dir, settings, "cpu", torch_dtype)
-        base_scores = _score(base_model, load_tokenizer(base_dir, settings), model_identity(cfg.base),
-                             all_tasks, limit=limit, batch_size=batch_size, cache=cache, dtype=dtype)
-        del base_model
-        gc.collect()
-        steps.update(1)
+        with steps.step(f"{steps.label(str(cfg.base))} (base)"):
+            base_dir = local_dir(cfg.base.model)
+            base_model = load_causal_lm(base_dir, settings, "cpu", torch_dtype)
+            base_scores = _score(base_model, load_tokenizer(base_dir, settings),
+                                 model_identity(cfg.base), all_tasks, limit=limit,
+                                 batch_size=batch_size, cache=cache, dtype=dtype)
+            del base_model
+            gc.collect()
 
-    retention = observed_retention(merged, cfg, report.dtype if report is not None else "auto")
-    steps.update(1)
+    with steps.step("observed retention"):
+        retention = observed_retention(merged, cfg, report.dtype if report is not None else "auto")
     steps.close()
     outcomes = []
     for m in evaluated:

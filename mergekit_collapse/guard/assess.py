@@ -26,6 +26,7 @@ from mergekit_collapse.guard.report import (
     ProbeInfo,
     RehearsalInfo,
     RiskInfo,
+    display_names,
 )
 from mergekit_collapse.guard.weights import planned_weights
 
@@ -94,18 +95,27 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     refs = ([cfg.base] if cfg.base is not None else []) + list(cfg.models) + list(extra_models)
     settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
-    ext = extract(list(dict.fromkeys(refs)), probes.texts, settings,
-                  cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+    refs = list(dict.fromkeys(refs))
+    labels = display_names([str(r) for r in refs], _root(cfg))
+    ext = extract(refs, probes.texts, settings, cache_dir=Path(cache_dir) if cache_dir else None,
+                  progress=progress, labels=labels)
     base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
     hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
-    rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=Path(cache_dir) if cache_dir else None)
+    rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=Path(cache_dir) if cache_dir else None,
+                              progress=progress, labels=labels)
     report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
                     rehearsal=rehearsal)
     return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
 
 
+def _root(cfg: LoadedConfig) -> Path | None:
+    """The folder display names are relative to: the config's."""
+    return cfg.path.parent if cfg.path is not None else None
+
+
 def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
-                  cache_dir: Path | None = None) -> tuple[Any, RehearsalInfo]:
+                  cache_dir: Path | None = None, progress: bool = True,
+                  labels: dict[str, str] | None = None) -> tuple[Any, RehearsalInfo]:
     """The rehearsal as `guard.rehearse` asks: (Rehearsal or None, what happened and why).
 
     "auto" rehearses when the merge's inputs weigh at most `guard.rehearse_max_gb` and says why
@@ -126,7 +136,7 @@ def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
                          if task == cfg.task_of(m).name] for m in cfg.models}
     try:
         r = rehearse(cfg.merge, cfg.models, by_model, settings, answer_tokens=g.answer_tokens,
-                     seed=g.seed, cache_dir=cache_dir)
+                     seed=g.seed, cache_dir=cache_dir, progress=progress, labels=labels)
     except BadInputError as e:
         if g.rehearse == "on":
             raise
@@ -194,6 +204,7 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
     g = cfg.guard
     cal = calibration or load_calibration()
     names = names or [str(m) for m in cfg.models]
+    shown = display_names([*names, *([str(cfg.base)] if cfg.base is not None else [])], _root(cfg))
     tasks = [cfg.task_of(m).name for m in cfg.models]
     geo = geometry.analyse(hidden, hidden_size=hidden_size, jung_dim=g.jung_dim)
     scale, source = _budget_scale(base, hidden)
@@ -224,7 +235,7 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
     entries = []
     for i, name in enumerate(names):
         entries.append(ModelEntry(
-            name=name, task=tasks[i],
+            name=name, display=shown[name], task=tasks[i],
             mds=float(geo.mds[i]) if geo.mds is not None else None,
             mean_hidden_sim=float(geo.mean_hidden_sim[i]) if geo.mean_hidden_sim is not None else None,
             distortion_optimal=float(geo.optimal[i]), distortion_uniform=float(geo.uniform[i]),

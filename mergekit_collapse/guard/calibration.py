@@ -26,7 +26,6 @@ The result is a `Calibration` JSON written to ``cache_root()/calibration.json`` 
 from __future__ import annotations
 
 import json
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -35,9 +34,9 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.guard.decision import Direction, band_of
 from mergekit_collapse.guard.report import Band
 
-Direction = Literal["higher", "lower"]
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_RESOURCE = "calibration_default.json"
 #: a constituent "collapsed" when its merging loss (Eq. 1, %) is below this
@@ -66,19 +65,6 @@ class Validity(BaseModel):
     sensitivity_collapse: float | None = None
     specificity_collapse: float | None = None
     sensitivity_elevated: float | None = None
-
-
-def band_of(value: float | None, direction: Direction, bands: Bands) -> Band | None:
-    """The band of one score value: "collapse" at or beyond the collapse edge, "elevated" at or
-    beyond the elevated edge, else "low"; None for a missing value."""
-    if value is None or math.isnan(value):
-        return None
-    sign = 1.0 if direction == "higher" else -1.0
-    if sign * value >= sign * bands.collapse:
-        return "collapse"
-    if sign * value >= sign * bands.elevated:
-        return "elevated"
-    return "low"
 
 
 class SignalBands(BaseModel):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.errors import BadInputError, ConfigError, ModelNotFoundError
 
 Pooling = Literal["mean", "last"]
 #: the built-in actions (mergekit_collapse.actions); other packages add theirs through this group
@@ -64,8 +64,10 @@ class Budget(_Strict):
     Neither given: the calibrated default relative budget (`mergekit-collapse calibrate`).
     """
 
-    relative: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    absolute: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    relative: float | None = Field(default=None, gt=0, allow_inf_nan=False, description=(
+        "distortion budget as a multiple of the base model's probe spread"))
+    absolute: float | None = Field(default=None, gt=0, allow_inf_nan=False, description=(
+        "distortion budget in squared hidden-state units"))
 
     @model_validator(mode="after")
     def _at_most_one(self) -> Budget:
@@ -77,22 +79,32 @@ class Budget(_Strict):
 class GuardSettings(_Strict):
     """The `guard:` section of a mergekit YAML. CLI flags override it."""
 
-    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict, description=(
+        "per constituent model, keyed by its reference exactly as written under models: its task, "
+        "probes and evaluation"))
     k: int = Field(default=5, ge=1, description="probes per task")
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the probe sampling (per task) and the rehearsal")
     layer: int = Field(default=-1, description="hidden layer; -1 = last (final-norm output)")
-    pooling: Pooling = "last"  # benchmarks/RESULTS.md: last-token pooling predicted loss better
-    chat_template: bool = True
+    # benchmarks/RESULTS.md: last-token pooling predicted loss better
+    pooling: Pooling = Field(default="last", description=(
+        "a probe's vector: its last token's hidden state (last) or the mean over its tokens (mean)"))
+    chat_template: bool = Field(default=True, description=(
+        "wrap probes in the tokenizer's chat template when it has one"))
     max_length: int = Field(default=256, ge=8, description="probe token limit")
-    batch_size: int = Field(default=16, ge=1)
-    budget: Budget = Field(default_factory=Budget)
-    jung_dim: Literal["affine", "hidden"] = "affine"
+    batch_size: int = Field(default=16, ge=1, description="probes per forward pass")
+    budget: Budget = Field(default_factory=Budget, description=(
+        "distortion budget, relative or absolute; neither: the calibrated default"))
+    jung_dim: Literal["affine", "hidden"] = Field(default="affine", description=(
+        "dimension n in Jung's bound: affine, n = min(P·d, N-1), or hidden, the paper's n = d"))
     action: str = Field(default="abort", description=(
         "what to do when the merge is predicted to collapse: " + ", ".join(BUILTIN_ACTIONS)
         + f", or an action registered in the '{ACTION_ENTRY_POINTS}' entry-point group"),
         json_schema_extra={"examples": list(BUILTIN_ACTIONS)})
-    candidates: dict[str, list[str]] = Field(default_factory=dict)
-    weights: Literal["none", "suggest", "apply"] = "none"
+    candidates: dict[str, list[str]] = Field(default_factory=dict, description=(
+        "action replace: per task name, the model references that may stand in for its model"))
+    weights: Literal["none", "suggest", "apply"] = Field(default="none", description=(
+        "distortion-optimal weights α*: suggest (write a config with them) or apply (merge with "
+        "them; linear/task-arithmetic family)"))
     base: str | None = Field(default=None, description=(
         "the common base model the constituents were fine-tuned from (the risk score's anchor), "
         "for configs that do not name it: e.g. a linear merge of full fine-tunes"))
@@ -135,9 +147,9 @@ class LoadedConfig:
     def task_of(self, model: Any) -> TaskSpec:
         """The TaskSpec of a constituent model, matched by mergekit's own parse of the key."""
         for key, spec in self.guard.tasks.items():
-            if _parse_ref(key) == model:
+            if parse_ref(key) == model:
                 return spec
-        raise BadInputError(f"guard.tasks has no entry for model '{model}'")
+        raise ConfigError(f"guard.tasks has no entry for model '{model}'")
 
     def resolve(self, relative: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -147,10 +159,14 @@ class LoadedConfig:
         return self.path.parent / p
 
 
-def _parse_ref(text: str) -> Any:
+def parse_ref(value: Any) -> Any | None:
+    """mergekit's own parse of a model reference (a string or a mapping), or None if it is not one."""
     from mergekit.common import ModelReference
 
-    return ModelReference.model_validate(text)
+    try:
+        return ModelReference.model_validate(value)
+    except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+        return None
 
 
 def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
@@ -224,10 +240,9 @@ def find_base(merge: Any, guard: GuardSettings, models: list[Any]) -> tuple[Any 
     from mergekit.common import ModelReference
 
     if guard.base is not None:
-        try:
-            return _parse_ref(guard.base), "guard.base"
-        except (ValidationError, ValueError):
-            raise BadInputError(f"guard.base '{guard.base}' is not a model reference") from None
+        if (ref := parse_ref(guard.base)) is None:
+            raise ConfigError(f"guard.base '{guard.base}' is not a model reference")
+        return ref, "guard.base"
     if merge.base_model is not None and merge.base_model not in models:
         return merge.base_model, "base_model"
     bases = {m.model for m in models if m.lora is not None}
@@ -252,7 +267,7 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
         The parsed config.
 
     Raises:
-        BadInputError: malformed YAML, an invalid mergekit config, or an invalid guard section.
+        ConfigError: malformed YAML, an invalid mergekit config, or an invalid guard section.
     """
     from mergekit.config import MergeConfiguration
 
@@ -262,32 +277,30 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise BadInputError(f"{where}malformed YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{where}malformed YAML{at}: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
-        raise BadInputError(f"{where}a mergekit config must be a YAML mapping")
+        raise ConfigError(f"{where}a mergekit config must be a YAML mapping")
     guard_raw = raw.pop("guard", None) or {}
     try:
         merge = MergeConfiguration.model_validate(raw)
     except (ValidationError, RuntimeError, ValueError) as e:
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-        raise BadInputError(f"{where}invalid mergekit config: {msg}") from None
+        raise ConfigError(f"{where}invalid mergekit config: {msg}") from None
     try:
         guard = GuardSettings.model_validate(guard_raw)
     except ValidationError as e:
-        raise BadInputError(where + _friendly(e, {})) from None
+        raise ConfigError(where + _friendly(e, {})) from None
     models = ordered_models(merge)
     base, base_source = find_base(merge, guard, models)
     cfg = LoadedConfig(path=path, source=source, merge=merge, guard=guard, models=models,
                        base=base, base_source=base_source)
     known = {str(m) for m in models}
     for key in guard.tasks:
-        try:
-            ref = _parse_ref(key)
-        except (ValidationError, ValueError):
-            raise BadInputError(f"{where}guard.tasks key '{key}' is not a model reference") from None
+        if (ref := parse_ref(key)) is None:
+            raise ConfigError(f"{where}guard.tasks key '{key}' is not a model reference")
         if ref not in models:
-            raise BadInputError(f"{where}guard.tasks names '{key}', which is not a model of this "
-                                f"merge{_did_you_mean(key, sorted(known))}")
+            raise ConfigError(f"{where}guard.tasks names '{key}', which is not a model of this "
+                              f"merge{_did_you_mean(key, sorted(known))}")
     return cfg
 
 
@@ -295,13 +308,14 @@ def read_text(path: str | Path, what: str) -> str:
     """A UTF-8 text file's content, or a one-line BadInputError naming `what` it was.
 
     Raises:
-        BadInputError: missing, unreadable or not UTF-8.
+        ModelNotFoundError: the file is missing (a FileNotFoundError too).
+        BadInputError: unreadable or not UTF-8.
     """
     p = Path(path)
     try:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BadInputError(f"{what} file not found: {p}") from None
+        raise ModelNotFoundError(f"{what} file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BadInputError(f"cannot read {what} {p}: {e}") from None
 
@@ -310,7 +324,8 @@ def load_config(path: str | Path) -> LoadedConfig:
     """Read and parse a mergekit YAML file (see `parse_config`).
 
     Raises:
-        BadInputError: the file is missing or unreadable, or its content is invalid.
+        ModelNotFoundError: the file is missing.
+        BadInputError: the file is unreadable. ConfigError: its content is invalid.
     """
     return parse_config(read_text(path, "config"), Path(path).resolve())
 

@@ -12,13 +12,22 @@ Jung is only sufficient and Δ²/4 only necessary; the exact r*² decides betwee
 budget asks for the geometric test alone. A signal counts only when every model has a value.
 Beside a validated signal the bounds at the calibrated budget are not a veto: out of sample they
 only cost specificity (benchmarks/RESULTS.md, "Out of sample").
+
+A model's band on a signal (`band_of`): "collapse" at or beyond the calibrated collapse edge,
+"elevated" at or beyond the elevated edge, else "low"; the edges come from `guard.calibration`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from mergekit_collapse.guard.config import Budget
+from mergekit_collapse.guard.report import Band
+
+#: which values of a per-model signal go with collapse: higher (a risk score) or lower (a retention)
+Direction = Literal["higher", "lower"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,19 @@ def resolve_budget(budget: Budget, scale: float | None, scale_source: str | None
     if scale is None or scale <= 0:
         raise ValueError("a relative budget needs a positive scale")
     return ResolvedBudget("relative", value, value * scale, scale, scale_source, source)
+
+
+def band_of(value: float | None, direction: Direction, bands: Any) -> Band | None:
+    """The band of one score value: "collapse" at or beyond the collapse edge, "elevated" at or
+    beyond the elevated edge, else "low"; None for a missing value."""
+    if value is None or math.isnan(value):
+        return None
+    sign = 1.0 if direction == "higher" else -1.0
+    if sign * value >= sign * bands.collapse:
+        return "collapse"
+    if sign * value >= sign * bands.elevated:
+        return "elevated"
+    return "low"
 
 
 def verdict(*, jung: float, converse: float, exact: float, budget: float) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mergekit_collapse._constants import cache_root
-from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.errors import BadInputError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,12 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 def local_dir(path: Any, *, what: str = "model") -> Path:
-    """A mergekit ModelPath as a local folder: a local path, or the Hub snapshot (cache first)."""
+    """A mergekit ModelPath as a local folder: a local path, or the Hub snapshot (cache first).
+
+    Raises:
+        ModelNotFoundError: neither a local path nor a Hub repo that can be fetched.
+        BadInputError: the path is a file.
+    """
     p = Path(str(path.path)).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -103,8 +108,8 @@ def local_dir(path: Any, *, what: str = "model") -> Path:
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                       "*.model", "*.txt", "*.bin"]))
     except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo...
-        raise BadInputError(f"{what} '{path}' is not a local folder and could not be fetched "
-                            f"from the Hub ({type(e).__name__})") from None
+        raise ModelNotFoundError(f"{what} '{path}' is not a local folder and could not be fetched "
+                                 f"from the Hub ({type(e).__name__})") from None
 
 
 def check_weights(folder: Path, ref: str, *, allow_pickle: bool) -> None:
@@ -340,6 +345,7 @@ def pad_id(tok: Any) -> int:
 
 def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: ExtractionSettings,
             *, cache_dir: Path | None = None, progress: bool = True,
+            labels: Mapping[str, str] | None = None,
             on_model: Callable[[str], None] | None = None) -> Extraction:
     """Pooled hidden states of every model on every probe.
 
@@ -348,7 +354,8 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
         texts: the probe texts (X).
         settings: layer, pooling, dtype, device, batching, safety switches.
         cache_dir: cache root (default: $MERGEKIT_COLLAPSE_CACHE or ~/.cache/mergekit_collapse).
-        progress: show a progress bar per model.
+        progress: show progress, one step per model computed.
+        labels: display names by str(model reference), for the progress (default: `display_names`).
         on_model: called with each model's name as it starts (for outer progress displays).
 
     Returns:
@@ -358,11 +365,11 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
         BadInputError: missing or pickle-only weights, mismatched hidden sizes, NaNs, empty probes.
     """
     import torch
-    from tqdm.auto import tqdm
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one bar per model is ours; no per-tensor bars
-    hf_logging.set_verbosity_error()
+    from mergekit_collapse._console import Progress, quiet_third_party
+    from mergekit_collapse.guard.report import display_names
+
+    quiet_third_party("transformers")  # our progress is one step per model; no per-tensor bars
     if not texts:
         raise BadInputError("the probe set is empty")
     device = resolve_device(settings.device)
@@ -389,7 +396,8 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     groups: dict[Path, list[tuple]] = {}
     for plan in todo:
         groups.setdefault(plan[1].resolve(), []).append(plan)
-    bar = tqdm(total=len(todo), desc="hidden states", unit="model", disable=not progress)
+    bar = Progress("hidden states", len(todo), enabled=progress,
+                   labels=labels or display_names([str(m) for m in models]))
     for base_dir, group in groups.items():
         tok = load_tokenizer(group[0][1], settings)
         model = load_causal_lm(base_dir, settings, device, dtype)
@@ -399,18 +407,17 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
             for ref, _, lora_dir, cache, missing in sorted(group, key=lambda p: p[2] is not None):
                 if on_model:
                     on_model(str(ref))
-                bar.set_postfix_str(str(ref)[-40:])
-                if lora_dir is None:
-                    body = model.get_decoder()
-                else:
-                    peft_model = swap_adapter(model, peft_model, lora_dir)
-                    body = peft_model.get_base_model().get_decoder()
-                idx = [position[k] for k in missing]
-                ids = encode(tok, [texts[i] for i in idx], settings)
-                vecs = forward_pooled(body, ids, settings, pad_id(tok))
-                cache.update(dict(zip(missing, vecs, strict=True)))
-                result.computed[str(ref)] = len(missing)
-                bar.update(1)
+                with bar.step(bar.label(str(ref)), note=f"{len(missing)} probes"):
+                    if lora_dir is None:
+                        body = model.get_decoder()
+                    else:
+                        peft_model = swap_adapter(model, peft_model, lora_dir)
+                        body = peft_model.get_base_model().get_decoder()
+                    idx = [position[k] for k in missing]
+                    ids = encode(tok, [texts[i] for i in idx], settings)
+                    vecs = forward_pooled(body, ids, settings, pad_id(tok))
+                    cache.update(dict(zip(missing, vecs, strict=True)))
+                    result.computed[str(ref)] = len(missing)
         finally:
             del model, peft_model
             gc.collect()

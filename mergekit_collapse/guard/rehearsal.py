@@ -27,12 +27,14 @@ import math
 import shutil
 import time
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mergekit_collapse._console import Progress, quiet_third_party
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.extract import (
@@ -162,6 +164,8 @@ def merge_in_memory(merge: Any, *, dtype: Any, seed: int = 0, trust_remote_code:
             with torch.no_grad():
                 params[name].copy_(value)
             filled.add(name)
+    except BadInputError:  # ours, already one line (and a ValueError too)
+        raise
     except (RuntimeError, ValueError) as e:
         raise BadInputError(f"mergekit cannot merge these models: {str(e).splitlines()[0]}") from None
     model.tie_weights()  # e.g. lm_head shares the merged embeddings
@@ -315,8 +319,13 @@ class Reference:
 
 def constituent_references(models: list[Any], probes: dict[str, list[str]],
                            settings: ExtractionSettings, answer_tokens: int, *,
-                           cache_dir: Path | None = None) -> dict[str, Reference]:
-    """Each constituent's answers to its own probes (LoRAs swapped on one loaded base), cached."""
+                           cache_dir: Path | None = None,
+                           progress: Progress | None = None) -> dict[str, Reference]:
+    """Each constituent's answers to its own probes (LoRAs swapped on one loaded base), cached.
+
+    `progress` counts one step per constituent.
+    """
+    progress = progress or Progress("answers", 0, enabled=False)
     dtype = resolve_dtype(settings.dtype, "cpu")
     dtype_name = str(dtype).removeprefix("torch.")
     root = cache_dir or cache_root()
@@ -332,6 +341,9 @@ def constituent_references(models: list[Any], probes: dict[str, list[str]],
             texts = probes[str(ref)]
             keys = [probe_key(t, settings.chat_template) for t in texts]
             hit = cache.get(keys)
+            label, note = f"{progress.label(str(ref))}: answers", "" if hit is None else "cached"
+            progress.start(label)
+            t0 = time.perf_counter()
             if hit is None:
                 if model is None:
                     model = load_causal_lm(base_dir, settings, "cpu", dtype)
@@ -345,6 +357,7 @@ def constituent_references(models: list[Any], probes: dict[str, list[str]],
                 argmax, logp = teacher_forced(target, ids, answers, pad, settings.batch_size)
                 hit = Reference(ids, answers, argmax, pad, logp)
                 cache.put(keys, hit)
+            progress.done(label, seconds=time.perf_counter() - t0, note=note)
             out[str(ref)] = hit
         if model is not None:
             del model, peft_model
@@ -354,7 +367,8 @@ def constituent_references(models: list[Any], probes: dict[str, list[str]],
 
 def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
              settings: ExtractionSettings, *, answer_tokens: int = 32, seed: int = 0,
-             cache_dir: Path | None = None) -> Rehearsal:
+             cache_dir: Path | None = None, progress: bool = True,
+             labels: Mapping[str, str] | None = None) -> Rehearsal:
     """Merge `merge` in memory and compare it with each constituent on that constituent's probes.
 
     Args:
@@ -365,6 +379,8 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
         answer_tokens: the longest greedy answer compared.
         seed: mergekit's random seed (DARE's random drop).
         cache_dir: cache root for the constituents' answers.
+        progress: show progress: each constituent's answers, the merge, the comparison.
+        labels: display names by str(model reference), for the progress.
 
     Returns:
         A `Rehearsal`: rehearsal_agreement, rehearsal_token_agreement and rehearsal_kl per model.
@@ -372,13 +388,19 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     Raises:
         BadInputError: the merge cannot be planned or run in memory; models that cannot be loaded.
     """
+    quiet_third_party("transformers")
     dtype = resolve_dtype(settings.dtype, "cpu")
+    bar = Progress("rehearsal", len(models) + 2, enabled=progress, labels=labels)
     t0 = time.perf_counter()
-    refs = constituent_references(models, probes, settings, answer_tokens, cache_dir=cache_dir)
+    refs = constituent_references(models, probes, settings, answer_tokens, cache_dir=cache_dir,
+                                  progress=bar)
     t1 = time.perf_counter()
+    bar.start("in-memory merge")
     merged = merge_in_memory(merge, dtype=dtype, seed=seed, trust_remote_code=settings.trust_remote_code,
                              cache_dir=cache_dir)
     t2 = time.perf_counter()
+    bar.done("in-memory merge", seconds=t2 - t1)
+    bar.start("merge vs constituents")
     result: dict[str, dict[str, float]] = {}
     for ref in models:
         own = refs[str(ref)]
@@ -387,6 +409,8 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
         if not all(math.isfinite(v) for v in result[str(ref)].values()):
             raise BadInputError(f"the rehearsal of {ref} produced NaN or inf (try --dtype float32)")
     t3 = time.perf_counter()
+    bar.done("merge vs constituents", seconds=t3 - t2)
+    bar.close()
     del merged
     gc.collect()
     return Rehearsal(models=result, answer_tokens=answer_tokens,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from tabulate import tabulate
 
 from mergekit_collapse._constants import REPORT_SCHEMA_VERSION
 
@@ -14,12 +17,80 @@ from mergekit_collapse._constants import REPORT_SCHEMA_VERSION
 Verdict = Literal["mergeable", "collapse", "unassessed"]
 DecidedBy = Literal["jung", "converse", "exact", "risk", "rehearsal", "none"]
 Band = Literal["low", "elevated", "collapse"]
+#: what a Hub model id looks like ("org/name")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a model path (revision left off) names a Hub repo rather than a local folder."""
+    return bool(HUB_ID.match(path)) and not Path(path).expanduser().exists()
+
+
+def relative_inside(path: str, root: Path) -> str | None:
+    """`path` relative to `root` when it lies inside it (symlinks resolved or not)."""
+    for p, r in ((Path(os.path.abspath(path)), Path(os.path.abspath(root))),
+                 (Path(path).resolve(), root.resolve())):
+        try:
+            rel = p.relative_to(r).as_posix()
+        except ValueError:
+            continue
+        return rel if rel != "." else None
+    return None
+
+
+def _part_display(part: str, root: Path | None, depth: int, adapter: bool) -> str:
+    path, _, _ = part.partition("@")  # mergekit's revision separator
+    if is_hub_id(path) or (depth == 0 and not os.path.isabs(os.path.expanduser(path))):
+        return part  # a Hub id, or a relative path as the config writes it
+    rel = relative_inside(path, root) if root is not None and not adapter else None
+    if rel is not None and len(Path(rel).parts) >= depth + 1:
+        return rel
+    parts = Path(os.path.abspath(os.path.expanduser(path))).parts[1:]  # never the leading "/"
+    return "/".join(parts[-(depth + 1):])
+
+
+def display_names(refs: list[str], root: Path | None = None) -> dict[str, str]:
+    """Short names for model references, for tables, cards and the console.
+
+    A Hub id, or a relative path, stays as the config writes it; an absolute path is shown
+    relative to `root` (the config's folder) when it lies inside it, else by its folder name (an
+    adapter's always by its folder name): `base+lora` becomes `base-display+adapter-display`.
+    Names that would collide get more of their path.
+
+    Args:
+        refs: model references as mergekit writes them (`str(ModelReference)`).
+        root: the folder local paths are shown relative to.
+
+    Returns:
+        `{ref: display}` for every reference.
+    """
+    def show(ref: str, depth: int) -> str:
+        base, plus, lora = ref.partition("+")
+        text = _part_display(base, root, depth, adapter=False)
+        return text + (plus + _part_display(lora, root, depth, adapter=True) if plus else "")
+
+    depth = dict.fromkeys(refs, 0)
+    out = {r: show(r, 0) for r in refs}
+    for _ in range(16):  # deepen colliding names until unique (or whole paths)
+        seen: dict[str, list[str]] = {}
+        for r, d in out.items():
+            seen.setdefault(d, []).append(r)
+        clashes = [r for group in seen.values() if len(group) > 1 for r in group]
+        if not clashes:
+            break
+        for r in clashes:
+            depth[r] += 1
+            out[r] = show(r, depth[r])
+    return out
 
 
 class ModelEntry(BaseModel):
     """One constituent model's scores. Distortions are in squared hidden-state units."""
 
     name: str = Field(description="the model reference as written in the config")
+    display: str | None = Field(default=None, description=(
+        "its short name in tables and the card: the Hub id, the path relative to the config's "
+        "folder, or the folder's name (`base+adapter` for LoRA references); see display_names"))
     task: str
     mds: float | None = Field(description="Eq. 3; None when HiddenSim is undefined; inf allowed")
     mean_hidden_sim: float | None
@@ -155,6 +226,14 @@ class GuardReport(BaseModel):
     def names(self) -> list[str]:
         return [m.name for m in self.models]
 
+    def displays(self) -> dict[str, str]:
+        """Display names of the models and the base model by reference (see `display_names`);
+        a model's own `display` wins."""
+        refs = [*self.names, *([self.base_model] if self.base_model else [])]
+        out = display_names(refs, Path(self.config).parent if self.config else None)
+        out.update({m.name: m.display for m in self.models if m.display})
+        return out
+
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write report.json, report.md and hidden_sim.png into out_dir; return their paths."""
         out = Path(out_dir)
@@ -187,11 +266,12 @@ def to_markdown(r: GuardReport) -> str:
     """A summary fit for a PR comment."""
     icon = {"mergeable": "✅", "collapse": "⛔"}.get(r.verdict, "⚠️")
     b = r.bounds
+    shown = r.displays()
     lines = [
         f"### {icon} mergekit-collapse: **{r.verdict}** (decided by {r.decided_by})",
         "",
         f"`{r.merge_method}` merge of {len(r.models)} models"
-        + (f" on `{r.base_model}`" if r.base_model else "")
+        + (f" on `{shown[r.base_model]}`" if r.base_model else "")
         + f"; {r.probes.count} probes (k={r.probes.k}), layer {r.layer}, {r.pooling} pooling.",
         "",
         "| bound | value |",
@@ -211,7 +291,7 @@ def to_markdown(r: GuardReport) -> str:
         band = f"{m.risk_band} ({_fmt(m.risk_score)})" if m.risk_band else "—"
         reh = (f"{m.rehearsal_band} ({_fmt(m.predicted_retention)})" if m.rehearsal_band
                else _fmt(m.predicted_retention))
-        lines.append(f"| `{m.name}` | {m.task} | {_fmt(m.mds)} | {_fmt(m.mean_hidden_sim)} | "
+        lines.append(f"| `{shown[m.name]}` | {m.task} | {_fmt(m.mds)} | {_fmt(m.mean_hidden_sim)} | "
                      f"{_fmt(m.distortion_optimal)} | {_fmt(r.weights.get(m.name))} | {_fmt(m.retention)} "
                      f"| {band} | {reh} |")
     if r.rehearsal is not None:
@@ -260,6 +340,10 @@ def plot_heatmap(r: GuardReport, path: str | Path) -> Path:
     return Path(path)
 
 
+#: the columns of `format_text`'s model table
+MODEL_COLUMNS = ["model", "task", "MDS", "dist α*", "α*", "retention", "risk", "rehearsal"]
+
+
 def format_text(report: GuardReport) -> str:
     """A terminal summary: verdict, bounds, per-model table."""
     b = report.bounds
@@ -281,16 +365,17 @@ def format_text(report: GuardReport) -> str:
                  if h.collapse is not None else "")
         lines.append(f"rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
                      + (f": {h.score}{bands}; {cost}" if h.status == "ran" else ""))
-    lines += ["", f"{'model':<40} {'task':<14} {'MDS':>6} {'dist α*':>9} {'α*':>6} {'retention':>9} "
-              f"{'risk':>16} {'rehearsal':>16}"]
+    shown, rows = report.displays(), []
     for m in report.models:
         mds = "—" if m.mds is None else ("inf" if m.mds == float("inf") else f"{m.mds:.3f}")
         ret = "—" if m.retention is None else f"{m.retention:.3f}"
         risk = "—" if m.risk_band is None else f"{m.risk_band} {m.risk_score:.3g}"
         reh = ("—" if m.predicted_retention is None else
                f"{m.rehearsal_band or ''} {m.predicted_retention:.3g}".strip())
-        lines.append(f"{m.name[-40:]:<40} {m.task[:14]:<14} {mds:>6} {m.distortion_optimal:>9.4g} "
-                     f"{report.weights[m.name]:>6.3f} {ret:>9} {risk:>16} {reh:>16}")
+        rows.append([shown[m.name], m.task, mds, f"{m.distortion_optimal:.4g}",
+                     f"{report.weights[m.name]:.3f}", ret, risk, reh])
+    lines += ["", tabulate(rows, headers=MODEL_COLUMNS, tablefmt="simple", disable_numparse=True,
+                           colalign=("left", "left") + ("right",) * 6)]
     for note in ([report.hidden_sim_note] if report.hidden_sim_note else []) + report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

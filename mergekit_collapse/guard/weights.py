@@ -9,36 +9,48 @@ first-order view); for SLERP between models A (its base_model) and B, w = [1 - t
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
 
-TASK_FAMILY = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                "breadcrumbs_ties", "della", "della_linear"}
+
+@cache
+def task_family() -> frozenset[str]:
+    """The task-arithmetic merge methods: mergekit's registered `GeneralizedTaskArithmeticMerge`s."""
+    from mergekit.merge_methods import GeneralizedTaskArithmeticMerge, registered_methods
+
+    return frozenset(m.spec.name for m in registered_methods()
+                     if isinstance(m, GeneralizedTaskArithmeticMerge))
 
 
 def scalar(setting: Any, default: float | None = None) -> float | None:
-    """One number for a mergekit parameter setting: gradients averaged, the unfiltered condition."""
+    """One number for a mergekit parameter setting, evaluated by mergekit (`evaluate_setting`).
+
+    A conditional list gives its unfiltered condition's value (else its first condition's); a
+    gradient gives the mean of its points.
+
+    Args:
+        setting: a parameter's value in the config (number, gradient, conditions), or None.
+        default: what a missing or non-numeric setting gives.
+
+    Returns:
+        The number, or `default`.
+    """
+    from mergekit.config import ConditionalParameter, evaluate_setting
+
+    if isinstance(setting, ConditionalParameter):
+        setting = [setting]
+    if isinstance(setting, list) and setting and all(isinstance(c, ConditionalParameter) for c in setting):
+        setting = next((c for c in setting if c.filter in (None, "*")), setting[0]).value
     if setting is None:
         return default
-    if isinstance(setting, bool):
-        return float(setting)
-    if isinstance(setting, (int, float)):
-        return float(setting)
-    if isinstance(setting, str):
-        try:
-            return float(setting)
-        except ValueError:
-            return default
-    if isinstance(setting, list):
-        if not setting:
-            return default
-        if all(isinstance(x, (int, float)) for x in setting):
-            return float(np.mean(setting))
-        unfiltered = [c for c in setting if getattr(c, "filter", None) in (None, "*")]
-        return scalar(getattr((unfiltered or setting)[0], "value", None), default)
-    value = getattr(setting, "value", None)
-    return scalar(value, default) if value is not None else default
+    n = len(setting) if isinstance(setting, list) else 1
+    try:  # a gradient's i-th point is its value at t = i / (n - 1)
+        values = [evaluate_setting("", setting, i / max(n - 1, 1), validate=float) for i in range(n)]
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # not a number, or not a setting
+        return default
+    return float(np.mean(values)) if values else default
 
 
 def _method_default(method: str, name: str) -> Any:
@@ -80,7 +92,7 @@ def planned_weights(cfg: Any) -> tuple[np.ndarray | None, str | None]:
         if t is None or n != 2:
             return None, "slerp needs two models and a t"
         return np.array([1 - t, t]), None
-    if method not in TASK_FAMILY | {"linear"}:
+    if method not in task_family() | {"linear"}:
         return None, f"{method}: no linear weights; using the uniform average"
     w = np.array([scalar(_param(cfg, "weight", params.get(m)), 1.0) for m in cfg.models])
     # linear weighs a listed base model as one more input: its weight joins the normaliser
@@ -93,6 +105,6 @@ def planned_weights(cfg: Any) -> tuple[np.ndarray | None, str | None]:
         if w.sum() + base_w == 0:
             return None, "weights sum to zero"
         w = w / (w.sum() + base_w)
-    if method in TASK_FAMILY:
+    if method in task_family():
         w = w * scalar(_param(cfg, "lambda"), 1.0)
     return w, None

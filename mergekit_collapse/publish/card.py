@@ -9,27 +9,29 @@ the guard's numbers, so the Hub (and `ModelCard.load`) can read them back.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from mergekit_collapse._constants import REPORT_DIR
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.evaluate.observed import Evaluation
-from mergekit_collapse.guard.report import GuardReport
+from mergekit_collapse.guard.report import GuardReport, is_hub_id, relative_inside
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
 #: folder (relative to the merged model) holding the guard's outputs
-MERGEABILITY_DIR = "mergeability"
 DEFAULT_TEMPLATE = "mergeability_card.md.j2"
 TAGS = ["merge", "mergekit", "mergekit-collapse"]
-#: what a Hub model id looks like ("org/name"); local paths are left out of `base_model`
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: an absolute POSIX path of two parts or more, not inside a URL or a relative path
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"`|,;:()\[\]{}<>]+/)+[^\s/'\"`|,;:()\[\]{}<>]*")
 
 
 def default_template_path() -> Path:
@@ -62,24 +64,106 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def local_hub_ids(folder: Path) -> list[str]:
+    """The Hub ids a local checkpoint records: its config's `_name_or_path` (the id it was loaded
+    from before it was saved), else its model card's `base_model`, else a LoRA's
+    `base_model_name_or_path` (the base it adapts). Local paths found there are left out.
+
+    Args:
+        folder: a local model or adapter folder.
+
+    Returns:
+        Hub ids, possibly empty.
+    """
+    from huggingface_hub import metadata_load
+
+    readme = folder / "README.md"
+    try:
+        card = (metadata_load(readme) or {}) if readme.is_file() else {}
+    except (OSError, ValueError):  # a broken front matter is no lineage
+        card = {}
+    sources = [_json(folder / "config.json").get("_name_or_path"), card.get("base_model"),
+               _json(folder / "adapter_config.json").get("base_model_name_or_path")]
+    for found in sources:
+        ids = [i for i in (found if isinstance(found, list) else [found])
+               if isinstance(i, str) and is_hub_id(i)]
+        if ids:
+            return ids
+    return []
+
+
+def _ref_hub_ids(ref: str) -> list[str]:
+    """Hub ids for a reference (`model` or `model+lora`): its Hub ids, or what its local folders record."""
+    ids: list[str] = []
+    for part in ref.split("+"):
+        path = part.strip().partition("@")[0]
+        if is_hub_id(path):
+            ids.append(part.strip())
+        elif Path(path).expanduser().is_dir():
+            ids += local_hub_ids(Path(path).expanduser())
+    return ids
+
+
 def hub_base_models(report: GuardReport) -> list[str]:
     """The Hub ids this merge derives from: the constituents (both parts of `model+lora`), else the base.
 
-    Local paths are not Hub ids and are left out (the Hub would reject them).
+    Local folders stand for the Hub ids their own metadata records (`local_hub_ids`), so a merge of
+    downloaded models still links to its parents; local paths themselves never appear.
 
     Args:
         report: the guard's report.
 
     Returns:
-        Unique Hub model ids, in config order; empty when none of the references is a Hub id.
+        Unique Hub model ids, in config order; empty when none is known.
     """
-    refs: list[str] = []
-    for name in report.names:
-        refs.extend(part.strip() for part in name.split("+"))
-    ids = [r for r in refs if _REPO_ID.match(r)]
-    if not ids and report.base_model and _REPO_ID.match(report.base_model):
-        ids = [report.base_model]
+    ids = [i for name in report.names for i in _ref_hub_ids(name)]
+    if not ids and report.base_model:
+        ids = _ref_hub_ids(report.base_model)
     return list(dict.fromkeys(ids))
+
+
+def public_text(report: GuardReport, root: Path | None = None) -> Callable[[str], str]:
+    """A function that makes text fit to publish: model references become their display names
+    and any other absolute local path becomes relative to the config's folder (or its last part).
+
+    Args:
+        report: the guard's report (its models, base and config folder).
+        root: the folder paths are shown relative to (default: the report's config's folder).
+    """
+    shown = report.displays()
+    root = root or (Path(report.config).parent if report.config else None)
+    refs = sorted((r for r in shown if _ABS_PATH.search(r)), key=len, reverse=True)
+    known = re.compile("|".join(f"(?<![\\w/.-]){re.escape(r)}(?![\\w.-])" for r in refs)) if refs else None
+
+    def short(m: re.Match) -> str:
+        rel = relative_inside(m.group(0), root) if root is not None else None
+        return rel or Path(m.group(0)).name or m.group(0)
+
+    def clean(text: str) -> str:
+        if known is not None:
+            text = known.sub(lambda m: shown[m.group(0)], text)
+        return _ABS_PATH.sub(short, text)
+
+    return clean
+
+
+def _public(value: Any, clean: Callable[[str], str]) -> Any:
+    """`value` (JSON-like) with every string, keys included, passed through `clean`."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, dict):
+        return {_public(k, clean): _public(v, clean) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v, clean) for v in value]
+    return value
 
 
 def read_evaluation(path: Path) -> Evaluation | None:
@@ -113,10 +197,12 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
     Returns:
         A dict with the budget, bounds, verdict, per-model scores, probes, layer, pooling, actions,
         the tool version, the risk score when the report has one, and the observed losses if evaluated.
+        Models go by their display names; no absolute local path is left in it (`public_text`).
     """
     from mergekit_collapse import __version__
 
     b = report.bounds
+    shown = report.displays()
     block: dict[str, Any] = {
         "schema_version": report.schema_version,
         "tool_version": report.tool_version,
@@ -130,7 +216,7 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
         "bounds": {"diameter": _num(b.diameter), "converse": _num(b.converse), "exact": _num(b.exact),
                    "jung": _num(b.jung), "jung_n": b.jung_n, "jung_dim": b.jung_dim,
                    "uniform": _num(b.uniform), "planned": _num(b.planned)},
-        "models": [{"name": m.name, "task": m.task, "mds": _num(m.mds),
+        "models": [{"name": shown[m.name], "task": m.task, "mds": _num(m.mds),
                     "distortion": _num(m.distortion_optimal),
                     "distortion_planned": _num(m.distortion_planned),
                     "retention": _num(m.retention), "weight": _num(report.weights.get(m.name))}
@@ -154,14 +240,15 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
             "limit": evaluation.limit,
             "dtype": evaluation.dtype,
             "mean_loss": _num(evaluation.mean_loss),
-            "tasks": [{"model": t.model, "task": t.task, "eval": t.eval, "metric": t.metric,
+            "tasks": [{"model": shown.get(t.model, t.model), "task": t.task, "eval": t.eval,
+                       "metric": t.metric,
                        "constituent": _num(t.constituent), "merged": _num(t.merged),
                        "base": _num(t.base), "loss": _num(t.loss),
                        **({"observed_retention": _num(t.observed_retention)}
                           if t.observed_retention is not None else {})}
                       for t in evaluation.tasks],
         }
-    return block
+    return _public(block, public_text(report))
 
 
 def card_data(report: GuardReport, evaluation: Evaluation | None, *, model_name: str):
@@ -200,9 +287,10 @@ def card_data(report: GuardReport, evaluation: Evaluation | None, *, model_name:
 
 def _rows(report: GuardReport, evaluation: Evaluation | None) -> list[dict[str, Any]]:
     by_model = {t.model: t for t in (evaluation.tasks if evaluation else [])}
+    shown = report.displays()
     rows = []
     for m in report.models:
-        row: dict[str, Any] = {"name": m.name, "task": m.task, "mds": m.mds,
+        row: dict[str, Any] = {"name": shown[m.name], "task": m.task, "mds": m.mds,
                                "distortion": m.distortion_optimal, "retention": m.retention,
                                "weight": report.weights.get(m.name), "risk_score": m.risk_score,
                                "risk_band": m.risk_band, "rehearsal_band": m.rehearsal_band,
@@ -237,9 +325,9 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
     from mergekit_collapse import __version__
 
     out = Path(out_dir)
-    mdir = out / MERGEABILITY_DIR
+    mdir = out / REPORT_DIR
     if not (mdir / "report.json").is_file():
-        raise BadInputError(f"{out}: no {MERGEABILITY_DIR}/report.json (run `mergekit-collapse check` "
+        raise BadInputError(f"{out}: no {REPORT_DIR}/report.json (run `mergekit-collapse check` "
                             "with this output folder first)")
     try:
         report = GuardReport.read(mdir)
@@ -257,20 +345,22 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
     if not tpl.is_file():
         raise BadInputError(f"card template not found: {tpl}")
     data = card_data(report, evaluation, model_name=name)
+    clean = public_text(report, None if report.config else config_file.resolve().parent)
 
     import jinja2
 
     try:
         card = ModelCard.from_template(
             data, template_str=tpl.read_text(encoding="utf-8"),
-            model_name=name, report=report.model_dump(mode="json"),
+            model_name=name, report=_public(report.model_dump(mode="json"), clean),
             mergeability=data["mergeability"],
-            evaluation=evaluation.model_dump(mode="json") if evaluation else None,
-            rows=_rows(report, evaluation),
-            heatmap=f"{MERGEABILITY_DIR}/hidden_sim.png" if (mdir / "hidden_sim.png").is_file() else None,
-            scatter=(f"{MERGEABILITY_DIR}/predicted_vs_observed.png"
+            evaluation=_public(evaluation.model_dump(mode="json"), clean) if evaluation else None,
+            rows=_public(_rows(report, evaluation), clean),
+            heatmap=f"{REPORT_DIR}/hidden_sim.png" if (mdir / "hidden_sim.png").is_file() else None,
+            scatter=(f"{REPORT_DIR}/predicted_vs_observed.png"
                      if (mdir / "predicted_vs_observed.png").is_file() else None),
-            mergekit_config=mergekit_config, fmt=fmt, tool_version=__version__,
+            mergekit_config=clean(mergekit_config) if mergekit_config else None, fmt=fmt,
+            tool_version=__version__,
         )
     except jinja2.TemplateError as e:
         raise BadInputError(f"card template {tpl}: {type(e).__name__}: {e}") from None
@@ -288,7 +378,8 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
 
 def write_card(out_dir: str | Path, *, template: Path | None = None, config_path: Path | None = None,
                model_name: str | None = None) -> Path:
-    """Render the mergeability card and write it as `out_dir/README.md` (replacing mergekit's README).
+    """Render the mergeability card and write it as `out_dir/README.md` (replacing mergekit's README),
+    with the evaluation also as `.eval_results/*.yaml` (see `publish.eval_results`).
 
     Args:
         out_dir: the merged model directory.
@@ -305,6 +396,9 @@ def write_card(out_dir: str | Path, *, template: Path | None = None, config_path
     card = render_card(out_dir, template=template, config_path=config_path, model_name=model_name)
     path = Path(out_dir) / "README.md"
     card.save(path)
+    from mergekit_collapse.publish.eval_results import write_eval_results
+
+    write_eval_results(out_dir, read_evaluation(Path(out_dir) / REPORT_DIR / "evaluation.json"))
     return path
 
 

@@ -155,14 +155,15 @@ def _scrub(text: str, token: str | None) -> str:
     return line.replace(token, "***") if token else line
 
 
-def _refuse_files_with_token(files: Iterable[tuple[Path, PlannedFile]], token: str | None) -> None:
+def _refuse_files_with_token(files: Iterable[tuple[Path, PlannedFile]], token: str | None,
+                             repo_id: str) -> None:
     """Never publish the credentials: refuse if a (small) file to push contains the token."""
     if not token:
         return
     needle = token.encode()
     for path, pf in files:
         if pf.size <= _SCAN_LIMIT_BYTES and needle in path.read_bytes():
-            raise HubError(f"refusing to push: {pf.path_in_repo} contains the Hub token")
+            raise HubError(f"refusing to push: {pf.path_in_repo} contains the Hub token", repo_id=repo_id)
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -187,7 +188,10 @@ _STATUS_TEXT = {
 
 
 def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str | None, step: str) -> HubError:
-    """Map any client error to one line naming the repo and the status, never the token."""
+    """Map any client error to one line naming the repo and the status, never the token.
+
+    The HubError carries `status` (the HTTP status, None when the Hub never answered) and `repo_id`.
+    """
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     status = _status_of(exc)
@@ -197,14 +201,16 @@ def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str | Non
         if isinstance(exc, HfHubHTTPError) and exc.server_message:
             server = f" ({_scrub(exc.server_message, token)[:200]})"
         return HubError(f"push to {repo_id} failed at {step}: HTTP {status} {what}{server}; "
-                        "nothing was committed")
+                        "nothing was committed", status=status, repo_id=repo_id)
     if isinstance(exc, OfflineModeIsEnabled):
-        return HubError(f"push to {repo_id}: HF_HUB_OFFLINE is set, the Hub cannot be reached")
+        return HubError(f"push to {repo_id}: HF_HUB_OFFLINE is set, the Hub cannot be reached",
+                        repo_id=repo_id)
     if isinstance(exc, _transport_errors()):
         return HubError(f"push to {repo_id} failed at {step}: cannot reach {endpoint} "
-                        f"({type(exc).__name__}); nothing was committed")
+                        f"({type(exc).__name__}); nothing was committed", repo_id=repo_id)
     return HubError(f"push to {repo_id} failed at {step}: {type(exc).__name__}: "
-                    f"{_scrub(str(exc), token).split(' - ')[0][:200]}; nothing was committed")
+                    f"{_scrub(str(exc), token).split(' - ')[0][:200]}; nothing was committed",
+                    repo_id=repo_id)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -262,8 +268,9 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
     Raises:
         BadInputError: `out_dir` is not a folder or is empty, or `repo_id` is malformed.
         HubError: no token; the repository exists and `exist_ok` is False; any HTTP error (401, 403,
-            404, 5xx) or network error, as one line with the repository and the status. Nothing is
-            committed when it is raised.
+            404, 5xx) or network error, as one line with the repository and the status (also as its
+            `status` and `repo_id` attributes; `status` is None when the Hub never answered). Nothing
+            is committed when it is raised.
     """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -277,14 +284,15 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
     files = plan_files(out_dir)
     url = resolve_endpoint(endpoint)
     token = token or _stored_token()
-    _refuse_files_with_token(files, token)
+    _refuse_files_with_token(files, token, repo_id)
     result = PushResult(repo_id=repo_id, endpoint=url, files=[pf for _, pf in files], dry_run=dry_run,
                         revision=revision, create_pr=create_pr, private=private)
     if dry_run:
         logger.info("dry run: %d files for %s, nothing sent", len(files), repo_id)
         return result
     if not token:
-        raise HubError(f"push to {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`)")
+        raise HubError(f"push to {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`)",
+                       repo_id=repo_id)
     return _push(files, result, token=token, exist_ok=exist_ok,
                  commit_message=commit_message or f"Upload merged model ({len(files)} files) with mergekit-collapse")
 
@@ -313,7 +321,8 @@ def _push(files: list[tuple[Path, PlannedFile]], result: PushResult, *, token: s
                 raise
             if not exist_ok:
                 raise HubError(f"push to {repo_id} refused: the repository already exists "
-                               "(pass --exist-ok / exist_ok=True to commit into it)") from None
+                               "(pass --exist-ok / exist_ok=True to commit into it)",
+                               status=409, repo_id=repo_id) from None
             repo_url = f"{url}/{repo_id}"
         result.repo_url = str(repo_url)
         if result.revision and not result.create_pr:
