@@ -79,7 +79,7 @@ def _settings(**kw: Any) -> Any:
 
 def w_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     """RSS of Python + torch + transformers + peft + the package, before any model is loaded."""
-    import mergekit_collapse.hidden_states  # noqa: F401
+    import mergekit_collapse.guard.extract  # noqa: F401
     import peft  # noqa: F401
     import torch
     import transformers  # noqa: F401
