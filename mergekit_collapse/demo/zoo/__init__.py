@@ -65,7 +65,7 @@ def data_path(task: str, split: str = "test") -> Path:
 def task_yamls(out_dir: str | Path | None = None) -> Path:
     """Write the zoo's lm-eval task YAMLs (absolute paths to the shipped data) and return the folder.
 
-    Pass the result as `include_path` to `mergekit_collapse.evaluation.run_tasks`; task names are
+    Pass the result as `include_path` to `mergekit_collapse.evaluate.harness.run_tasks`; task names are
     `zoo_<task>` (see `eval_name`), tag `zoo` selects all.
 
     Args:
