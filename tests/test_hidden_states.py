@@ -13,11 +13,14 @@ from peft import PeftModel
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.extract import (
     ExtractionSettings,
+    _forward,
+    _load_converted,
     encode,
     extract,
     forward_pooled,
     load_causal_lm,
     load_tokenizer,
+    shared_prefix_length,
 )
 
 TEXTS = ["hello world", "the quick brown fox jumps over", "2+2=", "a", "merge me gently"]
@@ -31,7 +34,8 @@ def merged_adapter_vectors(base, lora, settings):
     model = load_causal_lm(base, settings, "cpu", torch.float32)
     merged = PeftModel.from_pretrained(model, lora).merge_and_unload()
     tok = load_tokenizer(base, settings)
-    return forward_pooled(merged.get_decoder(), encode(tok, TEXTS, settings), settings, tok.pad_token_id)
+    return forward_pooled(merged.get_decoder(), encode(tok, TEXTS, settings), settings, tok.pad_token_id,
+                          share_prefix=False)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -45,6 +49,11 @@ def test_adapter_swap_equals_merged_adapter(tiny_zoo, pooling):
         np.testing.assert_allclose(ext.vectors[str(r)], want, atol=1e-4, rtol=1e-4)
     # the plain base was computed before any adapter was injected
     assert np.abs(ext.vectors[str(base)] - ext.vectors[str(refs[0])]).max() > 1e-2
+    # the chat template's opening ran once per model (4 of them), not once per probe
+    ids = encode(load_tokenizer(base, s), TEXTS, s)
+    saved = 4 * (len(TEXTS) - 1) * shared_prefix_length(ids)
+    assert saved > 0 and ext.tokens_saved == saved
+    assert ext.tokens_computed == 4 * sum(map(len, ids)) - saved
 
 
 @pytest.mark.parametrize("layer", [0, 1, -2])
@@ -121,3 +130,61 @@ def test_nan_weights_are_bad_input(tiny_zoo, tmp_path):
 def test_missing_model_is_bad_input(tmp_path):
     with pytest.raises(BadInputError, match="not a local folder"):
         extract([ref(str(tmp_path / "nope"))], TEXTS, ExtractionSettings(), progress=False)
+
+
+@pytest.mark.parametrize("layer", [-1, 1])
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_shared_prefix_equals_unshared(tiny_zoo, pooling, layer):
+    s = ExtractionSettings(layer=layer, pooling=pooling, batch_size=2, dtype="float32")
+    model = PeftModel.from_pretrained(load_causal_lm(tiny_zoo["base"], s, "cpu", torch.float32),
+                                      tiny_zoo["lora1"])
+    body = model.get_base_model().get_decoder()
+    ids = encode(load_tokenizer(tiny_zoo["base"], s), [f"Answer in one word. {t}" for t in TEXTS], s)
+    ids.append(ids[0][: shared_prefix_length(ids)])  # a probe that is all prefix
+    prefix = shared_prefix_length(ids)
+    assert prefix == len(ids[-1]) - 1 > 10  # one token of its own left to the last probe
+    shared, tokens = _forward(body, ids, s, 0)
+    assert tokens == sum(map(len, ids)) - (len(ids) - 1) * prefix
+    whole, tokens = _forward(body, ids, s, 0, share_prefix=False)
+    assert tokens == sum(map(len, ids))
+    np.testing.assert_allclose(shared, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_that_cannot_be_shared_runs_whole():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=64, sliding_window=4)
+    body = AutoModelForCausalLM.from_config(cfg).eval().get_decoder()
+    ids = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 9, 10], [1, 2, 3, 4, 5, 6, 11, 12, 13]]
+    s = ExtractionSettings(pooling="mean")
+    vectors, tokens = _forward(body, ids, s, 0)
+    assert tokens == sum(map(len, ids))  # sliding-window layers: no shared prefix
+    np.testing.assert_array_equal(vectors, forward_pooled(body, ids, s, 0, share_prefix=False))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_load_converts_like_transformers(tiny_zoo, tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_zoo["base"]
+    if tied:
+        folder = tmp_path / "tied"
+        model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"])
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        model.save_pretrained(folder)
+    s = ExtractionSettings()
+    assert _load_converted(folder, s, torch.float32) is None  # stored dtype: transformers maps it
+    ours = _load_converted(folder, s, torch.bfloat16)
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    want = theirs.state_dict()
+    assert ours.state_dict().keys() == want.keys()
+    for name, tensor in ours.state_dict().items():
+        assert tensor.dtype == want[name].dtype and torch.equal(tensor, want[name]), name
+    assert (ours.lm_head.weight is ours.get_input_embeddings().weight) is tied
+    assert ours.generation_config.eos_token_id == theirs.generation_config.eos_token_id
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=0, rtol=0)

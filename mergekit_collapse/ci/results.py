@@ -188,6 +188,8 @@ def check_config(path: Path, *, fail_on: FailOn = "collapse", debug: bool = Fals
         result.error = f"unexpected error: {type(e).__name__}: {e} (rerun with --debug)"
         result.exit_code = EXIT_UNEXPECTED
         return result
+    if run is None:  # another process of a multi-process run: the main process reports
+        return result
     result.report = run.report
     result.action = run.cfg.guard.action
     result.action_preview = _action_preview(run)

@@ -133,19 +133,26 @@ def _select(configs: tuple[str, ...], changed_since: str | None, only_guarded: b
               help="--format github: append the job summary to $GITHUB_STEP_SUMMARY.")
 @options(guard_specs())
 @options(runtime_specs("device", "dtype", "cache_dir", "allow_pickle", "trust_remote_code",
-                       "no_progress"))
+                       "no_progress", "num_processes"))
 def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
           changed_since: str | None, only_guarded: bool, step_summary: bool, **params) -> None:
     """Compute HiddenSim, MDS and the exact distortion bounds for each config in CONFIGS (files,
     globs, folders); exit 3 if one is over budget (see --fail-on), 2 if one is broken."""
     from mergekit_collapse.ci.results import check_config, exit_status
+    from mergekit_collapse.guard.distributed import is_main_process, launch, launched
 
+    runtime = runtime_options(params)
+    if runtime.num_processes > 1 and not launched():
+        sys.exit(launch(sys.argv[1:], runtime.num_processes))  # the same command line, N times
+    main = is_main_process()
     selected, note = _select(configs, changed_since, only_guarded)
-    if note:
+    if note and main:
         click.echo(note, err=True)
-    kwargs = guard_overrides(params) | runtime_options(params).run_guard_kwargs()
+    kwargs = guard_overrides(params) | runtime.run_guard_kwargs()
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     results = [check_config(c.path, fail_on=fail_on, debug=debug, **kwargs) for c in selected]
+    if not main:  # another process of a multi-process run: it extracted its share; the main reports
+        sys.exit(0)
     status = exit_status([r.exit_code for r in results])
     single = len(configs) == 1 and not changed_since and len(selected) == 1 and selected[0].named
     for r in results:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from mergekit_collapse.guard.config import Budget, GuardSettings, action_names
 
@@ -61,6 +61,9 @@ class RuntimeOptions(BaseModel):
         "OUT/mergeability/ when something is merged)"))
     merge_all: bool = Field(default=False, description=(
         "split: merge every group into OUT/group-<k> (default: write their configs)"))
+    num_processes: int = Field(default=1, ge=1, description=(
+        "extract hidden states on N processes (accelerate launch: one GPU each, else CPU "
+        "processes); the first reports"))
 
     def run_guard_kwargs(self) -> dict[str, Any]:
         """The `guard.run_guard` keyword arguments these options set."""
@@ -153,7 +156,11 @@ def runtime_options(params: dict[str, Any], prefix: str = "") -> RuntimeOptions:
     """The RuntimeOptions among a command's values (a flag the command lacks keeps its default)."""
     found = {key: params[_names(key, prefix)[1]] for key in RuntimeOptions.model_fields
              if params.get(_names(key, prefix)[1]) is not None}
-    return RuntimeOptions(**found)
+    try:
+        return RuntimeOptions(**found)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise click.BadParameter(err["msg"], param_hint=_names(str(err["loc"][0]), prefix)[0]) from None
 
 
 def emit(text: str, out: Path | None) -> None:

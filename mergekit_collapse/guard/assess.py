@@ -15,6 +15,7 @@ from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.calibration import Calibration, load_calibration
 from mergekit_collapse.guard.config import LoadedConfig, load_config, with_guard
 from mergekit_collapse.guard.decision import decide, resolve_budget, verdict
+from mergekit_collapse.guard.distributed import extract_shared, world
 from mergekit_collapse.guard.extract import Extraction, ExtractionSettings, extract
 from mergekit_collapse.guard.probes import ProbeSet, build_probes
 from mergekit_collapse.guard.report import (
@@ -81,11 +82,17 @@ def extraction_settings(cfg: LoadedConfig, *, device: str = "auto", dtype: str =
 def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...] = (),
               device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None,
               allow_pickle: bool = False, trust_remote_code: bool = False,
-              progress: bool = True, **overrides: Any) -> GuardRun:
+              progress: bool = True, **overrides: Any) -> GuardRun | None:
     """Run the guard and keep its inputs (see `check` for the arguments).
+
+    Under `accelerate launch` on several processes, each extracts a share of the models into the
+    cache (`guard.distributed`); the main process then reads them all and assesses alone.
 
     Args:
         extra_models: more references to extract (e.g. `replace` candidates); not in the report.
+
+    Returns:
+        The run; None on the other processes of a multi-process run.
     """
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
     cfg = apply_overrides(cfg, **overrides)
@@ -97,12 +104,20 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
                                    trust_remote_code=trust_remote_code)
     refs = list(dict.fromkeys(refs))
     labels = display_names([str(r) for r in refs], _root(cfg))
-    ext = extract(refs, probes.texts, settings, cache_dir=Path(cache_dir) if cache_dir else None,
-                  progress=progress, labels=labels)
+    cache = Path(cache_dir) if cache_dir else None
+    state = world()
+    if state is not None:
+        computed = extract_shared(state, refs, probes.texts, settings, cache_dir=cache,
+                                  progress=progress, labels=labels)
+        if not state.is_main_process:
+            return None
+    ext = extract(refs, probes.texts, settings, cache_dir=cache, progress=progress, labels=labels)
+    if state is not None:  # what the processes computed; this read computed nothing
+        ext.computed = computed
     base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
     hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
-    rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=Path(cache_dir) if cache_dir else None,
-                              progress=progress, labels=labels)
+    rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=cache, progress=progress,
+                              labels=labels)
     report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
                     rehearsal=rehearsal)
     return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
@@ -148,7 +163,8 @@ def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
 def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
           absolute_budget: float | None = None, device: str = "auto", dtype: str = "auto",
           cache_dir: str | Path | None = None, allow_pickle: bool = False,
-          trust_remote_code: bool = False, progress: bool = True, **overrides: Any) -> GuardReport:
+          trust_remote_code: bool = False, progress: bool = True,
+          **overrides: Any) -> GuardReport | None:
     """Predict whether a mergekit config's models merge within a distortion budget.
 
     Args:
@@ -164,14 +180,16 @@ def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
         **overrides: any `guard:` setting (k, seed, layer, pooling, chat_template, jung_dim, ...).
 
     Returns:
-        The GuardReport (verdict, bounds, per-model scores).
+        The GuardReport (verdict, bounds, per-model scores); None on the other processes of a
+        multi-process run (`run_guard`).
 
     Raises:
         BadInputError: invalid config, missing/mismatched models, empty probes, NaNs, unsafe weights.
     """
-    return run_guard(config, budget=budget, absolute_budget=absolute_budget, device=device,
-                     dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle,
-                     trust_remote_code=trust_remote_code, progress=progress, **overrides).report
+    run = run_guard(config, budget=budget, absolute_budget=absolute_budget, device=device,
+                    dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code, progress=progress, **overrides)
+    return run.report if run is not None else None
 
 
 def _budget_scale(base: np.ndarray | None, hidden: np.ndarray) -> tuple[float, str]:

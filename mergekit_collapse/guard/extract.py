@@ -14,7 +14,8 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class Extraction:
     computed: dict[str, int] = field(default_factory=dict)  # probes computed per model
     hidden_size: int = 0
     dtype: str = "float32"
+    tokens_computed: int = 0  # probe tokens run through the models (padding aside)
+    tokens_saved: int = 0  # probe tokens not run: the shared prefix, computed once per model
 
 
 # ---------------------------------------------------------------- placement and identity
@@ -140,18 +143,23 @@ def _file_sha256(path: Path, memo: dict[str, str]) -> str:
 def folder_identity(folder: Path) -> str:
     """sha256 over the weight, config and tokenizer files of a folder (hashes memoised on disk)."""
     memo_path = cache_root() / "file_hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    memo = _read_json(memo_path)
     before = len(memo)
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES + _IDENTITY_FILES) and f.name != "README.md":
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
-        atomic_write_bytes(memo_path, json.dumps(memo).encode())
+        with write_lock(memo_path.parent):  # keep what other processes added since we read
+            atomic_write_bytes(memo_path, json.dumps({**_read_json(memo_path), **memo}).encode())
     return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def model_identity(ref: Any) -> str:
@@ -173,6 +181,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_lock(folder: Path) -> Any:
+    """An inter-process lock on a cache folder. Writers re-read, merge and replace under it, so
+    concurrent processes (a multi-process run, two runs at once) lose no update; readers need no
+    lock (`atomic_write_bytes` replaces whole files)."""
+    from filelock import FileLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder / ".lock")
+
+
 def probe_key(text: str, chat_template: bool) -> str:
     return hashlib.sha256(f"{int(chat_template)}\0{text}".encode()).hexdigest()[:32]
 
@@ -185,27 +203,33 @@ class VectorCache:
                 "pooling": settings.pooling, "dtype": dtype_name, "max_length": settings.max_length}
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
         self.path = root / "hidden_states" / digest[:2] / f"{digest}.npz"
-        self.data: dict[str, np.ndarray] = {}
-        if self.path.exists():
-            try:
-                with np.load(self.path) as z:
-                    self.data = dict(zip(z["keys"].tolist(), z["vectors"], strict=True))
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                log.warning("recomputing unreadable cache file %s", self.path)
+        self.data: dict[str, np.ndarray] = self._read()
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if not self.path.exists():
+            return {}
+        try:
+            with np.load(self.path) as z:
+                return dict(zip(z["keys"].tolist(), z["vectors"], strict=True))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            log.warning("recomputing unreadable cache file %s", self.path)
+            return {}
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if k not in self.data]
 
     def update(self, new: dict[str, np.ndarray]) -> None:
+        """Add vectors and rewrite the file, keeping what another process wrote since we read it."""
         if not new:
             return
-        self.data.update(new)
-        keys = list(self.data)
         import io
 
-        buf = io.BytesIO()
-        np.savez(buf, keys=np.array(keys), vectors=np.stack([self.data[k] for k in keys]))
-        atomic_write_bytes(self.path, buf.getvalue())
+        with write_lock(self.path.parent):
+            self.data = {**self._read(), **self.data, **new}
+            keys = list(self.data)
+            buf = io.BytesIO()
+            np.savez(buf, keys=np.array(keys), vectors=np.stack([self.data[k] for k in keys]))
+            atomic_write_bytes(self.path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- the forward pass
@@ -252,18 +276,18 @@ def encode(tokenizer: Any, texts: list[str], settings: ExtractionSettings) -> li
     return ids
 
 
-def forward_pooled(body: Any, token_ids: list[list[int]], settings: ExtractionSettings,
-                   pad_id: int) -> np.ndarray:
-    """Run the decoder body on every probe; return pooled vectors (P, d) in float32.
+def shared_prefix_length(token_ids: list[list[int]]) -> int:
+    """Length of the probes' longest common token prefix, leaving each probe a token of its own."""
+    first, n = token_ids[0], min(len(x) for x in token_ids) - 1
+    for x in token_ids[1:]:
+        n = next((i for i in range(n) if x[i] != first[i]), n)
+    return n
 
-    Intermediate layers stop the forward pass early with a hook on that layer.
-    """
-    import torch
 
-    layers = getattr(body, "layers", None)
-    n_layers = len(layers) if layers is not None else body.config.num_hidden_layers
-    idx = layer_index(settings.layer, n_layers)
-    device = body.get_input_embeddings().weight.device
+@contextmanager
+def _read_layer(body: Any, idx: int, layers: Any, n_layers: int) -> Iterator[list[Any]]:
+    """Stop the forward pass after hidden_states[idx] (unless it is the last); yields what the hook
+    caught."""
     captured: list[Any] = []
     handle = None
     if idx < n_layers:
@@ -274,39 +298,154 @@ def forward_pooled(body: Any, token_ids: list[list[int]], settings: ExtractionSe
             raise _Stop
 
         handle = module.register_forward_hook(hook)
-    out = np.zeros((len(token_ids), 0), dtype=np.float32)
     try:
-        with torch.inference_mode():
-            for batch in _batches(token_ids, settings.batch_size):
-                width = max(len(token_ids[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
-                    mask[row, : len(token_ids[i])] = 1
-                ids, mask = ids.to(device), mask.to(device)
-                captured.clear()
-                try:
-                    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                except _Stop:
-                    hidden = captured[0]
-                pooled = _pool(hidden, mask, settings.pooling).float().cpu().numpy()
-                if out.shape[1] == 0:
-                    out = np.zeros((len(token_ids), pooled.shape[1]), dtype=np.float32)
-                out[batch] = pooled
+        yield captured
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _hidden(body: Any, captured: list[Any], **inputs: Any) -> Any:
+    """The hidden states at the layer read: the body's output, or what the hook caught."""
+    captured.clear()
+    try:
+        return body(**inputs).last_hidden_state
+    except _Stop:
+        return captured[0]
+
+
+def _padded(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """Right-padded ids and their attention mask."""
+    import torch
+
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(rows):
+        ids[r, : len(x)] = torch.tensor(x)
+        mask[r, : len(x)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class _Prefix:
+    """The probes' shared prefix, run once: its KV cache (batch 1, per layer; None past the layer
+    read) and its hidden states at the layer read, summed (for mean pooling)."""
+
+    length: int
+    kv: list[tuple[Any, Any]]
+    hidden_sum: Any
+    kwarg: str  # the forward's name for the cache: `cache` (transformers 5) or `past_key_values`
+
+    def inputs(self, ids: Any, mask: Any) -> dict[str, Any]:
+        """Forward kwargs for a batch of suffixes: the prefix's cache expanded to the batch, the
+        mask over prefix + suffix, positions after the prefix."""
+        import torch
+        from transformers import DynamicCache
+
+        n, width = ids.shape
+        cache = DynamicCache(ddp_cache_data=[(k, v) if k is None else
+                                             (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                             for k, v in self.kv])
+        ones = torch.ones((n, self.length), dtype=mask.dtype, device=mask.device)
+        positions = torch.arange(self.length, self.length + width, device=ids.device).unsqueeze(0)
+        return {"input_ids": ids, "attention_mask": torch.cat([ones, mask], dim=1),
+                "position_ids": positions, "use_cache": True, self.kwarg: cache}
+
+    def pool(self, hidden: Any, mask: Any, pooling: str) -> Any:
+        """Pool the suffixes' hidden states; `mean` averages over the prefix's tokens too."""
+        if pooling == "last":
+            return _pool(hidden, mask, pooling)
+        m = mask.unsqueeze(-1).float()
+        total = (hidden.float() * m).sum(dim=1) + self.hidden_sum.to(hidden.device)
+        return total / (m.sum(dim=1) + self.length)
+
+
+def _run_prefix(body: Any, token_ids: list[list[int]], idx: int, captured: list[Any],
+                device: Any) -> _Prefix | None:
+    """Run the probes' shared prefix once. None when there is nothing to share or the model's
+    cache cannot be reused (sliding-window or linear-attention layers, no cache argument...)."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    length = shared_prefix_length(token_ids) if len(token_ids) > 1 else 0
+    params = inspect.signature(body.forward).parameters
+    kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
+    if length == 0 or kwarg is None:
+        return None
+    ids = torch.tensor([token_ids[0][:length]], device=device)
+    try:
+        cache = DynamicCache(config=body.config)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None
+        hidden = _hidden(body, captured, input_ids=ids, attention_mask=torch.ones_like(ids),
+                         use_cache=True, **{kwarg: cache})
+    except (TypeError, ValueError, AttributeError, RuntimeError) as e:  # a cache it cannot take
+        log.debug("not sharing the probes' prefix: %s", e)
+        return None
+    kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None)
+          for layer in cache.layers]
+    filled = [k for k, _ in kv if k is not None]
+    # the layers before the one read must all hold the prefix, once
+    if len(filled) < idx or any(k.shape[0] != 1 or k.shape[-2] != length for k in filled):
+        return None
+    return _Prefix(length, kv, hidden[0].float().sum(dim=0), kwarg)
+
+
+def forward_pooled(body: Any, token_ids: list[list[int]], settings: ExtractionSettings,
+                   pad_id: int, *, share_prefix: bool = True) -> np.ndarray:
+    """Run the decoder body on every probe; return pooled vectors (P, d) in float32.
+
+    Intermediate layers stop the forward pass early with a hook on that layer. With
+    `share_prefix`, the probes' longest common token prefix (the chat template's opening) runs
+    once and its KV cache serves every batch; a model whose cache cannot be reused runs whole.
+    """
+    return _forward(body, token_ids, settings, pad_id, share_prefix=share_prefix)[0]
+
+
+def _forward(body: Any, token_ids: list[list[int]], settings: ExtractionSettings, pad_id: int,
+             *, share_prefix: bool = True) -> tuple[np.ndarray, int]:
+    """forward_pooled, and the number of probe tokens the model computed (padding aside)."""
+    import torch
+
+    layers = getattr(body, "layers", None)
+    n_layers = len(layers) if layers is not None else body.config.num_hidden_layers
+    idx = layer_index(settings.layer, n_layers)
+    device = body.get_input_embeddings().weight.device
+    out = np.zeros((len(token_ids), 0), dtype=np.float32)
+    with _read_layer(body, idx, layers, n_layers) as captured, torch.inference_mode():
+        prefix = _run_prefix(body, token_ids, idx, captured, device) if share_prefix else None
+        start = prefix.length if prefix is not None else 0
+        for batch in _batches(token_ids, settings.batch_size):
+            ids, mask = _padded([token_ids[i][start:] for i in batch], pad_id, device)
+            if prefix is None:
+                hidden = _hidden(body, captured, input_ids=ids, attention_mask=mask, use_cache=False)
+                pooled = _pool(hidden, mask, settings.pooling)
+            else:
+                pooled = prefix.pool(_hidden(body, captured, **prefix.inputs(ids, mask)), mask,
+                                     settings.pooling)
+            pooled = pooled.float().cpu().numpy()
+            if out.shape[1] == 0:
+                out = np.zeros((len(token_ids), pooled.shape[1]), dtype=np.float32)
+            out[batch] = pooled
     if not np.isfinite(out).all():
         raise BadInputError("hidden states contain NaN or inf (try --dtype float32)")
-    return out
+    return out, start + sum(len(x) - start for x in token_ids)
 
 
 # ---------------------------------------------------------------- loading
 
 
 def load_causal_lm(folder: Path, settings: ExtractionSettings, device: str, dtype: Any) -> Any:
-    """Load a causal LM with accelerate placement; safetensors only unless allow_pickle."""
+    """Load a causal LM with accelerate placement; safetensors only unless allow_pickle.
+
+    On CPU, safetensors weights stored in another dtype are converted a slice at a time
+    (`_load_converted`): transformers' loading holds the file's pages and the converted copy at
+    once (SmolLM2-135M, float32 file, bfloat16 model: peak RSS 907 MB above Python+torch, 396 MB
+    this way, of which 257 MB are the model).
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code,
@@ -316,10 +455,80 @@ def load_causal_lm(folder: Path, settings: ExtractionSettings, device: str, dtyp
     if device != "cpu":
         kwargs["device_map"] = device if device == "auto" else {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = _load_converted(folder, settings, dtype) if device == "cpu" else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+_SLICE_ELEMENTS = 1 << 22  # read at most 16 MB of float32 at once
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those its index names, else model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else []
+
+
+def _converted_tensors(path: Path, dtype: Any) -> Iterator[tuple[str, Any]]:
+    """The tensors of one safetensors file, in `dtype`. Big ones are read in row slices, the file
+    re-opened for each: safetensors maps the file, and mapped pages stay resident until unmapped."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as fh:
+        shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}  # noqa: SIM118 - not iterable
+    for name, shape in shapes.items():
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel() <= _SLICE_ELEMENTS:
+            with safe_open(path, "pt") as fh:
+                out.copy_(fh.get_tensor(name))
+        else:
+            step = max(1, _SLICE_ELEMENTS * shape[0] // out.numel())
+            for start in range(0, shape[0], step):
+                with safe_open(path, "pt") as fh:
+                    out[start : start + step] = fh.get_slice(name)[start : start + step]
+        yield name, out
+
+
+def _load_converted(folder: Path, settings: ExtractionSettings, dtype: Any) -> Any | None:
+    """The model built on the meta device and filled from its safetensors files, converted to
+    `dtype` tensor by tensor. None where transformers' loading is needed or as lean: weights
+    already in `dtype` (it maps them), quantized or renamed weights, modules kept in float32."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    files = _safetensors_files(folder)
+    stored: set[str] = set()
+    for f in files:
+        with safe_open(f, "pt") as fh:
+            stored |= {fh.get_slice(name).get_dtype() for name in fh.keys()}  # noqa: SIM118
+    want = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(dtype)
+    if not files or want is None or stored <= {want} or not stored <= {"F32", "BF16", "F16"}:
+        return None
+    trust = settings.trust_remote_code
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+    if getattr(config, "quantization_config", None) is not None:
+        return None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+    if model._keep_in_fp32_modules or model._keep_in_fp32_modules_strict:
+        return None
+    state = {name: t for f in files for name, t in _converted_tensors(f, dtype)}
+    unexpected = model.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    del state
+    model.tie_weights()
+    if unexpected or any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None  # renamed or fused weights: transformers' loading maps them
+    if (folder / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def load_tokenizer(folder: Path, settings: ExtractionSettings) -> Any:
@@ -401,7 +610,7 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     for base_dir, group in groups.items():
         tok = load_tokenizer(group[0][1], settings)
         model = load_causal_lm(base_dir, settings, device, dtype)
-        peft_model = None
+        peft_model = body = None
         try:
             # the plain base first, before any adapter is injected
             for ref, _, lora_dir, cache, missing in sorted(group, key=lambda p: p[2] is not None):
@@ -415,15 +624,20 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                         body = peft_model.get_base_model().get_decoder()
                     idx = [position[k] for k in missing]
                     ids = encode(tok, [texts[i] for i in idx], settings)
-                    vecs = forward_pooled(body, ids, settings, pad_id(tok))
+                    vecs, tokens = _forward(body, ids, settings, pad_id(tok))
                     cache.update(dict(zip(missing, vecs, strict=True)))
+                    result.tokens_computed += tokens
+                    result.tokens_saved += sum(map(len, ids)) - tokens
                     result.computed[str(ref)] = len(missing)
         finally:
-            del model, peft_model
+            del model, peft_model, body  # all of it, before the next model loads
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     bar.close()
+    if result.tokens_computed:
+        log.info("hidden states: %d probe tokens computed, %d saved by the shared prefix",
+                 result.tokens_computed, result.tokens_saved)
 
     for ref, _, _, cache, _ in plans:
         result.vectors[str(ref)] = np.stack([cache.data[k] for k in keys]).astype(np.float32)

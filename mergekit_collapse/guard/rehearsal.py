@@ -360,7 +360,7 @@ def constituent_references(models: list[Any], probes: dict[str, list[str]],
             progress.done(label, seconds=time.perf_counter() - t0, note=note)
             out[str(ref)] = hit
         if model is not None:
-            del model, peft_model
+            del model, peft_model, target  # all of it, before the next base loads
             gc.collect()
     return out
 
