@@ -46,6 +46,10 @@ def test_push_then_download_round_trip(hub: FakeHub, merged: Path, tmp_path: Pat
     result = push(merged, REPO, token=TOKEN)
 
     local = local_files(merged)
+    # the report names a local checkpoint: the Hub gets its display name, not the path
+    assert b"/local/ckpt" in local["mergeability/report.json"]
+    local["mergeability/report.json"] = local["mergeability/report.json"].replace(
+        b'"/local/ckpt/llama-code"', b'"llama-code"')
     assert hub.files(REPO) == {**local, ".gitattributes": hub.files(REPO)[".gitattributes"]}
     assert len(calls(hub, "/commit/", "POST")) == 1  # one commit, all files
     assert HfApi(endpoint=hub.url).model_info(REPO, token=TOKEN).sha == result.commit_oid
@@ -283,3 +287,20 @@ def test_missing_revision_is_a_404_hub_error_and_private_repos_stay_private(
         push(merged, REPO, token=TOKEN, exist_ok=True, create_pr=True, revision="no-such-branch")
     assert "\n" not in str(info.value) and REPO in str(info.value)
     assert state(hub, REPO) == before
+
+
+def test_no_absolute_local_path_reaches_the_hub(hub: FakeHub, tmp_path: Path) -> None:
+    """mergekit_config.yml, the report and any text file keep their absolute paths locally; the
+    pushed copies carry display names or relative paths instead (the plan's sizes say so)."""
+    out = make_merged_dir(tmp_path)
+    local_model = tmp_path / "models" / "my-finetune"
+    (out / "mergekit_config.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {local_model}\n")
+    (out / "mergeability" / "notes.md").write_text(f"adapter read from {tmp_path}/zoo/adapters/x\n")
+    write_card(out)
+    result = push(out, REPO, token=TOKEN)
+    pushed = hub.files(REPO)
+    assert [name for name, data in pushed.items() if str(tmp_path).encode() in data] == []
+    assert b"my-finetune" in pushed["mergekit_config.yml"]
+    assert str(local_model) in (out / "mergekit_config.yml").read_text()  # the local copy is untouched
+    sizes = {f.path_in_repo: f.size for f in result.files}
+    assert all(sizes[name] == len(pushed[name]) for name in sizes)

@@ -52,6 +52,11 @@ class ActionContext:
         """The constituents' names as the report lists them."""
         return self.report.names
 
+    def shown(self, i: int) -> str:
+        """Model i as messages show it: its display name (never an absolute local path)."""
+        m = self.report.models[i]
+        return m.display or m.name
+
     def describe(self, i: int) -> str:
         """`name` (task, MDS, distortion under α*): the numbers that say why a model was moved."""
         m = self.report.models[i]

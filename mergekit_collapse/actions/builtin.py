@@ -82,7 +82,7 @@ class Drop(ReorganiseAction):
         kept = [ctx.refs[i] for i in grp.members]
         raw = subset_config(ctx.raw, kept)
         records = [Action(
-            action=self.name, changed=f"dropped {ctx.names[i]}",
+            action=self.name, changed=f"dropped {ctx.shown(i)}",
             reason=(f"{ctx.describe(i)} is outside the largest within-budget subset; the kept "
                     f"{len(kept)} models have r*² {grp.radius_sq:.4g} ≤ budget {ctx.budget:.4g} "
                     f"(was {ctx.report.bounds.exact:.4g})"),
@@ -99,7 +99,7 @@ class Drop(ReorganiseAction):
         info = r.risk if r.decided_by == "risk" else r.rehearsal
         score = info.score if info is not None else "risk score"
         records = [Action(
-            action=self.name, changed=f"dropped {ctx.names[i]}",
+            action=self.name, changed=f"dropped {ctx.shown(i)}",
             reason=(f"{ctx.describe(i)}: {score} {models[i].signal(r.decided_by)[1]:.3g} is in "
                     f"the calibrated collapse band"), models=[ctx.names[i]]) for i in risky]
         if len(kept) < 2:
@@ -125,7 +125,7 @@ class Split(ReorganiseAction):
                 name=f"group-{k}", raw=subset_config(ctx.raw, kept), members=kept, changed=True,
                 suffix=f"split-{k}", merge=merge_all))
             plan.records.append(Action(
-                action=self.name, changed=f"group-{k}: {', '.join(ctx.names[i] for i in grp.members)}",
+                action=self.name, changed=f"group-{k}: {', '.join(ctx.shown(i) for i in grp.members)}",
                 reason=(f"group {k} of {len(groups)} (fewest within-budget groups found): r*² "
                         f"{grp.radius_sq:.4g} ≤ budget {ctx.budget:.4g}; the whole set is over: "
                         f"{ctx.over()}"),
@@ -171,7 +171,7 @@ class Replace(ReorganiseAction):
                       f"r*² {best.radius_sq:.4g} > {ctx.budget:.4g}); {ctx.over()}"))
         raw = replace_config(ctx.raw, swaps)
         records = [Action(
-            action=self.name, changed=f"replaced {ctx.names[i]} with {texts[p]}",
+            action=self.name, changed=f"replaced {ctx.shown(i)} with {texts[p]}",
             reason=(f"{ctx.describe(i)} swapped for a candidate of the same task: the set's r*² "
                     f"goes from {ctx.report.bounds.exact:.4g} to {best.radius_sq:.4g} ≤ budget "
                     f"{ctx.budget:.4g} (the smallest of {int(np.prod([len(s) for s in slots]))} "

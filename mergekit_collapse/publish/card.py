@@ -155,6 +155,15 @@ def public_text(report: GuardReport, root: Path | None = None) -> Callable[[str]
     return clean
 
 
+def public_text_for(out_dir: str | Path) -> Callable[[str], str]:
+    """`public_text` for a merged folder: from its report when it has one, else every absolute
+    local path becomes its last part."""
+    try:
+        return public_text(GuardReport.read(Path(out_dir) / REPORT_DIR))
+    except (OSError, ValueError):
+        return lambda text: _ABS_PATH.sub(lambda m: Path(m.group(0)).name or m.group(0), text)
+
+
 def _public(value: Any, clean: Callable[[str], str]) -> Any:
     """`value` (JSON-like) with every string, keys included, passed through `clean`."""
     if isinstance(value, str):

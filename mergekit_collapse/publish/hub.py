@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,6 +244,31 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
+def published_bytes(files: list[tuple[Path, PlannedFile]], clean: Callable[[str], str]
+                    ) -> dict[Path, bytes]:
+    """The text files whose published copy differs from the local one: no absolute local path of
+    this machine goes to the Hub (`card.public_text`: model references become their display names,
+    other paths relative ones). The local files keep theirs.
+
+    Args:
+        files: `plan_files`' pairs. clean: the text filter.
+
+    Returns:
+        Local path -> the bytes to upload instead, for the files that change.
+    """
+    out = {}
+    for path, planned in files:
+        if planned.lfs:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if (public := clean(text)) != text:
+            out[path] = public.encode("utf-8")
+    return out
+
+
 def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          create_pr: bool = False, exist_ok: bool = False, dry_run: bool = False,
          token: str | None = None, endpoint: str | None = None,
@@ -281,7 +306,12 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
         raise BadInputError(f"bad repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
     if "/" not in repo_id:
         raise BadInputError(f"bad repo id {repo_id!r}: use namespace/name")
+    from mergekit_collapse.publish.card import public_text_for
+
     files = plan_files(out_dir)
+    public = published_bytes(files, public_text_for(out_dir))
+    files = [(p, PlannedFile(pf.path_in_repo, len(public[p]), pf.lfs) if p in public else pf)
+             for p, pf in files]
     url = resolve_endpoint(endpoint)
     token = token or _stored_token()
     _refuse_files_with_token(files, token, repo_id)
@@ -293,7 +323,7 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
     if not token:
         raise HubError(f"push to {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`)",
                        repo_id=repo_id)
-    return _push(files, result, token=token, exist_ok=exist_ok,
+    return _push(files, public, result, token=token, exist_ok=exist_ok,
                  commit_message=commit_message or f"Upload merged model ({len(files)} files) with mergekit-collapse")
 
 
@@ -304,8 +334,8 @@ def _stored_token() -> str | None:
     return get_token()
 
 
-def _push(files: list[tuple[Path, PlannedFile]], result: PushResult, *, token: str, exist_ok: bool,
-          commit_message: str) -> PushResult:
+def _push(files: list[tuple[Path, PlannedFile]], public: dict[Path, bytes], result: PushResult, *,
+          token: str, exist_ok: bool, commit_message: str) -> PushResult:
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -329,8 +359,8 @@ def _push(files: list[tuple[Path, PlannedFile]], result: PushResult, *, token: s
             step = f"create branch {result.revision}"
             api.create_branch(repo_id, branch=result.revision, exist_ok=True, token=token)
         step = "commit"
-        operations = [CommitOperationAdd(path_in_repo=pf.path_in_repo, path_or_fileobj=str(p))
-                      for p, pf in files]
+        operations = [CommitOperationAdd(path_in_repo=pf.path_in_repo,
+                                         path_or_fileobj=public.get(p, str(p))) for p, pf in files]
         info = api.create_commit(repo_id, operations=operations, commit_message=commit_message,
                                  revision=result.revision, create_pr=result.create_pr, token=token)
     except HubError:
