@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 from mergekit_collapse.errors import (
     BadInputError,
     CollapseError,
+    ConfigError,
     GuardStoppedError,
     HubError,
+    ModelNotFoundError,
 )
 
 try:
@@ -42,8 +44,8 @@ _LAZY = {
     "push": "mergekit_collapse.publish.hub",
 }
 
-__all__ = ["BadInputError", "CollapseError", "GuardReport", "GuardStoppedError", "HubError",
-           "__version__", "check", "push", "run_pipeline"]
+__all__ = ["BadInputError", "CollapseError", "ConfigError", "GuardReport", "GuardStoppedError",
+           "HubError", "ModelNotFoundError", "__version__", "check", "push", "run_pipeline"]
 
 
 def __getattr__(name: str) -> Any:

@@ -40,7 +40,6 @@ tensor, not N².
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.guard.extract import local_dir
 
 if TYPE_CHECKING:
     import torch
@@ -356,15 +356,10 @@ class LoraAdapter:
 
 
 def _local_dir(path: str, what: str) -> Path:
-    p = Path(os.path.expanduser(path))
-    if p.is_dir():
-        return p
-    try:  # a Hub id already in the local cache; never touches the network
-        from huggingface_hub import snapshot_download
+    """A local folder or a Hub id already in the local cache; never touches the network."""
+    from mergekit.common import ModelPath
 
-        return Path(snapshot_download(path, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any failure means "not available locally"
-        raise BadInputError(f"{what} '{path}' is not a local folder (and not in the HF cache)") from None
+    return local_dir(ModelPath(path=path), what=what, fetch=False)
 
 
 def _as_reference(ref: Any) -> Any:

@@ -92,8 +92,13 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return names[dtype]
 
 
-def local_dir(path: Any, *, what: str = "model") -> Path:
+def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
     """A mergekit ModelPath as a local folder: a local path, or the Hub snapshot (cache first).
+
+    Args:
+        path: the ModelPath (its `path` and `revision`).
+        what: how messages name it.
+        fetch: download a Hub snapshot that is not cached yet (False: the local cache only).
 
     Raises:
         ModelNotFoundError: neither a local path nor a Hub repo that can be fetched.
@@ -107,10 +112,13 @@ def local_dir(path: Any, *, what: str = "model") -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path.path), revision=path.revision,
+        return Path(snapshot_download(str(path.path), revision=path.revision, local_files_only=not fetch,
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                       "*.model", "*.txt", "*.bin"]))
     except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo...
+        if not fetch:
+            raise ModelNotFoundError(f"{what} '{path}' is not a local folder (and not in the HF "
+                                     "cache)") from None
         raise ModelNotFoundError(f"{what} '{path}' is not a local folder and could not be fetched "
                                  f"from the Hub ({type(e).__name__})") from None
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from tabulate import tabulate
@@ -254,12 +255,17 @@ class GuardReport(BaseModel):
         return cls.model_validate_json(p.read_text(encoding="utf-8"))
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a Markdown table: 3 significant digits, ∞ for inf, — for None."""
     if x is None:
         return "—"
-    if x == float("inf"):
-        return "∞"
-    return f"{x:.{digits}g}"
+    if isinstance(x, (int, float)):
+        if math.isinf(x):
+            return "∞" if x > 0 else "-∞"
+        if math.isnan(x):
+            return "—"
+        return f"{x:.{digits}g}"
+    return str(x)
 
 
 def to_markdown(r: GuardReport) -> str:
@@ -276,23 +282,23 @@ def to_markdown(r: GuardReport) -> str:
         "",
         "| bound | value |",
         "|---|---|",
-        f"| budget ({r.budget.mode} {_fmt(r.budget.value)}) | {_fmt(r.budget.absolute)} |",
-        f"| converse Δ²/4 (no merge does better) | {_fmt(b.converse)} |",
-        f"| exact r*² (best convex merge) | {_fmt(b.exact)} |",
-        f"| Jung n/(2(n+1))·Δ² (n={b.jung_n}, {b.jung_dim}) | {_fmt(b.jung)} |",
-        f"| uniform average | {_fmt(b.uniform)} |",
+        f"| budget ({r.budget.mode} {fmt(r.budget.value)}) | {fmt(r.budget.absolute)} |",
+        f"| converse Δ²/4 (no merge does better) | {fmt(b.converse)} |",
+        f"| exact r*² (best convex merge) | {fmt(b.exact)} |",
+        f"| Jung n/(2(n+1))·Δ² (n={b.jung_n}, {b.jung_dim}) | {fmt(b.jung)} |",
+        f"| uniform average | {fmt(b.uniform)} |",
     ]
     if b.planned is not None:
-        lines.append(f"| the config's own weights | {_fmt(b.planned)} |")
+        lines.append(f"| the config's own weights | {fmt(b.planned)} |")
     risk = f"risk ({r.risk.score})" if r.risk else "risk"
     lines += ["", f"| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention | {risk} "
               "| rehearsal |", "|---|---|---|---|---|---|---|---|---|"]
     for m in r.models:
-        band = f"{m.risk_band} ({_fmt(m.risk_score)})" if m.risk_band else "—"
-        reh = (f"{m.rehearsal_band} ({_fmt(m.predicted_retention)})" if m.rehearsal_band
-               else _fmt(m.predicted_retention))
-        lines.append(f"| `{shown[m.name]}` | {m.task} | {_fmt(m.mds)} | {_fmt(m.mean_hidden_sim)} | "
-                     f"{_fmt(m.distortion_optimal)} | {_fmt(r.weights.get(m.name))} | {_fmt(m.retention)} "
+        band = f"{m.risk_band} ({fmt(m.risk_score)})" if m.risk_band else "—"
+        reh = (f"{m.rehearsal_band} ({fmt(m.predicted_retention)})" if m.rehearsal_band
+               else fmt(m.predicted_retention))
+        lines.append(f"| `{shown[m.name]}` | {m.task} | {fmt(m.mds)} | {fmt(m.mean_hidden_sim)} | "
+                     f"{fmt(m.distortion_optimal)} | {fmt(r.weights.get(m.name))} | {fmt(m.retention)} "
                      f"| {band} | {reh} |")
     if r.rehearsal is not None:
         h = r.rehearsal
@@ -316,7 +322,7 @@ def plot_heatmap(r: GuardReport, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [f"{m.task}\nMDS {_fmt(m.mds)}" for m in r.models]
+    labels = [f"{m.task}\nMDS {fmt(m.mds)}" for m in r.models]
     if r.hidden_sim is not None:
         mat, title, cmap = np.array(r.hidden_sim), "HiddenSim (Eq. 2)", "viridis"
     else:  # undefined: show the rms distances instead

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from mergekit_collapse._constants import REPORT_DIR
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.evaluate.observed import Evaluation
-from mergekit_collapse.guard.report import GuardReport, is_hub_id, relative_inside
+from mergekit_collapse.guard.report import GuardReport, fmt, is_hub_id, relative_inside
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -49,19 +49,6 @@ def _num(x: float | None) -> float | None:
         return None
     x = float(x)
     return None if math.isnan(x) else x
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number for a Markdown table: 3 significant digits, ∞ for inf, — for None."""
-    if x is None:
-        return "—"
-    if isinstance(x, (int, float)):
-        if math.isinf(x):
-            return "∞" if x > 0 else "-∞"
-        if math.isnan(x):
-            return "—"
-        return f"{x:.{digits}g}"
-    return str(x)
 
 
 def _json(path: Path) -> dict[str, Any]:
