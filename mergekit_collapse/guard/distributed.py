@@ -2,7 +2,8 @@
 
 Each process extracts a share of the models into the shared on-disk cache; the main process then
 reads every model from the cache and assesses alone. A base and its LoRA adapters stay in one share
-(the base is loaded once); shares are balanced by weight bytes times the models run on them.
+(the base is loaded once) unless processes would sit idle (`shares`); shares are balanced by weight
+bytes times the models run on them.
 Outside a launcher nothing here is used and accelerate is not initialised.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from mergekit_collapse._console import is_verbose
 from mergekit_collapse.errors import EXIT_OK, EXIT_UNEXPECTED, BadInputError, CollapseError
-from mergekit_collapse.guard.extract import _WEIGHT_SUFFIXES, ExtractionSettings, extract
+from mergekit_collapse.guard.extract import WEIGHT_SUFFIXES, ExtractionSettings, extract
 
 __all__ = ["extract_shared", "is_main_process", "launch", "launched", "shares", "world"]
 
@@ -55,7 +56,7 @@ def _weight_bytes(path: Any) -> int:
     folder = Path(str(path.path)).expanduser()
     if not folder.is_dir():
         return 1
-    sizes = [f.stat().st_size for f in folder.iterdir() if f.name.endswith(_WEIGHT_SUFFIXES)]
+    sizes = [f.stat().st_size for f in folder.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
     return max(sum(sizes), 1)
 
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 #: bump when what a cached vector means changes
 CACHE_VERSION = "1"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _IDENTITY_FILES = (".json", ".jinja", ".model", ".txt")
 
 
@@ -128,7 +128,7 @@ def check_weights(folder: Path, ref: str, *, allow_pickle: bool) -> None:
     names = [f.name for f in folder.iterdir()]
     if any(n.endswith(".safetensors") for n in names):
         return
-    if any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+    if any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         if allow_pickle:
             return
         raise BadInputError(f"'{ref}' has only pickle weights (.bin/.pt): convert them to "
@@ -155,7 +155,7 @@ def folder_identity(folder: Path) -> str:
     before = len(memo)
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
-        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES + _IDENTITY_FILES) and f.name != "README.md":
+        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES + _IDENTITY_FILES) and f.name != "README.md":
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
         with write_lock(memo_path.parent):  # keep what other processes added since we read

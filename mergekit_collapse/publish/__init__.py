@@ -1,1 +1,2 @@
-"""Publishing: the mergeability card (`card`, `templates/`) and the atomic Hub push (`hub`)."""
+"""Publishing: the mergeability card (`card`, `templates/`), `.eval_results/` entries
+(`eval_results`) and the atomic Hub push (`hub`)."""
