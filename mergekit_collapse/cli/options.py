@@ -50,7 +50,8 @@ class RuntimeOptions(BaseModel):
     device: str = Field(default="auto", description=(
         "auto (accelerate over GPUs, else CPU), cpu, cuda, cuda:1, ..."))
     dtype: str = Field(default="auto", description=(
-        "auto (bfloat16; float32 for exactness), float32, bfloat16, float16"))
+        "auto (bfloat16 on CUDA and on CPUs that compute in it, else float32), float32, "
+        "bfloat16, float16"))
     cache_dir: Path | None = Field(default=None, description=(
         "hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)"))
     allow_pickle: bool = Field(default=False, description="allow .bin/.pt weights (unsafe)")
