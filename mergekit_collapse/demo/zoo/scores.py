@@ -40,7 +40,7 @@ def load_adapted(base: str | Path, adapter: str | Path | None) -> tuple[Any, Any
 
 def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size: int = 16,
               out_file: str | Path | None = None, base: str | Path | None = None,
-              adapters: bool = True, threads: int | None = None,
+              adapters: bool = True, threads: int | None = None, family: str = "smollm2",
               log: Callable[[str], None] = logger.info) -> dict[str, Any]:
     """Evaluate the base model and each task's adapter on that task (fp32, chat template).
 
@@ -52,9 +52,10 @@ def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size
         limit: lm-eval document limit per task (None: the whole test set).
         batch_size: lm-eval batch size.
         out_file: read previous scores from and write the scores to this JSON file.
-        base: the base model folder (default: `ensure_smollm2()`).
+        base: the base model folder (default: the family's converted base).
         adapters: also score the adapters (False: the base model only).
         threads: torch CPU threads (default: leave torch's setting).
+        family: the zoo (`smollm2` or `gemma3`): its base and Hub id.
         log: progress sink.
 
     Returns:
@@ -66,16 +67,18 @@ def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size
     """
     import torch
 
-    from mergekit_collapse.demo.base_model import HUB_ID, ensure_smollm2
+    from mergekit_collapse.demo.base_model import ensure_base
+    from mergekit_collapse.demo.base_model import family as base_family
     from mergekit_collapse.demo.zoo import adapter_path, task_yamls
     from mergekit_collapse.evaluate.harness import run_tasks
 
     if threads:
         torch.set_num_threads(threads)
     paths = {t: adapter_path(t) for t in tasks} if adapters else {}
-    base = Path(base) if base else ensure_smollm2()
+    spec = base_family(family)
+    base = Path(base) if base else ensure_base(spec)
     yamls = task_yamls()
-    result: dict[str, Any] = {"base_model": HUB_ID, "limit": limit, "apply_chat_template": True,
+    result: dict[str, Any] = {"base_model": spec.hub_id, "limit": limit, "apply_chat_template": True,
                               "dtype": "float32", "base": {}, "tasks": {}}
     if out_file and Path(out_file).is_file():
         previous = json.loads(Path(out_file).read_text())

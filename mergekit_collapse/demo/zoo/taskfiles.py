@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_collapse.demo.zoo.tasks import TASKS, TASKS_DEF, generate
+from mergekit_collapse.demo.zoo.tasks import ALL_TASKS, TASKS_DEF, generate
 
 #: Shipped data: <DATA_DIR>/<task>/{train,test}.jsonl
 DATA_DIR = Path(__file__).parent / "data"
@@ -21,7 +21,7 @@ DATA_DIR = Path(__file__).parent / "data"
 N_TRAIN, N_TEST, SEED = 1000, 200, 0
 #: lm-eval task names are prefixed so they never clash with lm-eval's own (it has `arithmetic`).
 EVAL_PREFIX = "zoo_"
-#: The lm-eval tag that selects every zoo task at once.
+#: The lm-eval tag that selects every zoo task (both zoos') at once.
 EVAL_TAG = "zoo"
 
 
@@ -45,7 +45,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def write_data(data_dir: str | Path = DATA_DIR, *, n_train: int = N_TRAIN, n_test: int = N_TEST,
                seed: int = SEED) -> Path:
-    """Generate every task's train/test JSONL under `data_dir/<task>/`.
+    """Generate every task's train/test JSONL (both zoos') under `data_dir/<task>/`.
 
     Args:
         data_dir: where to write; defaults to the package's own data folder.
@@ -57,7 +57,7 @@ def write_data(data_dir: str | Path = DATA_DIR, *, n_train: int = N_TRAIN, n_tes
         `data_dir`.
     """
     data_dir = Path(data_dir)
-    for task in TASKS:
+    for task in ALL_TASKS:
         train, test = generate(task, n_train=n_train, n_test=n_test, seed=seed)
         _write_jsonl(data_dir / task / "train.jsonl", train)
         _write_jsonl(data_dir / task / "test.jsonl", test)
@@ -95,7 +95,7 @@ def task_yaml(task: str, data_dir: str | Path) -> dict[str, Any]:
         cfg.update({
             "output_type": "generate_until",
             "doc_to_target": "answer",
-            "generation_kwargs": {"until": ["<|im_end|>", "\n\n"], "do_sample": False,
+            "generation_kwargs": {"until": ["<|im_end|>", "<end_of_turn>", "\n\n"], "do_sample": False,
                                   "max_gen_toks": t.max_gen_toks},
             "metric_list": [{"metric": "exact_match", "aggregation": "mean",
                              "higher_is_better": True, "regexes_to_ignore": [r"^\s+", r"\s+$"]}],
@@ -117,7 +117,7 @@ def write_task_yamls(out_dir: str | Path, data_dir: str | Path = DATA_DIR) -> Pa
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for task in TASKS:
+    for task in ALL_TASKS:
         text = yaml.safe_dump(task_yaml(task, data_dir), sort_keys=False, allow_unicode=True)
         (out_dir / f"{eval_name(task)}.yaml").write_text(text, encoding="utf-8")
     return out_dir

@@ -1,4 +1,5 @@
-"""Twelve procedurally generated, seeded instruction tasks in the style of Natural Instructions.
+"""Procedurally generated, seeded instruction tasks in the style of Natural Instructions: twelve for
+the SmolLM2 zoo (`TASKS`), eight others for the Gemma 3 zoo (`GEMMA_TASKS`).
 
 Each task is a short instruction plus an input, answered by a short string. Six are classifications
 over a small answer set (scored by log-likelihood multiple choice in lm-eval), six are sequence
@@ -259,6 +260,66 @@ def _json_record(rng: random.Random) -> tuple[str, str]:
     return text, f'{{"name": "{name.upper()}", "age": {age}, "city": "{city.upper()}"}}'
 
 
+# --- the Gemma 3 zoo's tasks (none shared with the SmolLM2 zoo) -------------------------------
+
+def _parity(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 99999)
+    return str(n), "even" if n % 2 == 0 else "odd"
+
+
+def _compare_numbers(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(range(100, 1000), 2)
+    return f"{a} and {b}", "first" if a > b else "second"
+
+
+def _time_of_day(rng: random.Random) -> tuple[str, str]:
+    h, m = rng.randint(0, 23), rng.randint(0, 59)
+    part = ("morning" if 5 <= h < 12 else "afternoon" if 12 <= h < 17
+            else "evening" if 17 <= h < 21 else "night")
+    return f"{h:02d}:{m:02d}", part
+
+
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December"]
+_SEASON = ["winter", "winter", "spring", "spring", "spring", "summer", "summer", "summer", "autumn",
+           "autumn", "autumn", "winter"]
+
+
+def _season(rng: random.Random) -> tuple[str, str]:
+    month = rng.randrange(12)
+    return f"{_MONTHS[month]} {rng.randint(1, 28)}, {rng.randint(1950, 2030)}", _SEASON[month]
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(4, 7)))
+
+
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    words = [_word(rng) for _ in range(rng.randint(1, 3))]
+    return " ".join(words), " ".join(w.upper() for w in words)
+
+
+_SENTENCE_WORDS = ["the", "cat", "sat", "on", "a", "warm", "mat", "while", "birds", "sang",
+                   "outside", "my", "old", "friend", "walked", "to", "market", "every", "morning",
+                   "and", "bought", "fresh", "bread", "with", "blue", "cheese", "near", "river"]
+
+
+def _count_words(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(3, 9)
+    words = [rng.choice(_SENTENCE_WORDS) for _ in range(n)]
+    return " ".join(words).capitalize() + ".", str(n)
+
+
+def _date_iso(rng: random.Random) -> tuple[str, str]:
+    y, month, d = rng.randint(1950, 2030), rng.randint(1, 12), rng.randint(1, 28)
+    return f"{_MONTHS[month - 1]} {d}, {y}", f"{y:04d}-{month:02d}-{d:02d}"
+
+
+def _max_number(rng: random.Random) -> tuple[str, str]:
+    nums = rng.sample(range(1, 100), rng.randint(3, 6))
+    return ", ".join(map(str, nums)), str(max(nums))
+
+
 def _stable_bucket(text: str, buckets: int) -> int:
     """A process-independent hash bucket (Python's hash() is salted per process)."""
     import hashlib
@@ -313,10 +374,29 @@ TASKS_DEF: dict[str, TaskDef] = {t.name: t for t in [
             "generate", _arithmetic, max_gen_toks=8),
     TaskDef("json_record", "Extract the person as a JSON object with keys name, age and city; "
             "write name and city in capital letters.", "generate", _json_record, max_gen_toks=40),
+    # the Gemma 3 zoo
+    TaskDef("parity", "Is the number even or odd?", "choice", _parity, choices=("even", "odd")),
+    TaskDef("compare_numbers", "Which number is larger: the first or the second?", "choice",
+            _compare_numbers, choices=("first", "second")),
+    TaskDef("time_of_day", "Is the time in the morning, afternoon, evening or night?", "choice",
+            _time_of_day, choices=("morning", "afternoon", "evening", "night")),
+    TaskDef("season", "In which season of the northern hemisphere is the date: winter, spring, "
+            "summer or autumn?", "choice", _season, choices=("winter", "spring", "summer", "autumn")),
+    TaskDef("uppercase", "Write the words in capital letters.", "generate", _uppercase),
+    TaskDef("count_words", "How many words are in the sentence? Give only the number.", "generate",
+            _count_words, max_gen_toks=8),
+    TaskDef("date_iso", "Write the date in the format YYYY-MM-DD.", "generate", _date_iso,
+            max_gen_toks=16),
+    TaskDef("max_number", "Give the largest number in the list.", "generate", _max_number,
+            max_gen_toks=8),
 ]}
 
-#: Task names, in a fixed order.
-TASKS: tuple[str, ...] = tuple(TASKS_DEF)
+#: The SmolLM2 zoo's twelve tasks, in a fixed order.
+TASKS: tuple[str, ...] = tuple(TASKS_DEF)[:12]
+#: The Gemma 3 zoo's eight tasks (chosen to differ from the SmolLM2 zoo's).
+GEMMA_TASKS: tuple[str, ...] = tuple(TASKS_DEF)[12:]
+#: Every task of either zoo.
+ALL_TASKS: tuple[str, ...] = tuple(TASKS_DEF)
 
 
 def generate(task: str, *, n_train: int, n_test: int, seed: int = 0) -> tuple[list[Example],

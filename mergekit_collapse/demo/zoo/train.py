@@ -1,8 +1,9 @@
-"""Train the zoo: one seeded LoRA adapter per task on SmolLM2-135M-Instruct, on CPU.
+"""Train a zoo: one seeded LoRA adapter per task on SmolLM2-135M-Instruct or Gemma 3 270M, on CPU.
 
 Training format == evaluation format == probe format: the task's user message wrapped in the
-tokenizer's chat template with the generation prompt, followed by the answer and `<|im_end|>`;
-the loss covers only the answer and `<|im_end|>`. Training stops once greedy exact match on a
+tokenizer's chat template with the generation prompt, followed by the answer and the template's
+end of turn (`<|im_end|>`, `<end_of_turn>`); the loss covers only those tokens (and only their
+logits are computed: Gemma's 262k-token head is most of its cost). Training stops once greedy exact match on a
 held-aside validation slice reaches the target (checked every few steps, teacher-forced: one
 forward pass gives the greedy answer exactly), or at `max_steps`.
 """
@@ -21,13 +22,12 @@ from typing import Any
 
 from mergekit_collapse.demo.base_model import HUB_ID
 from mergekit_collapse.demo.zoo.taskfiles import DATA_DIR, read_jsonl
-from mergekit_collapse.demo.zoo.tasks import TASKS
+from mergekit_collapse.demo.zoo.tasks import ALL_TASKS
 from mergekit_collapse.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-END = "<|im_end|>"
 
 
 @dataclass
@@ -48,6 +48,14 @@ class TrainSettings:
     threads: int = 1
     bf16: bool = True
 
+    @classmethod
+    def for_family(cls, family: str, **overrides: Any) -> TrainSettings:
+        """The settings that trained a family's shipped zoo. Gemma trains in fp32: CPU autocast
+        to bf16 re-casts its 262k-token embedding every step (measured 60x slower per step)."""
+        if family == "gemma3":
+            overrides = {"bf16": False, "n_val": 64, **overrides}
+        return cls(**overrides)
+
 
 @dataclass
 class TrainResult:
@@ -66,13 +74,22 @@ def format_prompt(tokenizer: Any, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-def encode(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of prompt + answer + `<|im_end|>`, and where the answer starts.
+def end_of_turn(tokenizer: Any) -> str:
+    """What the chat template writes right after an assistant's message (`<|im_end|>` for SmolLM2)."""
+    marker = "\x00ANSWER\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": marker}], tokenize=False)
+    return text.split(marker, 1)[1].strip()
+
+
+def encode(tokenizer: Any, prompt: str, answer: str, end: str | None = None) -> tuple[list[int], int]:
+    """Token ids of prompt + answer + end of turn, and where the answer starts.
 
     Splits like lm-eval does: the context's own encoding fixes the boundary in the whole encoding.
     """
     ctx = format_prompt(tokenizer, prompt)
-    whole = tokenizer(ctx + answer + END, add_special_tokens=False)["input_ids"]
+    end = end_of_turn(tokenizer) if end is None else end
+    whole = tokenizer(ctx + answer + end, add_special_tokens=False)["input_ids"]
     n_ctx = len(tokenizer(ctx, add_special_tokens=False)["input_ids"])
     return whole, n_ctx
 
@@ -91,12 +108,27 @@ def _batch(rows: list[tuple[list[int], int]], pad_id: int):
     return ids, mask, labels
 
 
+def _answer_logits(model: Any, ids, mask, labels):
+    """(logits, gold ids, row) at each position that predicts an answer token; the LM head runs
+    there only."""
+    import torch
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    gold = labels[:, 1:]
+    keep = gold != -100
+    logits = causal.lm_head(hidden[keep]).float()
+    cap = getattr(causal.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits, gold[keep], keep.nonzero()[:, 0]
+
+
 def _loss(model: Any, ids, mask, labels):
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    logits, gold, _ = _answer_logits(model, ids, mask, labels)
+    return F.cross_entropy(logits, gold)
 
 
 def teacher_forced_exact_match(model: Any, rows: list[tuple[list[int], int]], pad_id: int,
@@ -108,24 +140,25 @@ def teacher_forced_exact_match(model: Any, rows: list[tuple[list[int], int]], pa
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             ids, mask, labels = _batch(rows[i: i + batch_size], pad_id)
-            pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
-            gold = labels[:, 1:]
-            ok = (pred == gold) | (gold == -100)
-            hits += int(ok.all(dim=1).sum())
+            logits, gold, row = _answer_logits(model, ids, mask, labels)
+            wrong = torch.zeros(ids.shape[0], dtype=torch.long)
+            wrong.index_add_(0, row, (logits.argmax(-1) != gold).long())
+            hits += int((wrong == 0).sum())
     return hits / max(len(rows), 1)
 
 
 def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
                   settings: TrainSettings | None = None, data_dir: str | Path = DATA_DIR,
-                  log: Callable[[str], None] = logger.info) -> TrainResult:
+                  hub_id: str = HUB_ID, log: Callable[[str], None] = logger.info) -> TrainResult:
     """Train one LoRA adapter for `task` and save it as fp16 safetensors in `out_dir`.
 
     Args:
         task: a zoo task name.
-        base: folder of the base model (see `ensure_smollm2`).
+        base: folder of the base model (see `ensure_base`).
         out_dir: where `adapter_config.json` and `adapter_model.safetensors` go.
         settings: hyper-parameters; the defaults trained the shipped zoo.
         data_dir: folder with `<task>/train.jsonl`; its last `n_val` rows are held aside.
+        hub_id: the base's Hub id, recorded in the adapter's config.
         log: progress sink.
 
     Returns:
@@ -139,8 +172,8 @@ def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = settings or TrainSettings()
-    if task not in TASKS:
-        raise BadInputError(f"unknown zoo task '{task}'; choose from {', '.join(TASKS)}")
+    if task not in ALL_TASKS:
+        raise BadInputError(f"unknown zoo task '{task}'; choose from {', '.join(ALL_TASKS)}")
     path = Path(data_dir) / task / "train.jsonl"
     if not path.is_file():
         raise BadInputError(f"missing training data {path}")
@@ -150,7 +183,8 @@ def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [encode(tokenizer, r["prompt"], r["answer"]) for r in read_jsonl(path)]
+    end = end_of_turn(tokenizer)
+    rows = [encode(tokenizer, r["prompt"], r["answer"], end) for r in read_jsonl(path)]
     train_rows, val_rows = rows[: -s.n_val], rows[-s.n_val:]
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -195,20 +229,20 @@ def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
             if val_em >= s.target:
                 break
     seconds = time.time() - start
-    save_adapter(model, out_dir)
+    save_adapter(model, out_dir, hub_id)
     result = TrainResult(task, step, val_em, seconds, history)
     meta = {"settings": asdict(s), **asdict(result)}
     (Path(out_dir) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     return result
 
 
-def save_adapter(peft_model: Any, out_dir: str | Path) -> Path:
-    """Save a peft model's adapter as fp16 safetensors, its base recorded as the Hub id."""
+def save_adapter(peft_model: Any, out_dir: str | Path, hub_id: str = HUB_ID) -> Path:
+    """Save a peft model's adapter as fp16 safetensors, its base recorded as `hub_id`."""
     import torch
     from safetensors.torch import load_file, save_file
 
     out = Path(out_dir)
-    peft_model.peft_config["default"].base_model_name_or_path = HUB_ID
+    peft_model.peft_config["default"].base_model_name_or_path = hub_id
     # save_embedding_layers=False: only attention is adapted; skips peft's Hub look-up of the base
     peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     weights = out / "adapter_model.safetensors"
@@ -221,22 +255,28 @@ def save_adapter(peft_model: Any, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m mergekit_collapse.zoo.train [TASK ...]`: train into the package's adapters/."""
+    """`python -m mergekit_collapse.demo.zoo.train [--family F] [TASK ...]`: train into the
+    package's adapter folder of that family."""
     import argparse
 
-    from mergekit_collapse.demo.base_model import ensure_smollm2
-    from mergekit_collapse.demo.zoo import ADAPTER_DIR
+    from mergekit_collapse.demo.base_model import FAMILIES, ensure_base
+    from mergekit_collapse.demo.zoo import ADAPTER_DIRS, FAMILY_TASKS
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("tasks", nargs="*", default=list(TASKS))
-    ap.add_argument("--out", type=Path, default=ADAPTER_DIR)
+    ap.add_argument("tasks", nargs="*")
+    ap.add_argument("--family", choices=list(FAMILIES), default="smollm2")
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--max-steps", type=int, default=TrainSettings.max_steps)
+    ap.add_argument("--threads", type=int, default=TrainSettings.threads)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    base = ensure_smollm2()
-    for task in args.tasks:
-        res = train_adapter(task, base, args.out / task,
-                            settings=TrainSettings(max_steps=args.max_steps), log=print)
+    spec = FAMILIES[args.family]
+    base = ensure_base(spec)
+    out = args.out or ADAPTER_DIRS[spec.name]
+    for task in args.tasks or FAMILY_TASKS[spec.name]:
+        res = train_adapter(task, base, out / task, hub_id=spec.hub_id, log=print,
+                            settings=TrainSettings.for_family(spec.name, max_steps=args.max_steps,
+                                                              threads=args.threads))
         print(f"DONE {task} steps={res.steps} val_em={res.val_exact_match:.3f} "
               f"time={res.seconds:.0f}s", flush=True)
 
