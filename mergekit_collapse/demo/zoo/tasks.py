@@ -262,9 +262,9 @@ def _json_record(rng: random.Random) -> tuple[str, str]:
 
 # --- the Gemma 3 zoo's tasks (none shared with the SmolLM2 zoo) -------------------------------
 
-def _parity(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 99999)
-    return str(n), "even" if n % 2 == 0 else "odd"
+def _temperature(rng: random.Random) -> tuple[str, str]:
+    t = rng.randint(-200, 450) / 10
+    return f"{t:.1f} °C", "cold" if t < 10 else "mild" if t < 25 else "hot"
 
 
 def _compare_numbers(rng: random.Random) -> tuple[str, str]:
@@ -375,7 +375,8 @@ TASKS_DEF: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("json_record", "Extract the person as a JSON object with keys name, age and city; "
             "write name and city in capital letters.", "generate", _json_record, max_gen_toks=40),
     # the Gemma 3 zoo
-    TaskDef("parity", "Is the number even or odd?", "choice", _parity, choices=("even", "odd")),
+    TaskDef("temperature", "Is the temperature cold, mild or hot?", "choice", _temperature,
+            choices=("cold", "mild", "hot")),
     TaskDef("compare_numbers", "Which number is larger: the first or the second?", "choice",
             _compare_numbers, choices=("first", "second")),
     TaskDef("time_of_day", "Is the time in the morning, afternoon, evening or night?", "choice",
