@@ -86,8 +86,8 @@ def _check(task: str, inp: str, answer: str) -> bool:
         return answer == ("winter" if month in ("December", "January", "February") else
                           "spring" if month in ("March", "April", "May") else
                           "summer" if month in ("June", "July", "August") else "autumn")
-    if task == "uppercase":
-        return answer == inp.upper() and answer != inp
+    if task == "last_word":
+        return answer == inp.rstrip(".").split()[-1].lower()
     if task == "count_words":
         return int(answer) == len(inp.split())
     if task == "date_iso":
