@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_collapse._constants import REPORT_DIR, cache_root
+from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR
 
 STATE_FILE = "pipeline.json"
@@ -65,8 +66,7 @@ class StageState:
 
     def record(self, stage: str, inputs: str, **info: Any) -> None:
         self.data[stage] = {"inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
 
     def get(self, stage: str) -> dict[str, Any]:
         return self.data.get(stage, {})
