@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tabulate import tabulate
 
 from mergekit_collapse._constants import REPORT_SCHEMA_VERSION
+from mergekit_collapse._io import atomic_write_bytes, atomic_write_text
 
 #: "unassessed": the calibrated default budget was in use, the bounds were within it, and no
 #: validated per-model signal could be computed (no base model, no rehearsal): nothing vouches
@@ -236,13 +238,14 @@ class GuardReport(BaseModel):
         return out
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write report.json, report.md and hidden_sim.png into out_dir; return their paths."""
+        """Write report.json, report.md and hidden_sim.png into out_dir (each whole or not at all);
+        return their paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "report.json", "markdown": out / "report.md",
                  "heatmap": out / "hidden_sim.png"}
-        paths["json"].write_text(self.model_dump_json(indent=2), encoding="utf-8")
-        paths["markdown"].write_text(to_markdown(self), encoding="utf-8")
+        atomic_write_text(paths["json"], self.model_dump_json(indent=2))
+        atomic_write_text(paths["markdown"], to_markdown(self))
         plot_heatmap(self, paths["heatmap"])
         return paths
 
@@ -341,8 +344,10 @@ def plot_heatmap(r: GuardReport, path: str | Path) -> Path:
     ax.set_title(f"{title} — {r.verdict}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
 
