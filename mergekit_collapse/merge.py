@@ -53,8 +53,10 @@ class GuardedMerge:
                  f"budget {r.budget.absolute:.4g})"]
         h = r.rehearsal
         if h is not None and h.status == "ran":
-            lines.append(f"  rehearsal: {sum(h.seconds.values()):.1f} s (in-memory merge "
-                         f"{h.seconds.get('merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
+            sec = r.run_info.seconds if r.run_info else {}
+            spent = sum(v for k, v in sec.items() if k.startswith("rehearsal."))
+            lines.append(f"  rehearsal: {spent:.1f} s (in-memory merge "
+                         f"{sec.get('rehearsal.merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
         elif h is not None:
             lines.append(f"  rehearsal {h.status}: {h.reason}")
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]

@@ -162,7 +162,7 @@ class RiskInfo(BaseModel):
 
 
 class RehearsalInfo(BaseModel):
-    """Whether the merge was rehearsed in memory, what it cost, and the bands of its score."""
+    """Whether the merge was rehearsed in memory, and the bands of its score (its cost: RunInfo)."""
 
     status: Literal["ran", "skipped", "off"]
     reason: str | None = Field(default=None, description="why it was skipped or off")
@@ -172,8 +172,21 @@ class RehearsalInfo(BaseModel):
     collapse: float | None = None
     answer_tokens: int | None = None
     dtype: str | None = None
-    seconds: dict[str, float] = Field(default_factory=dict,
-                                      description="answers (constituents), merge, compare")
+
+
+class RunInfo(BaseModel):
+    """When and how fast the report was made: the only part of a report that differs between two
+    runs on the same inputs and seed (everything else is byte-identical)."""
+
+    date: str = Field(description="when the report was made, UTC ISO 8601")
+    seconds: dict[str, float] = Field(default_factory=dict, description=(
+        "wall time per step: extract, rehearsal.answers, rehearsal.merge, rehearsal.compare, "
+        "assess, total"))
+
+    def rehearsal_cost(self) -> str:
+        """The rehearsal's steps and their seconds, e.g. "answers 1.2 s, merge 0.3 s"."""
+        return ", ".join(f"{k.removeprefix('rehearsal.')} {v:.1f} s" for k, v in self.seconds.items()
+                         if k.startswith("rehearsal."))
 
 
 class ProbeInfo(BaseModel):
@@ -224,6 +237,8 @@ class GuardReport(BaseModel):
     rehearsal: RehearsalInfo | None = None
     notes: list[str] = Field(default_factory=list)
     actions: list[Action] = Field(default_factory=list)
+    run_info: RunInfo | None = Field(default=None, description=(
+        "timings and the date: the one field that differs between runs (RunInfo)"))
 
     @property
     def names(self) -> list[str]:
@@ -305,7 +320,7 @@ def to_markdown(r: GuardReport) -> str:
                      f"| {band} | {reh} |")
     if r.rehearsal is not None:
         h = r.rehearsal
-        cost = ", ".join(f"{k} {v:.1f} s" for k, v in h.seconds.items())
+        cost = r.run_info.rehearsal_cost() if r.run_info else ""
         lines += ["", f"Rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
                   + (f"; {cost}" if cost else "")]
     if r.hidden_sim_note:
@@ -371,7 +386,7 @@ def format_text(report: GuardReport) -> str:
     ]
     h = report.rehearsal
     if h is not None:
-        cost = ", ".join(f"{k} {v:.1f} s" for k, v in h.seconds.items())
+        cost = report.run_info.rehearsal_cost() if report.run_info else ""
         bands = (f"; bands elevated ≤ {h.elevated:.3g}, collapse ≤ {h.collapse:.3g}"
                  if h.collapse is not None else "")
         lines.append(f"rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
