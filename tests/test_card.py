@@ -186,8 +186,8 @@ def test_card_names_the_calibration_and_its_bases(tmp_path: Path) -> None:
     report = make_report()
     report.risk = RiskInfo(score=cal.score, direction=cal.direction, elevated=cal.bands.elevated,
                            collapse=cal.bands.collapse, calibration=cal.source)
-    body = render_card(make_merged_dir(tmp_path, report=report)).text.split("\n---\n", 1)[1]
-    line = next(x for x in body.splitlines() if x.startswith("Calibration: "))
+    text = render_card(make_merged_dir(tmp_path, report=report)).text
+    line = next(x for x in text.splitlines() if x.startswith("Calibration: "))
     assert f"`{cal.source['name']}`" in line and f"{cal.source['merges']} merges" in line
     assert all(base in line for base in cal.source["bases"])
     assert "Calibration: " not in render_card(make_merged_dir(tmp_path / "b")).text  # none: no line
