@@ -348,7 +348,10 @@ def with_mergelens(rows: list[dict[str, Any]], scores: dict[str, float]) -> None
 
 
 def read_records(work: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (work / "records.jsonl").read_text().splitlines() if x]
+    path = work / "records.jsonl"
+    if not path.is_file():
+        sys.exit(f"no merge records in {work} yet (the time budget ran out before the first merge?)")
+    return [json.loads(x) for x in path.read_text().splitlines() if x]
 
 
 def at_setting(rows: list[dict[str, Any]], setting: str) -> list[dict[str, Any]]:
