@@ -69,6 +69,10 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "auto" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInputError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError(f"--device {device} asked for, but no CUDA device is available")
     return device
@@ -116,9 +120,15 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                       "*.model", "*.txt", "*.bin"]))
     except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo...
+        from huggingface_hub import constants
+
         if not fetch:
             raise ModelNotFoundError(f"{what} '{path}' is not a local folder (and not in the HF "
                                      "cache)") from None
+        if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES",
+                                                                                   "TRUE"}:
+            raise ModelNotFoundError(f"{what} '{path}' is not a local folder nor in the HF cache, and "
+                                     "HF_HUB_OFFLINE is set: check the path, or download it first") from None
         raise ModelNotFoundError(f"{what} '{path}' is not a local folder and could not be fetched "
                                  f"from the Hub ({type(e).__name__})") from None
 
@@ -164,10 +174,17 @@ def folder_identity(folder: Path) -> str:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from the cache; {} when absent, and with a warning when unreadable."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        log.warning("recomputing what %s held: it is not a JSON object", path)
+        return {}
+    return data
 
 
 def model_identity(ref: Any) -> str:
@@ -176,6 +193,58 @@ def model_identity(ref: Any) -> str:
     if ref.lora is not None:
         ident += "+" + folder_identity(local_dir(ref.lora, what="LoRA adapter"))
     return ident
+
+
+def read_model_config(folder: Path, ref: str, *, trust_remote_code: bool = False) -> Any:
+    """transformers' config of a model folder, read before any weight (custom code: only trusted).
+
+    Raises:
+        BadInputError: custom code without `trust_remote_code`, or an unreadable config.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise BadInputError(f"'{ref}' needs custom code to load (config.json auto_map): pass "
+                                "--trust-remote-code if you trust it") from None
+        raise BadInputError(f"cannot read the config of '{ref}': {str(e).splitlines()[0]}") from None
+
+
+#: the shape fields models to be merged share; what to do when they differ
+SHAPE_FIELDS = {
+    "hidden_size": "models of different widths cannot be merged",
+    "num_hidden_layers": "merge models of one depth, or pick layer ranges with `slices:`",
+    "vocab_size": "set `tokenizer_source: union` (or `base`) so mergekit aligns the vocabularies",
+}
+
+
+def check_compatible(configs: Mapping[str, Any], *, layer: int, fields: Iterable[str]) -> None:
+    """Refuse models whose configs differ in a shape field (`SHAPE_FIELDS`), and a `layer` one of
+    them lacks, before any weight is loaded.
+
+    Args:
+        configs: transformers configs by display name.
+        layer: the hidden layer the guard reads (-1: the last).
+        fields: the SHAPE_FIELDS to compare.
+
+    Raises:
+        BadInputError: one line naming the field, each model's value and what to do.
+    """
+    texts = {name: c.get_text_config() for name, c in configs.items()}
+    for key in fields:
+        values = {name: getattr(c, key, None) for name, c in texts.items()}
+        if len({v for v in values.values() if v is not None}) > 1:
+            detail = ", ".join(f"{name}: {v}" for name, v in values.items())
+            raise BadInputError(f"mismatched models: {key} differs ({detail}); {SHAPE_FIELDS[key]}")
+    for name, c in texts.items():
+        if (n := getattr(c, "num_hidden_layers", None)) is not None:
+            try:
+                layer_index(layer, n)
+            except BadInputError as e:
+                raise BadInputError(f"{e} ({name}); guard.layer counts from 0 (embeddings) to "
+                                    f"{n}, or from the end with -1") from None
 
 
 # ---------------------------------------------------------------- cache
@@ -439,7 +508,8 @@ def _forward(body: Any, token_ids: list[list[int]], settings: ExtractionSettings
                 out = np.zeros((len(token_ids), pooled.shape[1]), dtype=np.float32)
             out[batch] = pooled
     if not np.isfinite(out).all():
-        raise BadInputError("hidden states contain NaN or inf (try --dtype float32)")
+        raise BadInputError("hidden states contain NaN or inf: the weights hold NaN/inf (check the "
+                            "checkpoint), or the dtype overflows (try --dtype float32)")
     return out, start + sum(len(x) - start for x in token_ids)
 
 
@@ -454,6 +524,7 @@ def load_causal_lm(folder: Path, settings: ExtractionSettings, device: str, dtyp
     once (SmolLM2-135M, float32 file, bfloat16 model: peak RSS 907 MB above Python+torch, 396 MB
     this way, of which 257 MB are the model).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code,
@@ -468,6 +539,9 @@ def load_causal_lm(folder: Path, settings: ExtractionSettings, device: str, dtyp
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
+    except SafetensorError as e:
+        raise BadInputError(f"cannot load model from {folder}: a .safetensors file is truncated or "
+                            f"not safetensors ({str(e).splitlines()[0]}); download it again") from None
     return model.eval()
 
 
@@ -613,8 +687,8 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     groups: dict[Path, list[tuple]] = {}
     for plan in todo:
         groups.setdefault(plan[1].resolve(), []).append(plan)
-    bar = Progress("hidden states", len(todo), enabled=progress,
-                   labels=labels or display_names([str(m) for m in models]))
+    names = labels or display_names([str(m) for m in models])
+    bar = Progress("hidden states", len(todo), enabled=progress, labels=names)
     for base_dir, group in groups.items():
         tok = load_tokenizer(group[0][1], settings)
         model = load_causal_lm(base_dir, settings, device, dtype)
@@ -631,8 +705,11 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                         peft_model = swap_adapter(model, peft_model, lora_dir)
                         body = peft_model.get_base_model().get_decoder()
                     idx = [position[k] for k in missing]
-                    ids = encode(tok, [texts[i] for i in idx], settings)
-                    vecs, tokens = _forward(body, ids, settings, pad_id(tok))
+                    try:
+                        ids = encode(tok, [texts[i] for i in idx], settings)
+                        vecs, tokens = _forward(body, ids, settings, pad_id(tok))
+                    except BadInputError as e:
+                        raise BadInputError(f"{names.get(str(ref), str(ref))}: {e}") from None
                     cache.update(dict(zip(missing, vecs, strict=True)))
                     result.tokens_computed += tokens
                     result.tokens_saved += sum(map(len, ids)) - tokens
@@ -673,4 +750,7 @@ def swap_adapter(model: Any, peft_model: Any, lora_dir: Path) -> Any:
             peft_model.delete_adapter(previous)
         return peft_model
     except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if "size mismatch" in str(e):
+            raise BadInputError(f"LoRA adapter {lora_dir} does not fit its base model (size mismatch): "
+                                "it was trained on another base; pair it with that one") from None
         raise BadInputError(f"cannot load LoRA adapter {lora_dir}: {str(e).splitlines()[0]}") from None
