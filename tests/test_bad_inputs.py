@@ -96,13 +96,13 @@ def _corrupt_npz(env: Env, data: Callable[[bytes], bytes]) -> list[str]:
     cfg = _fill_cache(env)
     first = sorted((env.tmp / "cache" / "hidden_states").rglob("*.npz"))[0]
     first.write_bytes(data(first.read_bytes()))
-    return ["check", cfg, *FAST]
+    return ["check", cfg, *FAST, "--absolute-budget", "1e9"]
 
 
 def _null_hashes(env: Env) -> list[str]:
     cfg = _fill_cache(env)
     (env.tmp / "cache" / "file_hashes.json").write_text("null")
-    return ["check", cfg, *FAST]
+    return ["check", cfg, *FAST, "--absolute-budget", "1e9"]
 
 
 def _probe_file(env: Env, name: str, data: bytes | None, **spec: Any) -> list[str]:
@@ -154,8 +154,8 @@ CASES = [
          2, ("malformed YAML", "line 5")),
     Case("yaml-duplicate-guard", lambda e: ["check", str(e.write(DUP_GUARD.format(
         a=e.ref("ft1"), b=e.ref("ft2"))))], 2, ("duplicate key 'guard'", "line 7", "first at line 5")),
-    Case("yaml-duplicate-nested", lambda e: ["check", str(e.write(
-        yaml.safe_dump(e.raw()) + "  k: 3\n"))], 2, ("duplicate key 'k'", "line")),
+    Case("yaml-duplicate-nested", lambda e: ["check", str(e.write(  # guard: is last, k: its last key
+        yaml.safe_dump(e.raw(), sort_keys=False) + "  k: 3\n"))], 2, ("duplicate key 'k'", "line")),
     Case("yaml-not-a-mapping", lambda e: ["check", str(e.write("- a\n- b\n"))], 2,
          ("must be a YAML mapping",)),
     Case("config-missing", lambda e: ["check", str(e.tmp / "nope.yml")], 2, ("config file not found",)),
@@ -267,8 +267,8 @@ CASES = [
     Case("merge-out-is-a-file", lambda e: _merge(e, str(_a_file(e))), 2, ("OUT", "is a file")),
     Case("merge-out-not-writable", lambda e: _merge(e, str(_a_file(e) / "out")), 2,
          ("a_file", "not a folder")),
-    Case("merge-out-exists", lambda e: _merge(e, str(e.tmp), "--guard-absolute-budget", "1e-9"), 3,
-         ("over budget",)),
+    Case("merge-out-exists", lambda e: _merge(e, str(e.tmp), "--guard-absolute-budget", "1e-9", "--quiet"),
+         3, ("guard stopped the merge", "budget")),
     # ---- runtime flags
     Case("device-banana", lambda e: ["check", e.config(), "--no-progress", "--device", "banana"], 2,
          ("--device", "banana", "cpu")),

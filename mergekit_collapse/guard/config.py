@@ -339,10 +339,14 @@ def _merge_groups(merge: Any) -> list[tuple[str, list[Any], Any, Any]]:
     return groups
 
 
-def check_merge_method(merge: Any) -> None:
+def check_merge_method(merge: Any, *, inputs: bool = True) -> None:
     """mergekit's own checks of the merge method, before any model is loaded: the method exists,
     each group of inputs meets its contract (base model, input count, no duplicates), and every
     parameter it requires is given, with a valid value (`mergekit.parameter_resolver`).
+
+    Args:
+        merge: the parsed MergeConfiguration.
+        inputs: check the input contract (not for the `order` action: it merges pairwise stages).
 
     Raises:
         ConfigError: what mergekit would raise once the models are loaded, as one line.
@@ -356,11 +360,12 @@ def check_merge_method(merge: Any) -> None:
         names = sorted(m.spec.name for m in methods.registered_methods())
         hint = _did_you_mean(merge.merge_method, names) or f"; mergekit has {', '.join(names)}"
         raise ConfigError(f"unknown merge_method '{merge.merge_method}'{hint}") from None
-    for label, inputs, base, reader in _merge_groups(merge):
+    for label, refs, base, reader in _merge_groups(merge):
         try:
-            method.validate_inputs(inputs, base, group_name=label)
+            if inputs:
+                method.validate_inputs(refs, base, group_name=label)
             resolve_parameters(method.spec, tensor_name=_AnyTensor("*"),
-                               inputs={m: _AnyTensor("*") for m in inputs},
+                               inputs={m: _AnyTensor("*") for m in refs},
                                sources=reader.parameter_sources, base_model=base)
         except ValidationError as e:
             err = e.errors()[0]
@@ -410,7 +415,7 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     except ValidationError as e:
         raise ConfigError(where + _friendly(e, {})) from None
     try:
-        check_merge_method(merge)
+        check_merge_method(merge, inputs=guard.action != "order")
     except ConfigError as e:
         raise ConfigError(f"{where}invalid mergekit config: {e}") from None
     models = ordered_models(merge)

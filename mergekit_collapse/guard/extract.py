@@ -113,6 +113,11 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
         if not p.is_dir():
             raise BadInputError(f"{what} '{path}' is a file, not a model folder")
         return p
+    from mergekit_collapse.ci.validate import looks_local
+
+    if looks_local(str(path.path)):  # cannot be a Hub id: `org/name`
+        raise ModelNotFoundError(f"{what} '{path}' is not a local folder (no such path): check the "
+                                 "path (relative paths start from the working directory)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -169,11 +174,12 @@ def folder_identity(folder: Path) -> str:
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
         with write_lock(memo_path.parent):  # keep what other processes added since we read
-            atomic_write_bytes(memo_path, json.dumps({**_read_json(memo_path), **memo}).encode())
+            atomic_write_bytes(memo_path, json.dumps({**_read_json(memo_path, warn=False),
+                                                      **memo}).encode())
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, *, warn: bool = True) -> dict:
     """A JSON object from the cache; {} when absent, and with a warning when unreadable."""
     try:
         data = json.loads(path.read_text())
@@ -182,7 +188,8 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         data = None
     if not isinstance(data, dict):
-        log.warning("recomputing what %s held: it is not a JSON object", path)
+        if warn:
+            log.warning("recomputing what %s held: it is not a JSON object", path)
         return {}
     return data
 
@@ -282,14 +289,15 @@ class VectorCache:
         self.path = root / "hidden_states" / digest[:2] / f"{digest}.npz"
         self.data: dict[str, np.ndarray] = self._read()
 
-    def _read(self) -> dict[str, np.ndarray]:
+    def _read(self, *, warn: bool = True) -> dict[str, np.ndarray]:
         if not self.path.exists():
             return {}
         try:
             with np.load(self.path) as z:
                 return dict(zip(z["keys"].tolist(), z["vectors"], strict=True))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            log.warning("recomputing unreadable cache file %s", self.path)
+            if warn:
+                log.warning("recomputing unreadable cache file %s", self.path)
             return {}
 
     def missing(self, keys: Iterable[str]) -> list[str]:
@@ -302,7 +310,7 @@ class VectorCache:
         import io
 
         with write_lock(self.path.parent):
-            self.data = {**self._read(), **self.data, **new}
+            self.data = {**self._read(warn=False), **self.data, **new}
             keys = list(self.data)
             buf = io.BytesIO()
             np.savez(buf, keys=np.array(keys), vectors=np.stack([self.data[k] for k in keys]))
