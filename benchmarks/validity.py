@@ -348,7 +348,10 @@ def with_mergelens(rows: list[dict[str, Any]], scores: dict[str, float]) -> None
 
 
 def read_records(work: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (work / "records.jsonl").read_text().splitlines() if x]
+    path = work / "records.jsonl"
+    if not path.is_file():
+        sys.exit(f"no merge records in {work} yet (the time budget ran out before the first merge?)")
+    return [json.loads(x) for x in path.read_text().splitlines() if x]
 
 
 def at_setting(rows: list[dict[str, Any]], setting: str) -> list[dict[str, Any]]:
@@ -684,8 +687,7 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
         files = [records, work / "rehearsal.jsonl", lobo / "records.jsonl", lobo / "rehearsal.jsonl"]
         cal.source = {
             "name": "smollm2+gemma3", "bases": [FAMILIES[b].hub_id for b in bases],
-            "files": {f"{b}/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()
-                      for b, f in zip(["smollm2", "smollm2", "gemma3", "gemma3"], files, strict=True)},
+            "files": {_shown(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
             "n": len(rows), "merges": len({r["group"] for r in rows}),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "setting": DEFAULT_SETTING,
             "note": ("12 SmolLM2-135M-Instruct zoo tasks and 8 other Gemma 3 270M zoo tasks, merged "
@@ -726,6 +728,14 @@ def calibrate(work: Path, setting: str, score: str, threshold: float) -> Path:
     cal.source["setting"] = setting
     out.write_text(cal.model_dump_json(indent=2))
     return out
+
+
+def _shown(path: Path) -> str:
+    """A path relative to this repository when the file lies in it, else as given."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
 
 
 def _f(x: float | None) -> str:

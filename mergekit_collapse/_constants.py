@@ -10,7 +10,8 @@ ENV_DISABLE = "MERGEKIT_COLLAPSE_DISABLE"
 #: Root of the on-disk caches (hidden states, converted base model, evaluation scores).
 ENV_CACHE = "MERGEKIT_COLLAPSE_CACHE"
 
-REPORT_SCHEMA_VERSION = "1.0"
+#: 1.1: timings and the date moved to `run_info` (was rehearsal.seconds); the rest is deterministic
+REPORT_SCHEMA_VERSION = "1.1"
 #: the folder inside a merged model that holds the report, the evaluation and the plots
 REPORT_DIR = "mergeability"
 

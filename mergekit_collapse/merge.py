@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_collapse._constants import REPORT_DIR
+from mergekit_collapse._io import atomic_write_text, staged_folder
 from mergekit_collapse.errors import BadInputError, GuardStoppedError
 
 LOG = logging.getLogger(__name__)
@@ -52,8 +53,10 @@ class GuardedMerge:
                  f"budget {r.budget.absolute:.4g})"]
         h = r.rehearsal
         if h is not None and h.status == "ran":
-            lines.append(f"  rehearsal: {sum(h.seconds.values()):.1f} s (in-memory merge "
-                         f"{h.seconds.get('merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
+            sec = r.run_info.seconds if r.run_info else {}
+            spent = sum(v for k, v in sec.items() if k.startswith("rehearsal."))
+            lines.append(f"  rehearsal: {spent:.1f} s (in-memory merge "
+                         f"{sec.get('rehearsal.merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
         elif h is not None:
             lines.append(f"  rehearsal {h.status}: {h.reason}")
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]
@@ -75,7 +78,9 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     """Run the guard on a mergekit config, apply its action, and merge with mergekit's run_merge.
 
     Nothing is written to `out_path` before the guard has decided: when it stops the merge
-    (action `abort`, or no re-organisation fits the budget) no output folder is created.
+    (action `abort`, or no re-organisation fits the budget) `out_path` is left as it was. The merge
+    is built in a temporary folder beside `out_path` and renamed into place when it is complete
+    (replacing a previous merge there whole); an error or Ctrl-C leaves `out_path` as it was.
 
     Args:
         config_path: the mergekit YAML (with its `guard:` section).
@@ -97,7 +102,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         What was merged and written.
 
     Raises:
-        BadInputError: invalid config, guard section or options.
+        BadInputError: invalid config, guard section or options; `out_path` is a file, or a
+            non-empty folder that is not a merged model (never replaced).
         GuardStoppedError: over budget and the action stopped the merge (exit 3).
     """
     from mergekit_collapse.actions import ActionContext, get_action
@@ -109,6 +115,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     check_writable(out, "OUT")
     if report_dir:
         check_writable(report_dir, "--guard-report")
+    _check_out(out)
     overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
                                    **settings}.items() if v is not None}
     cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
@@ -154,27 +161,47 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
             jobs.append((pm, target, source, path))
     if plan.multi_stage is not None:
         path = _sibling(out, "order")
-        path.write_text(plan.multi_stage, encoding="utf-8")
+        atomic_write_text(path, plan.multi_stage)
         result.configs.append(path)
         for rec in report.actions:
             rec.configs.append(str(path))
 
-    for pm, target, source, path in jobs:
-        t0 = time.perf_counter()
-        merge_config(pm.raw, target, merge_options, config_source=source)
-        result.merge_seconds += time.perf_counter() - t0
-        result.outputs.append(target)
-        result.sources.append(path)
-    if plan.multi_stage is not None:
-        stages = _sibling(out.resolve(), "stages", ext="")  # absolute: mergekit takes a/b for a Hub id
-        merge_multi_stage(plan.multi_stage, out, stages, merge_options)
-        result.outputs.append(out)
-        result.sources.append(None)  # the final stage merges the config's own constituents
-
-    result.report_paths += list(report.write(out / REPORT_DIR).values())
+    if not jobs and plan.multi_stage is None:  # nothing merged: only the report goes to OUT
+        result.report_paths += list(report.write(out / REPORT_DIR).values())
+    else:
+        with staged_folder(out) as staged:
+            for pm, target, source, path in jobs:
+                t0 = time.perf_counter()
+                merge_config(pm.raw, staged / target.relative_to(out), merge_options,
+                             config_source=source)
+                result.merge_seconds += time.perf_counter() - t0
+                result.outputs.append(target)
+                result.sources.append(path)
+            if plan.multi_stage is not None:
+                # absolute: mergekit takes a/b for a Hub id
+                stages = _sibling(out.resolve(), "stages", ext="")
+                merge_multi_stage(plan.multi_stage, staged, stages, merge_options)
+                result.outputs.append(out)
+                result.sources.append(None)  # the final stage merges the config's own constituents
+            written = report.write(staged / REPORT_DIR).values()
+        result.report_paths += [out / REPORT_DIR / p.name for p in written]
     if report_dir:
         result.report_paths += list(report.write(report_dir).values())
     return result
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output that a merge must not replace: a file, or a folder holding something else."""
+    from mergekit_collapse.guard.extract import WEIGHT_SUFFIXES
+
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"output {out} is a file, not a folder")
+    names = [p.name for p in out.iterdir()] if out.is_dir() else []
+    merged = {"config.json", "mergekit_config.yml", REPORT_DIR} & set(names) or any(
+        n.endswith(WEIGHT_SUFFIXES) for n in names)
+    if names and not merged:
+        raise BadInputError(f"output {out} is not a merged model folder (no config.json, weights or "
+                            f"{REPORT_DIR}/) and would be replaced: choose a new or empty folder")
 
 
 def _belongs(rec: Any, pm: Any, action: str) -> bool:
@@ -199,8 +226,7 @@ def _write_config(path: Path, raw: dict) -> str:
     from mergekit_collapse.actions.rewrite import dump_config
 
     text = dump_config(raw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     return text
 
 
@@ -302,6 +328,10 @@ def merge_config(raw: dict, out: str | Path, merge_options: Any, *,
         merge = MergeConfiguration.model_validate(body)
     except (ValidationError, RuntimeError, ValueError) as e:
         raise BadInputError(f"invalid mergekit config: {str(e).splitlines()[0]}") from None
+    if getattr(merge_options, "lora_merge_cache", None):  # no half-merged LoRA from a stopped run
+        from mergekit_collapse.guard.rehearsal import _fresh_lora_cache
+
+        _fresh_lora_cache(merge, Path(merge_options.lora_merge_cache))
     run_merge(merge, str(out), options=merge_options, config_source=config_source)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_collapse._constants import REPORT_DIR, cache_root
+from mergekit_collapse._io import atomic_write_text
+from mergekit_collapse.errors import ModelNotFoundError
 from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR
 
 STATE_FILE = "pipeline.json"
@@ -65,8 +67,7 @@ class StageState:
 
     def record(self, stage: str, inputs: str, **info: Any) -> None:
         self.data[stage] = {"inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
 
     def get(self, stage: str) -> dict[str, Any]:
         return self.data.get(stage, {})
@@ -130,7 +131,11 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
 
     # 1. guard + merge
     t0 = time.time()
-    inputs = _sha(config.read_text(encoding="utf-8"), action, budget, absolute_budget, weights,
+    try:
+        text = config.read_text(encoding="utf-8")
+    except OSError:
+        raise ModelNotFoundError(f"config file not found: {config}") from None
+    inputs = _sha(text, action, budget, absolute_budget, weights,
                   merge_all, opts.model_dump(mode="json") if hasattr(opts, "model_dump") else str(opts),
                   *([settings] if settings else []))  # none given: earlier runs keep their hash
     rec = state.get("merge")

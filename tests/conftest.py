@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import make_finetune, make_lora, make_tiny_llama  # noqa: E402
 from hub_server import OTHER_TOKEN, TOKEN, FakeHub  # noqa: E402
 
+#: MergeKit's vendored test suite runs in its own subprocess (test_mergekit_suite.py), never here
+collect_ignore = ["mergekit_suite"]
+
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -89,8 +89,9 @@ def test_fit_bad_inputs() -> None:
 def test_file_round_trip_and_default(tmp_path: Path) -> None:
     packaged = load_calibration()  # no user file yet: the packaged calibration from the validity run
     assert packaged.score == "relative_distortion" and packaged.source["setting"] == "last-1"
-    records_file = Path(__file__).parents[1] / packaged.source["file"]  # committed with its sha256
-    assert hashlib.sha256(records_file.read_bytes()).hexdigest() == packaged.source["sha256"]
+    assert packaged.source["bases"] == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/gemma-3-270m"]
+    for name, digest in packaged.source["files"].items():  # records of both bases, committed
+        assert hashlib.sha256((Path(__file__).parents[1] / name).read_bytes()).hexdigest() == digest
     assert packaged.band(2.0) == "collapse" and packaged.relative_budget > 0
     records = tmp_path / "records.csv"
     _csv(records)

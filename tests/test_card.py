@@ -178,6 +178,21 @@ def test_risk_score_is_carried_when_the_report_has_one() -> None:
     assert "risk" not in mergeability_metadata(make_report())
 
 
+def test_card_names_the_calibration_and_its_bases(tmp_path: Path) -> None:
+    from mergekit_collapse.guard.calibration import load_calibration
+    from mergekit_collapse.guard.report import RiskInfo
+
+    cal = load_calibration()
+    report = make_report()
+    report.risk = RiskInfo(score=cal.score, direction=cal.direction, elevated=cal.bands.elevated,
+                           collapse=cal.bands.collapse, calibration=cal.source)
+    text = render_card(make_merged_dir(tmp_path, report=report)).text
+    line = next(x for x in text.splitlines() if x.startswith("Calibration: "))
+    assert f"`{cal.source['name']}`" in line and f"{cal.source['merges']} merges" in line
+    assert all(base in line for base in cal.source["bases"])
+    assert "Calibration: " not in render_card(make_merged_dir(tmp_path / "b")).text  # none: no line
+
+
 def test_card_body_has_heatmap_table_prediction_and_config(merged_dir: Path) -> None:
     text = write_card(merged_dir).read_text()
     body = text.split("\n---\n", 1)[1]

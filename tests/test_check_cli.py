@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 import yaml
@@ -120,3 +121,57 @@ def test_every_listed_command_resolves():
     for name in COMMANDS:
         command = main.get_command(None, name)
         assert isinstance(command, click.Command) and command.name == name
+
+
+def _without_run_info(data: dict) -> dict:
+    """A report (or summary.json) less its one run-dependent field, `run_info`."""
+    for report in [data, *(c["report"] for c in data.get("configs", []) if c.get("report"))]:
+        report.pop("run_info", None)
+    return data
+
+
+def test_same_inputs_and_seed_give_a_byte_identical_report(tiny_zoo, tmp_path):
+    """Two cold runs (separate caches, so everything is recomputed): report.json is byte-identical
+    but for `run_info`, which holds every timing and the date."""
+    import os
+
+    cfg = tiny_config(tmp_path, tiny_zoo, seed=7)  # rehearse: auto runs on these tiny models
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        res = subprocess.run(
+            [sys.executable, "-m", "mergekit_collapse", "check", str(cfg), "--out", str(out),
+             "--no-progress"], capture_output=True, text=True, timeout=300,
+            env={**os.environ, "MERGEKIT_COLLAPSE_CACHE": str(tmp_path / f"cache{run}")})
+        assert res.returncode in (0, 3), res.stderr
+        outs.append(out)
+    texts = [(o / "report.json").read_text() for o in outs]
+    reports = [json.loads(t) for t in texts]
+    assert reports[0]["schema_version"] == "1.1" and reports[0]["rehearsal"]["status"] == "ran"
+    run_info = reports[0]["run_info"]
+    assert set(run_info) == {"date", "seconds"}
+    assert set(run_info["seconds"]) == {"extract", "rehearsal.answers", "rehearsal.merge",
+                                        "rehearsal.compare", "assess", "total"}
+    assert all(isinstance(v, float) and v >= 0 for v in run_info["seconds"].values())
+    assert datetime.fromisoformat(run_info["date"]).tzinfo is not None
+    # run_info is the last field: cut it off the text as written and compare the bytes
+    cut = [t[:t.index(',\n  "run_info": {')] for t in texts]
+    assert cut[0] == cut[1]
+    assert json.loads(cut[0] + "\n}") == _without_run_info(reports[0])
+
+    def keys(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from keys(v)
+
+    # nothing time-like outside run_info (the calibration's provenance is a fixed input file's)
+    rest = _without_run_info(reports[0])
+    rest["risk"].pop("calibration")
+    assert not [k for k in keys(rest) if any(w in k.lower() for w in ("second", "date", "time"))]
+    for name in ("summary.json", "results.sarif"):
+        a, b = (json.loads((o / name).read_text()) for o in outs)
+        assert _without_run_info(a) == _without_run_info(b), name

@@ -33,8 +33,8 @@ def write_config(path: Path, base: Path, refs: list[str]) -> Path:
 
 
 def without_timing(report: dict) -> dict:
-    """The report less its one timing field, the rehearsal's seconds (report.md: its last words)."""
-    report["rehearsal"].pop("seconds")
+    """The report less its one run-dependent field, run_info (report.md: its last words)."""
+    report.pop("run_info")
     return report
 
 

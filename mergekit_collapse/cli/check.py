@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.cli.options import (
     guard_overrides,
     guard_specs,
@@ -87,7 +88,7 @@ def _write_out(out: Path, results: list, status: int, single: bool, fail_on: str
              "summary.md": step_summary(results, fail_on=fail_on, note=note),
              "results.sarif": json.dumps(to_sarif(results), indent=2)}
     for name, text in files.items():
-        (out / name).write_text(text, encoding="utf-8")
+        atomic_write_text(out / name, text)
         written.append(out / name)
     return written
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergekit_collapse import __version__
 from mergekit_collapse._constants import cache_root
+from mergekit_collapse._io import atomic_write_bytes, atomic_write_text
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import LoadedConfig, TaskSpec
 from mergekit_collapse.guard.report import GuardReport, display_names
+
+log = logging.getLogger(__name__)
 
 #: metrics tried in order as a task's headline score
 PRIMARY_METRICS = ("acc", "exact_match", "acc_norm", "f1", "bleu")
@@ -109,15 +114,20 @@ class ScoreCache:
         return self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
 
     def get(self, identity: str, task: EvalTask, limit: int | None, dtype: str) -> dict[str, float] | None:
+        path = self._path(identity, task, limit, dtype)
         try:
-            return json.loads(self._path(identity, task, limit, dtype).read_text())
-        except (OSError, ValueError):
+            metrics = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError):
+            metrics = None
+        if isinstance(metrics, dict):
+            return metrics
+        log.warning("recomputing corrupt score cache entry %s", path)
+        return None
 
     def put(self, identity: str, task: EvalTask, limit: int | None, dtype: str,
             metrics: dict[str, float]) -> None:
-        from mergekit_collapse.guard.extract import atomic_write_bytes
-
         atomic_write_bytes(self._path(identity, task, limit, dtype), json.dumps(metrics).encode())
 
 
@@ -293,7 +303,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "evaluation.json"}
-    paths["json"].write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
+    atomic_write_text(paths["json"], evaluation.model_dump_json(indent=2))
     if report is not None:
         paths["plot"] = plot_predicted_vs_observed(report, evaluation, out / "predicted_vs_observed.png")
     return paths
@@ -327,6 +337,8 @@ def plot_predicted_vs_observed(report: GuardReport, evaluation: Evaluation, path
         ax.set_ylabel("merging loss % (Eq. 1)", fontsize=8)
     fig.suptitle(f"predicted vs observed — verdict: {report.verdict}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path

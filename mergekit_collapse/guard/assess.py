@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from mergekit_collapse.guard.report import (
     ProbeInfo,
     RehearsalInfo,
     RiskInfo,
+    RunInfo,
     display_names,
 )
 from mergekit_collapse.guard.weights import planned_weights
@@ -94,6 +97,7 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     Returns:
         The run; None on the other processes of a multi-process run.
     """
+    t0 = time.perf_counter()
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
     cfg = apply_overrides(cfg, **overrides)
     if not cfg.models:
@@ -118,12 +122,21 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     ext = extract(refs, probes.texts, settings, cache_dir=cache, progress=progress, labels=labels)
     if state is not None:  # what the processes computed; this read computed nothing
         ext.computed = computed
+    t1 = time.perf_counter()
     base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
     hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
     rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=cache, progress=progress,
                               labels=labels)
+    t2 = time.perf_counter()
     report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
                     rehearsal=rehearsal)
+    t3 = time.perf_counter()
+    seconds = {"extract": t1 - t0}
+    if rehearsal[0] is not None:
+        seconds |= {f"rehearsal.{k}": v for k, v in rehearsal[0].seconds.items()}
+    seconds |= {"assess": t3 - t2, "total": t3 - t0}
+    report.run_info = RunInfo(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              seconds={k: round(v, 3) for k, v in seconds.items()})
     return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
 
 
@@ -181,8 +194,7 @@ def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
         if g.rehearse == "on":
             raise
         return None, RehearsalInfo(status="skipped", reason=str(e))
-    return r, RehearsalInfo(status="ran", answer_tokens=r.answer_tokens, dtype=r.dtype,
-                            seconds=r.seconds)
+    return r, RehearsalInfo(status="ran", answer_tokens=r.answer_tokens, dtype=r.dtype)
 
 
 def check(config: str | Path | LoadedConfig, *, budget: float | None = None,

@@ -19,6 +19,11 @@ ACTION_ENTRY_POINTS = "mergekit_collapse.actions"
 Rehearse = Literal["auto", "on", "off"]
 
 
+def _one_line(text: str) -> str:
+    """A message from pydantic, mergekit or PyYAML on one line (errors print one line each)."""
+    return " ".join(text.split())
+
+
 def _did_you_mean(word: str, options: list[str]) -> str:
     near = difflib.get_close_matches(word, options, n=1)
     return f"; did you mean '{near[0]}'?" if near else ""
@@ -121,7 +126,7 @@ class GuardSettings(_Strict):
     def _known_action(cls, value: str) -> str:
         names = action_names()
         if value not in names:
-            raise ValueError(f"unknown action '{value}'{_did_you_mean(value, names)}; "
+            raise ValueError(f"unknown action {value!r}{_did_you_mean(value, names)}; "
                              f"choose one of {', '.join(names)}")
         return value
 
@@ -160,9 +165,12 @@ class LoadedConfig:
 
 
 def parse_ref(value: Any) -> Any | None:
-    """mergekit's own parse of a model reference (a string or a mapping), or None if it is not one."""
+    """mergekit's own parse of a model reference (a string or a mapping), or None if it is not one
+    (mergekit accepts a blank string; no model is named so)."""
     from mergekit.common import ModelReference
 
+    if isinstance(value, str) and not value.strip():
+        return None
     try:
         return ModelReference.model_validate(value)
     except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
@@ -197,8 +205,8 @@ def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
     if first.get("type") == "extra_forbidden" and loc:
         key = str(loc[-1])
         options = allowed.get(tuple(type(x).__name__ for x in loc[:-1]), []) or _all_fields()
-        return f"unknown key 'guard.{where}'{_did_you_mean(key, options)}"
-    return f"invalid guard.{where}: {first.get('msg')}"
+        return f"unknown key {'guard.' + where!r}{_did_you_mean(key, options)}"
+    return f"invalid {'guard.' + where if loc else 'guard'}: {_one_line(str(first.get('msg')))}"
 
 
 _MODEL_NAMES = {"GuardSettings", "TaskSpec", "Budget", "ProbeFile", "ProbeLmEval"}
@@ -263,7 +271,7 @@ def find_base(merge: Any, guard: GuardSettings, models: list[Any]) -> tuple[Any 
 
     if guard.base is not None:
         if (ref := parse_ref(guard.base)) is None:
-            raise ConfigError(f"guard.base '{guard.base}' is not a model reference")
+            raise ConfigError(f"guard.base {guard.base!r} is not a model reference")
         return ref, "guard.base"
     if merge.base_model is not None and merge.base_model not in models:
         return merge.base_model, "base_model"
@@ -401,7 +409,8 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where}malformed YAML{at}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{where}malformed YAML{at}: {_one_line(str(getattr(e, 'problem', e)))}"
+                          ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}a mergekit config must be a YAML mapping")
     guard_raw = raw.pop("guard", None) or {}
@@ -409,7 +418,7 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
         merge = MergeConfiguration.model_validate(raw)
     except (ValidationError, RuntimeError, ValueError) as e:
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-        raise ConfigError(f"{where}invalid mergekit config: {msg}") from None
+        raise ConfigError(f"{where}invalid mergekit config: {_one_line(msg)}") from None
     try:
         guard = GuardSettings.model_validate(guard_raw)
     except ValidationError as e:
@@ -425,9 +434,9 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     known = {str(m) for m in models}
     for key in guard.tasks:
         if (ref := parse_ref(key)) is None:
-            raise ConfigError(f"{where}guard.tasks key '{key}' is not a model reference")
+            raise ConfigError(f"{where}guard.tasks key {key!r} is not a model reference")
         if ref not in models:
-            raise ConfigError(f"{where}guard.tasks names '{key}', which is not a model of this "
+            raise ConfigError(f"{where}guard.tasks names {key!r}, which is not a model of this "
                               f"merge{_did_you_mean(key, sorted(known))}")
     return cfg
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mergekit_collapse._constants import cache_root
+from mergekit_collapse._io import atomic_write_bytes
 from mergekit_collapse.errors import BadInputError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def _file_sha256(path: Path, memo: dict[str, str]) -> str:
 def folder_identity(folder: Path) -> str:
     """sha256 over the weight, config and tokenizer files of a folder (hashes memoised on disk)."""
     memo_path = cache_root() / "file_hashes.json"
-    memo = _read_json(memo_path)
+    memo = _read_memo(memo_path)
     before = len(memo)
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
@@ -174,24 +174,22 @@ def folder_identity(folder: Path) -> str:
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
         with write_lock(memo_path.parent):  # keep what other processes added since we read
-            atomic_write_bytes(memo_path, json.dumps({**_read_json(memo_path, warn=False),
-                                                      **memo}).encode())
+            atomic_write_bytes(memo_path, json.dumps({**_read_memo(memo_path), **memo}).encode())
     return h.hexdigest()
 
 
-def _read_json(path: Path, *, warn: bool = True) -> dict:
-    """A JSON object from the cache; {} when absent, and with a warning when unreadable."""
+def _read_memo(path: Path) -> dict[str, str]:
+    """file_hashes.json: file key -> sha256; an unreadable or malformed one is dropped, with a warning."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError):
         data = None
-    if not isinstance(data, dict):
-        if warn:
-            log.warning("recomputing what %s held: it is not a JSON object", path)
-        return {}
-    return data
+    memo = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+    if not isinstance(data, dict) or len(memo) != len(data):
+        log.warning("recomputing the file hashes of %s: it is unreadable or malformed", path)
+    return memo
 
 
 def model_identity(ref: Any) -> str:
@@ -257,14 +255,6 @@ def check_compatible(configs: Mapping[str, Any], *, layer: int, fields: Iterable
 # ---------------------------------------------------------------- cache
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_lock(folder: Path) -> Any:
     """An inter-process lock on a cache folder. Writers re-read, merge and replace under it, so
     concurrent processes (a multi-process run, two runs at once) lose no update; readers need no
@@ -273,6 +263,26 @@ def write_lock(folder: Path) -> Any:
 
     folder.mkdir(parents=True, exist_ok=True)
     return FileLock(folder / ".lock")
+
+
+def read_npz(path: Path, *, warn: bool = True) -> dict[str, np.ndarray] | None:
+    """A cache entry's arrays, or None when it is missing or corrupt (a warning says so: recomputed).
+
+    Every member's CRC-32 is checked before loading (`ZipFile.testzip`), so a truncated, emptied or
+    bit-flipped entry is never used.
+    """
+    if not path.exists():
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if (bad := zf.testzip()) is not None:
+                raise ValueError(f"checksum mismatch in {bad}")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        if warn:
+            log.warning("recomputing corrupt cache entry %s (%s)", path, type(e).__name__)
+        return None
 
 
 def probe_key(text: str, chat_template: bool) -> str:
@@ -290,15 +300,16 @@ class VectorCache:
         self.data: dict[str, np.ndarray] = self._read()
 
     def _read(self, *, warn: bool = True) -> dict[str, np.ndarray]:
-        if not self.path.exists():
+        z = read_npz(self.path, warn=warn)
+        if z is None:
             return {}
-        try:
-            with np.load(self.path) as z:
-                return dict(zip(z["keys"].tolist(), z["vectors"], strict=True))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        keys, vectors = z.get("keys"), z.get("vectors")
+        if keys is None or vectors is None or keys.ndim != 1 or vectors.ndim != 2 \
+                or len(keys) != len(vectors):
             if warn:
-                log.warning("recomputing unreadable cache file %s", self.path)
+                log.warning("recomputing malformed cache entry %s", self.path)
             return {}
+        return dict(zip(keys.tolist(), vectors, strict=True))
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if k not in self.data]

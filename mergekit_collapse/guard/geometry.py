@@ -12,8 +12,41 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mergekit_collapse.errors import BadInputError
+
 # relative tolerance under which two distances count as equal (HiddenSim undefined)
 _EQUAL_RTOL = 1e-9
+# relative tolerance (of max D) for asymmetry, a non-zero diagonal and negative entries of a given D
+_MATRIX_RTOL = 1e-9
+
+
+def check_distances(sq: np.ndarray) -> np.ndarray:
+    """A squared-distance matrix D as float64, checked: square, finite, non-negative, symmetric and
+    zero on the diagonal (up to a rounding-level tolerance, then made exact).
+
+    Raises:
+        BadInputError: one line saying what is wrong.
+    """
+    try:
+        d = np.array(sq, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadInputError("the distance matrix is not numeric") from None
+    if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] == 0:
+        raise BadInputError(f"the distance matrix must be square and non-empty, got shape {d.shape}")
+    if not np.isfinite(d).all():
+        raise BadInputError("the distance matrix contains NaN or inf")
+    tol = _MATRIX_RTOL * float(np.abs(d).max())
+    if d.min() < -tol:
+        raise BadInputError(f"the distance matrix has a negative entry ({d.min():.3g})")
+    if np.abs(d - d.T).max() > tol:
+        i, j = np.unravel_index(np.argmax(np.abs(d - d.T)), d.shape)
+        raise BadInputError(f"the distance matrix is not symmetric: D[{i},{j}] = {d[i, j]:.6g} but "
+                            f"D[{j},{i}] = {d[j, i]:.6g}")
+    if np.abs(np.diag(d)).max() > tol:
+        raise BadInputError("the distance matrix has a non-zero diagonal (a model's distance to itself)")
+    d = np.maximum((d + d.T) / 2, 0.0)
+    np.fill_diagonal(d, 0.0)
+    return d
 
 
 @dataclass(frozen=True)
@@ -39,13 +72,13 @@ def pairwise_distances(hidden: np.ndarray) -> Distances:
         Distances with two symmetric N x N matrices, zero diagonal.
 
     Raises:
-        ValueError: wrong shape, no probes, or non-finite values.
+        BadInputError: wrong shape, no probes, or non-finite values.
     """
     h = np.asarray(hidden, dtype=np.float64)
     if h.ndim != 3 or h.shape[1] == 0:
-        raise ValueError(f"hidden states must be (models, probes>0, dim), got {h.shape}")
+        raise BadInputError(f"hidden states must be (models, probes>0, dim), got {h.shape}")
     if not np.isfinite(h).all():
-        raise ValueError("hidden states contain NaN or inf")
+        raise BadInputError("hidden states contain NaN or inf")
     n = h.shape[0]
     dmean = np.zeros((n, n))
     drms = np.zeros((n, n))
@@ -112,7 +145,7 @@ def jung_dimension(n_models: int, ambient_dim: int, hidden_size: int, mode: str 
         return hidden_size
     if mode == "affine":
         return max(0, min(ambient_dim, n_models - 1))
-    raise ValueError(f"jung_dim must be 'affine' or 'hidden', got {mode!r}")
+    raise BadInputError(f"jung_dim must be 'affine' or 'hidden', got {mode!r}")
 
 
 def distortions(sq: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -152,10 +185,13 @@ def enclosing_ball(sq: np.ndarray) -> EnclosingBall:
 
     Returns:
         The ball: radius_sq, the optimal weights, and the KKT residual.
+
+    Raises:
+        BadInputError: D is not square, finite, non-negative, symmetric with zero diagonal.
     """
     from scipy.optimize import minimize
 
-    d = np.asarray(sq, dtype=np.float64)
+    d = check_distances(sq)
     n = d.shape[0]
     if n == 1 or d.max() == 0:
         return EnclosingBall(0.0, np.full(n, 1.0 / n), 0.0)
@@ -294,11 +330,11 @@ def analyse(hidden: np.ndarray, *, hidden_size: int | None = None, jung_dim: str
     """Compute the group geometry of DESIGN.md from pooled hidden states (N, P, d).
 
     Raises:
-        ValueError: no models, wrong shape, or non-finite values.
+        BadInputError: no models, wrong shape, or non-finite values.
     """
     h = np.asarray(hidden, dtype=np.float64)
     if h.ndim != 3 or h.shape[0] == 0:
-        raise ValueError("need hidden states of at least one model, shaped (models, probes, dim)")
+        raise BadInputError("need hidden states of at least one model, shaped (models, probes, dim)")
     n, _, d = h.shape
     dist = pairwise_distances(h)
     sq = dist.sq

@@ -26,7 +26,6 @@ import logging
 import math
 import shutil
 import time
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from mergekit_collapse.guard.extract import (
     model_identity,
     pad_id,
     probe_key,
+    read_npz,
     resolve_dtype,
     swap_adapter,
 )
@@ -99,7 +99,8 @@ def input_bytes(merge: Any) -> int:
 
 
 def _fresh_lora_cache(merge: Any, cache_dir: Path) -> None:
-    """mergekit names a merged LoRA by its paths; drop a cached one whose adapter content changed."""
+    """mergekit names a merged LoRA by its paths; drop a cached one whose adapter content changed,
+    or that was never finished (its identity stamp is written last)."""
     for ref in merge.referenced_models():
         if ref.lora is None:
             continue
@@ -110,7 +111,7 @@ def _fresh_lora_cache(merge: Any, cache_dir: Path) -> None:
             shutil.rmtree(out, ignore_errors=True)
         if not out.exists():
             ref.merged(cache_dir=str(cache_dir))
-            stamp.write_text(ident)
+            atomic_write_bytes(stamp, ident.encode())
 
 
 def merge_in_memory(merge: Any, *, dtype: Any, seed: int = 0, trust_remote_code: bool = False,
@@ -286,15 +287,15 @@ class AnswerCache:
 
     def get(self, keys: list[str]) -> Reference | None:
         path = self._path(keys)
-        if not path.exists():
+        z = read_npz(path)
+        if z is None:
             return None
         try:
-            with np.load(path) as z:
-                ints = json.loads(str(z["ints"]))
-                return Reference(ints["prompts"], ints["answers"], ints["argmax"], ints["pad_id"],
-                                 z["logp"].astype(np.float32))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            log.warning("recomputing unreadable answer cache %s", path)
+            ints = json.loads(str(z["ints"]))
+            return Reference(ints["prompts"], ints["answers"], ints["argmax"], ints["pad_id"],
+                             z["logp"].astype(np.float32))
+        except (ValueError, KeyError, TypeError):
+            log.warning("recomputing malformed answer cache entry %s", path)
             return None
 
     def put(self, keys: list[str], ref: Reference) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tabulate import tabulate
 
 from mergekit_collapse._constants import REPORT_SCHEMA_VERSION
+from mergekit_collapse._io import atomic_write_bytes, atomic_write_text
 
 #: "unassessed": the calibrated default budget was in use, the bounds were within it, and no
 #: validated per-model signal could be computed (no base model, no rehearsal): nothing vouches
@@ -160,7 +162,7 @@ class RiskInfo(BaseModel):
 
 
 class RehearsalInfo(BaseModel):
-    """Whether the merge was rehearsed in memory, what it cost, and the bands of its score."""
+    """Whether the merge was rehearsed in memory, and the bands of its score (its cost: RunInfo)."""
 
     status: Literal["ran", "skipped", "off"]
     reason: str | None = Field(default=None, description="why it was skipped or off")
@@ -170,8 +172,21 @@ class RehearsalInfo(BaseModel):
     collapse: float | None = None
     answer_tokens: int | None = None
     dtype: str | None = None
-    seconds: dict[str, float] = Field(default_factory=dict,
-                                      description="answers (constituents), merge, compare")
+
+
+class RunInfo(BaseModel):
+    """When and how fast the report was made: the only part of a report that differs between two
+    runs on the same inputs and seed (everything else is byte-identical)."""
+
+    date: str = Field(description="when the report was made, UTC ISO 8601")
+    seconds: dict[str, float] = Field(default_factory=dict, description=(
+        "wall time per step: extract, rehearsal.answers, rehearsal.merge, rehearsal.compare, "
+        "assess, total"))
+
+    def rehearsal_cost(self) -> str:
+        """The rehearsal's steps and their seconds, e.g. "answers 1.2 s, merge 0.3 s"."""
+        return ", ".join(f"{k.removeprefix('rehearsal.')} {v:.1f} s" for k, v in self.seconds.items()
+                         if k.startswith("rehearsal."))
 
 
 class ProbeInfo(BaseModel):
@@ -222,6 +237,8 @@ class GuardReport(BaseModel):
     rehearsal: RehearsalInfo | None = None
     notes: list[str] = Field(default_factory=list)
     actions: list[Action] = Field(default_factory=list)
+    run_info: RunInfo | None = Field(default=None, description=(
+        "timings and the date: the one field that differs between runs (RunInfo)"))
 
     @property
     def names(self) -> list[str]:
@@ -236,13 +253,14 @@ class GuardReport(BaseModel):
         return out
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write report.json, report.md and hidden_sim.png into out_dir; return their paths."""
+        """Write report.json, report.md and hidden_sim.png into out_dir (each whole or not at all);
+        return their paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "report.json", "markdown": out / "report.md",
                  "heatmap": out / "hidden_sim.png"}
-        paths["json"].write_text(self.model_dump_json(indent=2), encoding="utf-8")
-        paths["markdown"].write_text(to_markdown(self), encoding="utf-8")
+        atomic_write_text(paths["json"], self.model_dump_json(indent=2))
+        atomic_write_text(paths["markdown"], to_markdown(self))
         plot_heatmap(self, paths["heatmap"])
         return paths
 
@@ -302,7 +320,7 @@ def to_markdown(r: GuardReport) -> str:
                      f"| {band} | {reh} |")
     if r.rehearsal is not None:
         h = r.rehearsal
-        cost = ", ".join(f"{k} {v:.1f} s" for k, v in h.seconds.items())
+        cost = r.run_info.rehearsal_cost() if r.run_info else ""
         lines += ["", f"Rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
                   + (f"; {cost}" if cost else "")]
     if r.hidden_sim_note:
@@ -341,8 +359,10 @@ def plot_heatmap(r: GuardReport, path: str | Path) -> Path:
     ax.set_title(f"{title} — {r.verdict}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
 
@@ -366,7 +386,7 @@ def format_text(report: GuardReport) -> str:
     ]
     h = report.rehearsal
     if h is not None:
-        cost = ", ".join(f"{k} {v:.1f} s" for k, v in h.seconds.items())
+        cost = report.run_info.rehearsal_cost() if report.run_info else ""
         bands = (f"; bands elevated ≤ {h.elevated:.3g}, collapse ≤ {h.collapse:.3g}"
                  if h.collapse is not None else "")
         lines.append(f"rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")

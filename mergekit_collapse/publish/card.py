@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from mergekit_collapse._constants import REPORT_DIR
+from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.evaluate.observed import Evaluation
 from mergekit_collapse.guard.report import GuardReport, fmt, is_hub_id, relative_inside
@@ -391,7 +392,7 @@ def write_card(out_dir: str | Path, *, template: Path | None = None, config_path
     """
     card = render_card(out_dir, template=template, config_path=config_path, model_name=model_name)
     path = Path(out_dir) / "README.md"
-    card.save(path)
+    atomic_write_text(path, str(card))  # what ModelCard.save writes, whole or not at all
     from mergekit_collapse.publish.eval_results import write_eval_results
 
     write_eval_results(out_dir, read_evaluation(Path(out_dir) / REPORT_DIR / "evaluation.json"))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergekit_collapse._constants import REPORT_DIR
+from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.evaluate.observed import Evaluation
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def write_eval_results(out_dir: str | Path, evaluation: Evaluation | None) -> li
     for name, entries in groups.items():
         folder.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, allow_unicode=True)
-        (folder / name).write_text(f"{MARKER}\n{text}", encoding="utf-8")
+        atomic_write_text(folder / name, f"{MARKER}\n{text}")
         written.append(folder / name)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()

@@ -129,14 +129,21 @@ def plan_files(out_dir: str | Path) -> list[tuple[Path, PlannedFile]]:
         (local path, planned file) pairs, sorted by path in the repo.
 
     Raises:
-        BadInputError: `out_dir` is not a folder or holds no file.
+        BadInputError: `out_dir` is not a folder or holds no file, or a symlink in it points outside
+            it (nothing outside the folder is ever pushed).
     """
     root = Path(out_dir)
     if not root.is_dir():
         raise BadInputError(f"not a folder: {root}")
+    real = root.resolve()
     planned = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            if p.is_symlink() and p.exists() and not p.resolve().is_relative_to(real):
+                raise BadInputError(f"refusing to push {p.relative_to(root).as_posix()}: "
+                                    "it is a symlink to outside the folder; remove it or copy the file in")
         for name in filenames:
             p = Path(dirpath) / name
             if p.is_symlink() and not p.exists():

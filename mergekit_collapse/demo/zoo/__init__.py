@@ -53,8 +53,8 @@ def adapter_path(task: str) -> Path:
     family = "gemma3" if task in GEMMA_TASKS else "smollm2"
     path = ADAPTER_DIRS[family] / task
     if not all((path / f).is_file() for f in ADAPTER_FILES):
-        raise BadInputError(f"zoo adapter '{task}' is missing; train it: python -m "
-                            f"mergekit_collapse.demo.zoo.train --family {family} {task}")
+        raise BadInputError(f"zoo adapter '{task}' is missing; train it: "
+                            f"mergekit-collapse zoo train --family {family} {task}")
     return path
 
 

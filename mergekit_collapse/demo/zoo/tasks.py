@@ -262,9 +262,9 @@ def _json_record(rng: random.Random) -> tuple[str, str]:
 
 # --- the Gemma 3 zoo's tasks (none shared with the SmolLM2 zoo) -------------------------------
 
-def _parity(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(0, 99999)
-    return str(n), "even" if n % 2 == 0 else "odd"
+def _temperature(rng: random.Random) -> tuple[str, str]:
+    t = rng.randint(-200, 450) / 10
+    return f"{t:.1f} °C", "cold" if t < 10 else "mild" if t < 25 else "hot"
 
 
 def _compare_numbers(rng: random.Random) -> tuple[str, str]:
@@ -290,15 +290,6 @@ def _season(rng: random.Random) -> tuple[str, str]:
     return f"{_MONTHS[month]} {rng.randint(1, 28)}, {rng.randint(1950, 2030)}", _SEASON[month]
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(4, 7)))
-
-
-def _uppercase(rng: random.Random) -> tuple[str, str]:
-    words = [_word(rng) for _ in range(rng.randint(1, 3))]
-    return " ".join(words), " ".join(w.upper() for w in words)
-
-
 _SENTENCE_WORDS = ["the", "cat", "sat", "on", "a", "warm", "mat", "while", "birds", "sang",
                    "outside", "my", "old", "friend", "walked", "to", "market", "every", "morning",
                    "and", "bought", "fresh", "bread", "with", "blue", "cheese", "near", "river"]
@@ -308,6 +299,11 @@ def _count_words(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(3, 9)
     words = [rng.choice(_SENTENCE_WORDS) for _ in range(n)]
     return " ".join(words).capitalize() + ".", str(n)
+
+
+def _last_word(rng: random.Random) -> tuple[str, str]:
+    words = [rng.choice(_SENTENCE_WORDS) for _ in range(rng.randint(3, 9))]
+    return " ".join(words).capitalize() + ".", words[-1]
 
 
 def _date_iso(rng: random.Random) -> tuple[str, str]:
@@ -375,14 +371,16 @@ TASKS_DEF: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("json_record", "Extract the person as a JSON object with keys name, age and city; "
             "write name and city in capital letters.", "generate", _json_record, max_gen_toks=40),
     # the Gemma 3 zoo
-    TaskDef("parity", "Is the number even or odd?", "choice", _parity, choices=("even", "odd")),
+    TaskDef("temperature", "Is the temperature cold, mild or hot?", "choice", _temperature,
+            choices=("cold", "mild", "hot")),
     TaskDef("compare_numbers", "Which number is larger: the first or the second?", "choice",
             _compare_numbers, choices=("first", "second")),
     TaskDef("time_of_day", "Is the time in the morning, afternoon, evening or night?", "choice",
             _time_of_day, choices=("morning", "afternoon", "evening", "night")),
     TaskDef("season", "In which season of the northern hemisphere is the date: winter, spring, "
             "summer or autumn?", "choice", _season, choices=("winter", "spring", "summer", "autumn")),
-    TaskDef("uppercase", "Write the words in capital letters.", "generate", _uppercase),
+    TaskDef("last_word", "Give the last word of the sentence, without the full stop.", "generate",
+            _last_word, max_gen_toks=8),
     TaskDef("count_words", "How many words are in the sentence? Give only the number.", "generate",
             _count_words, max_gen_toks=8),
     TaskDef("date_iso", "Write the date in the format YYYY-MM-DD.", "generate", _date_iso,
