@@ -436,6 +436,9 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+#: the merges every out-of-sample table is split into
+SIZE_SUBSETS = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
+                ("groups", lambda r: r["size"] > 2)]
 #: per-model predictors judged out of sample: (column, riskier direction)
 OOS_PREDICTORS = [("relative_distortion", "higher"), ("rehearsal_token_agreement", "lower"),
                   ("rehearsal_agreement", "lower"), ("rehearsal_kl", "higher"), ("mds", "higher"),
@@ -531,9 +534,7 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
     for all merges, pairs, groups and each method. Returns (markdown, the headline numbers)."""
     from mergekit_collapse.analysis.statistics import auroc, markdown_table
 
-    subsets = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
-               ("groups", lambda r: r["size"] > 2)]
-    subsets += [(m, lambda r, m=m: r["method"] == m) for m in METHODS]
+    subsets = [*SIZE_SUBSETS, *((m, lambda r, m=m: r["method"] == m) for m in METHODS)]
     n_merges = len({r["group"] for r in rows})
     lines = [f"{len(rows)} constituent losses from {n_merges} merges that were also rehearsed; "
              f"collapsed = loss < {threshold:g}%. AUROC needs no fitting; the sensitivity and "
@@ -602,8 +603,6 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]], threshold: float)
     from mergekit_collapse.analysis.statistics import auroc, markdown_table
 
     table, headline = [], {}
-    subsets = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
-               ("groups", lambda r: r["size"] > 2)]
     for (fit_on, src), (judged, tgt) in itertools.permutations(bases.items(), 2):
         for column, direction in OOS_PREDICTORS:
             xs = np.array([r.get(column) if r.get(column) is not None else np.nan for r in src], dtype=float)
@@ -614,7 +613,7 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]], threshold: float)
             edge = _edge(xs[ok], ys[ok], direction)
             keep = np.flatnonzero(ok)
             medge = merge_edge([src[i] for i in keep], xs[keep], direction, threshold)
-            for sub, pick in subsets:
+            for sub, pick in SIZE_SUBSETS:
                 sel = [r for r in tgt if pick(r)]
                 x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in sel], dtype=float)
                 y = np.array([r["loss"] < threshold for r in sel])
