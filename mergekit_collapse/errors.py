@@ -53,3 +53,18 @@ class HubError(CollapseError):
         super().__init__(message)
         self.status = status  # the HTTP status, when the Hub answered
         self.repo_id = repo_id
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a huggingface_hub error, looking through wrappers (LFS uploads and
+    `snapshot_download` wrap the error the Hub answered); None when no answer came."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return e.response.status_code
+        e = e.__cause__ or e.__context__
+    return None

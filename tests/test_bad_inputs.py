@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pkgutil
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from common import make_lora, make_tiny_llama
+from hub_server import TOKEN, FakeHub
+from test_card import make_merged_dir
 
 from mergekit_collapse.cli import main
 
@@ -32,6 +35,8 @@ class Env:
     tmp: Path
     zoo: dict[str, Path]
     odd: dict[str, Path]
+    monkeypatch: pytest.MonkeyPatch
+    hub: FakeHub | None = None
 
     def ref(self, name: str) -> str:
         """A model reference: a zoo or odd model by name, `base+loraX`, else the name itself."""
@@ -81,6 +86,7 @@ class Case:
     code: int
     words: tuple[str, ...]
     entry: str = "cli"  # cli: mergekit-collapse | yaml: mergekit-yaml --guard
+    hub: bool = False  # runs against the in-memory Hub (tests/hub_server.py)
 
 
 def _fill_cache(env: Env) -> str:
@@ -129,6 +135,70 @@ def _budget_flag(value: str) -> Callable[[Env], list[str]]:
 
 def _budget_yaml(value: float) -> Callable[[Env], list[str]]:
     return lambda e: ["check", e.config(budget={"relative": value})]
+
+
+def _interrupt(env: Env, target: str, after: int) -> None:
+    """Ctrl-C from inside `target` (module.attr), after `after` calls went through."""
+    original, calls = pkgutil.resolve_name(target), []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    env.monkeypatch.setattr(target, interrupted)
+
+
+def _ctrl_c_extracting(env: Env) -> list[str]:
+    _interrupt(env, "mergekit_collapse.guard.extract._forward", 1)
+    return ["check", env.config(), *FAST]
+
+
+def _ctrl_c_merging(env: Env) -> list[str]:
+    _interrupt(env, "mergekit.io.tensor_writer.TensorWriter.save_tensor", 3)
+    return _merge(env, str(env.tmp / "out"), "--guard-absolute-budget", "1e9", "--quiet")
+
+
+def _push(env: Env, repo: str = "alice/merged", *extra: str, token: str | None = None,
+          endpoint: str | None = None) -> list[str]:
+    """`push` of a finished merge folder (card included) to the in-memory Hub."""
+    from mergekit_collapse.publish.card import write_card
+
+    out = make_merged_dir(env.tmp)
+    write_card(out)
+    if token:
+        env.monkeypatch.setenv("HF_TOKEN", token)
+    if endpoint:
+        env.monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    return ["push", str(out), repo, *extra]
+
+
+def _dead_endpoint() -> str:
+    """A local address nobody listens on: the connection is refused."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _hub_model(env: Env, *, fault: int | None = None, dead: bool = False) -> list[str]:
+    """`check` of a config with a Hub model id: the Hub fails (`fault` on its model API) or is down."""
+    from huggingface_hub import constants
+
+    assert env.hub is not None
+    env.hub.create("alice/model")
+    if fault:
+        env.hub.faults["model_info"] = fault
+    if dead:
+        env.monkeypatch.setattr(constants, "ENDPOINT", _dead_endpoint())
+    return ["check", env.config("ft1", "alice/model"), *FAST]
+
+
+def _old_merge(env: Env) -> Path:
+    """An earlier merge's folder (config and weights): the guard that stops must leave it as it was."""
+    return Path(shutil.copytree(env.zoo["base"], env.tmp / "old_merge"))
 
 
 def _a_file(env: Env) -> Path:
@@ -194,12 +264,20 @@ CASES = [
          2, ("no-such-model", "not a local folder")),
     Case("model-hub-offline", lambda e: ["check", e.config("ft1", "no-such-org/no-such-model"), *FAST],
          2, ("no-such-org/no-such-model", "HF_HUB_OFFLINE")),
+    Case("model-hub-missing", lambda e: ["check", e.config("ft1", "alice/no-such-model"), *FAST], 2,
+         ("alice/no-such-model", "no such repository", "HTTP 401"), hub=True),
+    Case("model-hub-5xx", lambda e: _hub_model(e, fault=503), 4, ("alice/model", "HTTP 503", "retry"),
+         hub=True),
+    Case("model-hub-refused", lambda e: _hub_model(e, dead=True), 4,
+         ("alice/model", "cannot be reached", "HF_ENDPOINT"), hub=True),
     Case("model-is-a-file", lambda e: ["check", e.config("ft1", str(_a_file(e))), *FAST], 2,
          ("is a file, not a model folder",)),
     Case("models-hidden-size", lambda e: ["check", e.config("ft1", "wide"), *FAST], 2,
          ("hidden_size differs", "wide")),
     Case("models-vocab-size", lambda e: ["check", e.config("ft1", "bigvocab"), *FAST], 2,
          ("vocab_size differs", "tokenizer_source")),
+    Case("models-architecture", lambda e: ["check", e.config("ft1", "qwen"), *FAST], 2,
+         ("architecture differs", "LlamaForCausalLM", "Qwen2ForCausalLM")),
     Case("models-layer-count", lambda e: ["check", e.config("ft1", "deep"), *FAST], 2,
          ("num_hidden_layers differs", "slices")),
     Case("lora-for-another-base", lambda e: ["check", e.config("lora1", "lora_wide"), *FAST], 2,
@@ -208,6 +286,9 @@ CASES = [
          ("only one model", "two or more")),
     Case("nan-weights", lambda e: ["check", e.config("ft1", "nan"), *FAST], 2,
          ("NaN", "nan")),
+    Case("hidden-states-fp16-overflow", lambda e: ["check", e.config("ft1", "overflow"), "--no-progress",
+                                                   "--rehearse", "off", "--dtype", "float16"], 2,
+         ("overflow", "NaN or inf in float16", "--dtype float32")),
     Case("safetensors-truncated", lambda e: ["check", e.config("ft1", "truncated"), *FAST], 2,
          ("cannot load model", "truncated or not safetensors")),
     Case("safetensors-garbage", lambda e: ["check", e.config("ft1", "garbage"), *FAST], 2,
@@ -267,8 +348,10 @@ CASES = [
     Case("merge-out-is-a-file", lambda e: _merge(e, str(_a_file(e))), 2, ("OUT", "is a file")),
     Case("merge-out-not-writable", lambda e: _merge(e, str(_a_file(e) / "out")), 2,
          ("a_file", "not a folder")),
-    Case("merge-out-exists", lambda e: _merge(e, str(e.tmp), "--guard-absolute-budget", "1e-9", "--quiet"),
-         3, ("guard stopped the merge", "budget")),
+    Case("merge-out-not-a-merge", lambda e: _merge(e, str(e.tmp)), 2,
+         ("is not a merged model folder", "choose a new or empty folder")),
+    Case("merge-out-exists", lambda e: _merge(e, str(_old_merge(e)), "--guard-absolute-budget", "1e-9",
+                                              "--quiet"), 3, ("guard stopped the merge", "budget")),
     # ---- runtime flags
     Case("device-banana", lambda e: ["check", e.config(), "--no-progress", "--device", "banana"], 2,
          ("--device", "banana", "cpu")),
@@ -280,10 +363,26 @@ CASES = [
          ("--limit", "0", "1")),
     # ---- the hidden-state cache: recomputed with a warning, never a failure
     Case("cache-npz-truncated", lambda e: _corrupt_npz(e, lambda b: b[: len(b) // 2]), 0,
-         ("recomputing unreadable cache file",)),
+         ("recomputing corrupt cache entry",)),
     Case("cache-npz-empty", lambda e: _corrupt_npz(e, lambda b: b""), 0,
-         ("recomputing unreadable cache file",)),
+         ("recomputing corrupt cache entry",)),
     Case("cache-file-hashes-null", _null_hashes, 0, ("file_hashes.json", "recomputing")),
+    # ---- Ctrl-C: exit 130, outputs whole or absent (tests/test_nothing_lost.py checks what is left)
+    Case("ctrl-c-mid-extraction", _ctrl_c_extracting, 130, ("interrupted", "rerun")),
+    Case("ctrl-c-mid-merge", _ctrl_c_merging, 130, ("interrupted", "rerun")),
+    # ---- the Hub: exit 4, the status and the repository named, never the token
+    Case("push-no-token", lambda e: _push(e), 4, ("no Hub token", "HF_TOKEN"), hub=True),
+    Case("push-token-rejected", lambda e: _push(e, token="hf_notAValidToken"), 4,
+         ("alice/merged", "HTTP 401", "nothing was committed"), hub=True),
+    Case("push-forbidden", lambda e: _push(e, "bob/theirs", token=TOKEN), 4,
+         ("bob/theirs", "HTTP 403"), hub=True),
+    Case("push-revision-missing", lambda e: (e.hub.create("alice/merged"), _push(
+        e, "alice/merged", "--exist-ok", "--create-pr", "--revision", "no-such-branch", token=TOKEN))[1],
+         4, ("alice/merged", "HTTP 404"), hub=True),
+    Case("push-server-error", lambda e: (e.hub.faults.update(commit=503), _push(e, token=TOKEN))[1], 4,
+         ("alice/merged", "HTTP 503", "nothing was committed"), hub=True),
+    Case("push-connection-refused", lambda e: _push(e, token=TOKEN, endpoint=_dead_endpoint()), 4,
+         ("alice/merged", "cannot reach"), hub=True),
     # ---- click usage errors: one line too
     Case("usage-unknown-option", lambda e: ["check", e.config(), "--budjet", "1"], 2,
          ("No such option", "--budjet", "--budget")),
@@ -306,6 +405,7 @@ def odd_zoo(tiny_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
            "deep": make_tiny_llama(root / "deep", seed=6, layers=3),
            "bigvocab": make_tiny_llama(root / "bigvocab", seed=7, vocab=300)}
     odd["lora_wide"] = make_lora(odd["wide"], root / "lora_wide", seed=8)
+    odd["qwen"] = _tiny_qwen2(tiny_zoo["base"], root / "qwen")
 
     def copy(name: str) -> Path:
         odd[name] = Path(shutil.copytree(tiny_zoo["base"], root / name))
@@ -315,6 +415,14 @@ def odd_zoo(tiny_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     nan = {k: v.clone() for k, v in weights.items()}
     next(v for k, v in nan.items() if "q_proj" in k)[0, 0] = float("nan")
     save_file(nan, copy("nan") / "model.safetensors", metadata={"format": "pt"})
+    # finite in float32, past float16's 65504 once the MLPs add to an embedding near its maximum
+    big = {k: v.clone() for k, v in weights.items()}
+    emb = next(k for k in big if "embed_tokens" in k)
+    big[emb] *= 5e4 / big[emb].abs().max()
+    for k in big:
+        if "down_proj" in k:
+            big[k] *= 1e6
+    save_file(big, copy("overflow") / "model.safetensors", metadata={"format": "pt"})
     (copy("pickle") / "model.safetensors").unlink()
     torch.save(weights, odd["pickle"] / "pytorch_model.bin")
     data = (tiny_zoo["base"] / "model.safetensors").read_bytes()
@@ -325,6 +433,22 @@ def odd_zoo(tiny_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         "AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyLM"}}
     (odd["remote"] / "config.json").write_text(json.dumps(config))
     return odd
+
+
+def _tiny_qwen2(like: Path, path: Path) -> Path:
+    """A Qwen2 model of the tiny base's shape and tokenizer: another architecture, nothing else."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    llama = AutoConfig.from_pretrained(like)
+    cfg = Qwen2Config(**{k: getattr(llama, k) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "intermediate_size", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+        "tie_word_embeddings")})
+    torch.manual_seed(9)
+    Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(like).save_pretrained(path)
+    return path
 
 
 def invoke(case: Case, env: Env) -> tuple[int, str]:
@@ -345,10 +469,11 @@ def invoke(case: Case, env: Env) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tiny_zoo, odd_zoo, tmp_path, monkeypatch, caplog):
+def test_bad_input(case: Case, tiny_zoo, odd_zoo, tmp_path, monkeypatch, caplog, request):
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.WARNING, logger="mergekit_collapse")
-    code, stderr = invoke(case, Env(tmp_path, tiny_zoo, odd_zoo))
+    hub = request.getfixturevalue("hub") if case.hub else None
+    code, stderr = invoke(case, Env(tmp_path, tiny_zoo, odd_zoo, monkeypatch, hub))
     if code == 0:  # a warning, logged (the CLI prints it as one stderr line)
         stderr = "".join(f"WARNING {r.name}: {r.getMessage()}\n" for r in caplog.records
                          if r.levelno >= logging.WARNING and r.name.startswith("mergekit_collapse"))
@@ -358,7 +483,7 @@ def test_bad_input(case: Case, tiny_zoo, odd_zoo, tmp_path, monkeypatch, caplog)
             f.write(json.dumps({"id": case.id, "code": code, "stderr": stderr.replace(str(tmp_path), "…")
                                 }) + "\n")
     assert code == case.code, stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and TOKEN not in stderr
     if case.words:
         assert len(lines) == 1, stderr
         for word in case.words:

@@ -83,7 +83,8 @@ class LazyGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo("interrupted (Ctrl-C): outputs and cache entries are written whole or not at all; "
+                       "rerun to go on from the cache", err=True)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - last resort: one line, exit 1
             if ctx.params.get("debug"):

@@ -143,16 +143,22 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
 def preflight(cfg: LoadedConfig, refs: list[Any], labels: dict[str, str], *,
               trust_remote_code: bool = False) -> None:
     """Before any weight is loaded: every model's config reads (custom code only when trusted), and
-    the models agree in width, in depth (a `models:` merge) and in vocabulary (unless mergekit
+    the models agree in architecture, in width, in depth (a `models:` merge) and in vocabulary (unless mergekit
     builds the tokenizer), and have the layer the guard reads.
 
     Raises:
         BadInputError: a missing model, custom code, mismatched models, a layer out of range.
     """
-    from mergekit_collapse.guard.extract import check_compatible, local_dir, read_model_config
+    from mergekit_collapse.guard.extract import (
+        check_architectures,
+        check_compatible,
+        local_dir,
+        read_model_config,
+    )
 
     configs = {labels.get(str(r), str(r)): read_model_config(
         local_dir(r.model), str(r.model), trust_remote_code=trust_remote_code) for r in refs}
+    check_architectures(configs)
     fields = ["hidden_size"]
     if cfg.merge.models:
         fields.append("num_hidden_layers")

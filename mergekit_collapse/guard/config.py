@@ -164,6 +164,12 @@ class LoadedConfig:
         return self.path.parent / p
 
 
+def looks_local(path: str) -> bool:
+    """A reference that can only be a local path: `./x`, `../x`, `/x`, `~/x`, or more than one `/`
+    (Hub ids are `name` or `org/name`)."""
+    return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
+
+
 def parse_ref(value: Any) -> Any | None:
     """mergekit's own parse of a model reference (a string or a mapping), or None if it is not one
     (mergekit accepts a blank string; no model is named so)."""

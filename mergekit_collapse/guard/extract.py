@@ -23,7 +23,14 @@ import numpy as np
 
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse._io import atomic_write_bytes
-from mergekit_collapse.errors import BadInputError, ModelNotFoundError
+from mergekit_collapse.errors import (
+    BadInputError,
+    CollapseError,
+    HubError,
+    ModelNotFoundError,
+    http_status,
+)
+from mergekit_collapse.guard.config import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +112,8 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
         fetch: download a Hub snapshot that is not cached yet (False: the local cache only).
 
     Raises:
-        ModelNotFoundError: neither a local path nor a Hub repo that can be fetched.
+        ModelNotFoundError: neither a local path nor a Hub repo (or revision) that exists.
+        HubError: the Hub failed to answer, or refused (a gated repo).
         BadInputError: the path is a file.
     """
     p = Path(str(path.path)).expanduser()
@@ -113,8 +121,6 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
         if not p.is_dir():
             raise BadInputError(f"{what} '{path}' is a file, not a model folder")
         return p
-    from mergekit_collapse.ci.validate import looks_local
-
     if looks_local(str(path.path)):  # cannot be a Hub id: `org/name`
         raise ModelNotFoundError(f"{what} '{path}' is not a local folder (no such path): check the "
                                  "path (relative paths start from the working directory)")
@@ -124,18 +130,44 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
         return Path(snapshot_download(str(path.path), revision=path.revision, local_files_only=not fetch,
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                       "*.model", "*.txt", "*.bin"]))
-    except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo...
-        from huggingface_hub import constants
+    except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo, network...
+        raise _fetch_error(e, f"{what} '{path}'", fetch) from None
 
-        if not fetch:
-            raise ModelNotFoundError(f"{what} '{path}' is not a local folder (and not in the HF "
-                                     "cache)") from None
-        if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES",
-                                                                                   "TRUE"}:
-            raise ModelNotFoundError(f"{what} '{path}' is not a local folder nor in the HF cache, and "
-                                     "HF_HUB_OFFLINE is set: check the path, or download it first") from None
-        raise ModelNotFoundError(f"{what} '{path}' is not a local folder and could not be fetched "
-                                 f"from the Hub ({type(e).__name__})") from None
+
+def _fetch_error(exc: Exception, named: str, fetch: bool) -> CollapseError:
+    """One line for a Hub snapshot that could not be had: exit 2 where the reference is at fault (no
+    such repository or revision, offline and not cached), exit 4 where the Hub is (an HTTP error, a
+    gated repository, no connection)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if not fetch:
+        return ModelNotFoundError(f"{named} is not a local folder (and not in the HF cache)")
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES",
+                                                                                 "TRUE"}:
+        return ModelNotFoundError(f"{named} is not a local folder nor in the HF cache, and "
+                                  "HF_HUB_OFFLINE is set: check the path, or download it first")
+    status = http_status(exc)
+    if isinstance(exc, GatedRepoError):
+        return HubError(f"{named} is a gated Hub repository (HTTP {status}): accept its terms on the "
+                        "Hub and log in (`hf auth login` or HF_TOKEN)", status=status)
+    if isinstance(exc, RepositoryNotFoundError | RevisionNotFoundError):
+        missing = "revision" if isinstance(exc, RevisionNotFoundError) else "repository"
+        return ModelNotFoundError(f"{named} is not a local folder, and the Hub has no such {missing} "
+                                  f"(HTTP {status}; a private one needs a login: `hf auth login` or "
+                                  "HF_TOKEN): check the path or id")
+    if status is not None:
+        return HubError(f"{named}: the Hub answered HTTP {status} while fetching it: retry later",
+                        status=status)
+    root: BaseException = exc
+    for _ in range(8):  # the transport error under the client's wrappers
+        root = root.__cause__ or root.__context__ or root
+    return HubError(f"{named} is not a local folder and the Hub cannot be reached "
+                    f"({type(root).__name__}): check the connection or HF_ENDPOINT, or download it first")
 
 
 def check_weights(folder: Path, ref: str, *, allow_pickle: bool) -> None:
@@ -174,12 +206,13 @@ def folder_identity(folder: Path) -> str:
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
         with write_lock(memo_path.parent):  # keep what other processes added since we read
-            atomic_write_bytes(memo_path, json.dumps({**_read_memo(memo_path), **memo}).encode())
+            atomic_write_bytes(memo_path, json.dumps({**_read_memo(memo_path, warn=False), **memo}).encode())
     return h.hexdigest()
 
 
-def _read_memo(path: Path) -> dict[str, str]:
-    """file_hashes.json: file key -> sha256; an unreadable or malformed one is dropped, with a warning."""
+def _read_memo(path: Path, *, warn: bool = True) -> dict[str, str]:
+    """file_hashes.json: file key -> sha256; an unreadable or malformed one is dropped (with a warning
+    unless `warn` is False: the re-read before a write)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -187,7 +220,7 @@ def _read_memo(path: Path) -> dict[str, str]:
     except (OSError, ValueError):
         data = None
     memo = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
-    if not isinstance(data, dict) or len(memo) != len(data):
+    if warn and (not isinstance(data, dict) or len(memo) != len(data)):
         log.warning("recomputing the file hashes of %s: it is unreadable or malformed", path)
     return memo
 
@@ -215,6 +248,27 @@ def read_model_config(folder: Path, ref: str, *, trust_remote_code: bool = False
             raise BadInputError(f"'{ref}' needs custom code to load (config.json auto_map): pass "
                                 "--trust-remote-code if you trust it") from None
         raise BadInputError(f"cannot read the config of '{ref}': {str(e).splitlines()[0]}") from None
+
+
+def check_architectures(configs: Mapping[str, Any]) -> None:
+    """Refuse models of different architectures, as mergekit does (`get_architecture_info`), before
+    any weight is loaded. Models mergekit does not know are left to mergekit.
+
+    Raises:
+        BadInputError: one line naming each model's architecture.
+    """
+    from mergekit.architecture import arch_info_for_config
+
+    archs = []
+    for c in configs.values():
+        try:
+            archs.append(arch_info_for_config(c))
+        except (RuntimeError, TypeError):  # no or several `architectures`
+            archs.append(None)
+    if None not in archs and any(a != archs[0] for a in archs):
+        detail = ", ".join(f"{name}: {(c.architectures or ['?'])[0]}" for name, c in configs.items())
+        raise BadInputError(f"mismatched models: architecture differs ({detail}); mergekit merges "
+                            "models of one architecture")
 
 
 #: the shape fields models to be merged share; what to do when they differ
@@ -527,8 +581,13 @@ def _forward(body: Any, token_ids: list[list[int]], settings: ExtractionSettings
                 out = np.zeros((len(token_ids), pooled.shape[1]), dtype=np.float32)
             out[batch] = pooled
     if not np.isfinite(out).all():
-        raise BadInputError("hidden states contain NaN or inf: the weights hold NaN/inf (check the "
-                            "checkpoint), or the dtype overflows (try --dtype float32)")
+        dtype = str(body.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        if dtype == "float32":
+            raise BadInputError("hidden states contain NaN or inf in float32: the weights hold NaN/inf "
+                                "or the model overflows even in float32; check the checkpoint")
+        raise BadInputError(f"hidden states contain NaN or inf in {dtype}: the activations overflow "
+                            f"{dtype}; rerun in float32 (--dtype float32, under mergekit-yaml "
+                            "--guard-dtype float32)")
     return out, start + sum(len(x) - start for x in token_ids)
 
 
