@@ -12,6 +12,9 @@ EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_GUARD_STOPPED = 3
 EXIT_HUB = 4
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+INTERRUPTED = ("interrupted (Ctrl-C): outputs and cache entries are written whole or not at all; "
+               "rerun to go on from the cache")
 
 
 class CollapseError(Exception):

@@ -155,9 +155,9 @@ def _ctrl_c_extracting(env: Env) -> list[str]:
     return ["check", env.config(), *FAST]
 
 
-def _ctrl_c_merging(env: Env) -> list[str]:
+def _ctrl_c_merging(env: Env, entry: str = "merge") -> list[str]:
     _interrupt(env, "mergekit.io.tensor_writer.TensorWriter.save_tensor", 3)
-    return _merge(env, str(env.tmp / "out"), "--guard-absolute-budget", "1e9", "--quiet")
+    return _merge(env, str(env.tmp / "out"), "--guard-absolute-budget", "1e9", "--quiet", entry=entry)
 
 
 def _push(env: Env, repo: str = "alice/merged", *extra: str, token: str | None = None,
@@ -370,6 +370,8 @@ CASES = [
     # ---- Ctrl-C: exit 130, outputs whole or absent (tests/test_nothing_lost.py checks what is left)
     Case("ctrl-c-mid-extraction", _ctrl_c_extracting, 130, ("interrupted", "rerun")),
     Case("ctrl-c-mid-merge", _ctrl_c_merging, 130, ("interrupted", "rerun")),
+    Case("ctrl-c-mid-merge-mergekit-yaml", lambda e: _ctrl_c_merging(e, "yaml"), 130,
+         ("interrupted", "rerun"), entry="yaml"),
     # ---- the Hub: exit 4, the status and the repository named, never the token
     Case("push-no-token", lambda e: _push(e), 4, ("no Hub token", "HF_TOKEN"), hub=True),
     Case("push-token-rejected", lambda e: _push(e, token="hf_notAValidToken"), 4,

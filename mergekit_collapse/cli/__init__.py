@@ -10,7 +10,13 @@ from typing import Any, NoReturn
 import click
 
 from mergekit_collapse import _console
-from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseError
+from mergekit_collapse.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_UNEXPECTED,
+    INTERRUPTED,
+    CollapseError,
+)
 
 #: command name -> ("module:attribute" of its click command, one-line help for `--help`);
 #: `--help` reads the help from here and imports no command module (some import torch).
@@ -83,9 +89,8 @@ class LazyGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted (Ctrl-C): outputs and cache entries are written whole or not at all; "
-                       "rerun to go on from the cache", err=True)
-            sys.exit(130)
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001 - last resort: one line, exit 1
             if ctx.params.get("debug"):
                 raise
