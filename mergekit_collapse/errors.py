@@ -12,6 +12,9 @@ EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
 EXIT_GUARD_STOPPED = 3
 EXIT_HUB = 4
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+INTERRUPTED = ("interrupted (Ctrl-C): outputs and cache entries are written whole or not at all; "
+               "rerun to go on from the cache")
 
 
 class CollapseError(Exception):
@@ -53,3 +56,18 @@ class HubError(CollapseError):
         super().__init__(message)
         self.status = status  # the HTTP status, when the Hub answered
         self.repo_id = repo_id
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a huggingface_hub error, looking through wrappers (LFS uploads and
+    `snapshot_download` wrap the error the Hub answered); None when no answer came."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return e.response.status_code
+        e = e.__cause__ or e.__context__
+    return None

@@ -108,10 +108,13 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     """
     from mergekit_collapse.actions import ActionContext, get_action
     from mergekit_collapse.guard.assess import run_guard
-    from mergekit_collapse.guard.config import load_config
+    from mergekit_collapse.guard.config import check_writable, load_config
 
     out = Path(out_path)
     cfg = load_config(config_path)
+    check_writable(out, "OUT")
+    if report_dir:
+        check_writable(report_dir, "--guard-report")
     _check_out(out)
     overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
                                    **settings}.items() if v is not None}

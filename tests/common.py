@@ -29,13 +29,15 @@ def make_tokenizer():
 
 
 def make_tiny_llama(path: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, intermediate: int = 64) -> Path:
-    """Save a random LlamaForCausalLM (safetensors) with the byte tokenizer to `path`."""
+                    heads: int = 4, kv_heads: int = 2, intermediate: int = 64,
+                    vocab: int | None = None) -> Path:
+    """Save a random LlamaForCausalLM (safetensors) with the byte tokenizer to `path` (`vocab`:
+    an embedding larger than the tokenizer, as padded vocabularies are)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab or len(tok), hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads,
                       intermediate_size=intermediate, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,

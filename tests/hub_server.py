@@ -245,6 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"errors": [], "warnings": []})
 
     def model_info(self, ns: str, name: str, rev: str | None = None, **_) -> None:
+        self._fault("model_info")
         repo = self._repo(f"{ns}/{name}")
         ref = rev or "main"
         if ref not in repo.branches:

@@ -86,8 +86,10 @@ def test_relative_budget_uses_base_spread(tiny_zoo, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("models: [", "malformed YAML"),
-    ("merge_method: linear\nmodels: [{model: /nonexistent/x, parameters: {weight: 1}}]\n"
-     "guard: {tasks: {/nonexistent/x: {name: t, probes: [hi]}}}", "not a local folder"),
+    ("merge_method: linear\nmodels: [{model: /nonexistent/x, parameters: {weight: 1}},\n"
+     "  {model: /nonexistent/y, parameters: {weight: 1}}]\n"
+     "guard: {k: 1, tasks: {/nonexistent/x: {name: t, probes: [hi]}, /nonexistent/y: {name: u, probes: [yo]}}}",
+     "not a local folder"),
     ("merge_method: linear\nmodels: [{model: a/b}]\nguard: {taks: {}}", "did you mean 'tasks'"),
 ])
 def test_bad_input_exit_2_one_line(tmp_path, content, message):

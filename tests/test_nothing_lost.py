@@ -159,6 +159,36 @@ def test_a_corrupt_cache_entry_is_recomputed_with_a_warning(
     assert isinstance(json.loads((_isolated_cache / "file_hashes.json").read_text()), dict)
 
 
+def test_ctrl_c_mid_extraction_keeps_what_was_computed_and_nothing_half_written(
+        cfg: Path, tmp_path: Path, _isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergekit_collapse.guard import extract
+
+    original, calls, armed = extract._forward, [], [True]
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        if armed[0] and len(calls) == 2:  # the second model
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    args = ["check", str(cfg), "--format", "json", "--absolute-budget", "1e9", "--no-progress"]
+    monkeypatch.setattr(extract, "_forward", forward)
+    stopped = CliRunner().invoke(main, args)
+    assert stopped.exit_code == 130 and "interrupted" in stopped.stderr
+    entries = sorted(e for e in (_isolated_cache / "hidden_states").rglob("*")
+                     if e.is_file() and e.name != ".lock")
+    assert entries and all(e.suffix == ".npz" and extract.read_npz(e) is not None
+                           for e in entries)  # whole entries, no temporary files
+    calls.clear()
+    armed[0] = False
+    resumed = CliRunner().invoke(main, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert len(calls) == 2  # base, ft1, ft2: the first model came from the cache
+    monkeypatch.setenv("MERGEKIT_COLLAPSE_CACHE", str(tmp_path / "fresh"))
+    clean = CliRunner().invoke(main, args)
+    assert json.loads(resumed.stdout)["bounds"] == json.loads(clean.stdout)["bounds"]
+
+
 def test_a_flipped_byte_in_a_cache_entry_is_caught_by_its_checksum(
         cfg: Path, _isolated_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     from mergekit_collapse.guard.extract import read_npz

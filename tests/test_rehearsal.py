@@ -119,7 +119,7 @@ def test_lora_merge_cache_follows_adapter_content(tiny_zoo, tmp_path):
 
 
 def test_auto_skips_a_merge_above_the_size_gate_and_says_so(tiny_zoo):
-    cfg = parsed(config(tiny_zoo, ["ft1", "ft2"], rehearse_max_gb=1e-9))
+    cfg = parsed(config(tiny_zoo, ["ft1", "ft2"], base_model=False, rehearse_max_gb=1e-9))
     report = check(cfg, progress=False, dtype="float32")
     assert report.rehearsal.status == "skipped" and "rehearse_max_gb" in report.rehearsal.reason
     assert all(m.predicted_retention is None for m in report.models)
@@ -179,7 +179,8 @@ def test_cli_switches_the_rehearsal_and_names_the_base(tiny_zoo, tmp_path):
 
 
 def test_unquoted_on_off_in_yaml_mean_on_and_off():
-    text = "merge_method: linear\nmodels:\n  - model: a/x\n  - model: a/y\nguard:\n  rehearse: {}\n"
+    text = ("merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n  - model: a/x\n  - model: a/y\n"
+            "guard:\n  rehearse: {}\n")
     assert [parse_config(text.format(v)).guard.rehearse for v in ("off", "on", "auto")] == \
         ["off", "on", "auto"]
 

@@ -150,6 +150,7 @@ models:
   - model: m/b
     parameters: {weight: 1.0, density: 0.5}
   - model: m/c
+    parameters: {weight: 1.0}
 guard:
   budget: {absolute: 1.0}
   tasks:
@@ -216,6 +217,9 @@ def context(points: list[list[float]], budget: float, *, method: str = "linear",
            "guard": {"budget": {"absolute": budget},
                      "tasks": {n: {"name": f"t{i}", "probes": ["x"]} for i, n in enumerate(names)},
                      "candidates": cand_names}}
+    if method == "slerp":  # more than two SLERP inputs: a config only the `order` action can merge
+        raw["guard"]["action"] = "order"
+        raw["parameters"] = {"t": 0.5}
     cfg = parse_config(yaml.safe_dump(raw))
     hidden = np.asarray(points, dtype=float)[:, None, :]
     probes = ProbeSet(texts=("x",), tasks=("t0",), k=1, seed=0, chat_template=False)

@@ -16,9 +16,9 @@ import yaml
 
 from mergekit_collapse.ci.locate import Span, locate_key, locate_message, model_sites
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.config import parse_ref
+from mergekit_collapse.guard.config import looks_local, parse_ref
 
-__all__ = ["Problem", "looks_local", "validate_file"]
+__all__ = ["Problem", "validate_file"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +33,6 @@ class Problem:
         """`file:line: message`, the shape editors and pre-commit users click on."""
         at = f":{self.span.line}" if self.span else ""
         return f"{display}{at}: {self.message}"
-
-
-def looks_local(path: str) -> bool:
-    """A reference that can only be a local path: `./x`, `../x`, `/x`, `~/x`, or more than one `/`
-    (Hub ids are `name` or `org/name`)."""
-    return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
 
 
 def _kind(text: str) -> str:

@@ -5,11 +5,18 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from typing import Any, NoReturn
 
 import click
 
 from mergekit_collapse import _console
-from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_UNEXPECTED, CollapseError
+from mergekit_collapse.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_UNEXPECTED,
+    INTERRUPTED,
+    CollapseError,
+)
 
 #: command name -> ("module:attribute" of its click command, one-line help for `--help`);
 #: `--help` reads the help from here and imports no command module (some import torch).
@@ -56,6 +63,13 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:  # our own options (`mergekit-collapse --bogus`)
+            usage_error(e)
+
     def invoke(self, ctx: click.Context):
         # before any command module is imported: tqdm reads TQDM_DISABLE on its first import
         _console.set_verbose(bool(ctx.params.get("verbose") or ctx.params.get("debug")))
@@ -68,11 +82,15 @@ class LazyGroup(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except click.UsageError as e:
+            if ctx.params.get("debug"):
+                raise
+            usage_error(e)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001 - last resort: one line, exit 1
             if ctx.params.get("debug"):
                 raise
@@ -94,6 +112,16 @@ def main(verbose: bool, debug: bool) -> None:
     """
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def usage_error(e: click.UsageError) -> NoReturn:
+    """Print a usage error as one line (click prints the usage, a hint and the error) and exit 2;
+    a command run without arguments still prints its help."""
+    if isinstance(e, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+        raise e
+    see = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    click.echo(f"error: {' '.join(e.format_message().split())}{see}", err=True)
+    sys.exit(e.exit_code)
 
 
 def usage_exit_code() -> int:

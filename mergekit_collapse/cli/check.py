@@ -140,9 +140,12 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
     """Compute HiddenSim, MDS and the exact distortion bounds for each config in CONFIGS (files,
     globs, folders); exit 3 if one is over budget (see --fail-on), 2 if one is broken."""
     from mergekit_collapse.ci.results import check_config, exit_status
+    from mergekit_collapse.guard.config import check_writable
     from mergekit_collapse.guard.distributed import is_main_process, launch, launched
 
     runtime = runtime_options(params)
+    if out_dir:
+        check_writable(out_dir, "--out")
     if runtime.num_processes > 1 and not launched():
         sys.exit(launch(sys.argv[1:], runtime.num_processes))  # the same command line, N times
     main = is_main_process()

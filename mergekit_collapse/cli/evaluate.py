@@ -12,8 +12,8 @@ from mergekit_collapse._constants import REPORT_DIR
 @click.command("evaluate")
 @click.argument("merged_dir", type=click.Path(file_okay=False))
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--limit", type=int, default=None, help="Documents per task (quick runs).")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Documents per task (quick runs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--with-base", is_flag=True, help="Also score the base model.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Scoring dtype of the merge and its constituents alike.")

@@ -24,7 +24,7 @@ from mergekit_collapse.cli.options import (
     runtime_options,
     runtime_specs,
 )
-from mergekit_collapse.errors import CollapseError
+from mergekit_collapse.errors import EXIT_INTERRUPTED, INTERRUPTED, CollapseError
 
 LOG = logging.getLogger(__name__)
 
@@ -141,5 +141,10 @@ def run_guarded_cli(config_file: str, out_path: str, merge_options: Any, guard: 
             raise
         click.echo(f"mergekit-collapse: {e}", err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        if not switch:
+            raise
+        click.echo(f"mergekit-collapse: {INTERRUPTED}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(result.summary(), err=True)
 

@@ -102,12 +102,16 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     cfg = apply_overrides(cfg, **overrides)
     if not cfg.models:
         raise BadInputError("the config merges no models")
+    if len(cfg.models) == 1:
+        raise BadInputError(f"the config merges only one model ({cfg.models[0]}): the guard compares "
+                            "two or more; add the others under models:")
     probes = build_probes(cfg, models=[*cfg.models, *extra_models])
     refs = ([cfg.base] if cfg.base is not None else []) + list(cfg.models) + list(extra_models)
     settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
     refs = list(dict.fromkeys(refs))
     labels = display_names([str(r) for r in refs], _root(cfg))
+    preflight(cfg, refs, labels, trust_remote_code=trust_remote_code)
     cache = Path(cache_dir) if cache_dir else None
     state = world()
     if state is not None:
@@ -134,6 +138,33 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     report.run_info = RunInfo(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               seconds={k: round(v, 3) for k, v in seconds.items()})
     return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
+
+
+def preflight(cfg: LoadedConfig, refs: list[Any], labels: dict[str, str], *,
+              trust_remote_code: bool = False) -> None:
+    """Before any weight is loaded: every model's config reads (custom code only when trusted), and
+    the models agree in architecture, in width, in depth (a `models:` merge) and in vocabulary (unless mergekit
+    builds the tokenizer), and have the layer the guard reads.
+
+    Raises:
+        BadInputError: a missing model, custom code, mismatched models, a layer out of range.
+    """
+    from mergekit_collapse.guard.extract import (
+        check_architectures,
+        check_compatible,
+        local_dir,
+        read_model_config,
+    )
+
+    configs = {labels.get(str(r), str(r)): read_model_config(
+        local_dir(r.model), str(r.model), trust_remote_code=trust_remote_code) for r in refs}
+    check_architectures(configs)
+    fields = ["hidden_size"]
+    if cfg.merge.models:
+        fields.append("num_hidden_layers")
+    if cfg.merge.tokenizer_source is None and cfg.merge.tokenizer is None:
+        fields.append("vocab_size")
+    check_compatible(configs, layer=cfg.guard.layer, fields=fields)
 
 
 def _root(cfg: LoadedConfig) -> Path | None:

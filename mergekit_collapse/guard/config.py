@@ -164,6 +164,12 @@ class LoadedConfig:
         return self.path.parent / p
 
 
+def looks_local(path: str) -> bool:
+    """A reference that can only be a local path: `./x`, `../x`, `/x`, `~/x`, or more than one `/`
+    (Hub ids are `name` or `org/name`)."""
+    return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
+
+
 def parse_ref(value: Any) -> Any | None:
     """mergekit's own parse of a model reference (a string or a mapping), or None if it is not one
     (mergekit accepts a blank string; no model is named so)."""
@@ -177,17 +183,39 @@ def parse_ref(value: Any) -> Any | None:
         return None
 
 
+def _is_member_tag(x: Any) -> bool:
+    """pydantic names the union member an error belongs to in its loc (`ProbeFile`, `list[str]`)."""
+    return isinstance(x, str) and (x in _MODEL_NAMES or "[" in x)
+
+
+def _closest_member(errors: list[dict]) -> list[dict]:
+    """The errors of the union member the input came closest to: not rejected outright (its loc
+    ends at the member), fewest errors. Errors outside any union are kept as they are."""
+    members: dict[tuple, list[dict]] = {}
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        cut = next((i for i, x in enumerate(loc) if _is_member_tag(x)), None)
+        members.setdefault(loc[: cut + 1] if cut is not None else (), []).append(e)
+    if len(members) <= 1 or () in members:
+        return members.get((), errors)
+    return min(members.values(), key=lambda es: (any(_is_member_tag(e["loc"][-1]) for e in es),
+                                                 len(es)))
+
+
 def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
     """One line for the first pydantic error; unknown keys get a did-you-mean."""
-    errors = err.errors()
+    errors = _closest_member(err.errors())
     first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
-    loc = tuple(first.get("loc", ()))
+    loc = tuple(x for x in first.get("loc", ()) if not _is_member_tag(x))
     where = ".".join(str(x) for x in loc)
     if first.get("type") == "extra_forbidden" and loc:
         key = str(loc[-1])
         options = allowed.get(tuple(type(x).__name__ for x in loc[:-1]), []) or _all_fields()
         return f"unknown key {'guard.' + where!r}{_did_you_mean(key, options)}"
     return f"invalid {'guard.' + where if loc else 'guard'}: {_one_line(str(first.get('msg')))}"
+
+
+_MODEL_NAMES = {"GuardSettings", "TaskSpec", "Budget", "ProbeFile", "ProbeLmEval"}
 
 
 def _all_fields() -> list[str]:
@@ -264,6 +292,106 @@ def find_base(merge: Any, guard: GuardSettings, models: list[Any]) -> tuple[Any 
     return None, why
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently: a second `guard:` section would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may override keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the constructor reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first at line {first}); keep one of them",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _AnyTensor(str):
+    """A tensor name every parameter filter matches (mergekit tests `filter in tensor_name`)."""
+
+    def __contains__(self, _: object) -> bool:
+        return True
+
+
+def _merge_groups(merge: Any) -> list[tuple[str, list[Any], Any, Any]]:
+    """(label, inputs, base, ConfigReader) per group of tensors mergekit merges together, normalised
+    as mergekit's `MergePlanner.normalize_config` does, without reading any model's config."""
+    from mergekit.config import (
+        ConfigReader,
+        InputSliceDefinition,
+        OutputModuleDefinition,
+        OutputSliceDefinition,
+    )
+
+    def from_models(models: list[Any]) -> OutputSliceDefinition:
+        sources = [InputSliceDefinition(layer_range=(0, 1), model=m.model, parameters=m.parameters)
+                   for m in models]
+        if merge.base_model is not None and all(m.model != merge.base_model for m in models):
+            sources.append(InputSliceDefinition(layer_range=(0, 1), model=merge.base_model))
+        return OutputSliceDefinition(sources=sources)
+
+    modules = dict(merge.modules or {})
+    if merge.models:
+        modules = {"": OutputModuleDefinition(models=merge.models)}
+    elif merge.slices:
+        modules = {"": OutputModuleDefinition(slices=merge.slices)}
+    groups = []
+    for name, module in modules.items():
+        reader = ConfigReader(config=merge, t=0, module=module)
+        slices = [from_models(module.models)] if module.models else module.slices or []
+        for i, s in enumerate(slices):
+            label = (f"{name}." if name else "") + ("models" if module.models else f"slices[{i}]")
+            groups.append((label, [src.model for src in s.sources], s.base_model or merge.base_model,
+                           reader.for_out_slice(s)))
+    return groups
+
+
+def check_merge_method(merge: Any, *, inputs: bool = True) -> None:
+    """mergekit's own checks of the merge method, before any model is loaded: the method exists,
+    each group of inputs meets its contract (base model, input count, no duplicates), and every
+    parameter it requires is given, with a valid value (`mergekit.parameter_resolver`).
+
+    Args:
+        merge: the parsed MergeConfiguration.
+        inputs: check the input contract (not for the `order` action: it merges pairwise stages).
+
+    Raises:
+        ConfigError: what mergekit would raise once the models are loaded, as one line.
+    """
+    import mergekit.merge_methods as methods
+    from mergekit.parameter_resolver import resolve_parameters
+
+    try:
+        method = methods.get(merge.merge_method)
+    except RuntimeError:
+        names = sorted(m.spec.name for m in methods.registered_methods())
+        hint = _did_you_mean(merge.merge_method, names) or f"; mergekit has {', '.join(names)}"
+        raise ConfigError(f"unknown merge_method '{merge.merge_method}'{hint}") from None
+    for label, refs, base, reader in _merge_groups(merge):
+        try:
+            if inputs:
+                method.validate_inputs(refs, base, group_name=label)
+            resolve_parameters(method.spec, tensor_name=_AnyTensor("*"),
+                               inputs={m: _AnyTensor("*") for m in refs},
+                               sources=reader.parameter_sources, base_model=base)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ConfigError(f"{merge.merge_method} ({label}): parameter value "
+                              f"{err.get('input')!r} is not valid: {err['msg']}") from None
+        except (ValueError, RuntimeError, TypeError) as e:
+            msg = str(e).splitlines()[0].removesuffix(".*").removesuffix(" for *")
+            if msg.startswith("Missing required parameter"):
+                msg += "; set it under that model's `parameters:` or the top-level `parameters:`"
+            raise ConfigError(f"{merge.merge_method}: {msg}") from None
+
+
 def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     """Parse YAML text into a LoadedConfig.
 
@@ -275,13 +403,15 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
         The parsed config.
 
     Raises:
-        ConfigError: malformed YAML, an invalid mergekit config, or an invalid guard section.
+        ConfigError: malformed YAML (a key given twice included), an invalid mergekit config (its
+            schema, and its merge method's input and parameter contract: `check_merge_method`),
+            or an invalid guard section.
     """
     from mergekit.config import MergeConfiguration
 
     where = f"{path}: " if path else ""
     try:
-        raw = yaml.safe_load(source)
+        raw = yaml.load(source, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -299,6 +429,10 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
         guard = GuardSettings.model_validate(guard_raw)
     except ValidationError as e:
         raise ConfigError(where + _friendly(e, {})) from None
+    try:
+        check_merge_method(merge, inputs=guard.action != "order")
+    except ConfigError as e:
+        raise ConfigError(f"{where}invalid mergekit config: {e}") from None
     models = ordered_models(merge)
     base, base_source = find_base(merge, guard, models)
     cfg = LoadedConfig(path=path, source=source, merge=merge, guard=guard, models=models,
@@ -325,8 +459,28 @@ def read_text(path: str | Path, what: str) -> str:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelNotFoundError(f"{what} file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{what} {p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
         raise BadInputError(f"cannot read {what} {p}: {e}") from None
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done.
+
+    Raises:
+        BadInputError: `path` is a file, or its nearest existing parent is a file or not writable.
+    """
+    import os
+
+    p = Path(path).expanduser().absolute()
+    if p.is_file():
+        raise BadInputError(f"{what} {p} is a file, not a folder: give a folder")
+    parent = next(a for a in (p, *p.parents) if a.exists())
+    if not parent.is_dir():
+        raise BadInputError(f"cannot write {what} {p}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInputError(f"cannot write {what} {p}: {parent} is not writable")
 
 
 def load_config(path: str | Path) -> LoadedConfig:

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +23,14 @@ import numpy as np
 
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse._io import atomic_write_bytes
-from mergekit_collapse.errors import BadInputError, ModelNotFoundError
+from mergekit_collapse.errors import (
+    BadInputError,
+    CollapseError,
+    HubError,
+    ModelNotFoundError,
+    http_status,
+)
+from mergekit_collapse.guard.config import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,10 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "auto" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInputError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError(f"--device {device} asked for, but no CUDA device is available")
     return device
@@ -100,7 +112,8 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
         fetch: download a Hub snapshot that is not cached yet (False: the local cache only).
 
     Raises:
-        ModelNotFoundError: neither a local path nor a Hub repo that can be fetched.
+        ModelNotFoundError: neither a local path nor a Hub repo (or revision) that exists.
+        HubError: the Hub failed to answer, or refused (a gated repo).
         BadInputError: the path is a file.
     """
     p = Path(str(path.path)).expanduser()
@@ -108,18 +121,53 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
         if not p.is_dir():
             raise BadInputError(f"{what} '{path}' is a file, not a model folder")
         return p
+    if looks_local(str(path.path)):  # cannot be a Hub id: `org/name`
+        raise ModelNotFoundError(f"{what} '{path}' is not a local folder (no such path): check the "
+                                 "path (relative paths start from the working directory)")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(path.path), revision=path.revision, local_files_only=not fetch,
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                       "*.model", "*.txt", "*.bin"]))
-    except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo...
-        if not fetch:
-            raise ModelNotFoundError(f"{what} '{path}' is not a local folder (and not in the HF "
-                                     "cache)") from None
-        raise ModelNotFoundError(f"{what} '{path}' is not a local folder and could not be fetched "
-                                 f"from the Hub ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo, network...
+        raise _fetch_error(e, f"{what} '{path}'", fetch) from None
+
+
+def _fetch_error(exc: Exception, named: str, fetch: bool) -> CollapseError:
+    """One line for a Hub snapshot that could not be had: exit 2 where the reference is at fault (no
+    such repository or revision, offline and not cached), exit 4 where the Hub is (an HTTP error, a
+    gated repository, no connection)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if not fetch:
+        return ModelNotFoundError(f"{named} is not a local folder (and not in the HF cache)")
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES",
+                                                                                 "TRUE"}:
+        return ModelNotFoundError(f"{named} is not a local folder nor in the HF cache, and "
+                                  "HF_HUB_OFFLINE is set: check the path, or download it first")
+    status = http_status(exc)
+    if isinstance(exc, GatedRepoError):
+        return HubError(f"{named} is a gated Hub repository (HTTP {status}): accept its terms on the "
+                        "Hub and log in (`hf auth login` or HF_TOKEN)", status=status)
+    if isinstance(exc, RepositoryNotFoundError | RevisionNotFoundError):
+        missing = "revision" if isinstance(exc, RevisionNotFoundError) else "repository"
+        return ModelNotFoundError(f"{named} is not a local folder, and the Hub has no such {missing} "
+                                  f"(HTTP {status}; a private one needs a login: `hf auth login` or "
+                                  "HF_TOKEN): check the path or id")
+    if status is not None:
+        return HubError(f"{named}: the Hub answered HTTP {status} while fetching it: retry later",
+                        status=status)
+    root: BaseException = exc
+    for _ in range(8):  # the transport error under the client's wrappers
+        root = root.__cause__ or root.__context__ or root
+    return HubError(f"{named} is not a local folder and the Hub cannot be reached "
+                    f"({type(root).__name__}): check the connection or HF_ENDPOINT, or download it first")
 
 
 def check_weights(folder: Path, ref: str, *, allow_pickle: bool) -> None:
@@ -158,12 +206,13 @@ def folder_identity(folder: Path) -> str:
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
         with write_lock(memo_path.parent):  # keep what other processes added since we read
-            atomic_write_bytes(memo_path, json.dumps({**_read_memo(memo_path), **memo}).encode())
+            atomic_write_bytes(memo_path, json.dumps({**_read_memo(memo_path, warn=False), **memo}).encode())
     return h.hexdigest()
 
 
-def _read_memo(path: Path) -> dict[str, str]:
-    """file_hashes.json: file key -> sha256; an unreadable or malformed one is dropped, with a warning."""
+def _read_memo(path: Path, *, warn: bool = True) -> dict[str, str]:
+    """file_hashes.json: file key -> sha256; an unreadable or malformed one is dropped (with a warning
+    unless `warn` is False: the re-read before a write)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -171,7 +220,7 @@ def _read_memo(path: Path) -> dict[str, str]:
     except (OSError, ValueError):
         data = None
     memo = {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
-    if not isinstance(data, dict) or len(memo) != len(data):
+    if warn and (not isinstance(data, dict) or len(memo) != len(data)):
         log.warning("recomputing the file hashes of %s: it is unreadable or malformed", path)
     return memo
 
@@ -182,6 +231,79 @@ def model_identity(ref: Any) -> str:
     if ref.lora is not None:
         ident += "+" + folder_identity(local_dir(ref.lora, what="LoRA adapter"))
     return ident
+
+
+def read_model_config(folder: Path, ref: str, *, trust_remote_code: bool = False) -> Any:
+    """transformers' config of a model folder, read before any weight (custom code: only trusted).
+
+    Raises:
+        BadInputError: custom code without `trust_remote_code`, or an unreadable config.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise BadInputError(f"'{ref}' needs custom code to load (config.json auto_map): pass "
+                                "--trust-remote-code if you trust it") from None
+        raise BadInputError(f"cannot read the config of '{ref}': {str(e).splitlines()[0]}") from None
+
+
+def check_architectures(configs: Mapping[str, Any]) -> None:
+    """Refuse models of different architectures, as mergekit does (`get_architecture_info`), before
+    any weight is loaded. Models mergekit does not know are left to mergekit.
+
+    Raises:
+        BadInputError: one line naming each model's architecture.
+    """
+    from mergekit.architecture import arch_info_for_config
+
+    archs = []
+    for c in configs.values():
+        try:
+            archs.append(arch_info_for_config(c))
+        except (RuntimeError, TypeError):  # no or several `architectures`
+            archs.append(None)
+    if None not in archs and any(a != archs[0] for a in archs):
+        detail = ", ".join(f"{name}: {(c.architectures or ['?'])[0]}" for name, c in configs.items())
+        raise BadInputError(f"mismatched models: architecture differs ({detail}); mergekit merges "
+                            "models of one architecture")
+
+
+#: the shape fields models to be merged share; what to do when they differ
+SHAPE_FIELDS = {
+    "hidden_size": "models of different widths cannot be merged",
+    "num_hidden_layers": "merge models of one depth, or pick layer ranges with `slices:`",
+    "vocab_size": "set `tokenizer_source: union` (or `base`) so mergekit aligns the vocabularies",
+}
+
+
+def check_compatible(configs: Mapping[str, Any], *, layer: int, fields: Iterable[str]) -> None:
+    """Refuse models whose configs differ in a shape field (`SHAPE_FIELDS`), and a `layer` one of
+    them lacks, before any weight is loaded.
+
+    Args:
+        configs: transformers configs by display name.
+        layer: the hidden layer the guard reads (-1: the last).
+        fields: the SHAPE_FIELDS to compare.
+
+    Raises:
+        BadInputError: one line naming the field, each model's value and what to do.
+    """
+    texts = {name: c.get_text_config() for name, c in configs.items()}
+    for key in fields:
+        values = {name: getattr(c, key, None) for name, c in texts.items()}
+        if len({v for v in values.values() if v is not None}) > 1:
+            detail = ", ".join(f"{name}: {v}" for name, v in values.items())
+            raise BadInputError(f"mismatched models: {key} differs ({detail}); {SHAPE_FIELDS[key]}")
+    for name, c in texts.items():
+        if (n := getattr(c, "num_hidden_layers", None)) is not None:
+            try:
+                layer_index(layer, n)
+            except BadInputError as e:
+                raise BadInputError(f"{e} ({name}); guard.layer counts from 0 (embeddings) to "
+                                    f"{n}, or from the end with -1") from None
 
 
 # ---------------------------------------------------------------- cache
@@ -197,7 +319,7 @@ def write_lock(folder: Path) -> Any:
     return FileLock(folder / ".lock")
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray] | None:
+def read_npz(path: Path, *, warn: bool = True) -> dict[str, np.ndarray] | None:
     """A cache entry's arrays, or None when it is missing or corrupt (a warning says so: recomputed).
 
     Every member's CRC-32 is checked before loading (`ZipFile.testzip`), so a truncated, emptied or
@@ -212,7 +334,8 @@ def read_npz(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        log.warning("recomputing corrupt cache entry %s (%s)", path, type(e).__name__)
+        if warn:
+            log.warning("recomputing corrupt cache entry %s (%s)", path, type(e).__name__)
         return None
 
 
@@ -230,14 +353,15 @@ class VectorCache:
         self.path = root / "hidden_states" / digest[:2] / f"{digest}.npz"
         self.data: dict[str, np.ndarray] = self._read()
 
-    def _read(self) -> dict[str, np.ndarray]:
-        z = read_npz(self.path)
+    def _read(self, *, warn: bool = True) -> dict[str, np.ndarray]:
+        z = read_npz(self.path, warn=warn)
         if z is None:
             return {}
         keys, vectors = z.get("keys"), z.get("vectors")
         if keys is None or vectors is None or keys.ndim != 1 or vectors.ndim != 2 \
                 or len(keys) != len(vectors):
-            log.warning("recomputing malformed cache entry %s", self.path)
+            if warn:
+                log.warning("recomputing malformed cache entry %s", self.path)
             return {}
         return dict(zip(keys.tolist(), vectors, strict=True))
 
@@ -251,7 +375,7 @@ class VectorCache:
         import io
 
         with write_lock(self.path.parent):
-            self.data = {**self._read(), **self.data, **new}
+            self.data = {**self._read(warn=False), **self.data, **new}
             keys = list(self.data)
             buf = io.BytesIO()
             np.savez(buf, keys=np.array(keys), vectors=np.stack([self.data[k] for k in keys]))
@@ -457,7 +581,13 @@ def _forward(body: Any, token_ids: list[list[int]], settings: ExtractionSettings
                 out = np.zeros((len(token_ids), pooled.shape[1]), dtype=np.float32)
             out[batch] = pooled
     if not np.isfinite(out).all():
-        raise BadInputError("hidden states contain NaN or inf (try --dtype float32)")
+        dtype = str(body.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        if dtype == "float32":
+            raise BadInputError("hidden states contain NaN or inf in float32: the weights hold NaN/inf "
+                                "or the model overflows even in float32; check the checkpoint")
+        raise BadInputError(f"hidden states contain NaN or inf in {dtype}: the activations overflow "
+                            f"{dtype}; rerun in float32 (--dtype float32, under mergekit-yaml "
+                            "--guard-dtype float32)")
     return out, start + sum(len(x) - start for x in token_ids)
 
 
@@ -472,6 +602,7 @@ def load_causal_lm(folder: Path, settings: ExtractionSettings, device: str, dtyp
     once (SmolLM2-135M, float32 file, bfloat16 model: peak RSS 907 MB above Python+torch, 396 MB
     this way, of which 257 MB are the model).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code,
@@ -486,6 +617,9 @@ def load_causal_lm(folder: Path, settings: ExtractionSettings, device: str, dtyp
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise BadInputError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
+    except SafetensorError as e:
+        raise BadInputError(f"cannot load model from {folder}: a .safetensors file is truncated or "
+                            f"not safetensors ({str(e).splitlines()[0]}); download it again") from None
     return model.eval()
 
 
@@ -631,8 +765,8 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     groups: dict[Path, list[tuple]] = {}
     for plan in todo:
         groups.setdefault(plan[1].resolve(), []).append(plan)
-    bar = Progress("hidden states", len(todo), enabled=progress,
-                   labels=labels or display_names([str(m) for m in models]))
+    names = labels or display_names([str(m) for m in models])
+    bar = Progress("hidden states", len(todo), enabled=progress, labels=names)
     for base_dir, group in groups.items():
         tok = load_tokenizer(group[0][1], settings)
         model = load_causal_lm(base_dir, settings, device, dtype)
@@ -649,8 +783,11 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                         peft_model = swap_adapter(model, peft_model, lora_dir)
                         body = peft_model.get_base_model().get_decoder()
                     idx = [position[k] for k in missing]
-                    ids = encode(tok, [texts[i] for i in idx], settings)
-                    vecs, tokens = _forward(body, ids, settings, pad_id(tok))
+                    try:
+                        ids = encode(tok, [texts[i] for i in idx], settings)
+                        vecs, tokens = _forward(body, ids, settings, pad_id(tok))
+                    except BadInputError as e:
+                        raise BadInputError(f"{names.get(str(ref), str(ref))}: {e}") from None
                     cache.update(dict(zip(missing, vecs, strict=True)))
                     result.tokens_computed += tokens
                     result.tokens_saved += sum(map(len, ids)) - tokens
@@ -691,4 +828,7 @@ def swap_adapter(model: Any, peft_model: Any, lora_dir: Path) -> Any:
             peft_model.delete_adapter(previous)
         return peft_model
     except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if "size mismatch" in str(e):
+            raise BadInputError(f"LoRA adapter {lora_dir} does not fit its base model (size mismatch): "
+                                "it was trained on another base; pair it with that one") from None
         raise BadInputError(f"cannot load LoRA adapter {lora_dir}: {str(e).splitlines()[0]}") from None

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
 
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import LoadedConfig, ProbeFile, ProbeLmEval, TaskSpec
+
+log = logging.getLogger(__name__)
+
+#: the longest line a probe file may hold: far past any max_length, so a longer one is a wrong file
+MAX_PROBE_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,18 @@ def _read_file(spec: ProbeFile, cfg: LoadedConfig) -> list[str]:
     path = cfg.resolve(spec.file)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"probe file {path} is not UTF-8 text (byte {e.start}): save it as "
+                            "UTF-8") from None
     except OSError as e:
         raise BadInputError(f"cannot read probe file {path}: {e.strerror or e}") from None
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        if len(line) > MAX_PROBE_CHARS:
+            raise BadInputError(f"{path}:{n}: this line is {len(line.encode()) / 1e6:.1f} MB; a probe "
+                                f"is at most {MAX_PROBE_CHARS:,} characters: is it the right file?")
         if path.suffix in {".jsonl", ".json"}:
             try:
                 row = json.loads(line)
@@ -107,6 +119,7 @@ def build_probes(cfg: LoadedConfig, *, models: list[Any] | None = None) -> Probe
     texts: list[str] = []
     tasks: list[str] = []
     seen_tasks: set[str] = set()
+    short: list[str] = []
     for model in models if models is not None else cfg.models:
         spec = cfg.task_of(model)
         if spec.name in seen_tasks:
@@ -116,8 +129,13 @@ def build_probes(cfg: LoadedConfig, *, models: list[Any] | None = None) -> Probe
         # a per-task RNG: adding a task never changes another task's sample
         rng = random.Random(f"{g.seed}:{spec.name}")
         picked = rng.sample(pool, min(g.k, len(pool)))
+        if len(pool) < g.k:
+            short.append(f"{spec.name} ({len(pool)})")
         texts.extend(picked)
         tasks.extend([spec.name] * len(picked))
+    if short:
+        log.warning("task(s) %s have fewer than k=%d probes: each contributes all it has",
+                    ", ".join(short), g.k)
     return ProbeSet(texts=tuple(texts), tasks=tuple(tasks), k=g.k, seed=g.seed,
                     chat_template=g.chat_template)
 

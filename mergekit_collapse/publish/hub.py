@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_collapse.errors import BadInputError, HubError
+from mergekit_collapse.errors import BadInputError, HubError, http_status
 
 logger = logging.getLogger(__name__)
 
@@ -173,20 +173,6 @@ def _refuse_files_with_token(files: Iterable[tuple[Path, PlannedFile]], token: s
             raise HubError(f"refusing to push: {pf.path_in_repo} contains the Hub token", repo_id=repo_id)
 
 
-def _status_of(exc: BaseException) -> int | None:
-    """The HTTP status of a huggingface_hub error, looking through wrappers (LFS upload errors wrap)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, HfHubHTTPError) and e.response is not None:
-            return e.response.status_code
-        e = e.__cause__ or e.__context__
-    return None
-
-
 _STATUS_TEXT = {
     400: "bad request", 401: "unauthorized: the token was rejected",
     403: "forbidden: the token may not write to this repository", 404: "not found",
@@ -201,7 +187,7 @@ def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str | Non
     """
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    status = _status_of(exc)
+    status = http_status(exc)
     if status is not None:
         what = _STATUS_TEXT.get(status, "server error" if status >= 500 else "error")
         server = ""
@@ -354,7 +340,7 @@ def _push(files: list[tuple[Path, PlannedFile]], public: dict[Path, bytes], resu
             repo_url = api.create_repo(repo_id, private=result.private, exist_ok=False, token=token)
             result.created_repo = True
         except HfHubHTTPError as e:
-            if _status_of(e) != 409:
+            if http_status(e) != 409:
                 raise
             if not exist_ok:
                 raise HubError(f"push to {repo_id} refused: the repository already exists "
