@@ -143,8 +143,8 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
 def preflight(cfg: LoadedConfig, refs: list[Any], labels: dict[str, str], *,
               trust_remote_code: bool = False) -> None:
     """Before any weight is loaded: every model's config reads (custom code only when trusted), and
-    the models agree in architecture, in width, in depth (a `models:` merge) and in vocabulary (unless mergekit
-    builds the tokenizer), and have the layer the guard reads.
+    the models agree in architecture, in width, in depth (a `models:` merge) and in vocabulary
+    (unless mergekit builds the tokenizer), and have the layer the guard reads.
 
     Raises:
         BadInputError: a missing model, custom code, mismatched models, a layer out of range.
