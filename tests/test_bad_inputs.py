@@ -280,6 +280,8 @@ CASES = [
          ("architecture differs", "LlamaForCausalLM", "Qwen2ForCausalLM")),
     Case("models-layer-count", lambda e: ["check", e.config("ft1", "deep"), *FAST], 2,
          ("num_hidden_layers differs", "slices")),
+    Case("lora-without-base", lambda e: ["check", e.config("ft1", str(e.zoo["lora1"])), *FAST], 2,
+         ("is a LoRA adapter, not a model", "base+", "adapter_config.json")),
     Case("lora-for-another-base", lambda e: ["check", e.config("lora1", "lora_wide"), *FAST], 2,
          ("LoRA adapter", "lora_wide", "another base")),
     Case("one-model-only", lambda e: ["check", e.config("ft1"), *FAST], 2,

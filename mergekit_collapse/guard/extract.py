@@ -237,10 +237,20 @@ def read_model_config(folder: Path, ref: str, *, trust_remote_code: bool = False
     """transformers' config of a model folder, read before any weight (custom code: only trusted).
 
     Raises:
-        BadInputError: custom code without `trust_remote_code`, or an unreadable config.
+        BadInputError: custom code without `trust_remote_code`, a LoRA adapter given as a model,
+            or an unreadable config.
     """
     from transformers import AutoConfig
 
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file() and not (folder / "config.json").is_file():
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        how = (f"`{base}+{ref}` (the base its adapter_config.json names)" if base else
+               f"`BASE+{ref}`, BASE the model it was trained on")
+        raise BadInputError(f"'{ref}' is a LoRA adapter, not a model: write it as {how}")
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
