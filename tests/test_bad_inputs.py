@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from common import make_lora, make_tiny_llama
+from common import make_lora, make_tiny_llama, make_tiny_tasks
 from hub_server import TOKEN, FakeHub
 from test_card import make_merged_dir
 
@@ -172,6 +172,21 @@ def _push(env: Env, repo: str = "alice/merged", *extra: str, token: str | None =
     if endpoint:
         env.monkeypatch.setenv("HF_ENDPOINT", endpoint)
     return ["push", str(out), repo, *extra]
+
+
+def _card(env: Env, template: str) -> list[str]:
+    """`card` of a finished merge folder with this template of the user's."""
+    return ["card", str(make_merged_dir(env.tmp)), "--template", str(env.write(template, "t.md"))]
+
+
+def _evaluate_plain(env: Env, **guard: Any) -> list[str]:
+    """`evaluate` (on a tiny lm-eval task) of a merge of ft1 and a model whose tokenizer has no chat
+    template (ft1's folder stands for the merge)."""
+    tasks = make_tiny_tasks(env.tmp)
+    raw = env.raw(("ft1", "plain_ft"), **guard)
+    for spec in raw["guard"]["tasks"].values():
+        spec["eval"] = str(tasks / "tiny_mc.yaml")
+    return ["evaluate", str(env.zoo["ft1"]), str(env.write(raw)), "--limit", "2", "--batch-size", "2"]
 
 
 def _dead_endpoint() -> str:
@@ -369,6 +384,18 @@ CASES = [
     Case("cache-npz-empty", lambda e: _corrupt_npz(e, lambda b: b""), 0,
          ("recomputing corrupt cache entry",)),
     Case("cache-file-hashes-null", _null_hashes, 0, ("file_hashes.json", "recomputing")),
+    Case("evaluate-no-chat-template", _evaluate_plain, 0, ("has no chat template",
+                                                         "guard.chat_template: false")),
+    Case("evaluate-chat-template-false", lambda e: _evaluate_plain(e, chat_template=False), 0, ()),
+    # ---- the analysis commands
+    Case("conflicts-nan-weights", lambda e: ["conflicts", e.config("ft1", "nan")], 2, ("NaN", "nan")),
+    Case("stats-nan-loss", lambda e: ["stats", str(e.write(
+        "group,task,method,model,loss,mds\n1,a,linear,m1,-50,0.9\n1,b,linear,m2,nan,0.2\n"
+        "2,a,ties,m1,-5,0.1\n", "records.csv"))], 0, ("1 of 3 records have no loss", "left out")),
+    Case("card-template-front-matter", lambda e: _card(e, "---\nlicense: [apache\n---\n# {{ model_name }}\n"),
+         2, ("t.md", "front matter", "not valid YAML at line 2")),
+    Case("card-template-jinja", lambda e: _card(e, "---\nlicense: apache-2.0\n---\n{{ model_name }\n"), 2,
+         ("t.md", "TemplateSyntaxError", "unexpected '}'")),
     # ---- Ctrl-C: exit 130, outputs whole or absent (tests/test_nothing_lost.py checks what is left)
     Case("ctrl-c-mid-extraction", _ctrl_c_extracting, 130, ("interrupted", "rerun")),
     Case("ctrl-c-mid-merge", _ctrl_c_merging, 130, ("interrupted", "rerun")),
@@ -410,6 +437,11 @@ def odd_zoo(tiny_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
            "bigvocab": make_tiny_llama(root / "bigvocab", seed=7, vocab=300)}
     odd["lora_wide"] = make_lora(odd["wide"], root / "lora_wide", seed=8)
     odd["qwen"] = _tiny_qwen2(tiny_zoo["base"], root / "qwen")
+    plain = odd["plain_ft"] = Path(shutil.copytree(tiny_zoo["ft1"], root / "plain_ft"))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)  # a tokenizer without a chat template
+    tok_cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
 
     def copy(name: str) -> Path:
         odd[name] = Path(shutil.copytree(tiny_zoo["base"], root / name))

@@ -222,23 +222,31 @@ class WeightDir:
         return self._shape[name]
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """Rows `start:stop` of a tensor (the whole tensor when both are None), as float64."""
+        """Rows `start:stop` of a tensor (the whole tensor when both are None), as float64.
+
+        Raises:
+            BadInputError: the rows hold NaN or inf (a broken checkpoint: every metric would be NaN).
+        """
         import torch
 
         if self._pickled is not None:
             t = self._pickled[name]
             if start is not None:
                 t = t[start:stop]
-            return t.to(torch.float64)
-        from safetensors import safe_open
+        else:
+            from safetensors import safe_open
 
-        where = self._where[name]
-        handle = self._handles.get(where)
-        if handle is None:  # memory-mapped; slices read only the rows asked for
-            handle = self._handles[where] = safe_open(str(where), framework="pt")
-        sl = handle.get_slice(name)
-        t = sl[start:stop] if start is not None else sl[:]
-        return t.to(torch.float64)
+            where = self._where[name]
+            handle = self._handles.get(where)
+            if handle is None:  # memory-mapped; slices read only the rows asked for
+                handle = self._handles[where] = safe_open(str(where), framework="pt")
+            sl = handle.get_slice(name)
+            t = sl[start:stop] if start is not None else sl[:]
+        t = t.to(torch.float64)
+        if not torch.isfinite(t).all():
+            raise BadInputError(f"{self.path}: tensor {name} holds NaN or inf: the checkpoint is "
+                                "broken; re-export or re-download it")
+        return t
 
 
 @dataclass

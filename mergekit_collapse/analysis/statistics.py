@@ -47,6 +47,7 @@ Conventions
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 REQUIRED_COLUMNS = ("group", "task", "method", "model", "loss")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,12 +515,14 @@ class StatsReport(BaseModel):
     threshold: float
     n_collapsed: int
     metrics: list[MetricStats]
+    n_without_loss: int = 0  # rows whose loss is missing or NaN: left out of every statistic
     anova: Anova
 
     def to_markdown(self) -> str:
         """Markdown tables: one row per metric, then the ANOVA tables."""
-        lines = [f"{self.n} records in {self.groups} merges; collapsed (loss < {self.threshold:g}): "
-                 f"{self.n_collapsed}.", "",
+        left_out = f" ({self.n_without_loss} without a loss, left out)" if self.n_without_loss else ""
+        lines = [f"{self.n} records in {self.groups} merges{left_out}; collapsed (loss < "
+                 f"{self.threshold:g}): {self.n_collapsed}.", "",
                  "AUROC: P(collapsed row's metric > non-collapsed row's); < 0.5 means lower values "
                  "go with collapse.", "",
                  "Within-task ρ: Spearman of task-demeaned metric and loss; p beyond task: partial "
@@ -556,6 +560,9 @@ def summarize(records: Records, *, threshold: float = DEFAULT_THRESHOLD) -> Stat
         A `StatsReport`.
     """
     loss = records.column("loss")
+    if missing := int(np.isnan(loss).sum()):
+        log.warning("%d of %d records have no loss (empty or NaN): left out of every statistic",
+                    missing, records.n)
     labels = collapsed(loss, threshold)
     tasks = records.labels("task")
     stats_rows = []
@@ -567,5 +574,5 @@ def summarize(records: Records, *, threshold: float = DEFAULT_THRESHOLD) -> Stat
                                       beyond_task=beyond_task(x, loss, tasks)))
     return StatsReport(
         n=records.n, groups=len(set(records.labels("group"))), threshold=threshold,
-        n_collapsed=int(labels.sum()), metrics=stats_rows,
+        n_collapsed=int(labels.sum()), metrics=stats_rows, n_without_loss=missing,
         anova=anova(loss, tasks, records.labels("method")))

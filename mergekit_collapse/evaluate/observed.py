@@ -104,13 +104,15 @@ def headline(metrics: dict[str, float], task: str) -> tuple[str, float]:
 class ScoreCache:
     """lm-eval scores keyed by (model identity, task, task YAML, limit, dtype, versions), a JSON file each."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, *, chat: bool = True):
         self.root = (root or cache_root()) / "scores"
+        self.chat = chat  # prompts in the chat template (guard.chat_template)
 
     def _path(self, identity: str, task: EvalTask, limit: int | None, dtype: str) -> Path:
         import lm_eval
 
-        key = json.dumps([identity, task.name, task.digest, limit, dtype, lm_eval.__version__, "1"])
+        parts = [identity, task.name, task.digest, limit, dtype, lm_eval.__version__, "1"]
+        key = json.dumps(parts if self.chat else [*parts, "plain"])  # chat: the keys of before
         return self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
 
     def get(self, identity: str, task: EvalTask, limit: int | None, dtype: str) -> dict[str, float] | None:
@@ -144,9 +146,13 @@ def _score(model: Any, tok: Any, identity: str, tasks: list[EvalTask], *, limit:
             out[t.name] = hit
         else:
             todo.setdefault(t.include_path, []).append(t)
+    chat = cache.chat and bool(getattr(tok, "chat_template", None))
+    if cache.chat and not chat and todo:
+        log.warning("the tokenizer of %s has no chat template: lm-eval scores plain prompts (set "
+                    "guard.chat_template: false to say so)", getattr(tok, "name_or_path", "a model"))
     for include, group in todo.items():
         results = run_tasks(model, tok, [t.name for t in group], include_path=include, limit=limit,
-                            batch_size=batch_size)
+                            batch_size=batch_size, apply_chat_template=chat)
         for t in group:
             if t.name not in results:
                 raise BadInputError(f"lm-eval returned no result for task '{t.name}'")
@@ -204,7 +210,7 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
     if not evaluated:
         raise BadInputError("no model has a guard.tasks.<ref>.eval task to evaluate on")
     all_tasks = list({t.name: t for t in (tasks[str(m)] for m in evaluated)}.values())
-    cache = ScoreCache()
+    cache = ScoreCache(chat=cfg.guard.chat_template)
     refs = [str(m) for m in evaluated] + ([str(cfg.base)] if with_base and cfg.base is not None else [])
     steps = Progress("evaluate", 2 + len(evaluated) + int(with_base), enabled=progress,
                      labels=display_names(refs, cfg.path.parent if cfg.path else None))

@@ -94,7 +94,7 @@ class GuardSettings(_Strict):
     pooling: Pooling = Field(default="last", description=(
         "a probe's vector: its last token's hidden state (last) or the mean over its tokens (mean)"))
     chat_template: bool = Field(default=True, description=(
-        "wrap probes in the tokenizer's chat template when it has one"))
+        "wrap probes, and lm-eval's prompts in `evaluate`, in the tokenizer's chat template when it has one"))
     max_length: int = Field(default=256, ge=8, description="probe token limit")
     batch_size: int = Field(default=16, ge=1, description="probes per forward pass")
     budget: Budget = Field(default_factory=Budget, description=(

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from pydantic import ValidationError
 
 from mergekit_collapse._constants import REPORT_DIR
@@ -361,6 +362,13 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
         )
     except jinja2.TemplateError as e:
         raise BadInputError(f"card template {tpl}: {type(e).__name__}: {e}") from None
+    except yaml.YAMLError as e:  # the rendered front matter
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 2}" if mark else ""  # +1: 1-based, +1: the opening ---
+        raise BadInputError(f"card template {tpl}: its front matter (the --- block) is not valid YAML"
+                            f"{at}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInputError(f"card template {tpl}: {' '.join(str(e).split())}") from None
     # a custom template may leave metadata out: put ours back, without overriding what it set
     present = card.data.to_dict()
     for key, value in data.to_dict().items():
