@@ -306,6 +306,8 @@ CASES = [
     Case("hidden-states-fp16-overflow", lambda e: ["check", e.config("ft1", "overflow"), "--no-progress",
                                                    "--rehearse", "off", "--dtype", "float16"], 2,
          ("overflow", "NaN or inf in float16", "--dtype float32")),
+    Case("tokenizer-missing", lambda e: ["check", e.config("no_tokenizer", "ft1"), *FAST], 2,
+         ("no_tokenizer has no tokenizer", "copy its base model's tokenizer files")),
     Case("safetensors-truncated", lambda e: ["check", e.config("ft1", "truncated"), *FAST], 2,
          ("cannot load model", "truncated or not safetensors")),
     Case("safetensors-garbage", lambda e: ["check", e.config("ft1", "garbage"), *FAST], 2,
@@ -437,6 +439,10 @@ def odd_zoo(tiny_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
            "bigvocab": make_tiny_llama(root / "bigvocab", seed=7, vocab=300)}
     odd["lora_wide"] = make_lora(odd["wide"], root / "lora_wide", seed=8)
     odd["qwen"] = _tiny_qwen2(tiny_zoo["base"], root / "qwen")
+    notok = odd["no_tokenizer"] = Path(shutil.copytree(tiny_zoo["ft1"], root / "no_tokenizer"))
+    for f in notok.iterdir():
+        if "token" in f.name or f.suffix == ".jinja":
+            f.unlink()
     plain = odd["plain_ft"] = Path(shutil.copytree(tiny_zoo["ft1"], root / "plain_ft"))
     (plain / "chat_template.jinja").unlink(missing_ok=True)  # a tokenizer without a chat template
     tok_cfg = json.loads((plain / "tokenizer_config.json").read_text())

@@ -701,13 +701,26 @@ def _load_converted(folder: Path, settings: ExtractionSettings, dtype: Any) -> A
     return model
 
 
+#: the files a tokenizer loads from (one of them suffices)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(folder: Path, settings: ExtractionSettings) -> Any:
+    """The folder's tokenizer (custom code only when trusted).
+
+    Raises:
+        BadInputError: no tokenizer files, or a tokenizer transformers cannot load; one line.
+    """
     from transformers import AutoTokenizer
 
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise BadInputError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy its base "
+                            "model's tokenizer files into it")
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot load tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+        raise BadInputError(f"cannot load the tokenizer of {folder}: {' '.join(str(e).split())[:300]}"
+                            ) from None
     return tok
 
 
