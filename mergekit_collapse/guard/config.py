@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -471,8 +472,6 @@ def check_writable(path: str | Path, what: str) -> None:
     Raises:
         BadInputError: `path` is a file, or its nearest existing parent is a file or not writable.
     """
-    import os
-
     p = Path(path).expanduser().absolute()
     if p.is_file():
         raise BadInputError(f"{what} {p} is a file, not a folder: give a folder")
