@@ -191,11 +191,10 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
 
 
 def _check_out(out: Path) -> None:
-    """Refuse an output that a merge must not replace: a file, or a folder holding something else."""
+    """Refuse a folder holding something else than a merge: a merge would replace it (a file is
+    refused before, by `check_writable`)."""
     from mergekit_collapse.guard.extract import WEIGHT_SUFFIXES
 
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"output {out} is a file, not a folder")
     names = [p.name for p in out.iterdir()] if out.is_dir() else []
     merged = {"config.json", "mergekit_config.yml", REPORT_DIR} & set(names) or any(
         n.endswith(WEIGHT_SUFFIXES) for n in names)
@@ -329,9 +328,9 @@ def merge_config(raw: dict, out: str | Path, merge_options: Any, *,
     except (ValidationError, RuntimeError, ValueError) as e:
         raise BadInputError(f"invalid mergekit config: {str(e).splitlines()[0]}") from None
     if getattr(merge_options, "lora_merge_cache", None):  # no half-merged LoRA from a stopped run
-        from mergekit_collapse.guard.rehearsal import _fresh_lora_cache
+        from mergekit_collapse.guard.rehearsal import fresh_lora_cache
 
-        _fresh_lora_cache(merge, Path(merge_options.lora_merge_cache))
+        fresh_lora_cache(merge, Path(merge_options.lora_merge_cache))
     run_merge(merge, str(out), options=merge_options, config_source=config_source)
 
 

@@ -98,7 +98,7 @@ def input_bytes(merge: Any) -> int:
 # ---------------------------------------------------------------- the in-memory merge
 
 
-def _fresh_lora_cache(merge: Any, cache_dir: Path) -> None:
+def fresh_lora_cache(merge: Any, cache_dir: Path) -> None:
     """mergekit names a merged LoRA by its paths; drop a cached one whose adapter content changed,
     or that was never finished (its identity stamp is written last)."""
     for ref in merge.referenced_models():
@@ -137,7 +137,7 @@ def merge_in_memory(merge: Any, *, dtype: Any, seed: int = 0, trust_remote_code:
     merge = merge.model_copy(deep=True)  # mergekit's planner rewrites its config in place
     lora_cache = (cache_dir or cache_root()) / "lora_merged"
     lora_cache.mkdir(parents=True, exist_ok=True)
-    _fresh_lora_cache(merge, lora_cache)
+    fresh_lora_cache(merge, lora_cache)
     options = MergeOptions(lora_merge_cache=str(lora_cache), quiet=True, random_seed=seed,
                            trust_remote_code=trust_remote_code)
     LoaderCache().setup(options=options)
