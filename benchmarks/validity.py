@@ -211,7 +211,8 @@ def run(args: argparse.Namespace) -> None:
     done = set()
     if records_path.exists():
         done = {json.loads(line)["group"] for line in records_path.read_text().splitlines() if line}
-    plan = experiments(tasks, args.groups, args.seed)
+    plan = [(m, g) for m, g in experiments(tasks, args.groups, args.seed)
+            if (not args.only or m in args.only.split(",")) and len(g) <= args.max_size]
     shard, shards = (int(x) for x in args.shard.split("/"))
     print(f"{len(plan)} experiments, {len(done)} done; {len(tasks)} tasks; shard {shard}/{shards}",
           flush=True)
@@ -757,6 +758,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-dtype", default="bfloat16",
                    help="lm-eval dtype of the merges and their constituents (both alike)")
     p.add_argument("--groups", type=int, default=20)
+    p.add_argument("--only", default=None, metavar="METHOD[,METHOD]",
+                   help="run only these methods' experiments (in the plan's order)")
+    p.add_argument("--max-size", type=int, default=99,
+                   help="run only merges of at most this many models (2: the pairs)")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard", default="0/1", metavar="I/N",
