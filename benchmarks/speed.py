@@ -72,7 +72,7 @@ def _probe_texts(config: str) -> list[str]:
 
 
 def _settings(**kw: Any) -> Any:
-    from mergekit_collapse.guard.extract import ExtractionSettings
+    from mergekit_collapse.guard.forward import ExtractionSettings
 
     return ExtractionSettings(**{"device": DEVICE["value"], **kw})
 
@@ -149,7 +149,13 @@ def w_check(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     rep = check(spec["config"], cache_dir=spec["cache"], progress=False, device=DEVICE["value"],
                 **({"rehearse": spec["rehearse"]} if spec.get("rehearse") else {}))
-    return {"seconds": time.perf_counter() - t0, "verdict": str(rep.verdict)}
+    out = {"seconds": time.perf_counter() - t0, "verdict": str(rep.verdict),
+           "rehearsal": rep.rehearsal.status if rep.rehearsal else None}
+    if rep.run_info is not None:
+        out["steps_s"] = rep.run_info.seconds
+    if rep.rehearsal is not None and rep.rehearsal.reason:
+        out["rehearsal_reason"] = rep.rehearsal.reason
+    return out
 
 
 def w_merge(spec: dict[str, Any]) -> dict[str, Any]:
@@ -195,12 +201,8 @@ def w_flops(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
-    from mergekit_collapse.guard.extract import (
-        encode,
-        forward_pooled,
-        load_causal_lm,
-        load_tokenizer,
-    )
+    from mergekit_collapse.guard.forward import encode, forward_pooled
+    from mergekit_collapse.models.loading import load_causal_lm, load_tokenizer
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
     base = Path(spec["base"])
@@ -435,6 +437,48 @@ def setup(work: Path, n_scaling: int, n_full: int) -> dict[str, Any]:
             "full": [str(f) for f in full], "size_bytes": (base / "model.safetensors").stat().st_size}
 
 
+#: the mid-size case (issue 20): a random Llama of about 1.1B parameters (TinyLlama's shape)
+MID = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+       "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False}
+
+
+def mid_size(work: Path, s: dict[str, Any], n_full: int) -> dict[str, Any]:
+    """The default guard (rehearsal on auto) on a random ~1.1B Llama with `n_full` full fine-tunes
+    and 8 LoRAs, beside mergekit's merge of the full fine-tunes: seconds and peak RSS."""
+    small = Path(s["base"])
+    conf = work / "mid" / "config"
+    conf.mkdir(parents=True, exist_ok=True)
+    for f in small.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, conf / f.name)
+    config = {**json.loads((small / "config.json").read_text()), **MID}
+    (conf / "config.json").write_text(json.dumps(config))
+    print("(m) a random ~1.1B Llama, its fine-tunes and LoRAs", flush=True)
+    base = random_base(conf, work / "mid" / "base")
+    full = [str(full_finetune(base, work / "mid" / f"f{i}", seed=i)) for i in range(n_full)]
+    loras = [f"{base}+{random_lora(base, work / 'mid' / f'l{i}', seed=200 + i)}" for i in range(8)]
+    zoo, tasks = Path(s["zoo"]), s["tasks"]
+    size_mb = (base / "model.safetensors").stat().st_size / 2**20
+    res: dict[str, Any] = {"shape": MID, "model_size_mb": size_mb,
+                           "baseline_rss_mb": run("baseline", {}, work)["peak_rss_mb"]}
+    for kind, refs in (("full", full), ("lora", loras)):
+        cfg = write_config(work / "mid" / f"{kind}.yml", base, refs, tasks[: len(refs)], zoo, k=5)
+        cache = _fresh(work, f"m-{kind}")
+        chk = run("check", {"config": str(cfg), "cache": str(cache)}, work,
+                  {"MERGEKIT_COLLAPSE_CACHE": str(cache)})
+        res[kind] = {"models": len(refs), "guard": chk,
+                     "rss_above_baseline_per_model": (chk["peak_rss_mb"] - res["baseline_rss_mb"])
+                     / size_mb}
+        if kind == "full":
+            merge_out = work / "mid" / "merged"
+            shutil.rmtree(merge_out, ignore_errors=True)
+            mrg = run("merge", {"config": str(cfg), "out": str(merge_out),
+                                "lora_cache": str(work / "mid" / "lora-cache")}, work)
+            shutil.rmtree(merge_out, ignore_errors=True)
+            res[kind] |= {"mergekit": mrg, "ratio": chk["seconds"] / mrg["seconds"]}
+    return res
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -521,7 +565,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     # (b) whole guard vs mergekit merge: adapters, then full fine-tunes
     if "b" in sections:
         print("(b) guard check vs mergekit run_merge", flush=True)
-        out["b"] = {}
+        out["b"] = {"baseline_rss_mb": run("baseline", {}, work)["peak_rss_mb"],
+                    "model_size_mb": size_mb}
         full_refs = s["full"]
         cfg_full = write_config(work / "full.yml", base, full_refs, s["tasks"][:n_full], zoo, k=5)
         for kind, cfg in (("lora", cfg_lora), ("full", cfg_full)):
@@ -542,7 +587,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                               "guard_geometry_only": geo, "mergekit": mrg,
                               "ratio": chk["seconds"] / mrg["seconds"],
                               "ratio_geometry_only": geo["seconds"] / mrg["seconds"],
-                              "ratio_wall": chk["wall_s"] / mrg["wall_s"]}
+                              "ratio_wall": chk["wall_s"] / mrg["wall_s"],
+                              "rss_above_baseline_per_model": (chk["peak_rss_mb"]
+                                                               - out["b"]["baseline_rss_mb"]) / size_mb}
+        save()
+
+    if "m" in sections:
+        out["m"] = mid_size(work, s, n_full)
         save()
 
     # (d) scaling in N at a fixed probe set (N=2 also gives (c) at N=2)
@@ -644,7 +695,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _token_count(base: Path, texts: list[str]) -> int:
-    from mergekit_collapse.guard.extract import encode, load_tokenizer
+    from mergekit_collapse.guard.forward import encode
+    from mergekit_collapse.models.loading import load_tokenizer
 
     st = _settings()
     return sum(len(x) for x in encode(load_tokenizer(base, st), texts, st))

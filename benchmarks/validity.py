@@ -91,6 +91,8 @@ def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str 
     }
     if spec["global"]:
         cfg["parameters"] = dict(spec["global"])
+    if method == "linear":  # mergekit's linear would weigh a base_model in: the guard's anchor only
+        cfg["guard"]["base"] = cfg.pop("base_model")
     return cfg
 
 
@@ -102,8 +104,6 @@ def mergekit_config(cfg: dict[str, Any], method: str) -> dict[str, Any]:
         refs = [m["model"] for m in out["models"]]
         return {"merge_method": "slerp", "base_model": refs[0], "models": [{"model": r} for r in refs],
                 "parameters": dict(METHODS["slerp"]["global"]), "dtype": out["dtype"]}
-    if method == "linear":
-        out.pop("base_model")
     return out
 
 
@@ -276,7 +276,7 @@ def rehearse_records(args: argparse.Namespace) -> None:
         if out_path.exists() else set()
     shard, shards = (int(x) for x in args.shard.split("/"))
     t0 = time.time()
-    for n, gid in enumerate(plan):
+    for n, gid in enumerate(plan[: args.max_merges]):
         if gid in done or n % shards != shard:
             continue
         if time.time() - t0 > args.minutes * 60:
@@ -309,6 +309,27 @@ def rehearse_one(zoo: Path, work: Path, method: str, group: tuple[str, ...],
                                 **r.models[str(m)], "seconds": r.seconds, "dtype": r.dtype}) + "\n")
     return f"{r.seconds} " + ", ".join(
         f"{cfg.task_of(m).name}:{r.models[str(m)]['rehearsal_token_agreement']:.2f}" for m in cfg.models)
+
+
+def same_rehearsal(mine: Path, other: Path) -> str:
+    """How many of `mine`'s (merge, task) rows have the same rehearsal scores in `other`: every
+    value equal, and the largest differences, apart for randomised methods (DARE)."""
+    def rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(r["group"], r["task"]): r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+    a, b = rows(mine), rows(other)
+    keys = ("rehearsal_agreement", "rehearsal_token_agreement", "rehearsal_kl")
+    lines = []
+    for label, dare in (("deterministic methods", False), ("DARE (seeded per tensor now)", True)):
+        common = [k for k in a if k in b and k[0].startswith("dare") == dare]
+        same = [k for k in common if all(a[k][c] == b[k][c] for c in keys[:2])]
+        kl = max((abs(a[k][keys[2]] - b[k][keys[2]]) for k in common), default=0.0)
+        merges = len({k[0] for k in common})
+        lines.append(f"{label}: {merges} merges, {len(common)} rows; agreement and token agreement "
+                     f"identical on {len(same)}; max |KL difference| {kl:.2e}")
+        lines += [f"  differs: {k[0]} {k[1]}: " + ", ".join(f"{c} {b[k][c]:.3f} -> {a[k][c]:.3f}"
+                                                           for c in keys[:2]) for k in common if k not in same]
+    return "\n".join(lines)
 
 
 def merge(config: dict[str, Any], out: Path, lora_cache: Path, seed: int) -> None:
@@ -780,6 +801,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--records", default=str(Path(__file__).parent / "results" / "records.jsonl"))
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--reverse", action="store_true", help="--rehearse from the end of the plan")
+    p.add_argument("--max-merges", type=int, default=None,
+                   help="--rehearse only the first N merges of --records")
+    p.add_argument("--same-as", metavar="REHEARSAL_JSONL", default=None,
+                   help="only compare <work>/rehearsal.jsonl with another run's, row by row")
     p.add_argument("--calibrate-rehearsal", metavar="SCORE", default=None,
                    help="with --oos: add the rehearsal's bands on SCORE (e.g. "
                         "rehearsal_token_agreement) to the default calibration")
@@ -797,6 +822,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.rehearse:
         rehearse_records(args)
+        return 0
+    if args.same_as:
+        print(same_rehearsal(work / "rehearsal.jsonl", Path(args.same_as)))
         return 0
     if args.oos:
         md, headline = out_of_sample(joined(Path(args.records), work), args.threshold)

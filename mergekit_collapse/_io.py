@@ -1,4 +1,5 @@
-"""Writes that are whole or absent: files and folders are built under a temporary name, then renamed.
+"""Writes that are whole or absent: files and folders are built under a temporary name, then renamed;
+reads that are checked (a cache entry whose checksum fails is not used); a lock for writers.
 
 An interrupted run (an error, Ctrl-C, a killed process between two renames at worst) leaves the old
 file or folder as it was, never a half-written one.
@@ -6,12 +7,19 @@ file or folder as it was, never a half-written one.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -69,3 +77,33 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_lock(folder: Path) -> Any:
+    """An inter-process lock on a cache folder. Writers re-read, merge and replace under it, so
+    concurrent processes (a multi-process run, two runs at once) lose no update; readers need no
+    lock (`atomic_write_bytes` replaces whole files)."""
+    from filelock import FileLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(folder / ".lock")
+
+
+def read_npz(path: Path, *, warn: bool = True) -> dict[str, np.ndarray] | None:
+    """A cache entry's arrays, or None when it is missing or corrupt (a warning says so: recomputed).
+
+    Every member's CRC-32 is checked before loading (`ZipFile.testzip`), so a truncated, emptied or
+    bit-flipped entry is never used.
+    """
+    if not path.exists():
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if (bad := zf.testzip()) is not None:
+                raise ValueError(f"checksum mismatch in {bad}")
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        if warn:
+            log.warning("recomputing corrupt cache entry %s (%s)", path, type(e).__name__)
+        return None

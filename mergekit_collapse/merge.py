@@ -8,14 +8,16 @@ The report goes to `OUT/mergeability/` (and `--guard-report DIR`), where the car
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mergekit_collapse._constants import REPORT_DIR
-from mergekit_collapse._io import atomic_write_text, staged_folder
+from mergekit_collapse._io import atomic_write_bytes, atomic_write_text, staged_folder
 from mergekit_collapse.errors import BadInputError, GuardStoppedError
+from mergekit_collapse.models.identity import model_identity
 
 LOG = logging.getLogger(__name__)
 
@@ -193,7 +195,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
 def _check_out(out: Path) -> None:
     """Refuse a folder holding something else than a merge: a merge would replace it (a file is
     refused before, by `check_writable`)."""
-    from mergekit_collapse.guard.extract import WEIGHT_SUFFIXES
+    from mergekit_collapse.models.loading import WEIGHT_SUFFIXES
 
     names = [p.name for p in out.iterdir()] if out.is_dir() else []
     merged = {"config.json", "mergekit_config.yml", REPORT_DIR} & set(names) or any(
@@ -328,8 +330,6 @@ def merge_config(raw: dict, out: str | Path, merge_options: Any, *,
     except (ValidationError, RuntimeError, ValueError) as e:
         raise BadInputError(f"invalid mergekit config: {str(e).splitlines()[0]}") from None
     if getattr(merge_options, "lora_merge_cache", None):  # no half-merged LoRA from a stopped run
-        from mergekit_collapse.guard.rehearsal import fresh_lora_cache
-
         fresh_lora_cache(merge, Path(merge_options.lora_merge_cache))
     run_merge(merge, str(out), options=merge_options, config_source=config_source)
 
@@ -352,3 +352,20 @@ def merge_multi_stage(text: str, out: str | Path, intermediate_dir: str | Path,
     tasks = multimerge.make_tasks(configs, deps, merge_options, str(intermediate_dir), str(out),
                                   lazy=False)
     Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="Merging stages")
+
+
+def fresh_lora_cache(merge: Any, cache_dir: Path) -> None:
+    """mergekit's merge writes each `base+adapter` reference merged into its LoRA cache, named by
+    the paths: drop a cached one whose adapter content changed, or that was never finished (its
+    identity stamp is written last), and merge the missing ones."""
+    for ref in merge.referenced_models():
+        if ref.lora is None:
+            continue
+        out = cache_dir / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
+        stamp = out / ".mergekit_collapse_identity"
+        ident = model_identity(ref)
+        if out.exists() and (not stamp.is_file() or stamp.read_text() != ident):
+            shutil.rmtree(out, ignore_errors=True)
+        if not out.exists():
+            ref.merged(cache_dir=str(cache_dir))
+            atomic_write_bytes(stamp, ident.encode())

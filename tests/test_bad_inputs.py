@@ -151,7 +151,7 @@ def _interrupt(env: Env, target: str, after: int) -> None:
 
 
 def _ctrl_c_extracting(env: Env) -> list[str]:
-    _interrupt(env, "mergekit_collapse.guard.extract._forward", 1)
+    _interrupt(env, "mergekit_collapse.guard.extract.run_forward", 1)
     return ["check", env.config(), *FAST]
 
 

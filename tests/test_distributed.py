@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from mergekit.common import ModelReference
 
 from mergekit_collapse.cli import main
+from mergekit_collapse.guard.cache import VectorCache
 from mergekit_collapse.guard.distributed import shares
-from mergekit_collapse.guard.extract import ExtractionSettings, VectorCache
+from mergekit_collapse.guard.forward import ExtractionSettings
 
 PROBES = ["alpha beta", "gamma delta epsilon", "zeta eta", "one two three", "four five", "x y z",
           "merge the models", "what is the capital"]

@@ -11,17 +11,15 @@ from mergekit.common import ModelReference
 from peft import PeftModel
 
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.extract import (
+from mergekit_collapse.guard.extract import extract
+from mergekit_collapse.guard.forward import (
     ExtractionSettings,
-    _forward,
-    _load_converted,
     encode,
-    extract,
     forward_pooled,
-    load_causal_lm,
-    load_tokenizer,
+    run_forward,
     shared_prefix_length,
 )
+from mergekit_collapse.models.loading import _load_converted, load_causal_lm, load_tokenizer
 
 TEXTS = ["hello world", "the quick brown fox jumps over", "2+2=", "a", "merge me gently"]
 
@@ -143,9 +141,9 @@ def test_shared_prefix_equals_unshared(tiny_zoo, pooling, layer):
     ids.append(ids[0][: shared_prefix_length(ids)])  # a probe that is all prefix
     prefix = shared_prefix_length(ids)
     assert prefix == len(ids[-1]) - 1 > 10  # one token of its own left to the last probe
-    shared, tokens = _forward(body, ids, s, 0)
+    shared, tokens = run_forward(body, ids, s, 0)
     assert tokens == sum(map(len, ids)) - (len(ids) - 1) * prefix
-    whole, tokens = _forward(body, ids, s, 0, share_prefix=False)
+    whole, tokens = run_forward(body, ids, s, 0, share_prefix=False)
     assert tokens == sum(map(len, ids))
     np.testing.assert_allclose(shared, whole, atol=1e-5, rtol=1e-5)
 
@@ -159,7 +157,7 @@ def test_cache_that_cannot_be_shared_runs_whole():
     body = AutoModelForCausalLM.from_config(cfg).eval().get_decoder()
     ids = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 9, 10], [1, 2, 3, 4, 5, 6, 11, 12, 13]]
     s = ExtractionSettings(pooling="mean")
-    vectors, tokens = _forward(body, ids, s, 0)
+    vectors, tokens = run_forward(body, ids, s, 0)
     assert tokens == sum(map(len, ids))  # sliding-window layers: no shared prefix
     np.testing.assert_array_equal(vectors, forward_pooled(body, ids, s, 0, share_prefix=False))
 

@@ -12,6 +12,7 @@ PACKAGE = Path(mergekit_collapse.__file__).parent
 #: top-level parts of the package, lowest first: a module may import its own part or a lower one
 LAYERS = [
     ("errors", "_constants", "_console", "_io"),
+    ("models",),
     ("guard",),
     ("actions",),
     ("merge",),

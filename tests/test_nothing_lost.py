@@ -161,9 +161,10 @@ def test_a_corrupt_cache_entry_is_recomputed_with_a_warning(
 
 def test_ctrl_c_mid_extraction_keeps_what_was_computed_and_nothing_half_written(
         cfg: Path, tmp_path: Path, _isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergekit_collapse._io import read_npz
     from mergekit_collapse.guard import extract
 
-    original, calls, armed = extract._forward, [], [True]
+    original, calls, armed = extract.run_forward, [], [True]
 
     def forward(*args, **kwargs):
         calls.append(1)
@@ -172,12 +173,12 @@ def test_ctrl_c_mid_extraction_keeps_what_was_computed_and_nothing_half_written(
         return original(*args, **kwargs)
 
     args = ["check", str(cfg), "--format", "json", "--absolute-budget", "1e9", "--no-progress"]
-    monkeypatch.setattr(extract, "_forward", forward)
+    monkeypatch.setattr(extract, "run_forward", forward)
     stopped = CliRunner().invoke(main, args)
     assert stopped.exit_code == 130 and "interrupted" in stopped.stderr
     entries = sorted(e for e in (_isolated_cache / "hidden_states").rglob("*")
                      if e.is_file() and e.name != ".lock")
-    assert entries and all(e.suffix == ".npz" and extract.read_npz(e) is not None
+    assert entries and all(e.suffix == ".npz" and read_npz(e) is not None
                            for e in entries)  # whole entries, no temporary files
     calls.clear()
     armed[0] = False
@@ -191,7 +192,7 @@ def test_ctrl_c_mid_extraction_keeps_what_was_computed_and_nothing_half_written(
 
 def test_a_flipped_byte_in_a_cache_entry_is_caught_by_its_checksum(
         cfg: Path, _isolated_cache: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from mergekit_collapse.guard.extract import read_npz
+    from mergekit_collapse._io import read_npz
 
     runner = CliRunner()
     args = ["check", str(cfg), "--format", "json", "--absolute-budget", "1e9"]
@@ -213,7 +214,7 @@ def test_a_flipped_byte_in_a_cache_entry_is_caught_by_its_checksum(
 
 
 def test_atomic_writes_leave_no_temporary_file_on_failure(tmp_path: Path) -> None:
-    from mergekit_collapse.guard.extract import atomic_write_bytes
+    from mergekit_collapse._io import atomic_write_bytes
 
     target = tmp_path / "a" / "entry.json"
     atomic_write_bytes(target, b"{}")

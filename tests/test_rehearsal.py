@@ -189,3 +189,24 @@ def test_the_rehearsal_leaves_the_config_as_written(tiny_zoo):
     # mergekit's planner rewrites `models:` into `modules:` in place; the guard's config must not change
     cfg, _ = _rehearse(tiny_zoo, ["ft1", "ft2"], base_model=False)
     assert cfg.merge.models is not None and cfg.merge.modules is None
+
+
+def test_one_load_per_model_for_hidden_states_and_answers(tiny_zoo, monkeypatch):
+    """The rehearsal's answers come from the load that computed the hidden states: each model
+    (each base, for LoRAs) is loaded once; a warm re-run loads none but the merge's layers."""
+    import mergekit_collapse.guard.extract as extract_mod
+    import mergekit_collapse.guard.rehearsal as rehearsal_mod
+
+    loads = []
+    for mod in (extract_mod, rehearsal_mod):
+        real = mod.load_causal_lm
+        monkeypatch.setattr(mod, "load_causal_lm", lambda *a, _real=real, **k: loads.append(a[0])
+                            or _real(*a, **k))
+    cfg = parsed(config(tiny_zoo, ["ft1", "ft2", "lora1"], method="task_arithmetic"))
+    report = check(cfg, progress=False, rehearse="on", dtype="float32")
+    assert report.rehearsal.status == "ran"
+    assert sorted(map(str, loads)) == sorted(str(tiny_zoo[m]) for m in ("base", "ft1", "ft2"))
+    loads.clear()
+    again = check(cfg, progress=False, rehearse="on", dtype="float32")
+    assert loads == [] and [m.rehearsal_agreement for m in again.models] == \
+        [m.rehearsal_agreement for m in report.models]

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.extract import local_dir
+from mergekit_collapse.models.loading import local_dir
 
 if TYPE_CHECKING:
     import torch

@@ -16,7 +16,8 @@ import yaml
 
 from mergekit_collapse.ci.locate import Span, locate_key, locate_message, model_sites
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.config import looks_local, parse_ref
+from mergekit_collapse.guard.config import parse_ref
+from mergekit_collapse.models.loading import looks_local
 
 __all__ = ["Problem", "validate_file"]
 

@@ -188,14 +188,13 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         BadInputError: no model has an `eval` task, a task is unknown, a model is missing.
     """
     from mergekit_collapse._console import Progress
-    from mergekit_collapse.guard.extract import (
-        ExtractionSettings,
+    from mergekit_collapse.guard.forward import ExtractionSettings
+    from mergekit_collapse.models.identity import folder_identity, model_identity
+    from mergekit_collapse.models.loading import (
         check_weights,
-        folder_identity,
         load_causal_lm,
         load_tokenizer,
         local_dir,
-        model_identity,
         resolve_dtype,
         swap_adapter,
     )

@@ -12,14 +12,18 @@ import numpy as np
 from pydantic import ValidationError
 
 from mergekit_collapse import __version__
+from mergekit_collapse._constants import cache_root
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.calibration import Calibration, load_calibration
 from mergekit_collapse.guard.config import LoadedConfig, load_config, with_guard
 from mergekit_collapse.guard.decision import decide, resolve_budget, verdict
 from mergekit_collapse.guard.distributed import extract_shared, world
-from mergekit_collapse.guard.extract import Extraction, ExtractionSettings, extract
+from mergekit_collapse.guard.extract import Extraction, extract
+from mergekit_collapse.guard.forward import ExtractionSettings
+from mergekit_collapse.guard.preflight import preflight
 from mergekit_collapse.guard.probes import ProbeSet, build_probes
+from mergekit_collapse.guard.rehearsal import Answers
 from mergekit_collapse.guard.report import (
     Bounds,
     BudgetInfo,
@@ -119,14 +123,21 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
                                   progress=progress, labels=labels)
         if not state.is_main_process:
             return None
-    ext = extract(refs, probes.texts, settings, cache_dir=cache, progress=progress, labels=labels)
+    gate = rehearsal_gate(cfg, probes, settings)
+    answers = None if gate is not None else Answers(
+        list(cfg.models), probes_by_model(cfg, probes), settings, cfg.guard.answer_tokens,
+        cache or cache_root())
+    # the rehearsal's answers come from the same load as the hidden states
+    ext = extract(refs, probes.texts, settings, cache_dir=cache, progress=progress, labels=labels,
+                  visit=answers.compute if answers else None,
+                  visit_models=answers.missing() if answers else ())
     if state is not None:  # what the processes computed; this read computed nothing
         ext.computed = computed
     t1 = time.perf_counter()
     base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
     hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
     rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=cache, progress=progress,
-                              labels=labels)
+                              labels=labels, gate=gate)
     t2 = time.perf_counter()
     report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
                     rehearsal=rehearsal)
@@ -140,62 +151,54 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
 
 
-def preflight(cfg: LoadedConfig, refs: list[Any], labels: dict[str, str], *,
-              trust_remote_code: bool = False) -> None:
-    """Before any weight is loaded: every model's config reads (custom code only when trusted), and
-    the models agree in architecture, in width, in depth (a `models:` merge) and in vocabulary
-    (unless mergekit builds the tokenizer), and have the layer the guard reads.
-
-    Raises:
-        BadInputError: a missing model, custom code, mismatched models, a layer out of range.
-    """
-    from mergekit_collapse.guard.extract import (
-        check_architectures,
-        check_compatible,
-        local_dir,
-        read_model_config,
-    )
-
-    configs = {labels.get(str(r), str(r)): read_model_config(
-        local_dir(r.model), str(r.model), trust_remote_code=trust_remote_code) for r in refs}
-    check_architectures(configs)
-    fields = ["hidden_size"]
-    if cfg.merge.models:
-        fields.append("num_hidden_layers")
-    if cfg.merge.tokenizer_source is None and cfg.merge.tokenizer is None:
-        fields.append("vocab_size")
-    check_compatible(configs, layer=cfg.guard.layer, fields=fields)
-
-
 def _root(cfg: LoadedConfig) -> Path | None:
     """The folder display names are relative to: the config's."""
     return cfg.path.parent if cfg.path is not None else None
 
 
-def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
-                  cache_dir: Path | None = None, progress: bool = True,
-                  labels: dict[str, str] | None = None) -> tuple[Any, RehearsalInfo]:
-    """The rehearsal as `guard.rehearse` asks: (Rehearsal or None, what happened and why).
-
-    "auto" rehearses when the merge's inputs weigh at most `guard.rehearse_max_gb` and says why
-    not otherwise (also when mergekit cannot merge the config in memory); "on" raises instead.
-    """
-    from mergekit_collapse.guard.rehearsal import input_bytes, rehearse
+def rehearsal_gate(cfg: LoadedConfig, probes: ProbeSet, settings: Any) -> RehearsalInfo | None:
+    """None when the rehearsal is to run; else why not: `guard.rehearse: off`, or under "auto" a
+    streamed pass whose estimated peak memory (`rehearsal_memory`) does not fit."""
+    from mergekit_collapse.guard.rehearsal import rehearsal_memory
 
     g = cfg.guard
     if g.rehearse == "off":
-        return None, RehearsalInfo(status="off", reason="guard.rehearse: off")
+        return RehearsalInfo(status="off", reason="guard.rehearse: off")
     if g.rehearse == "auto":
-        size = input_bytes(cfg.merge) / 1e9
-        if size > g.rehearse_max_gb:
-            return None, RehearsalInfo(status="skipped", reason=(
-                f"the inputs weigh {size:.1f} GB > rehearse_max_gb {g.rehearse_max_gb:g}; "
+        need, limit, where = rehearsal_memory(cfg.merge, settings, n_sequences=len(probes.texts),
+                                              answer_tokens=g.answer_tokens,
+                                              limit_gb=g.rehearse_max_gb)
+        if need > limit:
+            return RehearsalInfo(status="skipped", reason=(
+                f"the streamed pass needs about {need / 1e9:.1f} GB > {limit / 1e9:.1f} GB {where}; "
                 "--rehearse on forces it"))
-    by_model = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
-                         if task == cfg.task_of(m).name] for m in cfg.models}
+    return None
+
+
+def probes_by_model(cfg: LoadedConfig, probes: ProbeSet) -> dict[str, list[str]]:
+    """Each merged model's own task probes, by str(model reference)."""
+    return {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
+                     if task == cfg.task_of(m).name] for m in cfg.models}
+
+
+def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
+                  cache_dir: Path | None = None, progress: bool = True,
+                  labels: dict[str, str] | None = None,
+                  gate: RehearsalInfo | None = None) -> tuple[Any, RehearsalInfo]:
+    """The rehearsal as `guard.rehearse` asks: (Rehearsal or None, what happened and why).
+
+    `gate` is `rehearsal_gate`'s answer when the caller has it. Under "auto" a merge mergekit
+    cannot merge is skipped with its reason; "on" raises instead.
+    """
+    from mergekit_collapse.guard.rehearsal import rehearse
+
+    g = cfg.guard
+    if gate is not None:
+        return None, gate
     try:
-        r = rehearse(cfg.merge, cfg.models, by_model, settings, answer_tokens=g.answer_tokens,
-                     seed=g.seed, cache_dir=cache_dir, progress=progress, labels=labels)
+        r = rehearse(cfg.merge, cfg.models, probes_by_model(cfg, probes), settings,
+                     answer_tokens=g.answer_tokens, seed=g.seed, cache_dir=cache_dir,
+                     progress=progress, labels=labels)
     except BadInputError as e:
         if g.rehearse == "on":
             raise

@@ -115,10 +115,11 @@ class GuardSettings(_Strict):
         "the common base model the constituents were fine-tuned from (the risk score's anchor), "
         "for configs that do not name it: e.g. a linear merge of full fine-tunes"))
     rehearse: Rehearse = Field(default="auto", description=(
-        "merge in memory and compare the merged model's answers on the probes with each "
-        "constituent's; auto: when the inputs weigh at most rehearse_max_gb"))
-    rehearse_max_gb: float = Field(default=8.0, gt=0, description=(
-        "auto rehearsal only when the merge's distinct input weights total at most this"))
+        "merge a layer at a time and compare the merged model's answers on the probes with each "
+        "constituent's; auto: when the streamed pass's estimated peak memory fits"))
+    rehearse_max_gb: float | None = Field(default=None, gt=0, description=(
+        "memory the streamed rehearsal may use under auto, in GB (default: what the device has "
+        "free: the GPU's free memory, or the machine's available memory on CPU)"))
     answer_tokens: int = Field(default=32, ge=1, le=512, description=(
         "longest greedy answer the rehearsal compares, in tokens"))
 
@@ -163,12 +164,6 @@ class LoadedConfig:
         if p.is_absolute() or self.path is None:
             return p
         return self.path.parent / p
-
-
-def looks_local(path: str) -> bool:
-    """A reference that can only be a local path: `./x`, `../x`, `/x`, `~/x`, or more than one `/`
-    (Hub ids are `name` or `org/name`)."""
-    return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
 
 
 def parse_ref(value: Any) -> Any | None:

@@ -18,7 +18,9 @@ from typing import Any
 
 from mergekit_collapse._console import is_verbose
 from mergekit_collapse.errors import EXIT_OK, EXIT_UNEXPECTED, BadInputError, CollapseError
-from mergekit_collapse.guard.extract import WEIGHT_SUFFIXES, ExtractionSettings, extract
+from mergekit_collapse.guard.extract import extract
+from mergekit_collapse.guard.forward import ExtractionSettings
+from mergekit_collapse.models.loading import WEIGHT_SUFFIXES
 
 __all__ = ["extract_shared", "is_main_process", "launch", "launched", "shares", "world"]
 

@@ -11,9 +11,10 @@ followed by its constituent's answer. Per probe:
 * *token agreement* — the fraction of answer positions whose argmax matches;
 * *first-token KL* — KL(constituent ‖ merged) of the first answer token's distribution.
 
-The merge is mergekit's own: `MergePlanner.plan_in_memory()` run by mergekit's `Executor` (as
-mergekit-evolve does), so every method, parameter filter, slice and LoRA reference is merged as
-`mergekit-yaml` would merge it, without writing the merged model to disk.
+The merge is mergekit's own (its planner's task per tensor, run by its `Executor`), so every
+method, parameter filter, slice and LoRA reference is merged as `mergekit-yaml` would merge it;
+the merged model is never whole in memory: `models.streamed.merged_logits` merges and runs it a
+layer at a time, and reads each LoRA as base + scale·B·A without a merged copy on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,21 +35,21 @@ import numpy as np
 
 from mergekit_collapse._console import Progress, quiet_third_party
 from mergekit_collapse._constants import cache_root
+from mergekit_collapse._io import atomic_write_bytes, read_npz
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.extract import (
-    ExtractionSettings,
-    atomic_write_bytes,
-    encode,
+from mergekit_collapse.guard.cache import probe_key
+from mergekit_collapse.guard.forward import ExtractionSettings, encode
+from mergekit_collapse.models.identity import model_identity
+from mergekit_collapse.models.loading import (
     load_causal_lm,
     load_tokenizer,
     local_dir,
-    model_identity,
     pad_id,
-    probe_key,
-    read_npz,
+    resolve_device,
     resolve_dtype,
     swap_adapter,
 )
+from mergekit_collapse.models.streamed import Batch, merged_logits
 
 log = logging.getLogger(__name__)
 
@@ -79,102 +79,6 @@ class Rehearsal:
     seconds: dict[str, float] = field(default_factory=dict)
     answer_tokens: int = 32
     dtype: str = "float32"
-
-
-# ---------------------------------------------------------------- size gate
-
-
-def input_bytes(merge: Any) -> int:
-    """Bytes of the distinct weight files a merge reads (a LoRA reference counts its base once)."""
-    folders: set[Path] = set()
-    for ref in merge.referenced_models():
-        folders.add(local_dir(ref.model).resolve())
-        if ref.lora is not None:
-            folders.add(local_dir(ref.lora, what="LoRA adapter").resolve())
-    return sum(f.stat().st_size for d in folders for f in d.iterdir()
-               if f.is_file() and f.name.endswith((".safetensors", ".bin")))
-
-
-# ---------------------------------------------------------------- the in-memory merge
-
-
-def fresh_lora_cache(merge: Any, cache_dir: Path) -> None:
-    """mergekit names a merged LoRA by its paths; drop a cached one whose adapter content changed,
-    or that was never finished (its identity stamp is written last)."""
-    for ref in merge.referenced_models():
-        if ref.lora is None:
-            continue
-        out = cache_dir / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
-        stamp = out / ".mergekit_collapse_identity"
-        ident = model_identity(ref)
-        if out.exists() and (not stamp.is_file() or stamp.read_text() != ident):
-            shutil.rmtree(out, ignore_errors=True)
-        if not out.exists():
-            ref.merged(cache_dir=str(cache_dir))
-            atomic_write_bytes(stamp, ident.encode())
-
-
-def merge_in_memory(merge: Any, *, dtype: Any, seed: int = 0, trust_remote_code: bool = False,
-                    cache_dir: Path | None = None) -> Any:
-    """The merged model, built by mergekit's planner and executor in memory (nothing written
-    but mergekit's merged-LoRA cache, kept under the cache root: `cache_dir` or `cache_root()`).
-
-    Raises:
-        BadInputError: mergekit cannot merge these models (architectures, shapes, a tokenizer section).
-    """
-    import torch
-    from mergekit.architecture import get_architecture_info
-    from mergekit.graph import Executor
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.options import MergeOptions
-    from mergekit.plan import MergePlanner
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    if merge.tokenizer is not None or merge.tokenizer_source is not None:
-        raise BadInputError("rehearsal does not support configs with a tokenizer section")
-    merge = merge.model_copy(deep=True)  # mergekit's planner rewrites its config in place
-    lora_cache = (cache_dir or cache_root()) / "lora_merged"
-    lora_cache.mkdir(parents=True, exist_ok=True)
-    fresh_lora_cache(merge, lora_cache)
-    options = MergeOptions(lora_merge_cache=str(lora_cache), quiet=True, random_seed=seed,
-                           trust_remote_code=trust_remote_code)
-    LoaderCache().setup(options=options)
-    try:
-        arch = get_architecture_info(merge, options)
-        cfg_out = _model_out_config(merge, arch, trust_remote_code=trust_remote_code)
-        planner = MergePlanner(merge, arch, options=options, out_model_config=cfg_out)
-        # plan_in_memory() of mergekit 0.1.5 fails validating ReturnTensor(tensor_task=...)
-        # ("Can't instantiate abstract class Task[Tensor]"); its own plan, run directly, is the same
-        planner._plan()
-        targets = {task: weight.name for weight, task in planner._tensors}
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise BadInputError(f"mergekit cannot plan this merge: {str(e).splitlines()[0]}") from None
-    with no_init_weights():  # every weight is filled from the merge below (checked)
-        model = AutoModelForCausalLM.from_config(cfg_out, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code).eval()
-    params = dict(model.named_parameters())
-    filled: set[str] = set()
-    try:
-        for task, value in Executor(list(targets), math_device="cpu",
-                                    storage_device="cpu").run(quiet=True):
-            name = targets[task]
-            if name not in params:
-                raise BadInputError(f"mergekit produced tensor '{name}', which the model has not")
-            with torch.no_grad():
-                params[name].copy_(value)
-            filled.add(name)
-    except BadInputError:  # ours, already one line (and a ValueError too)
-        raise
-    except (RuntimeError, ValueError) as e:
-        raise BadInputError(f"mergekit cannot merge these models: {str(e).splitlines()[0]}") from None
-    model.tie_weights()  # e.g. lm_head shares the merged embeddings
-    filled_ptrs = {params[n].data_ptr() for n in filled}
-    missing = sorted(n for n, p in model.named_parameters() if p.data_ptr() not in filled_ptrs)
-    if missing:
-        raise BadInputError(f"the in-memory merge left {len(missing)} tensors unset, e.g. {missing[0]}")
-    return model
 
 
 # ---------------------------------------------------------------- answers and comparison
@@ -226,35 +130,54 @@ def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def teacher_forced(model: Any, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
-                   batch_size: int = 16) -> tuple[list[list[int]], np.ndarray]:
-    """Run `model` once on each prompt + answer: its argmax at every answer position, and the
-    log-probabilities (P, vocab) of the first answer token.
+def forced_batches(prompts: list[list[int]], answers: list[list[int]], pad_id: int,
+                   batch_size: int = 16) -> list[tuple[list[int], Batch]]:
+    """The teacher-forced pass's batches: (rows, Batch) over each prompt + answer.
 
     Rows are left-padded (every answer ends at the right edge, so only the last longest-answer + 1
     positions need logits) and batched in a fixed order: two models run on the same prompts and
     answers see the same layout, so an unchanged model reproduces itself exactly.
     """
-    import torch
-
-    argmax: list[list[int]] = [[] for _ in prompts]
-    first: list[np.ndarray | None] = [None] * len(prompts)
-    device = model.get_input_embeddings().weight.device
     seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = []
     for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        ids, mask, pos = _left_padded([seqs[i] for i in batch], pad_id)
-        keep = max(len(answers[i]) for i in batch) + 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=pos.to(device), use_cache=False,
-                           logits_to_keep=keep).logits.float()
-        for row, i in enumerate(batch):
-            steps = logits[row, keep - 1 - len(answers[i]) : keep - 1]  # predictions of the answer
+        rows = order[start : start + batch_size]
+        ids, mask, pos = _left_padded([seqs[i] for i in rows], pad_id)
+        out.append((rows, Batch(ids, mask, pos, max(len(answers[i]) for i in rows) + 1)))
+    return out
+
+
+def read_forced(batches: list[tuple[list[int], Batch]], logits: list[Any],
+                answers: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """The argmax at every answer position and the first answer token's log-probabilities (P,
+    vocab), from each batch's logits over its last `keep` positions."""
+    import torch
+
+    argmax: list[list[int]] = [[] for _ in answers]
+    first: list[np.ndarray | None] = [None] * len(answers)
+    for (rows, batch), out in zip(batches, logits, strict=True):
+        for row, i in enumerate(rows):
+            steps = out[row, batch.keep - 1 - len(answers[i]) : batch.keep - 1]  # the answer's
             argmax[i] = steps.argmax(-1).tolist()
             first[i] = torch.log_softmax(steps[0], dim=-1).cpu().numpy()
     return argmax, np.stack(first)
+
+
+def teacher_forced(model: Any, prompts: list[list[int]], answers: list[list[int]], pad_id: int,
+                   batch_size: int = 16) -> tuple[list[list[int]], np.ndarray]:
+    """Run `model` once on each prompt + answer (`forced_batches`): `read_forced`'s result."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    batches = forced_batches(prompts, answers, pad_id, batch_size)
+    logits = []
+    for _, b in batches:
+        with torch.inference_mode():
+            logits.append(model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device),
+                                position_ids=b.positions.to(device), use_cache=False,
+                                logits_to_keep=b.keep).logits.float())
+    return read_forced(batches, logits, answers)
 
 
 def compare(reference: tuple[list[list[int]], np.ndarray],
@@ -318,104 +241,176 @@ class Reference:
     first_logp: np.ndarray
 
 
-def constituent_references(models: list[Any], probes: dict[str, list[str]],
-                           settings: ExtractionSettings, answer_tokens: int, *,
-                           cache_dir: Path | None = None,
-                           progress: Progress | None = None) -> dict[str, Reference]:
-    """Each constituent's answers to its own probes (LoRAs swapped on one loaded base), cached.
+class Answers:
+    """The constituents' answers to their own probes: cached per model identity, computed on a
+    model wherever it is loaded (during extraction: one load per model), else by `references`."""
 
-    `progress` counts one step per constituent.
-    """
-    progress = progress or Progress("answers", 0, enabled=False)
-    dtype = resolve_dtype(settings.dtype, "cpu")
-    dtype_name = str(dtype).removeprefix("torch.")
-    root = cache_dir or cache_root()
-    out: dict[str, Reference] = {}
-    by_base: dict[Path, list[Any]] = {}
-    for ref in models:
-        by_base.setdefault(local_dir(ref.model).resolve(), []).append(ref)
-    for base_dir, group in by_base.items():
-        tok = load_tokenizer(base_dir, settings)
-        model = peft_model = None
-        for ref in sorted(group, key=lambda r: r.lora is not None):
-            cache = AnswerCache(model_identity(ref), settings, dtype_name, answer_tokens, root)
-            texts = probes[str(ref)]
-            keys = [probe_key(t, settings.chat_template) for t in texts]
-            hit = cache.get(keys)
-            label, note = f"{progress.label(str(ref))}: answers", "" if hit is None else "cached"
-            progress.start(label)
-            t0 = time.perf_counter()
-            if hit is None:
-                if model is None:
-                    model = load_causal_lm(base_dir, settings, "cpu", dtype)
-                target = model
-                if ref.lora is not None:
-                    peft_model = swap_adapter(model, peft_model, local_dir(ref.lora))
-                    target = peft_model
-                ids = encode(tok, texts, settings)
-                answers = generate_answers(target, tok, ids, answer_tokens, settings.batch_size)
-                pad = pad_id(tok)
-                argmax, logp = teacher_forced(target, ids, answers, pad, settings.batch_size)
-                hit = Reference(ids, answers, argmax, pad, logp)
-                cache.put(keys, hit)
-            progress.done(label, seconds=time.perf_counter() - t0, note=note)
-            out[str(ref)] = hit
-        if model is not None:
-            del model, peft_model, target  # all of it, before the next base loads
+    def __init__(self, models: list[Any], probes: dict[str, list[str]],
+                 settings: ExtractionSettings, answer_tokens: int, root: Path):
+        dtype = str(resolve_dtype(settings.dtype, _device(settings.device))).removeprefix("torch.")
+        self.models, self.probes, self.settings = models, probes, settings
+        self.answer_tokens = answer_tokens
+        self.keys = {str(m): [probe_key(t, settings.chat_template) for t in probes[str(m)]]
+                     for m in models}
+        self.caches = {str(m): AnswerCache(model_identity(m), settings, dtype, answer_tokens, root)
+                       for m in models}
+        self.found: dict[str, Reference] = {}
+
+    def missing(self) -> set[str]:
+        """The models (as str) whose answers are not cached yet."""
+        for name, cache in self.caches.items():
+            if name not in self.found and (hit := cache.get(self.keys[name])) is not None:
+                self.found[name] = hit
+        return set(self.caches) - set(self.found)
+
+    def compute(self, ref: Any, model: Any, tok: Any) -> None:
+        """Answer `ref`'s probes on `model` (the loaded model, or the base with its adapter)."""
+        name = str(ref)
+        ids = encode(tok, self.probes[name], self.settings)
+        answers = generate_answers(model, tok, ids, self.answer_tokens, self.settings.batch_size)
+        pad = pad_id(tok)
+        argmax, logp = teacher_forced(model, ids, answers, pad, self.settings.batch_size)
+        self.found[name] = Reference(ids, answers, argmax, pad, logp)
+        self.caches[name].put(self.keys[name], self.found[name])
+
+    def references(self, progress: Progress | None = None) -> dict[str, Reference]:
+        """Every model's answers: those not computed yet on one load per base (LoRAs swapped).
+
+        `progress` counts one step per model.
+        """
+        progress = progress or Progress("answers", 0, enabled=False)
+        todo = self.missing()
+        device = _device(self.settings.device)
+        dtype = resolve_dtype(self.settings.dtype, device)
+        by_base: dict[Path, list[Any]] = {}
+        for ref in self.models:
+            by_base.setdefault(local_dir(ref.model).resolve(), []).append(ref)
+        for base_dir, group in by_base.items():
+            tok = load_tokenizer(base_dir, self.settings)
+            model = peft_model = None
+            for ref in sorted(group, key=lambda r: r.lora is not None):
+                label = f"{progress.label(str(ref))}: answers"
+                progress.start(label)
+                t0 = time.perf_counter()
+                if str(ref) in todo:
+                    if model is None:
+                        model = load_causal_lm(base_dir, self.settings, device, dtype)
+                    target = model
+                    if ref.lora is not None:
+                        peft_model = swap_adapter(model, peft_model, local_dir(ref.lora))
+                        target = peft_model
+                    self.compute(ref, target, tok)
+                progress.done(label, seconds=time.perf_counter() - t0,
+                              note="" if str(ref) in todo else "cached")
+            del model, peft_model  # all of it, before the next base loads
             gc.collect()
-    return out
+        return {str(m): self.found[str(m)] for m in self.models}
 
 
 def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
              settings: ExtractionSettings, *, answer_tokens: int = 32, seed: int = 0,
              cache_dir: Path | None = None, progress: bool = True,
              labels: Mapping[str, str] | None = None) -> Rehearsal:
-    """Merge `merge` in memory and compare it with each constituent on that constituent's probes.
+    """Merge `merge` a layer at a time and compare it with each constituent on its own probes.
 
     Args:
         merge: the mergekit MergeConfiguration, merged as written.
         models: the constituents (mergekit ModelReferences) to compare with.
         probes: probe texts by str(model reference): each constituent's own task probes.
-        settings: tokenisation (chat template, max length), dtype and batch size.
+        settings: tokenisation (chat template, max length), dtype, device and batch size.
         answer_tokens: the longest greedy answer compared.
-        seed: mergekit's random seed (DARE's random drop).
+        seed: the seed of randomised merge methods (DARE), drawn per tensor.
         cache_dir: cache root for the constituents' answers.
-        progress: show progress: each constituent's answers, the merge, the comparison.
+        progress: show progress: each constituent's answers, then the merged pass stage by stage.
         labels: display names by str(model reference), for the progress.
 
     Returns:
         A `Rehearsal`: rehearsal_agreement, rehearsal_token_agreement and rehearsal_kl per model.
 
     Raises:
-        BadInputError: the merge cannot be planned or run in memory; models that cannot be loaded.
+        BadInputError: the merge cannot be planned or run; models that cannot be loaded.
     """
     quiet_third_party("transformers")
-    dtype = resolve_dtype(settings.dtype, "cpu")
-    bar = Progress("rehearsal", len(models) + 2, enabled=progress, labels=labels)
+    device = _device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    bar = Progress("rehearsal", len(models) + 1, enabled=progress, labels=labels)
     t0 = time.perf_counter()
-    refs = constituent_references(models, probes, settings, answer_tokens, cache_dir=cache_dir,
-                                  progress=bar)
+    refs = Answers(models, probes, settings, answer_tokens, cache_dir or cache_root()).references(bar)
     t1 = time.perf_counter()
-    bar.start("in-memory merge")
-    merged = merge_in_memory(merge, dtype=dtype, seed=seed, trust_remote_code=settings.trust_remote_code,
-                             cache_dir=cache_dir)
-    t2 = time.perf_counter()
-    bar.done("in-memory merge", seconds=t2 - t1)
-    bar.start("merge vs constituents")
+    layout = {str(m): forced_batches(refs[str(m)].prompts, refs[str(m)].answers, refs[str(m)].pad_id,
+                                     settings.batch_size) for m in models}
+    batches = [Batch(b.ids.to(device), b.mask.to(device), b.positions.to(device), b.keep)
+               for m in models for _, b in layout[str(m)]]
+    bar.start("merged model, a layer at a time")
+    seconds: dict[str, float] = {}
+    logits = merged_logits(merge, batches, dtype=dtype, device=device, seed=seed,
+                           trust_remote_code=settings.trust_remote_code,
+                           lora_cache=(cache_dir or cache_root()) / "lora_merged", seconds=seconds)
     result: dict[str, dict[str, float]] = {}
     for ref in models:
-        own = refs[str(ref)]
-        mine = teacher_forced(merged, own.prompts, own.answers, own.pad_id, settings.batch_size)
-        result[str(ref)] = compare((own.argmax, own.first_logp), mine).summary()
+        own, mine = refs[str(ref)], logits[: len(layout[str(ref)])]
+        logits = logits[len(mine):]
+        merged = read_forced(layout[str(ref)], mine, own.answers)
+        result[str(ref)] = compare((own.argmax, own.first_logp), merged).summary()
         if not all(math.isfinite(v) for v in result[str(ref)].values()):
             raise BadInputError(f"the rehearsal of {ref} produced NaN or inf (try --dtype float32)")
-    t3 = time.perf_counter()
-    bar.done("merge vs constituents", seconds=t3 - t2)
+    t2 = time.perf_counter()
+    bar.done("merged model, a layer at a time", seconds=t2 - t1)
     bar.close()
-    del merged
     gc.collect()
+    merge_s = round(seconds.get("merge", 0.0), 2)
     return Rehearsal(models=result, answer_tokens=answer_tokens,
                      dtype=str(dtype).removeprefix("torch."),
-                     seconds={"answers": round(t1 - t0, 2), "merge": round(t2 - t1, 2),
-                              "compare": round(t3 - t2, 2)})
+                     seconds={"answers": round(t1 - t0, 2), "merge": merge_s,
+                              "compare": round(t2 - t1 - merge_s, 2)})
 
+
+def rehearsal_memory(merge: Any, settings: ExtractionSettings, *, n_sequences: int,
+                     answer_tokens: int, limit_gb: float | None = None) -> tuple[int, int, str]:
+    """(bytes the streamed pass needs at its peak, bytes it may use, what the limit is).
+
+    The need is `models.streamed.estimate_bytes` with the activations of `n_sequences` probes of
+    at most `max_length + answer_tokens` tokens; the limit is `limit_gb`, else the free memory of
+    the device the rehearsal runs on.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    from mergekit_collapse.models.streamed import estimate_bytes
+
+    device = _device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    first = merge.base_model or merge.referenced_models()[0]
+    text = AutoConfig.from_pretrained(local_dir(first.model),
+                                      trust_remote_code=settings.trust_remote_code).get_text_config()
+    tokens = settings.max_length + answer_tokens
+    activations = 4 * (3 * n_sequences * tokens * text.hidden_size  # hidden states, kept + working
+                       + settings.batch_size * tokens * tokens * text.num_attention_heads  # scores
+                       + n_sequences * (answer_tokens + 1) * text.vocab_size)  # logits
+    need = estimate_bytes(merge, dtype_bytes=torch.finfo(dtype).bits // 8,
+                          activations=activations)["total"]
+    if limit_gb is not None:
+        return need, int(limit_gb * 1e9), "(rehearse_max_gb)"
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return need, free, f"free on {device}"
+    return need, _available_ram(), "of available memory"
+
+
+def _available_ram() -> int:
+    """MemAvailable from /proc/meminfo (bytes); where it cannot be read, no limit."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _device(device: str) -> str:
+    """One device for the rehearsal: "auto" is the first GPU when there is one."""
+    import torch
+
+    resolved = resolve_device(device)
+    return ("cuda" if torch.cuda.is_available() else "cpu") if resolved == "auto" else resolved

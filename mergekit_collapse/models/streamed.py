@@ -1,0 +1,389 @@
+"""The merged model's forward pass, a layer at a time: mergekit's merge, never whole in memory.
+
+`merged_logits` runs a mergekit config's merge on batches of token ids without building the
+merged model. The model is a skeleton on the meta device; mergekit's own planner
+(`MergePlanner`) gives one task per output tensor, and the pass goes
+
+1. the embeddings (and any other weight outside the decoder layers but the final ones): their
+   tasks run, the model runs on every batch up to its first decoder layer, which records its
+   input and, for every layer, the arguments the model gives it (attention masks, sliding-window
+   masks and rotary embeddings are the model's own);
+2. each decoder layer in turn: its tensors are merged (one mergekit `Executor` per tensor, so
+   one tensor of each input is read at a time), the layer runs on every batch, and is freed;
+3. the final norm and head: merged, and the model runs once more on every batch with its
+   layers replaced by the hidden states already computed, giving the logits.
+
+Every value is the one `mergekit-yaml` writes (cast to the config's `out_dtype`), then cast to the
+rehearsal's dtype, as loading the written model would. LoRA references are read through
+`LoraTensorLoader` (no merged copy of the base on disk). Randomised methods (DARE) draw from a
+generator seeded per tensor from (seed, tensor name), so the draw does not depend on the order in
+which tensors are merged.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergekit_collapse.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """One batch of the pass: left-padded ids, their mask and positions, and how many final
+    positions need logits."""
+
+    ids: Any
+    mask: Any
+    positions: Any
+    keep: int
+
+
+@dataclass
+class MergePlan:
+    """A config's merge planned by mergekit: the output config, each output tensor's task and
+    out dtype, and which tensors each stage of the pass needs."""
+
+    config: Any  # transformers PretrainedConfig of the merged model
+    tasks: dict[str, tuple[Any, str | None]]  # tensor name -> (mergekit task, out dtype)
+    loras: list[Any]  # LoRA references served by LoraTensorLoader
+
+
+class _Stop(Exception):
+    """Raised by the last layer's recorder: the capture pass needs nothing after it."""
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_merge(merge: Any, *, trust_remote_code: bool = False,
+               lora_cache: Path | None = None) -> MergePlan:
+    """Plan `merge` with mergekit's planner, LoRA references served from their base's tensors.
+
+    Args:
+        merge: the mergekit MergeConfiguration (not modified).
+        trust_remote_code: let transformers run the models' custom code.
+        lora_cache: where mergekit may write a merged LoRA it has to (adapters other than plain
+            LoRA: DoRA, saved modules); None: such adapters are refused.
+
+    Raises:
+        BadInputError: mergekit cannot plan this merge; a tokenizer section; several modules.
+    """
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    if merge.tokenizer is not None or merge.tokenizer_source is not None:
+        raise BadInputError("rehearsal does not support configs with a tokenizer section")
+    merge = merge.model_copy(deep=True)  # mergekit's planner rewrites its config in place
+    options = MergeOptions(lora_merge_cache=str(lora_cache) if lora_cache else None, quiet=True,
+                           trust_remote_code=trust_remote_code)
+    LoaderCache().setup(options=options)
+    loras = _serve_loras(merge, allow_cache=lora_cache is not None)
+    try:
+        arch = get_architecture_info(merge, options)
+        if len(arch.modules) != 1:
+            raise BadInputError(f"the streamed rehearsal merges one-module models; this one has "
+                                f"{len(arch.modules)} ({', '.join(arch.modules)})")
+        cfg_out = _model_out_config(merge, arch, trust_remote_code=trust_remote_code)
+        planner = MergePlanner(merge, arch, options=options, out_model_config=cfg_out)
+        # plan_in_memory() of mergekit 0.1.5 fails validating ReturnTensor(tensor_task=...)
+        # ("Can't instantiate abstract class Task[Tensor]"); its own plan, run directly, is the same
+        planner._plan()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise BadInputError(f"mergekit cannot plan this merge: {str(e).splitlines()[0]}") from None
+    out_dtype = merge.out_dtype or merge.dtype
+    tasks = {w.name: (task, w.force_dtype or out_dtype) for w, task in planner._tensors}
+    return MergePlan(config=cfg_out, tasks=tasks, loras=loras)
+
+
+def _serve_loras(merge: Any, *, allow_cache: bool) -> list[Any]:
+    """Put a `LoraTensorLoader` in mergekit's loader cache for each LoRA reference it describes."""
+    from mergekit.io.tasks import LoaderCache
+
+    from mergekit_collapse.models.loading import local_dir
+    from mergekit_collapse.models.lora import LoraTensorLoader, lora_updates
+
+    served = []
+    for ref in merge.referenced_models():
+        if ref.lora is None:
+            continue
+        base = type(ref)(model=ref.model).lazy_loader(lazy_unpickle=False)
+        updates = lora_updates(local_dir(ref.lora, what="LoRA adapter"), set(base.index.tensor_paths))
+        if updates is None:
+            if not allow_cache:
+                raise BadInputError(f"LoRA adapter {ref.lora} is not a plain LoRA (DoRA, saved "
+                                    "modules or biases): the rehearsal cannot stream it")
+            log.info("%s: not a plain LoRA; mergekit merges it into its LoRA cache", ref.lora)
+            continue
+        LoaderCache().loaders[ref] = LoraTensorLoader(base, updates)
+        served.append(ref)
+    return served
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def merged_logits(merge: Any, batches: list[Batch], *, dtype: Any, device: str = "cpu",
+                  seed: int | None = 0, trust_remote_code: bool = False,
+                  lora_cache: Path | None = None,
+                  on_stage: Callable[[str], None] | None = None,
+                  seconds: dict[str, float] | None = None) -> list[Any]:
+    """The merged model's logits (float32, on the CPU) on each batch, the last `keep` positions.
+
+    Args:
+        merge: the mergekit MergeConfiguration, merged as written.
+        batches: the inputs (see `Batch`); each batch is run as the whole model would run it.
+        dtype: the torch dtype the merged weights are run in.
+        device: where the merge arithmetic and the forward run ("cpu", "cuda", "cuda:1").
+        seed: seed of randomised methods (per tensor; see the module docstring).
+        trust_remote_code: let transformers run the models' custom code.
+        lora_cache: where mergekit may merge adapters that are not plain LoRA.
+        on_stage: called with "embeddings", "layer i/n", "head" as each stage starts.
+        seconds: filled with {"merge": time in mergekit's tasks} (the rest is the forward).
+
+    Raises:
+        BadInputError: mergekit cannot plan or run the merge; an architecture the pass cannot
+            stream (decoder layers that do not take and return hidden states).
+    """
+    import torch
+
+    plan = plan_merge(merge, trust_remote_code=trust_remote_code, lora_cache=lora_cache)
+    try:
+        with _skeleton(plan.config, dtype, device, trust_remote_code) as model:
+            stages = _stages(model, plan)
+            merger = _Merger(model, plan, dtype, device, seed, seconds if seconds is not None else {})
+            layers = model.get_decoder().layers
+            (on_stage or (lambda _s: None))("embeddings")
+            merger.fill(stages["pre"])
+            hidden, args = _capture(model, layers, batches)
+            for i, layer in enumerate(layers):
+                (on_stage or (lambda _s: None))(f"layer {i + 1}/{len(layers)}")
+                merger.fill(stages[i])
+                with torch.inference_mode():
+                    for b, (a, kw) in enumerate(args):
+                        hidden[b] = _layer_output(layer(hidden[b], *a[i], **kw[i]), i)
+                merger.free(stages[i])
+            (on_stage or (lambda _s: None))("head")
+            merger.fill(stages["post"])
+            return _head(model, layers, batches, hidden)
+    except BadInputError:  # ours, already one line (and a ValueError too)
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise BadInputError(f"mergekit cannot merge these models: {str(e).splitlines()[0]}") from None
+    finally:
+        _forget_loras(plan.loras)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@contextmanager
+def _skeleton(config: Any, dtype: Any, device: str, trust_remote_code: bool) -> Iterator[Any]:
+    """The merged model's modules with every weight on the meta device (buffers real, on `device`)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code).eval()
+    model.tie_weights()  # e.g. the head shares the embeddings: filled once, with them
+    if device != "cpu":
+        for name, buf in list(model.named_buffers()):
+            set_module_tensor_to_device(model, name, device, value=buf)
+    try:
+        yield model
+    finally:
+        del model
+
+
+def _stages(model: Any, plan: MergePlan) -> dict[Any, list[list[str]]]:
+    """The weights each stage fills: "pre" (those of modules before the last layer's end, outside
+    the layers: the embeddings), each layer's index, "post" (after the layers: the final norm, the
+    head). Each entry is a group of parameter names that share one tensor: a head tied to the
+    embeddings is filled with them, and kept.
+
+    Raises:
+        BadInputError: a planned tensor the model has not, or a weight no task fills.
+    """
+    layers = model.get_decoder().layers
+    names = {id(m): n for n, m in model.named_modules()}
+    prefixes = [names[id(layer)] + "." for layer in layers]
+    order = {n: i for i, n in enumerate(names.values())}
+    end = max(i for n, i in order.items() if n.startswith(prefixes[-1]))
+    tied: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    groups = list(tied.values())
+    if unknown := sorted(set(plan.tasks) - {n for g in groups for n in g}):
+        raise BadInputError(f"mergekit produced tensor '{unknown[0]}', which the model has not")
+    if missing := [g[0] for g in groups if not any(n in plan.tasks for n in g)]:
+        raise BadInputError(f"the in-memory merge left {len(missing)} tensors unset, e.g. {missing[0]}")
+    stages: dict[Any, list[list[str]]] = {"pre": [], "post": [], **{i: [] for i in range(len(layers))}}
+    for group in groups:
+        layer = next((i for i, p in enumerate(prefixes) if group[0].startswith(p)), None)
+        after = all(order[n.rpartition(".")[0]] > end for n in group)
+        stages[layer if layer is not None else "post" if after else "pre"].append(group)
+    return stages
+
+
+class _Merger:
+    """Runs mergekit's task of each tensor and puts the value into the skeleton."""
+
+    def __init__(self, model: Any, plan: MergePlan, dtype: Any, device: str, seed: int | None,
+                 seconds: dict[str, float]):
+        self.model, self.plan, self.dtype, self.device, self.seed = model, plan, dtype, device, seed
+        self.seconds = seconds
+
+    def fill(self, groups: list[list[str]]) -> None:
+        import torch
+        from accelerate.utils import set_module_tensor_to_device
+        from mergekit.common import dtype_from_name
+        from mergekit.graph import Executor
+        from mergekit.io.tasks import LoaderCache
+
+        t0 = time.perf_counter()
+        for group in groups:
+            name = next(n for n in group if n in self.plan.tasks)
+            task, out_dtype = self.plan.tasks[name]
+            if self.seed is not None:
+                torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+            ((_, value),) = Executor([task], math_device=self.device,
+                                     storage_device=self.device).run(quiet=True)
+            if out_dtype:
+                value = value.to(dtype_from_name(out_dtype))
+            value = value.to(device=self.device, dtype=self.dtype)
+            for n in group:
+                set_module_tensor_to_device(self.model, n, self.device, value=value)
+        LoaderCache().flush_all()  # close the shards' maps: their pages leave this process
+        self.seconds["merge"] = self.seconds.get("merge", 0.0) + time.perf_counter() - t0
+
+    def free(self, groups: list[list[str]]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for group in groups:
+            for n in group:
+                set_module_tensor_to_device(self.model, n, "meta")
+        gc.collect()
+
+
+def _capture(model: Any, layers: Any, batches: list[Batch]) -> tuple[list[Any], list[Any]]:
+    """Run the model up to its first layer on each batch: the first layer's input, and per layer
+    the positional and keyword arguments the model passes it."""
+    import torch
+
+    hidden: list[Any] = []
+    args: list[tuple[list[Any], list[Any]]] = []
+    for batch in batches:
+        pos: list[Any] = [None] * len(layers)
+        kws: list[Any] = [None] * len(layers)
+
+        def recorder(i: int, pos: list[Any] = pos, kws: list[Any] = kws) -> Callable[..., Any]:
+            def record(*a: Any, **kw: Any) -> Any:
+                h = a[0] if a else kw.pop("hidden_states")
+                pos[i], kws[i] = a[1:], kw
+                if i == 0:
+                    hidden.append(h)
+                if i == len(layers) - 1:
+                    raise _Stop
+                return h
+            return record
+
+        with _replaced(layers, recorder), torch.inference_mode(), suppress(_Stop):
+            model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions,
+                  use_cache=False, logits_to_keep=batch.keep)
+        if len(hidden) != len(args) + 1 or any(k is None for k in kws):
+            raise BadInputError("the streamed rehearsal cannot follow this model's forward pass")
+        args.append((pos, kws))
+    return hidden, args
+
+
+def _head(model: Any, layers: Any, batches: list[Batch], hidden: list[Any]) -> list[Any]:
+    """Run the final norm and head on each batch's last hidden states (the layers replaced)."""
+    import torch
+
+    out = []
+    for batch, h in zip(batches, hidden, strict=True):
+        def passthrough(i: int, h: Any = h) -> Callable[..., Any]:
+            def forward(*a: Any, **kw: Any) -> Any:
+                return h if i == len(layers) - 1 else (a[0] if a else kw["hidden_states"])
+            return forward
+
+        with _replaced(layers, passthrough), torch.inference_mode():
+            logits = model(input_ids=batch.ids, attention_mask=batch.mask,
+                           position_ids=batch.positions, use_cache=False,
+                           logits_to_keep=batch.keep).logits
+        out.append(logits.float().cpu())
+    return out
+
+
+@contextmanager
+def _replaced(layers: Any, make: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
+    """Each layer's forward replaced by `make(i)` (on the instance), restored after."""
+    for i, layer in enumerate(layers):
+        layer.forward = make(i)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _layer_output(out: Any, i: int) -> Any:
+    if isinstance(out, tuple):
+        raise BadInputError(f"decoder layer {i} returns a tuple: the streamed rehearsal needs "
+                            "transformers' layers that return their hidden states (transformers 5)")
+    return out
+
+
+def _forget_loras(refs: list[Any]) -> None:
+    from mergekit.io.tasks import LoaderCache
+
+    for ref in refs:
+        LoaderCache().loaders.pop(ref, None)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def estimate_bytes(merge: Any, *, dtype_bytes: int, activations: int) -> dict[str, int]:
+    """What the streamed pass holds at its peak, from the inputs' safetensors headers: one tensor
+    of every input and the merged one at a time, one merged layer, the weights kept outside the
+    layers (embeddings, head), and `activations` bytes of hidden states and logits.
+
+    Returns:
+        {"tensor", "layer", "outside", "activations", "total"}: bytes.
+    """
+    from mergekit_collapse.models.loading import local_dir, tensor_shapes
+
+    shapes = tensor_shapes(local_dir(merge.base_model.model if merge.base_model else
+                                     merge.referenced_models()[0].model))
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    layer: dict[str, int] = {}
+    outside = 0
+    for name, n in numel.items():
+        head, sep, rest = name.partition(".layers.")
+        index = rest.split(".")[0] if sep else ""
+        if index.isdigit():
+            layer[f"{head}.{index}"] = layer.get(f"{head}.{index}", 0) + n
+        else:
+            outside += n
+    inputs = len({(str(r.model), str(r.lora)) for r in merge.referenced_models()})
+    out = {"tensor": max(numel.values(), default=0) * dtype_bytes * (inputs + 2),
+           "layer": max(layer.values(), default=0) * dtype_bytes,
+           "outside": outside * dtype_bytes, "activations": activations}
+    out["total"] = sum(out.values())
+    return out
