@@ -345,7 +345,8 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     seconds: dict[str, float] = {}
     logits = merged_logits(merge, batches, dtype=dtype, device=device, seed=seed,
                            trust_remote_code=settings.trust_remote_code,
-                           lora_cache=(cache_dir or cache_root()) / "lora_merged", seconds=seconds)
+                           lora_cache=(cache_dir or cache_root()) / "lora_merged", seconds=seconds,
+                           on_stage=lambda stage: bar.start(f"merged model: {stage}"))
     result: dict[str, dict[str, float]] = {}
     for ref in models:
         own, mine = refs[str(ref)], logits[: len(layout[str(ref)])]

@@ -56,7 +56,6 @@ class MergePlan:
 
     config: Any  # transformers PretrainedConfig of the merged model
     tasks: dict[str, tuple[Any, str | None]]  # tensor name -> (mergekit task, out dtype)
-    loras: list[Any]  # LoRA references served by LoraTensorLoader
 
 
 class _Stop(Exception):
@@ -91,7 +90,7 @@ def plan_merge(merge: Any, *, trust_remote_code: bool = False,
     options = MergeOptions(lora_merge_cache=str(lora_cache) if lora_cache else None, quiet=True,
                            trust_remote_code=trust_remote_code)
     LoaderCache().setup(options=options)
-    loras = _serve_loras(merge, allow_cache=lora_cache is not None)
+    _serve_loras(merge, allow_cache=lora_cache is not None)
     try:
         arch = get_architecture_info(merge, options)
         if len(arch.modules) != 1:
@@ -106,17 +105,16 @@ def plan_merge(merge: Any, *, trust_remote_code: bool = False,
         raise BadInputError(f"mergekit cannot plan this merge: {str(e).splitlines()[0]}") from None
     out_dtype = merge.out_dtype or merge.dtype
     tasks = {w.name: (task, w.force_dtype or out_dtype) for w, task in planner._tensors}
-    return MergePlan(config=cfg_out, tasks=tasks, loras=loras)
+    return MergePlan(config=cfg_out, tasks=tasks)
 
 
-def _serve_loras(merge: Any, *, allow_cache: bool) -> list[Any]:
+def _serve_loras(merge: Any, *, allow_cache: bool) -> None:
     """Put a `LoraTensorLoader` in mergekit's loader cache for each LoRA reference it describes."""
     from mergekit.io.tasks import LoaderCache
 
     from mergekit_collapse.models.loading import local_dir
     from mergekit_collapse.models.lora import LoraTensorLoader, lora_updates
 
-    served = []
     for ref in merge.referenced_models():
         if ref.lora is None:
             continue
@@ -129,8 +127,6 @@ def _serve_loras(merge: Any, *, allow_cache: bool) -> list[Any]:
             log.info("%s: not a plain LoRA; mergekit merges it into its LoRA cache", ref.lora)
             continue
         LoaderCache().loaders[ref] = LoraTensorLoader(base, updates)
-        served.append(ref)
-    return served
 
 
 # ---------------------------------------------------------------- the pass
@@ -160,23 +156,24 @@ def merged_logits(merge: Any, batches: list[Batch], *, dtype: Any, device: str =
     """
     import torch
 
-    plan = plan_merge(merge, trust_remote_code=trust_remote_code, lora_cache=lora_cache)
+    say = on_stage or (lambda _stage: None)
     try:
+        plan = plan_merge(merge, trust_remote_code=trust_remote_code, lora_cache=lora_cache)
         with _skeleton(plan.config, dtype, device, trust_remote_code) as model:
             stages = _stages(model, plan)
             merger = _Merger(model, plan, dtype, device, seed, seconds if seconds is not None else {})
             layers = model.get_decoder().layers
-            (on_stage or (lambda _s: None))("embeddings")
+            say("embeddings")
             merger.fill(stages["pre"])
             hidden, args = _capture(model, layers, batches)
             for i, layer in enumerate(layers):
-                (on_stage or (lambda _s: None))(f"layer {i + 1}/{len(layers)}")
+                say(f"layer {i + 1}/{len(layers)}")
                 merger.fill(stages[i])
                 with torch.inference_mode():
                     for b, (a, kw) in enumerate(args):
                         hidden[b] = _layer_output(layer(hidden[b], *a[i], **kw[i]), i)
                 merger.free(stages[i])
-            (on_stage or (lambda _s: None))("head")
+            say("head")
             merger.fill(stages["post"])
             return _head(model, layers, batches, hidden)
     except BadInputError:  # ours, already one line (and a ValueError too)
@@ -184,7 +181,7 @@ def merged_logits(merge: Any, batches: list[Batch], *, dtype: Any, device: str =
     except (RuntimeError, ValueError) as e:
         raise BadInputError(f"mergekit cannot merge these models: {str(e).splitlines()[0]}") from None
     finally:
-        _forget_loras(plan.loras)
+        _forget_loaders(merge)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -259,10 +256,11 @@ class _Merger:
         for group in groups:
             name = next(n for n in group if n in self.plan.tasks)
             task, out_dtype = self.plan.tasks[name]
-            if self.seed is not None:
-                torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
-            ((_, value),) = Executor([task], math_device=self.device,
-                                     storage_device=self.device).run(quiet=True)
+            with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
+                if self.seed is not None:
+                    torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+                ((_, value),) = Executor([task], math_device=self.device,
+                                         storage_device=self.device).run(quiet=True)
             if out_dtype:
                 value = value.to(dtype_from_name(out_dtype))
             value = value.to(device=self.device, dtype=self.dtype)
@@ -349,10 +347,11 @@ def _layer_output(out: Any, i: int) -> Any:
     return out
 
 
-def _forget_loras(refs: list[Any]) -> None:
+def _forget_loaders(merge: Any) -> None:
+    """Drop mergekit's loaders of this merge's inputs: the next pass reads the folders afresh."""
     from mergekit.io.tasks import LoaderCache
 
-    for ref in refs:
+    for ref in merge.referenced_models():
         LoaderCache().loaders.pop(ref, None)
 
 
