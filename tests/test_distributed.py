@@ -88,7 +88,7 @@ def test_two_processes_give_the_same_report(tiny_zoo, tmp_path, monkeypatch):
     assert report == summary["configs"][1]["report"] and report["rehearsal"]["status"] == "ran"
     assert without_timing(report) == without_timing(json.loads((tmp_path / "one" / "report.json")
                                                                 .read_text()))
-    md = [re.sub(r"; answers [^\n]*", "", (tmp_path / d / "report.md").read_text())
+    md = [re.sub(r"; (answers|cached) [^\n]*", "", (tmp_path / d / "report.md").read_text())
           for d in ("one", "two/good")]
     assert md[0] == md[1]
     assert (tmp_path / "one" / "hidden_sim.png").read_bytes() == \
@@ -115,3 +115,26 @@ def test_concurrent_cache_writers_lose_no_update(tmp_path):
     data = VectorCache("same-model", ExtractionSettings(), "float32", tmp_path).data
     assert sorted(data) == sorted(f"k{i}" for i in range(40))
     assert all(v[0] == int(k[1:]) for k, v in data.items())
+
+
+def test_several_configs_spread_their_rehearsals_over_the_processes(tiny_zoo, tmp_path, monkeypatch):
+    """Before the checks, process r rehearses configs r, r + 2, ... into the cache: the checks read
+    every rehearsal from it (its cost shows as `cached`), and each matches a one-process run."""
+    z = tiny_zoo
+    monkeypatch.chdir(tmp_path)
+    write_config(tmp_path / "a.yml", z["base"], [str(z["ft1"]), str(z["ft2"])])
+    write_config(tmp_path / "b.yml", z["base"], [str(z["ft1"]), f"{z['base']}+{z['lora1']}"])
+    flags = ["a.yml", "b.yml", "--absolute-budget", "1e9", "--format", "json", "--no-progress"]
+    one = CliRunner().invoke(main, ["check", *flags, "--out", "one"])
+    assert one.exit_code == 0, one.output
+    two = subprocess.run([sys.executable, "-m", "mergekit_collapse", "check", *flags, "--out", "two",
+                          "--num-processes", "2", "--cache-dir", "c2"],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    steps = {}
+    for name in ("a", "b"):
+        ran = [json.loads((tmp_path / d / name / "report.json").read_text()) for d in ("one", "two")]
+        assert [[m["rehearsal_agreement"] for m in r["models"]] for r in ran] == \
+            [[m["rehearsal_agreement"] for m in ran[0]["models"]]] * 2
+        steps[name] = set(ran[1]["run_info"]["seconds"])
+    assert "rehearsal.cached" in steps["a"] and "rehearsal.cached" in steps["b"]

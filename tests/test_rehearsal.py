@@ -3,6 +3,8 @@ answers) and the one decision table, on tiny real models."""
 
 from __future__ import annotations
 
+import shutil
+
 import yaml
 
 from mergekit_collapse.guard.assess import check, extraction_settings
@@ -157,8 +159,22 @@ def test_a_corrupt_answer_cache_entry_is_recomputed(tiny_zoo, _isolated_cache):
     entries = sorted((_isolated_cache / "answers").rglob("*.npz"))
     assert len(entries) == 2
     entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated, as by a crash
+    shutil.rmtree(_isolated_cache / "rehearsals")  # the result itself is cached too
     _, second = _rehearse(tiny_zoo, ["ft1", "ft2"], base_model=False)
     assert second.models == first.models
+
+
+def test_a_rehearsal_is_cached_by_what_it_depends_on(tiny_zoo, _isolated_cache, caplog):
+    _, first = _rehearse(tiny_zoo, ["ft1", "ft2"], base_model=False)
+    _, again = _rehearse(tiny_zoo, ["ft1", "ft2"], base_model=False)
+    assert again.models == first.models and set(again.seconds) == {"cached"}
+    (entry,) = (_isolated_cache / "rehearsals").rglob("*.json")
+    entry.write_text("{not json")
+    _, third = _rehearse(tiny_zoo, ["ft1", "ft2"], base_model=False)
+    assert third.models == first.models and "merge" in third.seconds
+    assert "malformed rehearsal cache entry" in caplog.text
+    _, other = _rehearse(tiny_zoo, ["ft1", "ft3"], base_model=False)  # another merge: not a hit
+    assert "merge" in other.seconds
 
 
 def test_cli_switches_the_rehearsal_and_names_the_base(tiny_zoo, tmp_path):

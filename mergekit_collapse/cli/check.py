@@ -140,6 +140,7 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
     """Compute HiddenSim, MDS and the exact distortion bounds for each config in CONFIGS (files,
     globs, folders); exit 3 if one is over budget (see --fail-on), 2 if one is broken."""
     from mergekit_collapse.ci.results import check_config, exit_status
+    from mergekit_collapse.guard.assess import prefill_rehearsals
     from mergekit_collapse.guard.config import check_writable
     from mergekit_collapse.guard.distributed import is_main_process, launch, launched
 
@@ -154,6 +155,8 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
         click.echo(note, err=True)
     kwargs = guard_overrides(params) | runtime.run_guard_kwargs()
     debug = bool(click.get_current_context().find_root().params.get("debug"))
+    if launched() and len(selected) > 1:  # the configs' rehearsals, spread over the processes
+        prefill_rehearsals([c.path for c in selected], **{**kwargs, "progress": False})
     results = [check_config(c.path, fail_on=fail_on, debug=debug, **kwargs) for c in selected]
     if not main:  # another process of a multi-process run: it extracted its share; the main reports
         sys.exit(0)

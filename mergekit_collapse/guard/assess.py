@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 
 from mergekit_collapse import __version__
 from mergekit_collapse._constants import cache_root
-from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.errors import BadInputError, CollapseError
 from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.calibration import Calibration, load_calibration
 from mergekit_collapse.guard.config import LoadedConfig, load_config, with_guard
@@ -37,6 +38,8 @@ from mergekit_collapse.guard.report import (
     display_names,
 )
 from mergekit_collapse.guard.weights import planned_weights
+
+log = logging.getLogger(__name__)
 
 #: the relative budget when neither the config nor the calibration sets one
 DEFAULT_RELATIVE_BUDGET = 0.25
@@ -154,6 +157,37 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
 def _root(cfg: LoadedConfig) -> Path | None:
     """The folder display names are relative to: the config's."""
     return cfg.path.parent if cfg.path is not None else None
+
+
+def prefill_rehearsals(configs: list[Path], *, device: str = "auto", dtype: str = "auto",
+                       cache_dir: str | Path | None = None, allow_pickle: bool = False,
+                       trust_remote_code: bool = False, progress: bool = True,
+                       **overrides: Any) -> None:
+    """On the processes of a multi-process run: process r rehearses configs r, r + n, ... into the
+    rehearsal cache, then every process waits for the others; the checks that follow read the
+    results (one process a config, all at once, instead of the main process one after another).
+
+    Errors are left to those checks, which report them. Outside a launcher this does nothing.
+    """
+    from dataclasses import replace
+
+    state = world()
+    if state is None:
+        return
+    for path in configs[state.process_index :: state.num_processes]:
+        try:
+            cfg = apply_overrides(load_config(path), **overrides)
+            probes = build_probes(cfg)
+            settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                           trust_remote_code=trust_remote_code)
+            if settings.device == "auto" and state.device.type == "cuda":
+                settings = replace(settings, device=str(state.device))  # this process's GPU
+            if len(cfg.models) > 1 and (gate := rehearsal_gate(cfg, probes, settings)) is None:
+                run_rehearsal(cfg, probes, settings, gate=gate, progress=False,
+                              cache_dir=Path(cache_dir) if cache_dir else None)
+        except CollapseError as e:
+            log.debug("prefilling the rehearsal of %s: %s", path, e)
+    state.wait_for_everyone()
 
 
 def rehearsal_gate(cfg: LoadedConfig, probes: ProbeSet, settings: Any) -> RehearsalInfo | None:

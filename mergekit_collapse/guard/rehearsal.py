@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: bump when what a cached answer means changes
 ANSWER_CACHE_VERSION = "2"
+#: bump when what a cached rehearsal result means changes
+REHEARSAL_CACHE_VERSION = "1"
 
 
 @dataclass
@@ -229,6 +231,40 @@ class AnswerCache:
         atomic_write_bytes(self._path(keys), buf.getvalue())
 
 
+class RehearsalCache:
+    """A rehearsal's result, keyed by everything it depends on: the merge as written, the content
+    of every model it reads, each constituent's probes, dtype, device type, tokenisation, batch
+    size, answer length and seed. A re-run (CI, `mergekit-yaml --guard` after `check`) reads it."""
+
+    def __init__(self, merge: Any, models: list[Any], probes: dict[str, list[str]],
+                 settings: ExtractionSettings, dtype_name: str, device: str, answer_tokens: int,
+                 seed: int, root: Path):
+        spec = {"v": REHEARSAL_CACHE_VERSION, "merge": merge.model_dump(mode="json"),
+                "identities": {str(r): model_identity(r) for r in merge.referenced_models()},
+                "models": [str(m) for m in models], "probes": probes, "dtype": dtype_name,
+                "device": device.split(":")[0], "max_length": settings.max_length,
+                "chat_template": settings.chat_template, "batch_size": settings.batch_size,
+                "answer_tokens": answer_tokens, "seed": seed}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+        self.path = root / "rehearsals" / digest[:2] / f"{digest}.json"
+
+    def get(self) -> Rehearsal | None:
+        try:
+            data = json.loads(self.path.read_text())
+            return Rehearsal(models={k: {m: float(x) for m, x in v.items()}
+                                     for k, v in data["models"].items()},
+                             answer_tokens=int(data["answer_tokens"]), dtype=str(data["dtype"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            log.warning("recomputing malformed rehearsal cache entry %s", self.path)
+            return None
+
+    def put(self, result: Rehearsal) -> None:
+        atomic_write_bytes(self.path, json.dumps({"models": result.models, "dtype": result.dtype,
+                                                  "answer_tokens": result.answer_tokens}).encode())
+
+
 @dataclass
 class Reference:
     """A constituent's prompts and answers (token ids), and its own argmax and first-token
@@ -333,8 +369,13 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     quiet_third_party("transformers")
     device = _device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    bar = Progress("rehearsal", len(models) + 1, enabled=progress, labels=labels)
     t0 = time.perf_counter()
+    cache = RehearsalCache(merge, models, probes, settings, str(dtype).removeprefix("torch."), device,
+                           answer_tokens, seed, cache_dir or cache_root())
+    if (hit := cache.get()) is not None:
+        hit.seconds = {"cached": round(time.perf_counter() - t0, 2)}
+        return hit
+    bar = Progress("rehearsal", len(models) + 1, enabled=progress, labels=labels)
     refs = Answers(models, probes, settings, answer_tokens, cache_dir or cache_root()).references(bar)
     t1 = time.perf_counter()
     layout = {str(m): forced_batches(refs[str(m)].prompts, refs[str(m)].answers, refs[str(m)].pad_id,
@@ -360,10 +401,12 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     bar.close()
     gc.collect()
     merge_s = round(seconds.get("merge", 0.0), 2)
-    return Rehearsal(models=result, answer_tokens=answer_tokens,
-                     dtype=str(dtype).removeprefix("torch."),
-                     seconds={"answers": round(t1 - t0, 2), "merge": merge_s,
-                              "compare": round(t2 - t1 - merge_s, 2)})
+    out = Rehearsal(models=result, answer_tokens=answer_tokens,
+                    dtype=str(dtype).removeprefix("torch."),
+                    seconds={"answers": round(t1 - t0, 2), "merge": merge_s,
+                             "compare": round(t2 - t1 - merge_s, 2)})
+    cache.put(out)
+    return out
 
 
 def rehearsal_memory(merge: Any, settings: ExtractionSettings, *, n_sequences: int,
