@@ -131,22 +131,22 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         merge_method=cfg.merge.merge_method, base=cfg.base, vectors=run.vectors,
         candidates=dict(settings.candidates), candidate_refs=candidate_refs)
     try:
-        plan = get_action(settings.action).plan(ctx, merge_all=merge_all)
+        outcome = get_action(settings.action).apply(ctx, merge_all=merge_all)
     except BadInputError:  # an action's own one-line error (a ValueError too): as it is
         raise
     except ValueError as e:  # e.g. too many replacement combinations to try
         raise BadInputError(f"guard action '{settings.action}': {e}") from None
-    report.actions.extend(plan.records)
+    report.actions.extend(outcome.records)
     result = GuardedMerge(report=report)
-    if plan.stop:
+    if outcome.stop:
         if report_dir:
             result.report_paths += list(report.write(report_dir).values())
-            raise GuardStoppedError(f"{plan.stop}; report: {Path(report_dir) / 'report.md'}", report)
-        raise GuardStoppedError(f"{plan.stop} (--guard-report DIR keeps the report)", report)
+            raise GuardStoppedError(f"{outcome.stop}; report: {Path(report_dir) / 'report.md'}", report)
+        raise GuardStoppedError(f"{outcome.stop} (--guard-report DIR keeps the report)", report)
 
-    report.actions.extend(_weights(plan, ctx, settings.weights, out))
+    report.actions.extend(_weights(outcome, ctx, settings.weights, out))
     jobs = []
-    for pm in plan.merges:
+    for pm in outcome.merges:
         target = out / pm.name if pm.name else out
         source = cfg.source
         path = None
@@ -159,14 +159,14 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                     rec.configs.append(str(path))
         if pm.merge:
             jobs.append((pm, target, source, path))
-    if plan.multi_stage is not None:
+    if outcome.multi_stage is not None:
         path = _sibling(out, "order")
-        atomic_write_text(path, plan.multi_stage)
+        atomic_write_text(path, outcome.multi_stage)
         result.configs.append(path)
         for rec in report.actions:
             rec.configs.append(str(path))
 
-    if not jobs and plan.multi_stage is None:  # nothing merged: only the report goes to OUT
+    if not jobs and outcome.multi_stage is None:  # nothing merged: only the report goes to OUT
         result.report_paths += list(report.write(out / REPORT_DIR).values())
     else:
         with staged_folder(out) as staged:
@@ -177,10 +177,10 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                 result.merge_seconds += time.perf_counter() - t0
                 result.outputs.append(target)
                 result.sources.append(path)
-            if plan.multi_stage is not None:
+            if outcome.multi_stage is not None:
                 # absolute: mergekit takes a/b for a Hub id
                 stages = _sibling(out.resolve(), "stages", ext="")
-                merge_multi_stage(plan.multi_stage, staged, stages, merge_options)
+                merge_multi_stage(outcome.multi_stage, staged, stages, merge_options)
                 result.outputs.append(out)
                 result.sources.append(None)  # the final stage merges the config's own constituents
             written = report.write(staged / REPORT_DIR).values()
@@ -204,7 +204,7 @@ def _check_out(out: Path) -> None:
 
 
 def _belongs(rec: Any, pm: Any, action: str) -> bool:
-    """Is this record about this planned merge's config (split records name their group)?"""
+    """Is this record about this merge job's config (split records name their group)?"""
     if rec.action == action or (rec.action == "weights" and "applied" in rec.changed):
         return not pm.name or rec.changed.startswith(f"{pm.name}:")
     return False
@@ -258,11 +258,11 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
     return with_guard(cfg, guard), refs
 
 
-def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
-    """`--guard-weights`: α* of each planned merge's own models, suggested or applied.
+def _weights(outcome: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
+    """`--guard-weights`: α* of each merge job's own models, suggested or applied.
 
     `suggest` writes `<OUT>[.<action>]-weights.yml` beside the output and merges as planned;
-    `apply` rewrites the planned configs (linear and task-arithmetic family methods only).
+    `apply` rewrites the jobs' configs (linear and task-arithmetic family methods only).
     """
     from mergekit_collapse.actions.rewrite import weights_config
     from mergekit_collapse.guard import geometry
@@ -271,12 +271,12 @@ def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
 
     if mode == "none":
         return []
-    if plan.multi_stage is not None:
+    if outcome.multi_stage is not None:
         return [Action(action="weights", changed="not applied",
                        reason="a multi-stage (order) plan weights each stage by its group sizes")]
     records = []
     linear = ctx.merge_method == "linear" or ctx.merge_method in task_family()
-    for pm in plan.merges:
+    for pm in outcome.merges:
         if len(pm.members) < 2:
             continue
         sq = geometry.pairwise_distances(ctx.vectors(pm.members)).sq

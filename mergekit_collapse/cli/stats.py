@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_collapse.cli.options import emit
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD
 
 
 def read_records_file(path: Path):  # -> statistics.Records
@@ -22,7 +23,7 @@ def read_records_file(path: Path):  # -> statistics.Records
 
 @click.command("stats")
 @click.argument("records", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--threshold", type=float, default=-30.0, show_default=True,
+@click.option("--threshold", type=float, default=COLLAPSE_THRESHOLD, show_default=True,
               help="A record is 'collapsed' when its loss (percent, Eq. 1) is below this.")
 @click.option("--format", "fmt", type=click.Choice(["json", "markdown"]), default="markdown",
               show_default=True, help="Output format.")

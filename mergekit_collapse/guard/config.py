@@ -25,7 +25,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _did_you_mean(word: str, options: list[str]) -> str:
+def did_you_mean(word: str, options: list[str]) -> str:
+    """"; did you mean 'x'?" for the closest option (difflib), or "" when none is close."""
     near = difflib.get_close_matches(word, options, n=1)
     return f"; did you mean '{near[0]}'?" if near else ""
 
@@ -127,7 +128,7 @@ class GuardSettings(_Strict):
     def _known_action(cls, value: str) -> str:
         names = action_names()
         if value not in names:
-            raise ValueError(f"unknown action {value!r}{_did_you_mean(value, names)}; "
+            raise ValueError(f"unknown action {value!r}{did_you_mean(value, names)}; "
                              f"choose one of {', '.join(names)}")
         return value
 
@@ -212,7 +213,7 @@ def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
     if first.get("type") == "extra_forbidden" and loc:
         key = str(loc[-1])
         options = allowed.get(tuple(type(x).__name__ for x in loc[:-1]), []) or _all_fields()
-        return f"unknown key {'guard.' + where!r}{_did_you_mean(key, options)}"
+        return f"unknown key {'guard.' + where!r}{did_you_mean(key, options)}"
     return f"invalid {'guard.' + where if loc else 'guard'}: {_one_line(str(first.get('msg')))}"
 
 
@@ -373,7 +374,7 @@ def check_merge_method(merge: Any, *, inputs: bool = True) -> None:
         method = methods.get(merge.merge_method)
     except RuntimeError:
         names = sorted(m.spec.name for m in methods.registered_methods())
-        hint = _did_you_mean(merge.merge_method, names) or f"; mergekit has {', '.join(names)}"
+        hint = did_you_mean(merge.merge_method, names) or f"; mergekit has {', '.join(names)}"
         raise ConfigError(f"unknown merge_method '{merge.merge_method}'{hint}") from None
     for label, refs, base, reader in _merge_groups(merge):
         try:
@@ -444,7 +445,7 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
             raise ConfigError(f"{where}guard.tasks key {key!r} is not a model reference")
         if ref not in models:
             raise ConfigError(f"{where}guard.tasks names {key!r}, which is not a model of this "
-                              f"merge{_did_you_mean(key, sorted(known))}")
+                              f"merge{did_you_mean(key, sorted(known))}")
     return cfg
 
 

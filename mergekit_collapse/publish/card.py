@@ -197,7 +197,7 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
         the tool version, the risk score when the report has one, and the observed losses if evaluated.
         Models go by their display names; no absolute local path is left in it (`public_text`).
     """
-    from mergekit_collapse import __version__
+    from mergekit_collapse._version import __version__
 
     b = report.bounds
     shown = report.displays()
@@ -320,7 +320,7 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
     """
     from huggingface_hub import ModelCard
 
-    from mergekit_collapse import __version__
+    from mergekit_collapse._version import __version__
 
     out = Path(out_dir)
     mdir = out / REPORT_DIR

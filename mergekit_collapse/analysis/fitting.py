@@ -21,13 +21,12 @@ from mergekit_collapse.analysis.statistics import (
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.calibration import (
     DEFAULT_BUDGET_COLUMN,
-    DEFAULT_THRESHOLD,
     Bands,
     Calibration,
-    Direction,
     Validity,
     write_calibration,
 )
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD, Direction
 
 
 class _Cut(BaseModel):
@@ -89,7 +88,7 @@ def _best_score(records: Records, labels: np.ndarray, keep: np.ndarray) -> str:
 
 
 def fit_calibration(records: Records, *, score: str | None = None, direction: Direction | None = None,
-                    threshold: float = DEFAULT_THRESHOLD, sensitivity: float = 0.9,
+                    threshold: float = COLLAPSE_THRESHOLD, sensitivity: float = 0.9,
                     budget_column: str = DEFAULT_BUDGET_COLUMN,
                     source: dict[str, Any] | None = None) -> Calibration:
     """Fit risk bands on `score` (and the default relative budget) from merge records.
@@ -154,8 +153,8 @@ def fit_calibration(records: Records, *, score: str | None = None, direction: Di
 
 
 
-def calibrate_file(records_path: str | Path, *, out: str | Path | None = None, score: str | None = None,
-                   direction: Direction | None = None, threshold: float = DEFAULT_THRESHOLD,
+def fit_calibration_file(records_path: str | Path, *, out: str | Path | None = None, score: str | None = None,
+                   direction: Direction | None = None, threshold: float = COLLAPSE_THRESHOLD,
                    sensitivity: float = 0.9, budget_column: str = DEFAULT_BUDGET_COLUMN
                    ) -> tuple[Calibration, Path]:
     """Read a records file, fit the calibration, write it as JSON.
