@@ -19,9 +19,11 @@ from mergekit_collapse.guard.decision import (
     band_of,
     comparison,
     decide,
+    edges_in_order,
     edges_text,
     flagged,
     icon,
+    orientation,
     outlier,
     verdict,
     worst,
@@ -62,6 +64,9 @@ def test_band_of_honours_the_direction(value, direction, expected):
 
 
 def test_edges_text_honours_the_direction():
+    assert (orientation("higher"), orientation("lower")) == (1.0, -1.0)
+    assert edges_in_order("higher", 0.5, 0.8) and not edges_in_order("higher", 0.8, 0.5)
+    assert edges_in_order("lower", 0.5, 0.2) and not edges_in_order("lower", 0.2, 0.5)
     assert comparison("higher") == "≥" and comparison("lower") == "≤"
     assert edges_text("higher", 0.5, 0.8) == "elevated ≥ 0.5, collapse ≥ 0.8"
     assert edges_text("lower", 0.5, 0.2) == "elevated ≤ 0.5, collapse ≤ 0.2"

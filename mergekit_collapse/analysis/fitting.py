@@ -26,7 +26,7 @@ from mergekit_collapse.guard.calibration import (
     Validity,
     write_calibration,
 )
-from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD, Direction
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD, Direction, orientation
 
 
 class _Cut(BaseModel):
@@ -128,10 +128,10 @@ def fit_calibration(records: Records, *, score: str | None = None, direction: Di
     auc = auroc(x, y)
     if direction is None:
         direction = auc.direction or "higher"
-    sign = 1.0 if direction == "higher" else -1.0
+    sign = orientation(direction)
     cut_c, cut_e = roc_cuts(sign * x, y, sensitivity=sensitivity)
     corr = correlation(x, lo)
-    oriented_auc = None if auc.auroc is None else (auc.auroc if direction == "higher" else 1 - auc.auroc)
+    oriented_auc = None if auc.auroc is None else (auc.auroc if sign > 0 else 1 - auc.auroc)
     validity = Validity(n=len(x), n_collapsed=int(y.sum()), auroc=oriented_auc,
                         spearman_rho=corr.spearman_rho, spearman_p=corr.spearman_p,
                         youden_j=cut_c.sensitivity + cut_c.specificity - 1,

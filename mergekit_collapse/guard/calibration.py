@@ -34,7 +34,13 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD, Band, Direction, band_of
+from mergekit_collapse.guard.decision import (
+    COLLAPSE_THRESHOLD,
+    Band,
+    Direction,
+    band_of,
+    edges_in_order,
+)
 
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_RESOURCE = "calibration_default.json"
@@ -98,7 +104,7 @@ class Calibration(BaseModel):
     @model_validator(mode="after")
     def _ordered(self) -> Calibration:
         e, c = self.bands.elevated, self.bands.collapse
-        if (self.direction == "higher" and e > c) or (self.direction == "lower" and e < c):
+        if not edges_in_order(self.direction, e, c):
             raise ValueError(f"band edges out of order for direction '{self.direction}': "
                              f"elevated {e}, collapse {c}")
         return self

@@ -110,6 +110,16 @@ def at_or_above(band: str | None, floor: str) -> bool:
     return band is not None and order.index(Band(band)) >= order.index(Band(floor))
 
 
+def orientation(direction: str | None) -> float:
+    """+1 when higher values are riskier, −1 when lower are: `orientation * value` grows with risk."""
+    return -1.0 if direction == "lower" else 1.0
+
+
+def edges_in_order(direction: str, elevated: float, collapse: float) -> bool:
+    """Whether the elevated edge comes before the collapse edge in the signal's direction."""
+    return orientation(direction) * elevated <= orientation(direction) * collapse
+
+
 def comparison(direction: str | None) -> str:
     """How a value reaches a band's edge: "≥" when higher is riskier, "≤" when lower is."""
     return "≤" if direction == "lower" else "≥"
@@ -193,7 +203,7 @@ def band_of(value: float | None, direction: Direction, bands: Edges) -> Band | N
     beyond the elevated edge, else "low"; None for a missing value."""
     if value is None or math.isnan(value):
         return None
-    sign = 1.0 if direction == "higher" else -1.0
+    sign = orientation(direction)
     if sign * value >= sign * bands.collapse:
         return Band.COLLAPSE
     if sign * value >= sign * bands.elevated:
