@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from mergekit_collapse.guard.decision import Verdict, flagged, worst
 from mergekit_collapse.guard.report import Action, GuardReport
+
+if TYPE_CHECKING:
+    from mergekit.common import ModelReference
 
 # --------------------------------------------------------------------------------------------
 # the actions
@@ -34,13 +37,13 @@ class ActionContext:
 
     report: GuardReport
     raw: dict
-    refs: list[Any]
+    refs: list[ModelReference]
     budget: float
     merge_method: str
-    base: Any | None = None
-    vectors: Callable[[list[Any]], np.ndarray] | None = None
+    base: ModelReference | None = None
+    vectors: Callable[[list[ModelReference]], np.ndarray] | None = None
     candidates: dict[str, list[str]] = field(default_factory=dict)
-    candidate_refs: dict[str, Any] = field(default_factory=dict)
+    candidate_refs: dict[str, ModelReference] = field(default_factory=dict)
 
     @property
     def sq(self) -> np.ndarray:
@@ -92,7 +95,7 @@ class MergeJob:
 
     name: str
     raw: dict
-    members: list[Any]
+    members: list[ModelReference]
     changed: bool
     suffix: str
     merge: bool = True

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mergekit_collapse.cli.options import emit
 from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD
 
+if TYPE_CHECKING:
+    from mergekit_collapse.analysis.statistics import Records
 
-def read_records_file(path: Path):  # -> statistics.Records
+
+def read_records_file(path: Path) -> Records:
     """Read and parse a merge-records file (CSV, or JSONL by extension `.jsonl`/`.json`)."""
     from mergekit_collapse.analysis.statistics import parse_records
     from mergekit_collapse.guard.config import read_text

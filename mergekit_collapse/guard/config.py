@@ -6,12 +6,16 @@ import difflib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergekit_collapse.errors import BadInputError, ConfigError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
 
 Pooling = Literal["mean", "last"]
 #: the built-in actions (mergekit_collapse.actions); other packages add theirs through this group
@@ -145,10 +149,10 @@ class LoadedConfig:
 
     path: Path | None
     source: str
-    merge: Any  # mergekit.config.MergeConfiguration
+    merge: MergeConfiguration
     guard: GuardSettings
-    models: list[Any]  # constituent mergekit ModelReference, in YAML order, base excluded
-    base: Any | None  # the anchor p_0: mergekit ModelReference or None (see `find_base`)
+    models: list[ModelReference]  # the constituents, in YAML order, base excluded
+    base: ModelReference | None  # the anchor p_0, or None (see `find_base`)
     base_source: str | None = None  # where the anchor came from, or why there is none
 
     def task_of(self, model: Any) -> TaskSpec:
