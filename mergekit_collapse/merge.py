@@ -11,11 +11,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mergekit_collapse._constants import REPORT_DIR
+from mergekit_collapse._constants import REPORT_DIR, SHIPPED_DIR
 from mergekit_collapse._io import atomic_write_text, staged_folder
-from mergekit_collapse.errors import BadInputError, GuardStoppedError
+from mergekit_collapse.errors import BadInputError, CollapseError, GuardStoppedError
+
+if TYPE_CHECKING:
+    from mergekit_collapse.actions.base import ActionContext, MergeJob, Reorganisation
+    from mergekit_collapse.guard.config import LoadedConfig
+    from mergekit_collapse.guard.report import Action, GuardReport
 
 LOG = logging.getLogger(__name__)
 
@@ -36,9 +41,12 @@ class GuardedMerge:
         configs: the re-organised / re-weighted configs written next to the output.
         report_paths: report.json / report.md / hidden_sim.png, per folder written.
         sources: for each folder in `outputs`, the config it was merged from (None: as written).
+        shipped: the guard's report on the config merged into OUT when an action re-organised the
+            task set (written to `<OUT>/mergeability/shipped/`; the card heads with it), else None.
     """
 
-    report: Any  # GuardReport
+    report: GuardReport
+    shipped: GuardReport | None = None
     outputs: list[Path] = field(default_factory=list)
     sources: list[Path | None] = field(default_factory=list)
     configs: list[Path] = field(default_factory=list)
@@ -60,6 +68,10 @@ class GuardedMerge:
         elif h is not None:
             lines.append(f"  rehearsal {h.status}: {h.reason}")
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]
+        if self.shipped is not None:
+            s = self.shipped
+            lines.append(f"  shipped merge ({len(s.models)} models), re-checked: {s.verdict} "
+                         f"(decided by {s.decided_by})")
         lines += [f"  config: {p}" for p in self.configs]
         lines += [f"  merged: {p}" for p in self.outputs]
         if self.configs and not self.outputs:
@@ -119,12 +131,12 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
                                    **settings}.items() if v is not None}
     cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
-    run = run_guard(
-        cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())),
-        device=getattr(merge_options, "device", None) or "auto", dtype="auto",
-        cache_dir=cache_dir, trust_remote_code=bool(getattr(merge_options, "trust_remote_code", False)),
-        progress=(not getattr(merge_options, "quiet", False)) if progress is None else progress,
-        budget=budget, absolute_budget=absolute_budget, **overrides)
+    options = {"device": getattr(merge_options, "device", None) or "auto", "dtype": "auto",
+               "cache_dir": cache_dir,
+               "trust_remote_code": bool(getattr(merge_options, "trust_remote_code", False)),
+               "progress": (not getattr(merge_options, "quiet", False)) if progress is None else progress,
+               "budget": budget, "absolute_budget": absolute_budget, **overrides}
+    run = run_guard(cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())), **options)
     report, settings = run.report, run.cfg.guard
     ctx = ActionContext(
         report=report, raw=_raw(cfg.source), refs=list(run.cfg.models), budget=report.budget.absolute,
@@ -166,6 +178,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         for rec in report.actions:
             rec.configs.append(str(path))
 
+    result.shipped = _recheck(cfg, jobs, ctx, options)
+
     if not jobs and outcome.multi_stage is None:  # nothing merged: only the report goes to OUT
         result.report_paths += list(report.write(out / REPORT_DIR).values())
     else:
@@ -184,10 +198,47 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                 result.outputs.append(out)
                 result.sources.append(None)  # the final stage merges the config's own constituents
             written = report.write(staged / REPORT_DIR).values()
+            if result.shipped is not None:
+                result.shipped.write(staged / REPORT_DIR / SHIPPED_DIR)
         result.report_paths += [out / REPORT_DIR / p.name for p in written]
     if report_dir:
         result.report_paths += list(report.write(report_dir).values())
+        if result.shipped is not None:
+            result.shipped.write(Path(report_dir) / SHIPPED_DIR)
     return result
+
+
+def _recheck(cfg: LoadedConfig, jobs: list[tuple[Any, ...]], ctx: ActionContext,
+             options: dict[str, Any]) -> GuardReport | None:
+    """The guard's report on the config merged into OUT itself, when an action changed its models
+    (drop, replace): the normal check path again, on cached hidden states, with one rehearsal.
+
+    The report on the config as written keeps the actions; the re-check carries them too, and
+    a note with the written config's verdict, so that either file tells the whole story.
+
+    Returns:
+        The re-check's report; None when OUT merges the written set, or the re-check failed (a
+        warning says why: the merge itself does not depend on it).
+    """
+    from mergekit_collapse.guard.assess import run_guard
+    from mergekit_collapse.guard.config import parse_config
+
+    source = next((src for pm, _, src, _ in jobs if not pm.name and pm.members != ctx.refs), None)
+    if source is None:
+        return None
+    try:
+        run = run_guard(parse_config(source, cfg.path), **options)
+    except CollapseError as e:
+        LOG.warning("the merge is not re-checked after the guard's actions: %s", e)
+        return None
+    if run is None:  # another process of a multi-process run
+        return None
+    written, shipped = ctx.report, run.report
+    shipped.actions = [a.model_copy() for a in written.actions]
+    shipped.notes.append(f"re-checked after the guard's actions; the config as written "
+                         f"({len(written.models)} models) had verdict {written.verdict} (decided by "
+                         f"{written.decided_by})")
+    return shipped
 
 
 def _check_out(out: Path) -> None:
@@ -203,7 +254,7 @@ def _check_out(out: Path) -> None:
                             f"{REPORT_DIR}/) and would be replaced: choose a new or empty folder")
 
 
-def _belongs(rec: Any, pm: Any, action: str) -> bool:
+def _belongs(rec: Action, pm: MergeJob, action: str) -> bool:
     """Is this record about this merge job's config (split records name their group)?"""
     if rec.action == action or (rec.action == "weights" and "applied" in rec.changed):
         return not pm.name or rec.changed.startswith(f"{pm.name}:")
@@ -258,7 +309,7 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
     return with_guard(cfg, guard), refs
 
 
-def _weights(outcome: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
+def _weights(outcome: Reorganisation, ctx: ActionContext, mode: str, out: Path) -> list[Action]:
     """`--guard-weights`: α* of each merge job's own models, suggested or applied.
 
     `suggest` writes `<OUT>[.<action>]-weights.yml` beside the output and merges as planned;
