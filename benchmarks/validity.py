@@ -724,7 +724,8 @@ def calibrate(work: Path, setting: str, score: str, threshold: float) -> Path:
     keyed = at_setting(read_records(work), setting)
     path = work / f"records-{setting}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in keyed))
-    cal, out = fit_calibration_file(path, out=work / "calibration.json", score=score, threshold=threshold)
+    cal, out = fit_calibration_file(path, out=work / "calibration.json", score=score,
+                                    threshold=threshold)
     cal.source["setting"] = setting
     out.write_text(cal.model_dump_json(indent=2))
     return out

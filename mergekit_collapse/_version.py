@@ -1,4 +1,4 @@
-"""The installed distribution's version, in a module of its own: importing it imports nothing else."""
+"""The installed distribution's version, in a module of its own: it imports nothing of ours."""
 
 from __future__ import annotations
 

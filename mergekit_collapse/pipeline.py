@@ -33,7 +33,7 @@ class PipelineResult:
 
     out: Path
     report: GuardReport | None = None
-    evaluations: dict[str, Evaluation] = field(default_factory=dict)  # output folder -> its evaluation
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)  # by output folder
     configs: list[Path] = field(default_factory=list)
     cards: list[Path] = field(default_factory=list)
     push: PushResult | None = None

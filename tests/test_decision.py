@@ -117,7 +117,8 @@ def test_the_collapse_threshold_is_the_one_default():
     assert COLLAPSE_THRESHOLD == -30.0
     assert Calibration.model_fields["threshold"].default == COLLAPSE_THRESHOLD
     for command in (calibrate, stats):
-        assert next(p.default for p in command.params if p.name == "threshold") == COLLAPSE_THRESHOLD
+        default = next(p.default for p in command.params if p.name == "threshold")
+        assert default == COLLAPSE_THRESHOLD
 
 
 def test_the_report_prints_edges_in_the_signals_direction():

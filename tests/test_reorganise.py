@@ -132,7 +132,7 @@ def test_an_entry_point_action_is_selectable(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text(
         "[mergekit_collapse.actions]\nkeep-all = keep_all_action:KeepAll\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "ACTIONS", dict(registry.ACTIONS))  # leave the real registry as it was
+    monkeypatch.setattr(registry, "ACTIONS", dict(registry.ACTIONS))  # the real one stays as it was
 
     assert action_names()[-1] == "keep-all"
     assert GuardSettings(action="keep-all").action == "keep-all"

@@ -1,5 +1,5 @@
 """The actions by name (the shape of mergekit's `merge_methods/registry.py`): the built-ins, those
-`register` adds, and those other packages add through the `mergekit_collapse.actions` entry points."""
+`register` adds, and those of other packages (the `mergekit_collapse.actions` entry points)."""
 
 from __future__ import annotations
 

@@ -65,7 +65,8 @@ def _cell(text: object) -> str:
 
 def _row(r: ConfigResult) -> str:
     if r.report is None:
-        return f"| `{_cell(r.display)}` | {ERROR_ICON} error | — | — | {_cell(error_message(r))} | {r.exit_code} |"
+        return (f"| `{_cell(r.display)}` | {ERROR_ICON} error | — | — | {_cell(error_message(r))} "
+                f"| {r.exit_code} |")
     rep = r.report
     band = report_band(rep) or "—"
     flagged = ", ".join(m.task for m in rep.models
