@@ -41,12 +41,13 @@ class GuardedMerge:
         configs: the re-organised / re-weighted configs written next to the output.
         report_paths: report.json / report.md / hidden_sim.png, per folder written.
         sources: for each folder in `outputs`, the config it was merged from (None: as written).
-        shipped: the guard's report on the config merged into OUT when an action re-organised the
-            task set (written to `<OUT>/mergeability/shipped/`; the card heads with it), else None.
+        shipped: for each folder merged from a set an action changed (drop, replace, split
+            groups), the guard's re-check of the config merged there (written to
+            `<folder>/mergeability/shipped/`; that folder's card heads with it).
     """
 
     report: GuardReport
-    shipped: GuardReport | None = None
+    shipped: dict[Path, GuardReport] = field(default_factory=dict)
     outputs: list[Path] = field(default_factory=list)
     sources: list[Path | None] = field(default_factory=list)
     configs: list[Path] = field(default_factory=list)
@@ -68,10 +69,9 @@ class GuardedMerge:
         elif h is not None:
             lines.append(f"  rehearsal {h.status}: {h.reason}")
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]
-        if self.shipped is not None:
-            s = self.shipped
-            lines.append(f"  shipped merge ({len(s.models)} models), re-checked: {s.verdict} "
-                         f"(decided by {s.decided_by})")
+        for folder, s in self.shipped.items():
+            lines.append(f"  shipped merge {folder} ({len(s.models)} models), re-checked: "
+                         f"{s.verdict} (decided by {s.decided_by})")
         lines += [f"  config: {p}" for p in self.configs]
         lines += [f"  merged: {p}" for p in self.outputs]
         if self.configs and not self.outputs:
@@ -97,7 +97,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     Args:
         config_path: the mergekit YAML (with its `guard:` section).
         out_path: mergekit's output folder. Re-organised configs are written beside it as
-            `<OUT>.<action>.yml`; the report goes to `<OUT>/mergeability/`.
+            `<OUT>.<action>.yml`; the report goes to `<OUT>/mergeability/`, and the re-check of
+            a set an action changed to `<folder>/mergeability/shipped/` (see `GuardedMerge`).
         merge_options: mergekit's MergeOptions (device, dtype handling, trust_remote_code, ...).
         action: overrides guard.action (abort, warn, drop, split, replace, order).
         budget: relative budget, overrides guard.budget.
@@ -197,47 +198,50 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                 merge_multi_stage(outcome.multi_stage, staged, stages, merge_options)
                 result.outputs.append(out)
                 result.sources.append(None)  # the final stage merges the config's own constituents
+            for target, rep in result.shipped.items():
+                if target != out:  # a split group's card reads the config as written there too
+                    report.write(staged / target.relative_to(out) / REPORT_DIR)
+                rep.write(staged / target.relative_to(out) / REPORT_DIR / SHIPPED_DIR)
             written = report.write(staged / REPORT_DIR).values()
-            if result.shipped is not None:
-                result.shipped.write(staged / REPORT_DIR / SHIPPED_DIR)
         result.report_paths += [out / REPORT_DIR / p.name for p in written]
     if report_dir:
         result.report_paths += list(report.write(report_dir).values())
-        if result.shipped is not None:
-            result.shipped.write(Path(report_dir) / SHIPPED_DIR)
+        for target, rep in result.shipped.items():
+            rep.write(Path(report_dir) / target.relative_to(out) / SHIPPED_DIR)
     return result
 
 
 def _recheck(cfg: LoadedConfig, jobs: list[tuple[Any, ...]], ctx: ActionContext,
-             options: dict[str, Any]) -> GuardReport | None:
-    """The guard's report on the config merged into OUT itself, when an action changed its models
-    (drop, replace): the normal check path again, on cached hidden states, with one rehearsal.
+             options: dict[str, Any]) -> dict[Path, GuardReport]:
+    """The guard's report on each config merged from a set an action changed (drop, replace, the
+    groups of split): the normal check path again, on cached hidden states, one rehearsal each.
 
-    The report on the config as written keeps the actions; the re-check carries them too, and
+    The report on the config as written keeps the actions; each re-check carries them too, and
     a note with the written config's verdict, so that either file tells the whole story.
 
     Returns:
-        The re-check's report; None when OUT merges the written set, or the re-check failed (a
-        warning says why: the merge itself does not depend on it).
+        Output folder -> the re-check's report; a folder merged from the set as written has none,
+        nor one whose re-check failed (a warning says why: the merge does not depend on it).
     """
     from mergekit_collapse.guard.assess import run_guard
     from mergekit_collapse.guard.config import parse_config
 
-    source = next((src for pm, _, src, _ in jobs if not pm.name and pm.members != ctx.refs), None)
-    if source is None:
-        return None
-    try:
-        run = run_guard(parse_config(source, cfg.path), **options)
-    except CollapseError as e:
-        LOG.warning("the merge is not re-checked after the guard's actions: %s", e)
-        return None
-    if run is None:  # another process of a multi-process run
-        return None
-    written, shipped = ctx.report, run.report
-    shipped.actions = [a.model_copy() for a in written.actions]
-    shipped.notes.append(f"re-checked after the guard's actions; the config as written "
-                         f"({len(written.models)} models) had verdict {written.verdict} (decided by "
-                         f"{written.decided_by})")
+    written, shipped = ctx.report, {}
+    for pm, target, source, _ in jobs:
+        if pm.members == ctx.refs:
+            continue
+        try:
+            run = run_guard(parse_config(source, cfg.path), **options)
+        except CollapseError as e:
+            LOG.warning("%s is not re-checked after the guard's actions: %s", target, e)
+            continue
+        if run is None:  # another process of a multi-process run
+            continue
+        run.report.actions = [a.model_copy() for a in written.actions]
+        run.report.notes.append(
+            f"re-checked after the guard's actions; the config as written ({len(written.models)} "
+            f"models) had verdict {written.verdict} (decided by {written.decided_by})")
+        shipped[target] = run.report
     return shipped
 
 

@@ -365,7 +365,7 @@ def test_the_card_heads_with_the_merge_it_ships(tiny_zoo, tmp_path: Path) -> Non
     res = CliRunner().invoke(main, ["merge", str(path), str(out), "--guard-action", "drop",
                                     "--guard-absolute-budget", BUDGET, "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "shipped merge (2 models), re-checked: mergeable" in res.output
+    assert f"shipped merge {out} (2 models), re-checked: mergeable" in res.output
     written = GuardReport.read(out / "mergeability")
     shipped = GuardReport.read(out / "mergeability" / "shipped")
     assert (written.verdict, len(written.models)) == ("collapse", 3)
@@ -387,3 +387,26 @@ def test_the_card_heads_with_the_merge_it_ships(tiny_zoo, tmp_path: Path) -> Non
     assert "the merge shipped here" in head and "**Verdict: collapse**" not in text
     assert "merged 3 models: **verdict collapse**" in history
     assert "**drop**: dropped ft3" in history
+
+
+def test_a_split_groups_card_heads_with_its_group(tiny_zoo, tmp_path: Path) -> None:
+    """split --guard-merge-all: a merged group's folder gets the config as written and its own
+    re-check, and its card heads with the group."""
+    import yaml
+    from test_integration import BUDGET, config
+
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(config(tiny_zoo, ["ft1", "ft2", "ft3"]), sort_keys=False))
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(main, ["merge", str(path), str(out), "--guard-action", "split",
+                                    "--guard-merge-all", "--guard-absolute-budget", BUDGET,
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    shipped = {p.parent.parent.parent.name: GuardReport.read(p.parent)
+               for p in sorted(out.glob("group-*/mergeability/shipped/report.json"))}
+    pair = next(name for name, r in shipped.items() if len(r.models) == 2)
+    assert [Path(n).name for n in shipped[pair].names] == ["ft1", "ft2"]
+    assert shipped[pair].verdict == "mergeable"
+    meta = load_card_metadata(write_card(out / pair))["mergeability"]
+    assert meta["verdict"] == "mergeable" and meta["history"]["verdict"] == "collapse"
+    assert len(meta["history"]["models"]) == 3

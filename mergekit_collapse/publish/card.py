@@ -338,7 +338,8 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
         raise BadInputError(f"{out}: no {REPORT_DIR}/report.json (run `mergekit-collapse check` "
                             "with this output folder first)")
     written = _read_report(mdir)
-    shipped = _read_report(mdir / SHIPPED_DIR) if (mdir / SHIPPED_DIR / "report.json").is_file() else None
+    has_shipped = (mdir / SHIPPED_DIR / "report.json").is_file()
+    shipped = _read_report(mdir / SHIPPED_DIR) if has_shipped else None
     report, history = (shipped, written) if shipped is not None else (written, None)
     evaluation = read_evaluation(mdir / "evaluation.json")
     name = model_name or out.resolve().name
@@ -361,7 +362,8 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
             data, template_str=tpl.read_text(encoding="utf-8"),
             model_name=name, report=_public(report.model_dump(mode="json"), clean),
             mergeability=data["mergeability"],
-            history=_public(history.model_dump(mode="json"), public_text(history)) if history else None,
+            history=(_public(history.model_dump(mode="json"), public_text(history))
+                     if history else None),
             evaluation=_public(evaluation.model_dump(mode="json"), clean) if evaluation else None,
             rows=_public(_rows(report, evaluation), clean),
             heatmap=_heatmap(mdir, shipped is not None),
@@ -393,8 +395,8 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
 
 def _heatmap(mdir: Path, shipped: bool) -> str | None:
     """The repo-relative path of the heatmap of the merge the card describes, or None."""
-    rel = f"{REPORT_DIR}/{SHIPPED_DIR}/hidden_sim.png" if shipped else f"{REPORT_DIR}/hidden_sim.png"
-    return rel if (mdir.parent / rel).is_file() else None
+    folder = f"{REPORT_DIR}/{SHIPPED_DIR}" if shipped else REPORT_DIR
+    return f"{folder}/hidden_sim.png" if (mdir.parent / folder / "hidden_sim.png").is_file() else None
 
 
 def _read_report(folder: Path) -> GuardReport:
