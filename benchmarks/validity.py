@@ -484,7 +484,7 @@ def read_rehearsal(work: Path) -> list[dict[str, Any]]:
 
 def _edge(x: np.ndarray, y: np.ndarray, direction: str) -> float:
     """The collapse edge (Youden's J) fitted on (x, y), in the score's own units."""
-    from mergekit_collapse.analysis.calibrate import roc_cuts
+    from mergekit_collapse.analysis.fitting import roc_cuts
 
     sign = 1.0 if direction == "higher" else -1.0
     cut, _ = roc_cuts(sign * x, y, sensitivity=0.9)
@@ -671,7 +671,7 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
     `decides` None: the signal whose leave-one-task-out merge-level verdict has the larger
     sensitivity + specificity over all merges.
     """
-    from mergekit_collapse.analysis.calibrate import fit_calibration
+    from mergekit_collapse.analysis.fitting import fit_calibration
     from mergekit_collapse.analysis.statistics import parse_records
     from mergekit_collapse.guard.calibration import SignalBands, load_calibration
 
@@ -740,12 +740,13 @@ def calibrate(work: Path, setting: str, score: str, threshold: float) -> Path:
     The setting's columns (e.g. `relative_distortion@last-1`) become the plain names the guard's
     report uses; the default relative budget is fitted on `exact_rel` (r*² / base probe spread).
     """
-    from mergekit_collapse.analysis.calibrate import calibrate_file
+    from mergekit_collapse.analysis.fitting import fit_calibration_file
 
     keyed = at_setting(read_records(work), setting)
     path = work / f"records-{setting}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in keyed))
-    cal, out = calibrate_file(path, out=work / "calibration.json", score=score, threshold=threshold)
+    cal, out = fit_calibration_file(path, out=work / "calibration.json", score=score,
+                                    threshold=threshold)
     cal.source["setting"] = setting
     out.write_text(cal.model_dump_json(indent=2))
     return out

@@ -13,9 +13,9 @@ beside them (README, "Layout").
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from mergekit_collapse._version import __version__
 from mergekit_collapse.errors import (
     BadInputError,
     CollapseError,
@@ -24,11 +24,6 @@ from mergekit_collapse.errors import (
     HubError,
     ModelNotFoundError,
 )
-
-try:
-    __version__ = version("mergekit-collapse")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
 
 if TYPE_CHECKING:
     from mergekit_collapse.guard.assess import check

@@ -14,6 +14,9 @@ ENV_CACHE = "MERGEKIT_COLLAPSE_CACHE"
 REPORT_SCHEMA_VERSION = "1.1"
 #: the folder inside a merged model that holds the report, the evaluation and the plots
 REPORT_DIR = "mergeability"
+#: the folder inside REPORT_DIR with the guard's re-check of a config an action re-organised and
+#: that was merged (the merge shipped); REPORT_DIR/report.json stays the config as written
+SHIPPED_DIR = "shipped"
 
 
 def hook_disabled() -> bool:

@@ -12,12 +12,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mergekit_collapse._constants import REPORT_DIR
+from mergekit_collapse._constants import REPORT_DIR, SHIPPED_DIR
 from mergekit_collapse._io import atomic_write_bytes, atomic_write_text, staged_folder
-from mergekit_collapse.errors import BadInputError, GuardStoppedError
+from mergekit_collapse.errors import BadInputError, CollapseError, GuardStoppedError
 from mergekit_collapse.models.identity import model_identity
+
+if TYPE_CHECKING:
+    from mergekit_collapse.actions.base import ActionContext, MergeJob, Reorganisation
+    from mergekit_collapse.guard.config import LoadedConfig
+    from mergekit_collapse.guard.report import Action, GuardReport
 
 LOG = logging.getLogger(__name__)
 
@@ -38,9 +43,13 @@ class GuardedMerge:
         configs: the re-organised / re-weighted configs written next to the output.
         report_paths: report.json / report.md / hidden_sim.png, per folder written.
         sources: for each folder in `outputs`, the config it was merged from (None: as written).
+        shipped: for each folder merged from a set an action changed (drop, replace, split
+            groups), the guard's re-check of the config merged there (written to
+            `<folder>/mergeability/shipped/`; that folder's card heads with it).
     """
 
-    report: Any  # GuardReport
+    report: GuardReport
+    shipped: dict[Path, GuardReport] = field(default_factory=dict)
     outputs: list[Path] = field(default_factory=list)
     sources: list[Path | None] = field(default_factory=list)
     configs: list[Path] = field(default_factory=list)
@@ -62,6 +71,9 @@ class GuardedMerge:
         elif h is not None:
             lines.append(f"  rehearsal {h.status}: {h.reason}")
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]
+        for folder, s in self.shipped.items():
+            lines.append(f"  shipped merge {folder} ({len(s.models)} models), re-checked: "
+                         f"{s.verdict} (decided by {s.decided_by})")
         lines += [f"  config: {p}" for p in self.configs]
         lines += [f"  merged: {p}" for p in self.outputs]
         if self.configs and not self.outputs:
@@ -87,7 +99,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     Args:
         config_path: the mergekit YAML (with its `guard:` section).
         out_path: mergekit's output folder. Re-organised configs are written beside it as
-            `<OUT>.<action>.yml`; the report goes to `<OUT>/mergeability/`.
+            `<OUT>.<action>.yml`; the report goes to `<OUT>/mergeability/`, and the re-check of
+            a set an action changed to `<folder>/mergeability/shipped/` (see `GuardedMerge`).
         merge_options: mergekit's MergeOptions (device, dtype handling, trust_remote_code, ...).
         action: overrides guard.action (abort, warn, drop, split, replace, order).
         budget: relative budget, overrides guard.budget.
@@ -121,34 +134,34 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
                                    **settings}.items() if v is not None}
     cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
-    run = run_guard(
-        cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())),
-        device=getattr(merge_options, "device", None) or "auto", dtype="auto",
-        cache_dir=cache_dir, trust_remote_code=bool(getattr(merge_options, "trust_remote_code", False)),
-        progress=(not getattr(merge_options, "quiet", False)) if progress is None else progress,
-        budget=budget, absolute_budget=absolute_budget, **overrides)
+    options = {"device": getattr(merge_options, "device", None) or "auto", "dtype": "auto",
+               "cache_dir": cache_dir,
+               "trust_remote_code": bool(getattr(merge_options, "trust_remote_code", False)),
+               "progress": (not getattr(merge_options, "quiet", False)) if progress is None else progress,
+               "budget": budget, "absolute_budget": absolute_budget, **overrides}
+    run = run_guard(cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())), **options)
     report, settings = run.report, run.cfg.guard
     ctx = ActionContext(
         report=report, raw=_raw(cfg.source), refs=list(run.cfg.models), budget=report.budget.absolute,
         merge_method=cfg.merge.merge_method, base=cfg.base, vectors=run.vectors,
         candidates=dict(settings.candidates), candidate_refs=candidate_refs)
     try:
-        plan = get_action(settings.action).plan(ctx, merge_all=merge_all)
+        outcome = get_action(settings.action).apply(ctx, merge_all=merge_all)
     except BadInputError:  # an action's own one-line error (a ValueError too): as it is
         raise
     except ValueError as e:  # e.g. too many replacement combinations to try
         raise BadInputError(f"guard action '{settings.action}': {e}") from None
-    report.actions.extend(plan.records)
+    report.actions.extend(outcome.records)
     result = GuardedMerge(report=report)
-    if plan.stop:
+    if outcome.stop:
         if report_dir:
             result.report_paths += list(report.write(report_dir).values())
-            raise GuardStoppedError(f"{plan.stop}; report: {Path(report_dir) / 'report.md'}", report)
-        raise GuardStoppedError(f"{plan.stop} (--guard-report DIR keeps the report)", report)
+            raise GuardStoppedError(f"{outcome.stop}; report: {Path(report_dir) / 'report.md'}", report)
+        raise GuardStoppedError(f"{outcome.stop} (--guard-report DIR keeps the report)", report)
 
-    report.actions.extend(_weights(plan, ctx, settings.weights, out))
+    report.actions.extend(_weights(outcome, ctx, settings.weights, out))
     jobs = []
-    for pm in plan.merges:
+    for pm in outcome.merges:
         target = out / pm.name if pm.name else out
         source = cfg.source
         path = None
@@ -161,14 +174,16 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                     rec.configs.append(str(path))
         if pm.merge:
             jobs.append((pm, target, source, path))
-    if plan.multi_stage is not None:
+    if outcome.multi_stage is not None:
         path = _sibling(out, "order")
-        atomic_write_text(path, plan.multi_stage)
+        atomic_write_text(path, outcome.multi_stage)
         result.configs.append(path)
         for rec in report.actions:
             rec.configs.append(str(path))
 
-    if not jobs and plan.multi_stage is None:  # nothing merged: only the report goes to OUT
+    result.shipped = _recheck(cfg, jobs, ctx, options)
+
+    if not jobs and outcome.multi_stage is None:  # nothing merged: only the report goes to OUT
         result.report_paths += list(report.write(out / REPORT_DIR).values())
     else:
         with staged_folder(out) as staged:
@@ -179,17 +194,57 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                 result.merge_seconds += time.perf_counter() - t0
                 result.outputs.append(target)
                 result.sources.append(path)
-            if plan.multi_stage is not None:
+            if outcome.multi_stage is not None:
                 # absolute: mergekit takes a/b for a Hub id
                 stages = _sibling(out.resolve(), "stages", ext="")
-                merge_multi_stage(plan.multi_stage, staged, stages, merge_options)
+                merge_multi_stage(outcome.multi_stage, staged, stages, merge_options)
                 result.outputs.append(out)
                 result.sources.append(None)  # the final stage merges the config's own constituents
+            for target, rep in result.shipped.items():
+                if target != out:  # a split group's card reads the config as written there too
+                    report.write(staged / target.relative_to(out) / REPORT_DIR)
+                rep.write(staged / target.relative_to(out) / REPORT_DIR / SHIPPED_DIR)
             written = report.write(staged / REPORT_DIR).values()
         result.report_paths += [out / REPORT_DIR / p.name for p in written]
     if report_dir:
         result.report_paths += list(report.write(report_dir).values())
+        for target, rep in result.shipped.items():
+            rep.write(Path(report_dir) / target.relative_to(out) / SHIPPED_DIR)
     return result
+
+
+def _recheck(cfg: LoadedConfig, jobs: list[tuple[Any, ...]], ctx: ActionContext,
+             options: dict[str, Any]) -> dict[Path, GuardReport]:
+    """The guard's report on each config merged from a set an action changed (drop, replace, the
+    groups of split): the normal check path again, on cached hidden states, one rehearsal each.
+
+    The report on the config as written keeps the actions; each re-check carries them too, and
+    a note with the written config's verdict, so that either file tells the whole story.
+
+    Returns:
+        Output folder -> the re-check's report; a folder merged from the set as written has none,
+        nor one whose re-check failed (a warning says why: the merge does not depend on it).
+    """
+    from mergekit_collapse.guard.assess import run_guard
+    from mergekit_collapse.guard.config import parse_config
+
+    written, shipped = ctx.report, {}
+    for pm, target, source, _ in jobs:
+        if pm.members == ctx.refs:
+            continue
+        try:
+            run = run_guard(parse_config(source, cfg.path), **options)
+        except CollapseError as e:
+            LOG.warning("%s is not re-checked after the guard's actions: %s", target, e)
+            continue
+        if run is None:  # another process of a multi-process run
+            continue
+        run.report.actions = [a.model_copy() for a in written.actions]
+        run.report.notes.append(
+            f"re-checked after the guard's actions; the config as written ({len(written.models)} "
+            f"models) had verdict {written.verdict} (decided by {written.decided_by})")
+        shipped[target] = run.report
+    return shipped
 
 
 def _check_out(out: Path) -> None:
@@ -205,8 +260,8 @@ def _check_out(out: Path) -> None:
                             f"{REPORT_DIR}/) and would be replaced: choose a new or empty folder")
 
 
-def _belongs(rec: Any, pm: Any, action: str) -> bool:
-    """Is this record about this planned merge's config (split records name their group)?"""
+def _belongs(rec: Action, pm: MergeJob, action: str) -> bool:
+    """Is this record about this merge job's config (split records name their group)?"""
     if rec.action == action or (rec.action == "weights" and "applied" in rec.changed):
         return not pm.name or rec.changed.startswith(f"{pm.name}:")
     return False
@@ -260,11 +315,11 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
     return with_guard(cfg, guard), refs
 
 
-def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
-    """`--guard-weights`: α* of each planned merge's own models, suggested or applied.
+def _weights(outcome: Reorganisation, ctx: ActionContext, mode: str, out: Path) -> list[Action]:
+    """`--guard-weights`: α* of each merge job's own models, suggested or applied.
 
     `suggest` writes `<OUT>[.<action>]-weights.yml` beside the output and merges as planned;
-    `apply` rewrites the planned configs (linear and task-arithmetic family methods only).
+    `apply` rewrites the jobs' configs (linear and task-arithmetic family methods only).
     """
     from mergekit_collapse.actions.rewrite import weights_config
     from mergekit_collapse.guard import geometry
@@ -273,12 +328,12 @@ def _weights(plan: Any, ctx: Any, mode: str, out: Path) -> list[Any]:
 
     if mode == "none":
         return []
-    if plan.multi_stage is not None:
+    if outcome.multi_stage is not None:
         return [Action(action="weights", changed="not applied",
                        reason="a multi-stage (order) plan weights each stage by its group sizes")]
     records = []
     linear = ctx.merge_method == "linear" or ctx.merge_method in task_family()
-    for pm in plan.merges:
+    for pm in outcome.merges:
         if len(pm.members) < 2:
             continue
         sq = geometry.pairwise_distances(ctx.vectors(pm.members)).sq

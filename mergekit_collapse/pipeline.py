@@ -12,12 +12,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergekit_collapse._constants import REPORT_DIR, cache_root
 from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.errors import ModelNotFoundError
 from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR
+
+if TYPE_CHECKING:
+    from mergekit_collapse.evaluate.observed import Evaluation
+    from mergekit_collapse.guard.report import GuardReport
+    from mergekit_collapse.publish.hub import PushResult
 
 STATE_FILE = "pipeline.json"
 
@@ -27,11 +32,11 @@ class PipelineResult:
     """Where everything is, and what each stage did."""
 
     out: Path
-    report: Any = None  # GuardReport
-    evaluations: dict[str, Any] = field(default_factory=dict)  # output folder -> Evaluation
+    report: GuardReport | None = None
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)  # by output folder
     configs: list[Path] = field(default_factory=list)
     cards: list[Path] = field(default_factory=list)
-    push: Any = None  # hub.PushResult
+    push: PushResult | None = None
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 

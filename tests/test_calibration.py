@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mergekit_collapse.analysis.calibrate import calibrate_file, fit_calibration, roc_cuts
+from mergekit_collapse.analysis.fitting import fit_calibration, fit_calibration_file, roc_cuts
 from mergekit_collapse.analysis.statistics import parse_records
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.calibration import Bands, Calibration, default_path, load_calibration
@@ -95,7 +95,7 @@ def test_file_round_trip_and_default(tmp_path: Path) -> None:
     assert packaged.band(2.0) == "collapse" and packaged.relative_budget > 0
     records = tmp_path / "records.csv"
     _csv(records)
-    cal, path = calibrate_file(records, score="x")
+    cal, path = fit_calibration_file(records, score="x")
     assert path == default_path() and path.is_file()
     assert cal.source["sha256"] == hashlib.sha256(records.read_bytes()).hexdigest()
     assert cal.source["n"] == 8 and "date" in cal.source

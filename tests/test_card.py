@@ -20,7 +20,12 @@ from mergekit_collapse.guard.report import (
     ModelEntry,
     ProbeInfo,
 )
-from mergekit_collapse.publish.card import default_template_path, render_card, write_card
+from mergekit_collapse.publish.card import (
+    default_template_path,
+    load_card_metadata,
+    render_card,
+    write_card,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["acme/llama-sentiment", "acme/llama-math", "/local/ckpt/llama-code"]
@@ -336,3 +341,72 @@ def test_card_of_a_merge_of_local_folders_publishes_no_local_path(tmp_path: Path
     local = GuardReport.read(out / "mergeability")
     assert [(m.name, m.display) for m in local.models] == [
         (refs[0], "downloads/ft"), (refs[1], "models/base+sentiment")]
+
+
+def test_card_opening_names_the_signal_that_decided(tmp_path: Path) -> None:
+    """The rehearsal decided: the opening line says so, not that the geometry predicts it."""
+    report = make_report(verdict="collapse").model_copy(update={"decided_by": "rehearsal"})
+    text = str(render_card(make_merged_dir(tmp_path, report=report)))
+    assert "a rehearsal (this merge made in memory, answering each model's probes) decided" in text
+    assert "geometry" not in text.split("**Verdict")[0]
+    assert "### History" not in text
+
+
+def test_the_card_heads_with_the_merge_it_ships(tiny_zoo, tmp_path: Path) -> None:
+    """A real guarded merge whose drop re-organises the set: the card and its `mergeability:`
+    metadata carry the re-checked verdict of the two models merged; the three-model config as
+    written and the drop follow as history."""
+    import yaml
+    from test_integration import BUDGET, config
+
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(config(tiny_zoo, ["ft1", "ft2", "ft3"]), sort_keys=False))
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(main, ["merge", str(path), str(out), "--guard-action", "drop",
+                                    "--guard-absolute-budget", BUDGET, "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert f"shipped merge {out} (2 models), re-checked: mergeable" in res.output
+    written = GuardReport.read(out / "mergeability")
+    shipped = GuardReport.read(out / "mergeability" / "shipped")
+    assert (written.verdict, len(written.models)) == ("collapse", 3)
+    assert (shipped.verdict, [Path(n).name for n in shipped.names]) == ("mergeable", ["ft1", "ft2"])
+    assert shipped.rehearsal is not None and shipped.rehearsal.status == "ran"
+
+    from mergekit_collapse.schemas import CardMetadata
+
+    meta = load_card_metadata(write_card(out))["mergeability"]
+    CardMetadata.model_validate({"mergeability": meta})  # the shipped card schema holds history
+    assert (meta["verdict"], meta["decided_by"]) == (shipped.verdict, shipped.decided_by)
+    assert [m["name"] for m in meta["models"]] == ["ft1", "ft2"]
+    assert meta["history"] == {"verdict": "collapse", "decided_by": written.decided_by,
+                               "models": ["ft1", "ft2", "ft3"]}
+    assert [a["action"] for a in meta["actions"]] == ["drop"]
+    text = (out / "README.md").read_text()
+    head, history = text.split("### History")
+    assert "**Verdict: mergeable**" in head and "merge of 2 models" in head
+    assert "the merge shipped here" in head and "**Verdict: collapse**" not in text
+    assert "merged 3 models: **verdict collapse**" in history
+    assert "**drop**: dropped ft3" in history
+
+
+def test_a_split_groups_card_heads_with_its_group(tiny_zoo, tmp_path: Path) -> None:
+    """split --guard-merge-all: a merged group's folder gets the config as written and its own
+    re-check, and its card heads with the group."""
+    import yaml
+    from test_integration import BUDGET, config
+
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(config(tiny_zoo, ["ft1", "ft2", "ft3"]), sort_keys=False))
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(main, ["merge", str(path), str(out), "--guard-action", "split",
+                                    "--guard-merge-all", "--guard-absolute-budget", BUDGET,
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    shipped = {p.parent.parent.parent.name: GuardReport.read(p.parent)
+               for p in sorted(out.glob("group-*/mergeability/shipped/report.json"))}
+    pair = next(name for name, r in shipped.items() if len(r.models) == 2)
+    assert [Path(n).name for n in shipped[pair].names] == ["ft1", "ft2"]
+    assert shipped[pair].verdict == "mergeable"
+    meta = load_card_metadata(write_card(out / pair))["mergeability"]
+    assert meta["verdict"] == "mergeable" and meta["history"]["verdict"] == "collapse"
+    assert len(meta["history"]["models"]) == 3

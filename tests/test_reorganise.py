@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mergekit_collapse.actions import ACTIONS, ActionContext, get_action
-from mergekit_collapse.actions.plan import (
+from mergekit_collapse.actions.grouping import (
     best_replacement,
     clique_cover,
     compatibility_graph,
@@ -21,6 +21,7 @@ from mergekit_collapse.actions.rewrite import (
     subset_config,
     weights_config,
 )
+from mergekit_collapse.errors import ConfigError
 from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.assess import assess
 from mergekit_collapse.guard.config import parse_config, parse_ref
@@ -101,7 +102,11 @@ def test_merge_tree_merges_the_closest_first():
 
 
 def test_registry_lists_every_action():
+    from mergekit_collapse.actions.registry import BUILTIN
+    from mergekit_collapse.guard.config import BUILTIN_ACTIONS
+
     assert sorted(ACTIONS) == ["abort", "drop", "order", "replace", "split", "warn"]
+    assert tuple(cls.name for cls in BUILTIN) == BUILTIN_ACTIONS  # the schema's list, in order
     assert all(get_action(name).name == name for name in ACTIONS)
 
 
@@ -110,16 +115,16 @@ def test_an_entry_point_action_is_selectable(tmp_path, monkeypatch):
     accepts it and `get_action` loads it. An unknown name gets a did-you-mean."""
     from pydantic import ValidationError
 
-    from mergekit_collapse.actions import base
+    from mergekit_collapse.actions import registry
     from mergekit_collapse.guard.config import GuardSettings, action_names
 
     (tmp_path / "keep_all_action.py").write_text(
-        "from mergekit_collapse.actions import ActionPlan, PlannedMerge, ReorganiseAction\n"
+        "from mergekit_collapse.actions import Reorganisation, MergeJob, ReorganiseAction\n"
         "class KeepAll(ReorganiseAction):\n"
         "    name = 'keep-all'\n"
         "    description = 'merge as written, with a record'\n"
         "    def reorganise(self, ctx, *, merge_all):\n"
-        "        return ActionPlan(merges=[PlannedMerge(name='', raw=ctx.raw, members=list(ctx.refs),\n"
+        "        return Reorganisation(merges=[MergeJob(name='', raw=ctx.raw, members=list(ctx.refs),\n"
         "                                               changed=False, suffix='')])\n")
     dist = tmp_path / "keep_all-1.0.dist-info"
     dist.mkdir()
@@ -127,14 +132,16 @@ def test_an_entry_point_action_is_selectable(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text(
         "[mergekit_collapse.actions]\nkeep-all = keep_all_action:KeepAll\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(base, "ACTIONS", dict(base.ACTIONS))  # leave the real registry as it was
+    monkeypatch.setattr(registry, "ACTIONS", dict(registry.ACTIONS))  # the real one stays as it was
 
     assert action_names()[-1] == "keep-all"
     assert GuardSettings(action="keep-all").action == "keep-all"
-    plan = get_action("keep-all").plan(context(FAR, budget=1.0))
+    plan = get_action("keep-all").apply(context(FAR, budget=1.0))
     assert plan.stop is None and not plan.merges[0].changed
     with pytest.raises(ValidationError, match="did you mean 'drop'"):
         GuardSettings(action="dorp")
+    with pytest.raises(ConfigError, match="unknown action 'dorp'; did you mean 'drop'"):
+        get_action("dorp")
 
 
 # ---------------------------------------------------------------- config rewriting
@@ -243,25 +250,25 @@ def test_within_budget_merges_as_written_whatever_the_action():
     ctx = context(FAR[:3], budget=1.0)
     assert ctx.report.verdict == "mergeable"
     for name in ACTIONS:
-        plan = get_action(name).plan(ctx)
+        plan = get_action(name).apply(ctx)
         assert plan.stop is None and plan.records == []
         assert len(plan.merges) == 1 and not plan.merges[0].changed
 
 
 def test_abort_stops_and_names_the_outlier():
-    plan = get_action("abort").plan(context(FAR, budget=1.0))
+    plan = get_action("abort").apply(context(FAR, budget=1.0))
     assert plan.stop and not plan.merges
     assert plan.records[0].models == ["m/d"] and "MDS" in plan.records[0].reason
 
 
 def test_warn_merges_as_written():
-    plan = get_action("warn").plan(context(FAR, budget=1.0))
+    plan = get_action("warn").apply(context(FAR, budget=1.0))
     assert plan.stop is None and not plan.merges[0].changed
     assert "predicted collapse" in plan.records[0].reason
 
 
 def test_drop_removes_the_outlier():
-    plan = get_action("drop").plan(context(FAR, budget=1.0))
+    plan = get_action("drop").apply(context(FAR, budget=1.0))
     (pm,) = plan.merges
     assert [e["model"] for e in pm.raw["models"]] == ["m/a", "m/b", "m/c"]
     assert list(pm.raw["guard"]["tasks"]) == ["m/a", "m/b", "m/c"]
@@ -270,23 +277,23 @@ def test_drop_removes_the_outlier():
 
 
 def test_drop_stops_when_no_pair_fits():
-    plan = get_action("drop").plan(context([[0.0], [10.0], [20.0]], budget=1.0))
+    plan = get_action("drop").apply(context([[0.0], [10.0], [20.0]], budget=1.0))
     assert plan.stop and not plan.merges
 
 
 def test_split_writes_one_config_per_group():
     pts = [[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [10.1, 0.0]]
-    plan = get_action("split").plan(context(pts, budget=1.0), merge_all=True)
+    plan = get_action("split").apply(context(pts, budget=1.0), merge_all=True)
     assert [[e["model"] for e in pm.raw["models"]] for pm in plan.merges] == [
         ["m/a", "m/b"], ["m/c", "m/d"]]
     assert [pm.name for pm in plan.merges] == ["group-1", "group-2"] and all(
         pm.merge for pm in plan.merges)
-    assert not any(pm.merge for pm in get_action("split").plan(context(pts, budget=1.0)).merges)
+    assert not any(pm.merge for pm in get_action("split").apply(context(pts, budget=1.0)).merges)
 
 
 def test_replace_swaps_the_outlier_for_the_closest_candidate():
     ctx = context(FAR, budget=1.0, candidates={"t3": [[5.0, 0.0], [0.2, 0.1]]})
-    plan = get_action("replace").plan(ctx)
+    plan = get_action("replace").apply(ctx)
     (pm,) = plan.merges
     assert [e["model"] for e in pm.raw["models"]] == ["m/a", "m/b", "m/c", "cand/t31"]
     assert "cand/t31" in pm.raw["guard"]["tasks"]
@@ -295,12 +302,12 @@ def test_replace_swaps_the_outlier_for_the_closest_candidate():
 
 def test_replace_stops_without_a_fitting_candidate():
     ctx = context(FAR, budget=1.0, candidates={"t3": [[5.0, 0.0]]})
-    assert get_action("replace").plan(ctx).stop
+    assert get_action("replace").apply(ctx).stop
 
 
 def test_order_writes_a_multi_stage_plan_closest_first():
     pts = [[0.0], [1.0], [5.0], [6.5]]
-    plan = get_action("order").plan(context(pts, budget=0.1, method="slerp"))
+    plan = get_action("order").apply(context(pts, budget=0.1, method="slerp"))
     docs = list(yaml.safe_load_all(plan.multi_stage))
     assert [d.get("name") for d in docs] == ["stage-1", "stage-2", None]
     assert [m["model"] for m in docs[0]["models"]] == ["m/a", "m/b"]

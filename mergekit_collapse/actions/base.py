@@ -1,15 +1,18 @@
-"""What an action sees and decides: its context, its plan, the base class and the registry."""
+"""What an action sees and decides: its context, its outcome (the merges to run) and the base class."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from mergekit_collapse.guard.config import ACTION_ENTRY_POINTS as ENTRY_POINT_GROUP
+from mergekit_collapse.guard.decision import Verdict, flagged, worst
 from mergekit_collapse.guard.report import Action, GuardReport
+
+if TYPE_CHECKING:
+    from mergekit.common import ModelReference
 
 # --------------------------------------------------------------------------------------------
 # the actions
@@ -34,13 +37,13 @@ class ActionContext:
 
     report: GuardReport
     raw: dict
-    refs: list[Any]
+    refs: list[ModelReference]
     budget: float
     merge_method: str
-    base: Any | None = None
-    vectors: Callable[[list[Any]], np.ndarray] | None = None
+    base: ModelReference | None = None
+    vectors: Callable[[list[ModelReference]], np.ndarray] | None = None
     candidates: dict[str, list[str]] = field(default_factory=dict)
-    candidate_refs: dict[str, Any] = field(default_factory=dict)
+    candidate_refs: dict[str, ModelReference] = field(default_factory=dict)
 
     @property
     def sq(self) -> np.ndarray:
@@ -63,39 +66,22 @@ class ActionContext:
         mds = "undefined" if m.mds is None else f"{m.mds:.3g}"
         return f"{m.display or m.name} (task {m.task}, MDS {mds}, distortion {m.distortion_optimal:.4g})"
 
-    def flagged(self) -> list[int]:
-        """The models the deciding per-model signal (risk or rehearsal) puts in its collapse band."""
-        by = self.report.decided_by
-        if by not in ("risk", "rehearsal"):
-            return []
-        return [i for i, m in enumerate(self.report.models) if m.signal(by)[0] == "collapse"]
-
-    def worst(self) -> int:
-        """The outlier: the first flagged model, else highest MDS, else highest distortion under
-        the uniform average."""
-        models = self.report.models
-        if self.flagged():
-            return self.flagged()[0]
-        if all(m.mds is not None for m in models):
-            return max(range(len(models)), key=lambda i: models[i].mds)
-        return max(range(len(models)), key=lambda i: models[i].distortion_uniform)
-
     def over(self) -> str:
         """Why the set is not mergeable, in one clause."""
         r, b = self.report, self.report.bounds
-        if r.verdict == "unassessed":
+        if r.verdict == Verdict.UNASSESSED:
             return ("no validated signal vouches for this merge (no base model for the risk score, "
                     "no rehearsal); set guard.base, allow the rehearsal, or give an explicit budget")
-        if self.flagged():
+        if risky := flagged(r):
             return (f"predicted collapse: the calibrated {r.decided_by} signal puts "
-                    f"{', '.join(r.models[i].task for i in self.flagged())} in the collapse band; "
-                    f"outlier {self.describe(self.worst())}")
+                    f"{', '.join(r.models[i].task for i in risky)} in the collapse band; "
+                    f"outlier {self.describe(worst(r))}")
         return (f"predicted collapse: r*² {b.exact:.4g} > budget {self.budget:.4g} "
-                f"(decided by {r.decided_by}); outlier {self.describe(self.worst())}")
+                f"(decided by {r.decided_by}); outlier {self.describe(worst(r))}")
 
 
 @dataclass
-class PlannedMerge:
+class MergeJob:
     """One mergekit config to write and (maybe) merge.
 
     Attributes:
@@ -109,29 +95,29 @@ class PlannedMerge:
 
     name: str
     raw: dict
-    members: list[Any]
+    members: list[ModelReference]
     changed: bool
     suffix: str
     merge: bool = True
 
 
 @dataclass
-class ActionPlan:
+class Reorganisation:
     """An action's decision: the merges to run (or a stop), and the records for the report."""
 
     records: list[Action] = field(default_factory=list)
-    merges: list[PlannedMerge] = field(default_factory=list)
+    merges: list[MergeJob] = field(default_factory=list)
     multi_stage: str | None = None  # order: a mergekit-multi YAML (several documents)
     stop: str | None = None  # the guard stops the merge with this message
 
 
 class ReorganiseAction:
-    """Base class: one re-organisation of an over-budget task set (see the registry `ACTIONS`)."""
+    """Base class: one re-organisation of an over-budget task set (see `actions.registry`)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
 
-    def plan(self, ctx: ActionContext, *, merge_all: bool = False) -> ActionPlan:
+    def apply(self, ctx: ActionContext, *, merge_all: bool = False) -> Reorganisation:
         """Decide what to merge. A within-budget set is merged as written, whatever the action.
 
         Args:
@@ -139,64 +125,20 @@ class ReorganiseAction:
             merge_all: merge every group/stage (split), not only write their configs.
 
         Returns:
-            The plan.
+            The merges to run (or a stop) and the records.
         """
-        if ctx.report.verdict == "mergeable":
-            return ActionPlan(merges=[as_written(ctx)])
-        if ctx.report.verdict == "unassessed" and self.name != "warn":
-            return ActionPlan(records=[Action(action=self.name, changed="merge stopped",
+        if ctx.report.verdict == Verdict.MERGEABLE:
+            return Reorganisation(merges=[as_written(ctx)])
+        if ctx.report.verdict == Verdict.UNASSESSED and self.name != "warn":
+            return Reorganisation(records=[Action(action=self.name, changed="merge stopped",
                                               reason=ctx.over())],
                               stop=f"guard stopped the merge: {ctx.over()}")
         return self.reorganise(ctx, merge_all=merge_all)
 
-    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
+    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
         """The action proper, for an over-budget set."""
         raise NotImplementedError
 
 
-def as_written(ctx: ActionContext) -> PlannedMerge:
-    return PlannedMerge(name="", raw=ctx.raw, members=list(ctx.refs), changed=False, suffix="")
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# the registry (cf. mergekit's merge_methods registry)
-# --------------------------------------------------------------------------------------------
-
-#: action name -> class; the built-ins register themselves, other packages through ENTRY_POINT_GROUP
-ACTIONS: dict[str, type[ReorganiseAction]] = {}
-_A = TypeVar("_A", bound=type[ReorganiseAction])
-
-
-def register(cls: _A) -> _A:
-    """Class decorator: make an action available under its `name`.
-
-    Raises:
-        ValueError: another action already has that name.
-    """
-    if cls.name in ACTIONS and ACTIONS[cls.name] is not cls:
-        raise ValueError(f"action '{cls.name}' is already registered by {ACTIONS[cls.name]}")
-    ACTIONS[cls.name] = cls
-    return cls
-
-
-def _load_entry_points() -> None:
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in ACTIONS:
-            register(ep.load())
-
-
-def get_action(name: str) -> ReorganiseAction:
-    """An instance of the registered action `name` (built-in or from an entry point).
-
-    Raises:
-        KeyError: no such action.
-    """
-    import mergekit_collapse.actions.builtin  # noqa: F401 - registers the built-ins
-
-    if name not in ACTIONS:
-        _load_entry_points()
-    return ACTIONS[name]()
+def as_written(ctx: ActionContext) -> MergeJob:
+    return MergeJob(name="", raw=ctx.raw, members=list(ctx.refs), changed=False, suffix="")

@@ -1,4 +1,4 @@
-"""The built-in actions: abort, warn, drop, split, replace, order."""
+"""The built-in actions: abort, warn, drop, split, replace, order (listed in `actions.registry`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import numpy as np
 
 from mergekit_collapse.actions.base import (
     ActionContext,
-    ActionPlan,
-    PlannedMerge,
+    MergeJob,
+    Reorganisation,
     ReorganiseAction,
     as_written,
-    register,
 )
-from mergekit_collapse.actions.plan import (
+from mergekit_collapse.actions.grouping import (
     PAIRWISE_METHODS,
     best_replacement,
     clique_cover,
@@ -30,51 +29,49 @@ from mergekit_collapse.actions.rewrite import (
 )
 from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.config import parse_ref
+from mergekit_collapse.guard.decision import DecidedBy, Verdict, flagged, worst
 from mergekit_collapse.guard.report import Action
 
 
-@register
 class Abort(ReorganiseAction):
     """Stop: exit 3 with the report, before mergekit writes anything."""
 
     name = "abort"
     description = "stop the merge (exit 3) and leave no output"
 
-    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
+    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
         reason = ctx.over()
-        return ActionPlan(
+        return Reorganisation(
             records=[Action(action=self.name, changed="merge stopped; no output written",
-                            reason=reason, models=[ctx.names[ctx.worst()]])],
+                            reason=reason, models=[ctx.names[worst(ctx.report)]])],
             stop=f"guard stopped the merge: {reason}")
 
 
-@register
 class Warn(ReorganiseAction):
     """Merge anyway; the report says the predicted risk."""
 
     name = "warn"
     description = "merge as written; the report records the predicted collapse"
 
-    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
-        return ActionPlan(
+    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
+        return Reorganisation(
             records=[Action(action=self.name, changed="nothing: merged as written",
-                            reason=ctx.over(), models=[ctx.names[ctx.worst()]])],
+                            reason=ctx.over(), models=[ctx.names[worst(ctx.report)]])],
             merges=[as_written(ctx)])
 
 
-@register
 class Drop(ReorganiseAction):
     """Keep the largest subset within budget (maximum clique, confirmed with the exact radius)."""
 
     name = "drop"
     description = "merge the largest subset of models within budget"
 
-    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
-        if ctx.flagged():
+    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
+        if flagged(ctx.report):
             return self._drop_risky(ctx)
         grp = largest_within_budget(ctx.sq, ctx.budget)
         if len(grp.members) < 2:
-            return ActionPlan(
+            return Reorganisation(
                 records=[Action(action=self.name, changed="nothing: no two models fit the budget",
                                 reason=ctx.over())],
                 stop=f"guard stopped the merge: no pair of models is within budget; {ctx.over()}")
@@ -87,62 +84,60 @@ class Drop(ReorganiseAction):
                     f"{len(kept)} models have r*² {grp.radius_sq:.4g} ≤ budget {ctx.budget:.4g} "
                     f"(was {ctx.report.bounds.exact:.4g})"),
             models=[ctx.names[i]]) for i in dropped]
-        return ActionPlan(records=records, merges=[PlannedMerge(
+        return Reorganisation(records=records, merges=[MergeJob(
             name="", raw=raw, members=kept, changed=True, suffix=self.name)])
 
 
-    def _drop_risky(self, ctx: ActionContext) -> ActionPlan:
+    def _drop_risky(self, ctx: ActionContext) -> Reorganisation:
         """A risk or rehearsal verdict: drop the models the deciding signal puts in its collapse band."""
         models, r = ctx.report.models, ctx.report
-        risky = ctx.flagged()
+        risky = flagged(ctx.report)
         kept = [ctx.refs[i] for i in range(len(models)) if i not in risky]
-        info = r.risk if r.decided_by == "risk" else r.rehearsal
+        info = r.rehearsal if r.decided_by == DecidedBy.REHEARSAL else r.risk
         score = info.score if info is not None else "risk score"
         records = [Action(
             action=self.name, changed=f"dropped {ctx.shown(i)}",
             reason=(f"{ctx.describe(i)}: {score} {models[i].signal(r.decided_by)[1]:.3g} is in "
                     f"the calibrated collapse band"), models=[ctx.names[i]]) for i in risky]
         if len(kept) < 2:
-            return ActionPlan(records=records, stop="guard stopped the merge: fewer than two models "
+            return Reorganisation(records=records, stop="guard stopped the merge: fewer than two models "
                                                     "are outside the collapse band")
-        return ActionPlan(records=records, merges=[PlannedMerge(
+        return Reorganisation(records=records, merges=[MergeJob(
             name="", raw=subset_config(ctx.raw, kept), members=kept, changed=True, suffix=self.name)])
 
 
-@register
 class Split(ReorganiseAction):
     """Fewest groups each within budget (a clique cover); one mergekit config per group."""
 
     name = "split"
     description = "one config per within-budget group (merge them with --guard-merge-all)"
 
-    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
+    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
         groups = clique_cover(ctx.sq, ctx.budget)
-        plan = ActionPlan()
+        outcome = Reorganisation()
         for k, grp in enumerate(groups, start=1):
             kept = [ctx.refs[i] for i in grp.members]
-            plan.merges.append(PlannedMerge(
+            outcome.merges.append(MergeJob(
                 name=f"group-{k}", raw=subset_config(ctx.raw, kept), members=kept, changed=True,
                 suffix=f"split-{k}", merge=merge_all))
-            plan.records.append(Action(
+            outcome.records.append(Action(
                 action=self.name, changed=f"group-{k}: {', '.join(ctx.shown(i) for i in grp.members)}",
                 reason=(f"group {k} of {len(groups)} (fewest within-budget groups found): r*² "
                         f"{grp.radius_sq:.4g} ≤ budget {ctx.budget:.4g}; the whole set is over: "
                         f"{ctx.over()}"),
                 models=[ctx.names[i] for i in grp.members]))
-        return plan
+        return outcome
 
 
-@register
 class Replace(ReorganiseAction):
     """Swap constituents for candidate checkpoints of the same task (guard.candidates)."""
 
     name = "replace"
     description = "swap models for guard.candidates of the same task, smallest r*² within budget"
 
-    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
+    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
         if not ctx.candidates:
-            return ActionPlan(stop="guard stopped the merge: action 'replace' needs guard.candidates "
+            return Reorganisation(stop="guard stopped the merge: action 'replace' needs guard.candidates "
                                    f"({{task: [model, ...]}}); {ctx.over()}",
                               records=[Action(action=self.name, changed="nothing: no candidates",
                                               reason=ctx.over())])
@@ -163,7 +158,7 @@ class Replace(ReorganiseAction):
         chosen = [next(p for p in best.members if p in slot) for slot in slots]
         swaps = {ctx.refs[i]: texts[p] for i, p in enumerate(chosen) if p != i}
         if not within(best.radius_sq, ctx.budget):
-            return ActionPlan(
+            return Reorganisation(
                 records=[Action(action=self.name, changed="nothing: no combination fits",
                                 reason=f"best combination has r*² {best.radius_sq:.4g} > budget "
                                        f"{ctx.budget:.4g}; {ctx.over()}")],
@@ -178,24 +173,23 @@ class Replace(ReorganiseAction):
                     f"combinations)"),
             models=[ctx.names[i], texts[p]]) for i, p in enumerate(chosen) if p != i]
         members = [parse_ref(texts[p]) if p != i else ctx.refs[i] for i, p in enumerate(chosen)]
-        return ActionPlan(records=records, merges=[PlannedMerge(
+        return Reorganisation(records=records, merges=[MergeJob(
             name="", raw=raw, members=members, changed=True, suffix=self.name)])
 
 
-@register
 class Order(ReorganiseAction):
     """Merge pairwise, closest first (agglomerative tree), as a mergekit-multi config."""
 
     name = "order"
     description = "pairwise merges, closest first, as a multi-stage (mergekit-multi) config"
 
-    def plan(self, ctx: ActionContext, *, merge_all: bool = False) -> ActionPlan:
-        """Also plans a within-budget set when the method is pairwise and has more than two models
+    def apply(self, ctx: ActionContext, *, merge_all: bool = False) -> Reorganisation:
+        """Also orders a within-budget set when the method is pairwise and has more than two models
         (mergekit cannot run such a config in one go)."""
         points = self.points(ctx)
         pairwise = ctx.merge_method in PAIRWISE_METHODS
-        if ctx.report.verdict == "mergeable" and not (pairwise and len(points) > 2):
-            return ActionPlan(merges=[as_written(ctx)])
+        if ctx.report.verdict == Verdict.MERGEABLE and not (pairwise and len(points) > 2):
+            return Reorganisation(merges=[as_written(ctx)])
         return self.reorganise(ctx, merge_all=merge_all)
 
     def points(self, ctx: ActionContext) -> list[Any]:
@@ -206,10 +200,10 @@ class Order(ReorganiseAction):
             return [ctx.base, *ctx.refs]
         return list(ctx.refs)
 
-    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> ActionPlan:
+    def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
         points = self.points(ctx)
         if len(points) < 2:
-            return ActionPlan(merges=[as_written(ctx)])
+            return Reorganisation(merges=[as_written(ctx)])
         if len(points) == len(ctx.refs):
             sq = ctx.sq
         else:
@@ -229,6 +223,6 @@ class Order(ReorganiseAction):
                         f"{st.distance ** 2 / 4:.4g} vs budget {ctx.budget:.4g}); sizes "
                         f"{st.left_size}+{st.right_size} weight the merge to the group average"),
                 models=[label[st.left], label[st.right]]))
-        return ActionPlan(records=records, multi_stage=text)
+        return Reorganisation(records=records, multi_stage=text)
 
 

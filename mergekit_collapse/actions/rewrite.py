@@ -6,7 +6,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from mergekit_collapse.actions.plan import Stage
+from mergekit_collapse.actions.grouping import Stage
 from mergekit_collapse.guard.config import parse_ref
 from mergekit_collapse.guard.weights import task_family
 

@@ -56,7 +56,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.calibration import DEFAULT_THRESHOLD
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -221,8 +221,8 @@ class Auroc(BaseModel):
     reason: str | None = None
 
 
-def _finite(*arrays: np.ndarray) -> list[np.ndarray]:
-    """The rows where every array is finite (NaN = missing; ±inf kept only for rank methods)."""
+def _complete_rows(*arrays: np.ndarray) -> list[np.ndarray]:
+    """The rows where no array is missing (NaN); ±inf is kept, for the rank methods."""
     mask = np.ones(len(arrays[0]), dtype=bool)
     for a in arrays:
         mask &= ~np.isnan(a)
@@ -249,7 +249,7 @@ def correlation(metric: Sequence[float], loss: Sequence[float]) -> Correlation:
     """
     from scipy import stats
 
-    x, y = _finite(np.asarray(metric, dtype=float), np.asarray(loss, dtype=float))
+    x, y = _complete_rows(np.asarray(metric, dtype=float), np.asarray(loss, dtype=float))
     out = Correlation(n=len(x))
     if len(x) < 3:
         out.reason = f"n = {len(x)} < 3"
@@ -269,7 +269,7 @@ def correlation(metric: Sequence[float], loss: Sequence[float]) -> Correlation:
     return out
 
 
-def collapsed(loss: Sequence[float], threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+def collapsed(loss: Sequence[float], threshold: float = COLLAPSE_THRESHOLD) -> np.ndarray:
     """Boolean mask: `loss < threshold` (NaN losses are not collapsed; drop them first)."""
     arr = np.asarray(loss, dtype=float)
     with np.errstate(invalid="ignore"):
@@ -549,7 +549,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return tabulate(rows, headers=list(headers), tablefmt="github", disable_numparse=True)
 
 
-def summarize(records: Records, *, threshold: float = DEFAULT_THRESHOLD) -> StatsReport:
+def summarize(records: Records, *, threshold: float = COLLAPSE_THRESHOLD) -> StatsReport:
     """Validity of every metric column of `records`, and the ANOVA of loss by task and method.
 
     Args:

@@ -23,10 +23,17 @@ from mergekit_collapse.ci.results import (
     report_band,
     worst_band,
 )
+from mergekit_collapse.guard.decision import Band, at_or_above, icon
 
 __all__ = ["annotation", "annotations", "append_outputs", "step_summary"]
 
-_ICON = {"mergeable": "✅", "collapse": "⛔", "error": "❌"}
+#: a config that could not be checked
+ERROR_ICON = "❌"
+
+
+def _icon(state: str) -> str:
+    """The icon of a verdict (`decision.icon`), or of `error`."""
+    return ERROR_ICON if state == "error" else icon(state)
 
 
 def _data(text: str) -> str:
@@ -58,13 +65,13 @@ def _cell(text: object) -> str:
 
 def _row(r: ConfigResult) -> str:
     if r.report is None:
-        return f"| `{_cell(r.display)}` | ❌ error | — | — | {_cell(error_message(r))} | {r.exit_code} |"
+        return (f"| `{_cell(r.display)}` | {ERROR_ICON} error | — | — | {_cell(error_message(r))} "
+                f"| {r.exit_code} |")
     rep = r.report
     band = report_band(rep) or "—"
     flagged = ", ".join(m.task for m in rep.models
-                        if model_band(rep, m)[0] in ("elevated", "collapse")) or "—"
-    icon = _ICON.get(rep.verdict, "⚠️")
-    return (f"| `{_cell(r.display)}` | {icon} {rep.verdict} | {band} | {rep.decided_by} | "
+                        if at_or_above(model_band(rep, m)[0], Band.ELEVATED)) or "—"
+    return (f"| `{_cell(r.display)}` | {_icon(rep.verdict)} {rep.verdict} | {band} | {rep.decided_by} | "
             f"{_cell(flagged)} | {r.exit_code} |")
 
 
@@ -74,7 +81,7 @@ def _details(r: ConfigResult) -> list[str]:
     passing = r.exit_code == 0
     state = "error" if r.report is None else r.report.verdict
     head = (f"<details{'' if passing else ' open'}><summary><code>{_cell(r.display)}</code>: "
-            f"{_ICON.get(state, '⚠️')} {state}</summary>")
+            f"{_icon(state)} {state}</summary>")
     lines = [head, ""]
     if r.report is None:
         lines += ["```", error_message(r), "```"]
@@ -98,8 +105,8 @@ def step_summary(results: list[ConfigResult], *, fail_on: FailOn, note: str | No
     """
     verdict = overall_verdict(results)
     failing = sum(1 for r in results if r.exit_code != 0)
-    icon = "✅" if failing == 0 else _ICON.get(verdict, "⚠️")
-    lines = [f"## {icon} mergekit-collapse: {verdict} "
+    head = icon("mergeable") if failing == 0 else _icon(verdict)
+    lines = [f"## {head} mergekit-collapse: {verdict} "
              f"({len(results)} config{'s' if len(results) != 1 else ''}, {failing} failing)", ""]
     if note:
         lines += [note, ""]

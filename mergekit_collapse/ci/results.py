@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from mergekit_collapse.ci.locate import Span, locate_key, locate_message, locate_model
 from mergekit_collapse.errors import (
@@ -22,15 +22,30 @@ from mergekit_collapse.errors import (
     EXIT_UNEXPECTED,
     CollapseError,
 )
+from mergekit_collapse.guard.decision import (
+    BOUNDS,
+    Band,
+    DecidedBy,
+    Verdict,
+    at_or_above,
+    comparison,
+    outlier,
+    shown_signal,
+    worst_verdict,
+)
+from mergekit_collapse.guard.decision import worst_band as _highest
+
+if TYPE_CHECKING:
+    from mergekit_collapse.guard.assess import GuardRun
+    from mergekit_collapse.guard.report import GuardReport, ModelEntry
 
 __all__ = ["ConfigResult", "FailOn", "Finding", "check_config", "display_path", "error_message",
            "exit_status", "fails", "findings", "model_band", "overall_verdict", "report_band",
-           "signal", "worst_band"]
+           "worst_band"]
 
 FailOn = Literal["collapse", "elevated", "never"]
 #: the most severe status wins: a config that could not be checked outranks a risky one
 SEVERITY = (EXIT_UNEXPECTED, EXIT_HUB, EXIT_BAD_INPUT, EXIT_GUARD_STOPPED, EXIT_OK)
-BANDS = ("low", "elevated", "collapse")
 
 
 @dataclass
@@ -40,7 +55,7 @@ class ConfigResult:
     path: Path
     display: str  # the path as annotations name it (relative to the workspace)
     exit_code: int = EXIT_OK
-    report: Any | None = None  # GuardReport
+    report: GuardReport | None = None
     error: str | None = None
     source: str | None = None  # the YAML text, to locate lines
     action: str | None = None  # guard.action
@@ -71,13 +86,13 @@ def display_path(path: Path, root: Path | None = None) -> str:
         return path.as_posix()
 
 
-def fails(report: Any, fail_on: FailOn) -> bool:
+def fails(report: GuardReport, fail_on: FailOn) -> bool:
     """Does this report fail the check? Any verdict other than `mergeable` fails `collapse`."""
     if fail_on == "never":
         return False
-    if report.verdict != "mergeable":
+    if report.verdict != Verdict.MERGEABLE:
         return True
-    return fail_on == "elevated" and report_band(report) in ("elevated", "collapse")
+    return fail_on == "elevated" and at_or_above(report_band(report), Band.ELEVATED)
 
 
 def exit_status(codes: list[int]) -> int:
@@ -85,58 +100,49 @@ def exit_status(codes: list[int]) -> int:
     return min(codes, key=lambda c: SEVERITY.index(c) if c in SEVERITY else 0, default=EXIT_OK)
 
 
-def signal(report: Any) -> str:
-    """The per-model signal whose bands CI shows: the rehearsal when it decided, else the risk score."""
-    return "rehearsal" if report.decided_by == "rehearsal" else "risk"
+def model_band(report: GuardReport, m: ModelEntry) -> tuple[str | None, float | None]:
+    """(band, score) of one model under the signal summaries show (None, None when it has none)."""
+    return m.signal(shown_signal(report))
 
 
-def model_band(report: Any, m: Any) -> tuple[str | None, float | None]:
-    """(band, score) of one model under `signal(report)` (None, None when it has none)."""
-    return m.signal(signal(report))
-
-
-def _edges(report: Any, band: str) -> tuple[str, str, float | None]:
-    """(score name, comparison, edge) of a band under `signal(report)`."""
-    info = getattr(report, "rehearsal", None) if signal(report) == "rehearsal" else report.risk
+def _edges(report: GuardReport, band: str) -> tuple[str, str, float | None]:
+    """(score name, comparison, edge) of a band under the signal summaries show."""
+    info = report.rehearsal if shown_signal(report) == DecidedBy.REHEARSAL else report.risk
     if info is None:
-        return "risk score", "≥", None
-    cmp = "≤" if getattr(info, "direction", "higher") == "lower" else "≥"
-    return str(info.score), cmp, getattr(info, band, None)
+        return "risk score", comparison("higher"), None
+    return str(info.score), comparison(info.direction), getattr(info, band, None)
 
 
-def report_band(report: Any) -> str | None:
+def report_band(report: GuardReport) -> str | None:
     """The highest band of any model of one report."""
-    bands = [b for m in report.models if (b := model_band(report, m)[0])]
-    return max(bands, key=BANDS.index) if bands else None
+    band = _highest(model_band(report, m)[0] for m in report.models)
+    return band.value if band else None
 
 
 def worst_band(results: list[ConfigResult]) -> str:
     """The highest band of any model of any config, or `none`."""
-    bands = [b for r in results if r.report and (b := report_band(r.report))]
-    return max(bands, key=BANDS.index) if bands else "none"
+    band = _highest(report_band(r.report) for r in results if r.report)
+    return band.value if band else "none"
 
 
 def overall_verdict(results: list[ConfigResult]) -> str:
-    """`error` if a config could not be checked, else the first non-mergeable verdict, else
-    `mergeable`; `none` when nothing was checked."""
+    """`error` if a config could not be checked, else the most severe verdict (collapse >
+    unassessed > mergeable); `none` when nothing was checked."""
     if not results:
         return "none"
     if any(r.report is None for r in results):
         return "error"
-    verdicts = [r.report.verdict for r in results]
-    if "collapse" in verdicts:
-        return "collapse"
-    return next((v for v in verdicts if v != "mergeable"), "mergeable")
+    return worst_verdict(r.report.verdict for r in results if r.report).value
 
 
-def _action_preview(run: Any) -> list[tuple[str, str]]:
+def _action_preview(run: GuardRun) -> list[tuple[str, str]]:
     """(what, why) the config's `guard.action` would do with this report (nothing is written)."""
     import yaml
 
     from mergekit_collapse.actions import ActionContext, get_action
 
     report, cfg = run.report, run.cfg
-    if report.verdict == "mergeable" and cfg.guard.action != "order":
+    if report.verdict == Verdict.MERGEABLE and cfg.guard.action != "order":
         return [("merge as written", f"verdict {report.verdict}")]
     if cfg.guard.action == "replace":
         return [("swap models for guard.candidates of the same task",
@@ -145,12 +151,12 @@ def _action_preview(run: Any) -> list[tuple[str, str]]:
                         budget=report.budget.absolute, merge_method=cfg.merge.merge_method,
                         base=cfg.base, vectors=run.vectors)
     try:
-        plan = get_action(cfg.guard.action).plan(ctx)
+        outcome = get_action(cfg.guard.action).apply(ctx)
     except Exception as e:  # noqa: BLE001 - a preview must never fail the check
         return [("could not plan", f"{type(e).__name__}: {e}")]
-    lines = [(r.changed, r.reason) for r in plan.records]
-    if plan.stop and not lines:
-        lines.append(("stop the merge", plan.stop))
+    lines = [(r.changed, r.reason) for r in outcome.records]
+    if outcome.stop and not lines:
+        lines.append(("stop the merge", outcome.stop))
     return lines or [("merge as written", f"verdict {report.verdict}")]
 
 
@@ -199,14 +205,6 @@ def check_config(path: Path, *, fail_on: FailOn = "collapse", debug: bool = Fals
     return result
 
 
-def _outlier(report: Any) -> int:
-    """Highest MDS, else highest distortion under the uniform average (as the actions pick it)."""
-    models = report.models
-    if all(m.mds is not None for m in models):
-        return max(range(len(models)), key=lambda i: models[i].mds)
-    return max(range(len(models)), key=lambda i: models[i].distortion_uniform)
-
-
 def _locator(result: ConfigResult) -> Callable[[str], Span | None]:
     source = result.source or ""
     return lambda name: locate_model(source, name) if source else None
@@ -223,13 +221,13 @@ def error_message(result: ConfigResult) -> str:
     return msg
 
 
-def _model_finding(r: Any, i: int, over: bool, action: str, file: str,
+def _model_finding(r: GuardReport, i: int, over: bool, action: str, file: str,
                    where: Callable[[str], Span | None]) -> Finding | None:
     """A model's finding: its band (collapse: error when the verdict is not mergeable, else a
     warning; elevated: warning) and/or being the outlier of a set over budget by the bounds."""
     m = r.models[i]
     band, score = model_band(r, m)
-    flagged = band in ("collapse", "elevated") and score is not None
+    flagged = at_or_above(band, Band.ELEVATED) and score is not None
     if not (flagged or over):
         return None
     parts = [f"{m.name} (task {m.task}):"]
@@ -242,7 +240,7 @@ def _model_finding(r: Any, i: int, over: bool, action: str, file: str,
         parts.append(f"The set is over budget (r*² {r.bounds.exact:.4g} > {r.budget.absolute:.4g}) "
                      f"and this model is its outlier (MDS {mds}).")
     parts.append(f"Verdict {r.verdict.upper()} (decided by {r.decided_by}).{action}")
-    error = over or (band == "collapse" and r.verdict != "mergeable")
+    error = over or (band == Band.COLLAPSE and r.verdict != Verdict.MERGEABLE)
     rule = f"{band}-band" if flagged else "over-budget"
     title = (f"mergekit-collapse: {m.task} would collapse" if error and flagged
              else f"mergekit-collapse: {m.task} is the outlier of an over-budget set" if over
@@ -269,13 +267,13 @@ def findings(result: ConfigResult) -> list[Finding]:
                         locate_message(source, msg) if source else None)]
     r = result.report
     action = ""
-    if result.action and r.verdict != "mergeable" and result.action_preview:
+    if result.action and r.verdict != Verdict.MERGEABLE and result.action_preview:
         action = f" guard.action {result.action} would: {'; '.join(w for w, _ in result.action_preview)}."
-    by_bounds = r.decided_by in ("jung", "converse", "exact")
-    outlier = _outlier(r) if (r.verdict != "mergeable" and by_bounds and r.models) else -1
+    by_bounds = r.decided_by in BOUNDS
+    blamed = outlier(r) if (r.verdict != Verdict.MERGEABLE and by_bounds and r.models) else -1
     found = [f for i in range(len(r.models))
-             if (f := _model_finding(r, i, i == outlier, action, file, _locator(result)))]
-    if r.verdict not in ("mergeable", "collapse") and not found:
+             if (f := _model_finding(r, i, i == blamed, action, file, _locator(result)))]
+    if r.verdict not in (Verdict.MERGEABLE, Verdict.COLLAPSE) and not found:
         notes = " ".join(r.notes) or "no note"
         span = locate_key(source, "models") or locate_key(source, "slices")
         found.append(Finding("error", "not-mergeable", f"mergekit-collapse: verdict {r.verdict}",

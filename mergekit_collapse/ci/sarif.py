@@ -41,7 +41,7 @@ def to_sarif(results: list[ConfigResult]) -> dict[str, Any]:
     Returns:
         The log as a JSON-serialisable dict (`json.dumps` it).
     """
-    from mergekit_collapse import __version__
+    from mergekit_collapse._version import __version__
 
     ids = list(RULES)
     out = []

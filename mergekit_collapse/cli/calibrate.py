@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_collapse.guard.calibration import DEFAULT_BUDGET_COLUMN
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD, comparison
 
 
 @click.command("calibrate")
@@ -14,7 +15,7 @@ from mergekit_collapse.guard.calibration import DEFAULT_BUDGET_COLUMN
 @click.option("--score", help="The score column to band (default: the metric column with the best AUROC).")
 @click.option("--direction", type=click.Choice(["higher", "lower"]),
               help="Which score values are riskier (default: from the AUROC).")
-@click.option("--threshold", type=float, default=-30.0, show_default=True,
+@click.option("--threshold", type=float, default=COLLAPSE_THRESHOLD, show_default=True,
               help="A record is 'collapsed' when its loss (percent, Eq. 1) is below this.")
 @click.option("--sensitivity", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Minimum share of collapsed records the 'elevated' edge must flag.")
@@ -25,11 +26,11 @@ from mergekit_collapse.guard.calibration import DEFAULT_BUDGET_COLUMN
 def calibrate(records: Path, score: str | None, direction: str | None, threshold: float,
               sensitivity: float, budget_column: str, out: Path | None) -> None:
     """Fit risk bands (low / elevated / collapse) and the default relative budget from RECORDS."""
-    from mergekit_collapse.analysis.calibrate import calibrate_file
+    from mergekit_collapse.analysis.fitting import fit_calibration_file
 
-    cal, path = calibrate_file(records, out=out, score=score, direction=direction, threshold=threshold,
+    cal, path = fit_calibration_file(records, out=out, score=score, direction=direction, threshold=threshold,
                                sensitivity=sensitivity, budget_column=budget_column)
-    op = "≥" if cal.direction == "higher" else "≤"
+    op = comparison(cal.direction)
     v = cal.validity
     auc = f"{v.auroc:.3f}" if v and v.auroc is not None else "—"
     click.echo(f"score {cal.score} ({cal.direction} = riskier, AUROC {auc}): "

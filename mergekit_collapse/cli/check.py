@@ -11,6 +11,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -24,8 +25,11 @@ from mergekit_collapse.cli.options import (
 )
 from mergekit_collapse.errors import EXIT_UNEXPECTED
 
+if TYPE_CHECKING:
+    from mergekit_collapse.ci.results import ConfigResult
 
-def format_table(results: list) -> str:  # list[ConfigResult], imported lazily
+
+def format_table(results: list[ConfigResult]) -> str:
     """One row per config: verdict, worst band, how it was decided, cache use, exit status (errors
     are printed on stderr, one line each)."""
     from tabulate import tabulate
@@ -56,11 +60,11 @@ def _slug(display: str, taken: set[str]) -> str:
     return slug
 
 
-def _error_line(r) -> str:  # noqa: ANN001 - ConfigResult
+def _error_line(r: ConfigResult) -> str:
     return r.error if r.exit_code == EXIT_UNEXPECTED else f"error: {r.error}"
 
 
-def _summary_json(results: list, status: int) -> dict:
+def _summary_json(results: list[ConfigResult], status: int) -> dict:
     from mergekit_collapse.ci.results import overall_verdict, worst_band
 
     return {"exit_code": status, "verdict": overall_verdict(results), "worst_band": worst_band(results),
@@ -71,7 +75,7 @@ def _summary_json(results: list, status: int) -> dict:
                         for r in results]}
 
 
-def _write_out(out: Path, results: list, status: int, single: bool, fail_on: str,
+def _write_out(out: Path, results: list[ConfigResult], status: int, single: bool, fail_on: str,
                note: str | None) -> list[Path]:
     """Each report (one folder per config unless single), summary.json/.md and results.sarif."""
     from mergekit_collapse.ci.github import step_summary
@@ -174,7 +178,8 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
     sys.exit(status)
 
 
-def _print(fmt: str, results: list, status: int, single: bool, fail_on: str, note: str | None) -> None:
+def _print(fmt: str, results: list[ConfigResult], status: int, single: bool, fail_on: str,
+           note: str | None) -> None:
     from mergekit_collapse.ci.github import annotations, step_summary
     from mergekit_collapse.ci.sarif import to_sarif
     from mergekit_collapse.guard.report import to_markdown
@@ -203,20 +208,21 @@ def _print(fmt: str, results: list, status: int, single: bool, fail_on: str, not
         click.echo(format_table(results) if results else "no config to check")
 
 
-def _text(r) -> str:  # noqa: ANN001 - ConfigResult
+def _text(r: ConfigResult) -> str:
     from mergekit_collapse.ci.results import error_message
+    from mergekit_collapse.guard.decision import Verdict
     from mergekit_collapse.guard.report import format_text
 
     if r.report is None:
         return f"error: {r.display}: {error_message(r)}"
     text = format_text(r.report)
-    if r.report.verdict != "mergeable" and r.action:
+    if r.report.verdict != Verdict.MERGEABLE and r.action:
         text += "\n" + "\n".join(f"action:  {r.action}: {what} — {why}" for what, why in r.action_preview)
     return text
 
 
-def _github_files(results: list, status: int, fail_on: str, note: str | None, out_dir: str | None,
-                  step_summary: bool) -> None:
+def _github_files(results: list[ConfigResult], status: int, fail_on: str, note: str | None,
+                  out_dir: str | None, step_summary: bool) -> None:
     """Append the job summary and the step outputs (verdict, worst-band, report-path)."""
     from mergekit_collapse.ci import github
     from mergekit_collapse.ci.results import overall_verdict, worst_band

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mergekit_collapse.cli.options import emit
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD
+
+if TYPE_CHECKING:
+    from mergekit_collapse.analysis.statistics import Records
 
 
-def read_records_file(path: Path):  # -> statistics.Records
+def read_records_file(path: Path) -> Records:
     """Read and parse a merge-records file (CSV, or JSONL by extension `.jsonl`/`.json`)."""
     from mergekit_collapse.analysis.statistics import parse_records
     from mergekit_collapse.guard.config import read_text
@@ -22,7 +27,7 @@ def read_records_file(path: Path):  # -> statistics.Records
 
 @click.command("stats")
 @click.argument("records", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--threshold", type=float, default=-30.0, show_default=True,
+@click.option("--threshold", type=float, default=COLLAPSE_THRESHOLD, show_default=True,
               help="A record is 'collapsed' when its loss (percent, Eq. 1) is below this.")
 @click.option("--format", "fmt", type=click.Choice(["json", "markdown"]), default="markdown",
               show_default=True, help="Output format.")

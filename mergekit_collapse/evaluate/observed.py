@@ -16,11 +16,12 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergekit_collapse import __version__
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse._io import atomic_write_bytes, atomic_write_text
+from mergekit_collapse._version import __version__
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import LoadedConfig, TaskSpec
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD
 from mergekit_collapse.guard.report import GuardReport, display_names
 
 log = logging.getLogger(__name__)
@@ -336,7 +337,7 @@ def plot_predicted_vs_observed(report: GuardReport, evaluation: Evaluation, path
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:red")
         for x, y, label in pts:
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(-30, color="grey", lw=0.8, ls="--")
+        ax.axhline(COLLAPSE_THRESHOLD, color="grey", lw=0.8, ls="--")
         ax.ticklabel_format(axis="x", useOffset=False)
         ax.set_xlabel(title, fontsize=8)
         ax.set_ylabel("merging loss % (Eq. 1)", fontsize=8)

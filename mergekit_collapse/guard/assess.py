@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from mergekit_collapse import __version__
 from mergekit_collapse._constants import cache_root
+from mergekit_collapse._version import __version__
 from mergekit_collapse.errors import BadInputError, CollapseError
 from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.calibration import Calibration, load_calibration

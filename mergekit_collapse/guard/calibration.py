@@ -1,5 +1,5 @@
 """The calibration the guard reads: risk bands and the default relative budget (fitted by
-`mergekit_collapse.analysis.calibrate`).
+`mergekit_collapse.analysis.fitting`).
 
 From merge records (format: `mergekit_collapse.statistics`), with "collapsed" meaning
 ``loss < threshold`` (default −30):
@@ -34,13 +34,16 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse.errors import BadInputError
-from mergekit_collapse.guard.decision import Direction, band_of
-from mergekit_collapse.guard.report import Band
+from mergekit_collapse.guard.decision import (
+    COLLAPSE_THRESHOLD,
+    Band,
+    Direction,
+    band_of,
+    edges_in_order,
+)
 
 CALIBRATION_FILE = "calibration.json"
 DEFAULT_RESOURCE = "calibration_default.json"
-#: a constituent "collapsed" when its merging loss (Eq. 1, %) is below this
-DEFAULT_THRESHOLD = -30.0
 #: the records column a relative budget bounds: the merge's r*² over the base model's probe spread
 #: (benchmarks/validity.py writes it; the guard's verdict compares r*² with budget × spread)
 DEFAULT_BUDGET_COLUMN = "exact_rel"
@@ -90,7 +93,7 @@ class Calibration(BaseModel):
     direction: Direction = Field(description="higher: larger scores are riskier; lower: smaller")
     bands: Bands
     relative_budget: float | None = Field(default=None, gt=0)
-    threshold: float = Field(default=DEFAULT_THRESHOLD, description="loss below this = collapsed")
+    threshold: float = Field(default=COLLAPSE_THRESHOLD, description="loss below this = collapsed")
     source: dict[str, Any] = Field(description="records file sha256, n, date — or a note")
     validity: Validity | None = None
     rehearsal: SignalBands | None = None
@@ -101,7 +104,7 @@ class Calibration(BaseModel):
     @model_validator(mode="after")
     def _ordered(self) -> Calibration:
         e, c = self.bands.elevated, self.bands.collapse
-        if (self.direction == "higher" and e > c) or (self.direction == "lower" and e < c):
+        if not edges_in_order(self.direction, e, c):
             raise ValueError(f"band edges out of order for direction '{self.direction}': "
                              f"elevated {e}, collapse {c}")
         return self

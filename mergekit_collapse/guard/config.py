@@ -6,12 +6,16 @@ import difflib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergekit_collapse.errors import BadInputError, ConfigError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
 
 Pooling = Literal["mean", "last"]
 #: the built-in actions (mergekit_collapse.actions); other packages add theirs through this group
@@ -25,7 +29,8 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _did_you_mean(word: str, options: list[str]) -> str:
+def did_you_mean(word: str, options: list[str]) -> str:
+    """"; did you mean 'x'?" for the closest option (difflib), or "" when none is close."""
     near = difflib.get_close_matches(word, options, n=1)
     return f"; did you mean '{near[0]}'?" if near else ""
 
@@ -128,7 +133,7 @@ class GuardSettings(_Strict):
     def _known_action(cls, value: str) -> str:
         names = action_names()
         if value not in names:
-            raise ValueError(f"unknown action {value!r}{_did_you_mean(value, names)}; "
+            raise ValueError(f"unknown action {value!r}{did_you_mean(value, names)}; "
                              f"choose one of {', '.join(names)}")
         return value
 
@@ -145,10 +150,10 @@ class LoadedConfig:
 
     path: Path | None
     source: str
-    merge: Any  # mergekit.config.MergeConfiguration
+    merge: MergeConfiguration
     guard: GuardSettings
-    models: list[Any]  # constituent mergekit ModelReference, in YAML order, base excluded
-    base: Any | None  # the anchor p_0: mergekit ModelReference or None (see `find_base`)
+    models: list[ModelReference]  # the constituents, in YAML order, base excluded
+    base: ModelReference | None  # the anchor p_0, or None (see `find_base`)
     base_source: str | None = None  # where the anchor came from, or why there is none
 
     def task_of(self, model: Any) -> TaskSpec:
@@ -207,7 +212,7 @@ def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
     if first.get("type") == "extra_forbidden" and loc:
         key = str(loc[-1])
         options = allowed.get(tuple(type(x).__name__ for x in loc[:-1]), []) or _all_fields()
-        return f"unknown key {'guard.' + where!r}{_did_you_mean(key, options)}"
+        return f"unknown key {'guard.' + where!r}{did_you_mean(key, options)}"
     return f"invalid {'guard.' + where if loc else 'guard'}: {_one_line(str(first.get('msg')))}"
 
 
@@ -368,7 +373,7 @@ def check_merge_method(merge: Any, *, inputs: bool = True) -> None:
         method = methods.get(merge.merge_method)
     except RuntimeError:
         names = sorted(m.spec.name for m in methods.registered_methods())
-        hint = _did_you_mean(merge.merge_method, names) or f"; mergekit has {', '.join(names)}"
+        hint = did_you_mean(merge.merge_method, names) or f"; mergekit has {', '.join(names)}"
         raise ConfigError(f"unknown merge_method '{merge.merge_method}'{hint}") from None
     for label, refs, base, reader in _merge_groups(merge):
         try:
@@ -439,7 +444,7 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
             raise ConfigError(f"{where}guard.tasks key {key!r} is not a model reference")
         if ref not in models:
             raise ConfigError(f"{where}guard.tasks names {key!r}, which is not a model of this "
-                              f"merge{_did_you_mean(key, sorted(known))}")
+                              f"merge{did_you_mean(key, sorted(known))}")
     return cfg
 
 

@@ -14,12 +14,15 @@ from tabulate import tabulate
 
 from mergekit_collapse._constants import REPORT_SCHEMA_VERSION
 from mergekit_collapse._io import atomic_write_bytes, atomic_write_text
+from mergekit_collapse.guard.decision import (
+    BandName,
+    DecidedByName,
+    Direction,
+    VerdictName,
+    edges_text,
+    icon,
+)
 
-#: "unassessed": the calibrated default budget was in use, the bounds were within it, and no
-#: validated per-model signal could be computed (no base model, no rehearsal): nothing vouches
-Verdict = Literal["mergeable", "collapse", "unassessed"]
-DecidedBy = Literal["jung", "converse", "exact", "risk", "rehearsal", "none"]
-Band = Literal["low", "elevated", "collapse"]
 #: what a Hub model id looks like ("org/name")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -104,7 +107,7 @@ class ModelEntry(BaseModel):
     retention: float | None = Field(default=None, description="<p_m−p_0, p_i−p_0>/||p_i−p_0||²")
     relative_distortion: float | None = Field(default=None, description="||p_m − p_i||²/||p_i−p_0||²")
     risk_score: float | None = Field(default=None, description="this model's value of the risk score")
-    risk_band: Band | None = None
+    risk_band: BandName | None = None
     rehearsal_agreement: float | None = Field(default=None, description=(
         "share of its probes on which the in-memory merge's greedy answer equals this model's"))
     rehearsal_token_agreement: float | None = Field(default=None, description=(
@@ -113,9 +116,9 @@ class ModelEntry(BaseModel):
         "KL(model ‖ merge) of the first answer token, mean over its probes"))
     predicted_retention: float | None = Field(default=None, description=(
         "the rehearsal score the bands apply to (see RehearsalInfo.score)"))
-    rehearsal_band: Band | None = None
+    rehearsal_band: BandName | None = None
 
-    def signal(self, name: str) -> tuple[Band | None, float | None]:
+    def signal(self, name: str) -> tuple[str | None, float | None]:
         """(band, value) of a per-model signal: "risk" (risk_score) or "rehearsal"
         (predicted_retention)."""
         if name == "rehearsal":
@@ -154,7 +157,7 @@ class RiskInfo(BaseModel):
     """The per-model risk score the guard bands models with, and where its bands came from."""
 
     score: str = Field(description="the ModelEntry field used, e.g. relative_distortion")
-    direction: Literal["higher", "lower"]
+    direction: Direction
     elevated: float
     collapse: float
     calibration: dict = Field(description="the calibration's source (records sha256, n, date) or note")
@@ -167,7 +170,7 @@ class RehearsalInfo(BaseModel):
     status: Literal["ran", "skipped", "off"]
     reason: str | None = Field(default=None, description="why it was skipped or off")
     score: str | None = Field(default=None, description="the ModelEntry field banded as predicted_retention")
-    direction: Literal["higher", "lower"] | None = None
+    direction: Direction | None = None
     elevated: float | None = None
     collapse: float | None = None
     answer_tokens: int | None = None
@@ -226,8 +229,8 @@ class GuardReport(BaseModel):
     weights: dict[str, float] = Field(description="α*: distortion-optimal convex weights")
     planned_weights: dict[str, float] | None = None
     budget: BudgetInfo
-    verdict: Verdict
-    decided_by: DecidedBy
+    verdict: VerdictName
+    decided_by: DecidedByName
     probes: ProbeInfo
     layer: int
     pooling: str
@@ -288,11 +291,10 @@ def fmt(x: Any, digits: int = 3) -> str:
 
 def to_markdown(r: GuardReport) -> str:
     """A summary fit for a PR comment."""
-    icon = {"mergeable": "✅", "collapse": "⛔"}.get(r.verdict, "⚠️")
     b = r.bounds
     shown = r.displays()
     lines = [
-        f"### {icon} mergekit-collapse: **{r.verdict}** (decided by {r.decided_by})",
+        f"### {icon(r.verdict)} mergekit-collapse: **{r.verdict}** (decided by {r.decided_by})",
         "",
         f"`{r.merge_method}` merge of {len(r.models)} models"
         + (f" on `{shown[r.base_model]}`" if r.base_model else "")
@@ -377,7 +379,7 @@ def format_text(report: GuardReport) -> str:
         f"verdict: {report.verdict.upper()} (decided by {report.decided_by})",
         f"budget:  {report.budget.absolute:.4g} ({report.budget.mode} {report.budget.value:g})",
         f"risk:    {report.risk.score} (calibrated AUROC {report.risk.auroc or float('nan'):.2f}); "
-        f"bands elevated ≥ {report.risk.elevated:.3g}, collapse ≥ {report.risk.collapse:.3g}"
+        f"bands {edges_text(report.risk.direction, report.risk.elevated, report.risk.collapse)}"
         if report.risk else "risk:    —",
         f"bounds:  converse Δ²/4 {b.converse:.4g} ≤ exact r*² {b.exact:.4g} ≤ "
         f"Jung {b.jung:.4g} (n={b.jung_n});  uniform average {b.uniform:.4g}",
@@ -387,7 +389,7 @@ def format_text(report: GuardReport) -> str:
     h = report.rehearsal
     if h is not None:
         cost = report.run_info.rehearsal_cost() if report.run_info else ""
-        bands = (f"; bands elevated ≤ {h.elevated:.3g}, collapse ≤ {h.collapse:.3g}"
+        bands = (f"; bands {edges_text(h.direction, h.elevated, h.collapse)}"
                  if h.collapse is not None else "")
         lines.append(f"rehearsal: {h.status}" + (f" ({h.reason})" if h.reason else "")
                      + (f": {h.score}{bands}; {cost}" if h.status == "ran" else ""))

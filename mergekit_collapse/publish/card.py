@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from mergekit_collapse._constants import REPORT_DIR
+from mergekit_collapse._constants import REPORT_DIR, SHIPPED_DIR
 from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.evaluate.observed import Evaluation
@@ -185,19 +185,21 @@ def read_evaluation(path: Path) -> Evaluation | None:
                             f"{e.errors()[0]['msg']})") from None
 
 
-def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = None) -> dict[str, Any]:
+def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = None, *,
+                          history: GuardReport | None = None) -> dict[str, Any]:
     """The card's `mergeability:` metadata block, in plain YAML-safe types.
 
     Args:
-        report: the guard's report.
+        report: the guard's report on the merge shipped.
         evaluation: the evaluation, if one was run.
+        history: the report on the config as written, when an action re-organised it.
 
     Returns:
         A dict with the budget, bounds, verdict, per-model scores, probes, layer, pooling, actions,
         the tool version, the risk score when the report has one, and the observed losses if evaluated.
         Models go by their display names; no absolute local path is left in it (`public_text`).
     """
-    from mergekit_collapse import __version__
+    from mergekit_collapse._version import __version__
 
     b = report.bounds
     shown = report.displays()
@@ -246,16 +248,22 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
                           if t.observed_retention is not None else {})}
                       for t in evaluation.tasks],
         }
+    if history is not None:
+        names = history.displays()
+        block["history"] = {"verdict": history.verdict, "decided_by": history.decided_by,
+                            "models": [names[m.name] for m in history.models]}
     return _public(block, public_text(report))
 
 
-def card_data(report: GuardReport, evaluation: Evaluation | None, *, model_name: str):
+def card_data(report: GuardReport, evaluation: Evaluation | None, *, model_name: str,
+              history: GuardReport | None = None):
     """The card's metadata as a `huggingface_hub.ModelCardData`.
 
     Args:
-        report: the guard's report.
+        report: the guard's report on the merge shipped.
         evaluation: the evaluation, or None.
         model_name: the name `model-index` uses.
+        history: the report on the config as written, when an action re-organised it.
 
     Returns:
         A `ModelCardData` with base_model, base_model_relation, tags, library_name, model-index
@@ -278,7 +286,7 @@ def card_data(report: GuardReport, evaluation: Evaluation | None, *, model_name:
         tags=list(TAGS),
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
-        mergeability=mergeability_metadata(report, evaluation),
+        mergeability=mergeability_metadata(report, evaluation, history=history),
         **kwargs,
     )
 
@@ -307,7 +315,9 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
 
     Args:
         out_dir: the merged model directory (mergekit's output) with `mergeability/report.json`,
-            and optionally `mergeability/evaluation.json`, `hidden_sim.png`, `predicted_vs_observed.png`.
+            and optionally `mergeability/evaluation.json`, `hidden_sim.png`, `predicted_vs_observed.png`
+            and `mergeability/shipped/` (the guard's report on the config an action re-organised:
+            it heads the card, and the config as written follows as its history).
         template: a Jinja template of your own (same context as the default; see its header).
         config_path: the mergekit YAML to show; defaults to `out_dir/mergekit_config.yml` if present.
         model_name: the card's title and `model-index` name; defaults to the directory's name.
@@ -320,17 +330,17 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
     """
     from huggingface_hub import ModelCard
 
-    from mergekit_collapse import __version__
+    from mergekit_collapse._version import __version__
 
     out = Path(out_dir)
     mdir = out / REPORT_DIR
     if not (mdir / "report.json").is_file():
         raise BadInputError(f"{out}: no {REPORT_DIR}/report.json (run `mergekit-collapse check` "
                             "with this output folder first)")
-    try:
-        report = GuardReport.read(mdir)
-    except (ValidationError, ValueError) as e:
-        raise BadInputError(f"{mdir / 'report.json'}: not a valid guard report ({e})") from None
+    written = _read_report(mdir)
+    has_shipped = (mdir / SHIPPED_DIR / "report.json").is_file()
+    shipped = _read_report(mdir / SHIPPED_DIR) if has_shipped else None
+    report, history = (shipped, written) if shipped is not None else (written, None)
     evaluation = read_evaluation(mdir / "evaluation.json")
     name = model_name or out.resolve().name
 
@@ -342,7 +352,7 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
     tpl = Path(template) if template is not None else default_template_path()
     if not tpl.is_file():
         raise BadInputError(f"card template not found: {tpl}")
-    data = card_data(report, evaluation, model_name=name)
+    data = card_data(report, evaluation, model_name=name, history=history)
     clean = public_text(report, None if report.config else config_file.resolve().parent)
 
     import jinja2
@@ -352,9 +362,11 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
             data, template_str=tpl.read_text(encoding="utf-8"),
             model_name=name, report=_public(report.model_dump(mode="json"), clean),
             mergeability=data["mergeability"],
+            history=(_public(history.model_dump(mode="json"), public_text(history))
+                     if history else None),
             evaluation=_public(evaluation.model_dump(mode="json"), clean) if evaluation else None,
             rows=_public(_rows(report, evaluation), clean),
-            heatmap=f"{REPORT_DIR}/hidden_sim.png" if (mdir / "hidden_sim.png").is_file() else None,
+            heatmap=_heatmap(mdir, shipped is not None),
             scatter=(f"{REPORT_DIR}/predicted_vs_observed.png"
                      if (mdir / "predicted_vs_observed.png").is_file() else None),
             mergekit_config=clean(mergekit_config) if mergekit_config else None, fmt=fmt,
@@ -379,6 +391,19 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
         else:
             card.data[key] = value
     return card
+
+
+def _heatmap(mdir: Path, shipped: bool) -> str | None:
+    """The repo-relative path of the heatmap of the merge the card describes, or None."""
+    folder = f"{REPORT_DIR}/{SHIPPED_DIR}" if shipped else REPORT_DIR
+    return f"{folder}/hidden_sim.png" if (mdir.parent / folder / "hidden_sim.png").is_file() else None
+
+
+def _read_report(folder: Path) -> GuardReport:
+    try:
+        return GuardReport.read(folder)
+    except (ValidationError, ValueError) as e:
+        raise BadInputError(f"{folder / 'report.json'}: not a valid guard report ({e})") from None
 
 
 def write_card(out_dir: str | Path, *, template: Path | None = None, config_path: Path | None = None,

@@ -94,6 +94,14 @@ class CardObserved(_Card):
     tasks: list[CardObservedTask] = Field(default_factory=list)
 
 
+class CardHistory(_Card):
+    """The config as written, before an action re-organised it into the merge the card describes."""
+
+    verdict: str
+    decided_by: str
+    models: list[str] = Field(description="its models, by display name")
+
+
 class Mergeability(_Card):
     """The card's `mergeability:` block (`card.mergeability_metadata`)."""
 
@@ -113,6 +121,9 @@ class Mergeability(_Card):
     risk: RiskInfo | None = None
     rehearsal: RehearsalInfo | None = None
     observed: CardObserved | None = None
+    history: CardHistory | None = Field(default=None, description=(
+        "when an action re-organised the config: the verdict on the config as written (the verdict "
+        "above is the guard's on the merge shipped)"))
 
 
 class CardMetadata(BaseModel):

@@ -21,13 +21,12 @@ from mergekit_collapse.analysis.statistics import (
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.calibration import (
     DEFAULT_BUDGET_COLUMN,
-    DEFAULT_THRESHOLD,
     Bands,
     Calibration,
-    Direction,
     Validity,
     write_calibration,
 )
+from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD, Direction, orientation
 
 
 class _Cut(BaseModel):
@@ -89,7 +88,7 @@ def _best_score(records: Records, labels: np.ndarray, keep: np.ndarray) -> str:
 
 
 def fit_calibration(records: Records, *, score: str | None = None, direction: Direction | None = None,
-                    threshold: float = DEFAULT_THRESHOLD, sensitivity: float = 0.9,
+                    threshold: float = COLLAPSE_THRESHOLD, sensitivity: float = 0.9,
                     budget_column: str = DEFAULT_BUDGET_COLUMN,
                     source: dict[str, Any] | None = None) -> Calibration:
     """Fit risk bands on `score` (and the default relative budget) from merge records.
@@ -129,10 +128,10 @@ def fit_calibration(records: Records, *, score: str | None = None, direction: Di
     auc = auroc(x, y)
     if direction is None:
         direction = auc.direction or "higher"
-    sign = 1.0 if direction == "higher" else -1.0
+    sign = orientation(direction)
     cut_c, cut_e = roc_cuts(sign * x, y, sensitivity=sensitivity)
     corr = correlation(x, lo)
-    oriented_auc = None if auc.auroc is None else (auc.auroc if direction == "higher" else 1 - auc.auroc)
+    oriented_auc = None if auc.auroc is None else (auc.auroc if sign > 0 else 1 - auc.auroc)
     validity = Validity(n=len(x), n_collapsed=int(y.sum()), auroc=oriented_auc,
                         spearman_rho=corr.spearman_rho, spearman_p=corr.spearman_p,
                         youden_j=cut_c.sensitivity + cut_c.specificity - 1,
@@ -154,8 +153,8 @@ def fit_calibration(records: Records, *, score: str | None = None, direction: Di
 
 
 
-def calibrate_file(records_path: str | Path, *, out: str | Path | None = None, score: str | None = None,
-                   direction: Direction | None = None, threshold: float = DEFAULT_THRESHOLD,
+def fit_calibration_file(records_path: str | Path, *, out: str | Path | None = None, score: str | None = None,
+                   direction: Direction | None = None, threshold: float = COLLAPSE_THRESHOLD,
                    sensitivity: float = 0.9, budget_column: str = DEFAULT_BUDGET_COLUMN
                    ) -> tuple[Calibration, Path]:
     """Read a records file, fit the calibration, write it as JSON.

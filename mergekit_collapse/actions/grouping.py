@@ -1,9 +1,5 @@
-"""Re-organising a task set that is over budget (DESIGN.md): abort, warn, drop, split, replace, order.
-
-Each action is one small class in the `ACTIONS` registry (the shape of mergekit's merge-method
-registry). An action reads the guard's report and the squared distances D_ij = drms(i,j)² of the
-constituents, and returns an `ActionPlan`: the mergekit configs to write and merge, and the
-`Action` records that say what changed and why.
+"""Grouping models by cliques of the compatibility graph: what drop, split, replace and order
+compute on the squared distances D_ij = drms(i,j)² of the constituents (DESIGN.md).
 
 The graph and clustering work is pure (numpy, networkx, scipy; no torch, no I/O) and works on D
 alone. Models i, j are *compatible* when their pair alone is within budget: the pair's own
@@ -203,7 +199,7 @@ def best_replacement(sq: np.ndarray, slots: Sequence[Sequence[int]]) -> Group:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pairwise merge of an agglomerative plan; nodes < N are models, node N+k is stage k."""
+    """One pairwise merge of an agglomerative tree; nodes < N are models, node N+k is stage k."""
 
     left: int
     right: int
@@ -214,7 +210,7 @@ class Stage:
 
 
 def merge_tree(sq: np.ndarray) -> list[Stage]:
-    """An agglomerative merge plan that merges the closest first (scipy.cluster.hierarchy).
+    """An agglomerative merge tree that merges the closest first (scipy.cluster.hierarchy).
 
     Centroid linkage on drms: under LMC the merge of two groups with size-proportional weights sits
     at their centroid, so the next distance is exactly the distance to that merged model (valid
