@@ -24,17 +24,25 @@ from mergekit_collapse.ci.results import (
     worst_band,
 )
 
-__all__ = ["annotation", "annotations", "append_outputs", "step_summary"]
+__all__ = ["annotation", "annotations", "append_outputs", "data", "step_summary", "verbatim"]
 
 _ICON = {"mergeable": "✅", "collapse": "⛔", "error": "❌"}
 
 
-def _data(text: str) -> str:
+def data(text: str) -> str:
+    """A workflow command's message: `%`, CR and LF escaped."""
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _prop(text: str) -> str:
-    return _data(text).replace(":", "%3A").replace(",", "%2C")
+    return data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def verbatim(text: str) -> str:
+    """Free text (a report naming files and models) for the log, with command processing stopped
+    around it (`::stop-commands::`), so no line of it is read as a workflow command."""
+    token = f"mergekit-collapse-{uuid.uuid4().hex}"
+    return f"::stop-commands::{token}\n{text}\n::{token}::"
 
 
 def annotation(f: Finding) -> str:
@@ -44,7 +52,7 @@ def annotation(f: Finding) -> str:
         props.update(line=str(f.span.line), endLine=str(f.span.end_line), col=str(f.span.column),
                      endColumn=str(f.span.end_column))
     props["title"] = f.title
-    return f"::{f.level} {','.join(f'{k}={_prop(v)}' for k, v in props.items())}::{_data(f.message)}"
+    return f"::{f.level} {','.join(f'{k}={_prop(v)}' for k, v in props.items())}::{data(f.message)}"
 
 
 def annotations(results: list[ConfigResult]) -> list[str]:
