@@ -6,12 +6,90 @@ file or folder as it was, never a half-written one.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mergekit_collapse._console import one_line
+from mergekit_collapse._constants import ENV_CACHE
+from mergekit_collapse.errors import CacheError
+
+#: what a write meets on a read-only file system, a full disk, an immutable folder, a bad path
+_UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+               errno.EEXIST, errno.ENAMETOOLONG, errno.ENOENT}
+
+
+def why_unwritable(folder: str | Path, error: OSError | None = None) -> str:
+    """Why `folder` cannot be created or written, in a few words: the ancestor that is a file,
+    else the system's words for `error` ("Read-only file system", "No space left on device")."""
+    folder = Path(folder)
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                return f"{one_line(str(p))} is a file, not a folder"
+            break
+    if error is None:
+        return "not writable"
+    return error.strerror or type(error).__name__
+
+
+def probe_writable(folder: str | Path, what: str, *, target: str | Path | None = None) -> None:
+    """Create `folder` and a file in it, or fail before any work is done.
+
+    Args:
+        folder: the folder to write in. what: its name for the user (`--out`).
+        target: the file that will be written there, named in the message instead of the folder.
+
+    Raises:
+        CacheError: one line naming `what`, the folder and why (a file in the way, a read-only
+            file system, a full disk).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        shown = one_line(str(target or folder))
+        raise CacheError(f"cannot write {what} {shown}: {why_unwritable(folder, e)}") from None
+
+
+@contextmanager
+def cache_lock(folder: str | Path) -> Iterator[None]:
+    """The inter-process write lock of a cache folder (`folder/.lock`), created on first use.
+
+    Only writers take it, so a warm cache on a read-only file system still serves reads. A cache
+    that cannot be written (read-only, full, a file in the way) is one line, not an OSError.
+
+    Raises:
+        CacheError: the folder or its lock cannot be created, or a write under the lock fails so.
+    """
+    from filelock import FileLock
+
+    folder = Path(folder)
+
+    def fail(e: OSError) -> CacheError:
+        return CacheError(f"cannot write the cache at {one_line(str(folder))}: {why_unwritable(folder, e)}; "
+                          f"point {ENV_CACHE} (or --cache-dir) at a writable folder")
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / ".lock")
+        lock.acquire()
+    except OSError as e:
+        raise fail(e) from None
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _UNWRITABLE:
+            raise
+        raise fail(e) from None
+    finally:
+        lock.release()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -182,3 +182,21 @@ def test_hypothesis_is_derandomised_by_default():
     from hypothesis import settings
 
     assert settings().derandomize, "tests/conftest.py loads a derandomised hypothesis profile"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes: nothing is read-only")
+def test_a_warm_read_only_cache_still_serves(tiny_zoo, tmp_path, monkeypatch):
+    root = _calm_repo(tmp_path / "r", tiny_zoo)
+    monkeypatch.chdir(root)
+    cache = tmp_path / "cache"
+    assert cli("check", "calm.yml", "--no-progress").exit_code == 0  # fills the cache
+    modes = {}
+    for p in [cache, *cache.rglob("*")]:
+        modes[p] = p.stat().st_mode
+        p.chmod(modes[p] & ~0o222)
+    try:
+        res = cli("check", "calm.yml", "--no-progress")
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert res.exit_code == 0 and not res.stderr.strip(), res.output

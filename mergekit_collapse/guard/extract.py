@@ -323,10 +323,9 @@ def write_lock(folder: Path) -> Any:
     """An inter-process lock on a cache folder. Writers re-read, merge and replace under it, so
     concurrent processes (a multi-process run, two runs at once) lose no update; readers need no
     lock (`atomic_write_bytes` replaces whole files)."""
-    from filelock import FileLock
+    from mergekit_collapse._io import cache_lock
 
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(folder / ".lock")
+    return cache_lock(folder)  # an unwritable cache: one line (CacheError), not an OSError
 
 
 def read_npz(path: Path, *, warn: bool = True) -> dict[str, np.ndarray] | None:
