@@ -16,11 +16,33 @@ from pathlib import Path
 
 from mergekit_collapse._console import one_line
 from mergekit_collapse._constants import ENV_CACHE
-from mergekit_collapse.errors import CacheError
+from mergekit_collapse.errors import BadInputError, CacheError
+
+#: the longest file or folder name (one path component) common file systems allow, in bytes
+NAME_MAX = 255
 
 #: what a write meets on a read-only file system, a full disk, an immutable folder, a bad path
 _UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                errno.EEXIST, errno.ENAMETOOLONG, errno.ENOENT}
+
+
+def check_path(path: str | Path, what: str) -> None:
+    """Refuse a path no file system can hold, before the OS answers with a traceback.
+
+    Args:
+        path: as the user gave it. what: its name for the user (`model`, `probe file`, `--out`).
+
+    Raises:
+        BadInputError: the path holds a NUL byte, or a component over NAME_MAX (255) bytes.
+    """
+    text = str(path)
+    if "\0" in text:
+        raise BadInputError(f"{what} {one_line(repr(text))} contains a NUL byte: no file can be named so; "
+                            "fix the path")
+    for part in Path(text).parts:
+        if (n := len(os.fsencode(part))) > NAME_MAX:
+            raise BadInputError(f"{what} name too long: '{one_line(part[:40])}…' is {n} bytes, and a file "
+                                f"or folder name is at most {NAME_MAX}; shorten it")
 
 
 def why_unwritable(folder: str | Path, error: OSError | None = None) -> str:

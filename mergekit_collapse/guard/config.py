@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergekit_collapse._io import check_path
 from mergekit_collapse.errors import BadInputError, ConfigError, ModelNotFoundError
 
 Pooling = Literal["mean", "last"]
@@ -435,6 +436,9 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     except ConfigError as e:
         raise ConfigError(f"{where}invalid mergekit config: {e}") from None
     models = ordered_models(merge)
+    for ref in [*models, merge.base_model]:  # before any file system call on them
+        for part in ([] if ref is None else [ref.model] + ([ref.lora] if ref.lora else [])):
+            check_path(part.path, f"{where}model")
     base, base_source = find_base(merge, guard, models)
     cfg = LoadedConfig(path=path, source=source, merge=merge, guard=guard, models=models,
                        base=base, base_source=base_source)
@@ -453,8 +457,9 @@ def read_text(path: str | Path, what: str) -> str:
 
     Raises:
         ModelNotFoundError: the file is missing (a FileNotFoundError too).
-        BadInputError: unreadable or not UTF-8.
+        BadInputError: unreadable or not UTF-8, or a path no file system holds (`_io.check_path`).
     """
+    check_path(path, what)
     p = Path(path)
     try:
         return p.read_text(encoding="utf-8")
@@ -472,6 +477,7 @@ def check_writable(path: str | Path, what: str) -> None:
     Raises:
         BadInputError: `path` is a file, or its nearest existing parent is a file or not writable.
     """
+    check_path(path, what)
     p = Path(path).expanduser().absolute()
     if p.is_file():
         raise BadInputError(f"{what} {p} is a file, not a folder: give a folder")
