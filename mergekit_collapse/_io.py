@@ -118,8 +118,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -133,6 +134,41 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`atomic_write_bytes` of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_all(changes: dict[Path, bytes | None]) -> None:
+    """Write (bytes) or delete (None) several files as one unit: when one change fails, those
+    already made are undone, so the folder is as it was before, never half-updated.
+
+    Raises:
+        OSError: the change that failed (after the rollback).
+    """
+    before = {p: (p.read_bytes() if p.is_file() else None) for p in changes}
+    done: list[Path] = []
+    try:
+        for path, data in changes.items():
+            done.append(path)
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write_bytes(path, data)
+    except BaseException:
+        for path in reversed(done):
+            old = before[path]
+            try:
+                if old is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(path, old)
+            except OSError:
+                pass  # the original error says what went wrong
+        raise
 
 
 @contextmanager

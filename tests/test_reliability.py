@@ -200,3 +200,25 @@ def test_a_warm_read_only_cache_still_serves(tiny_zoo, tmp_path, monkeypatch):
         for p, mode in modes.items():
             p.chmod(mode)
     assert res.exit_code == 0 and not res.stderr.strip(), res.output
+
+
+def test_card_is_written_all_or_nothing(tmp_path):
+    """One .eval_results file that cannot be written (a folder of the user's in its place): the
+    README and every other file stay as they were, and the error is one line."""
+    from test_card import make_merged_dir
+
+    from mergekit_collapse.publish.card import read_evaluation
+    from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR, plan_eval_results
+
+    out = make_merged_dir(tmp_path)
+    planned = sorted(p for p, data in plan_eval_results(
+        out, read_evaluation(out / "mergeability" / "evaluation.json")).items() if data is not None)
+    assert len(planned) >= 2
+    planned[-1].mkdir(parents=True)  # the last file to write is in the way
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    res = cli("card", out)
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and "nothing was changed" in res.stderr
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in (out / EVAL_RESULTS_DIR).iterdir()) == [planned[-1].name]
