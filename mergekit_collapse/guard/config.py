@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -186,8 +187,18 @@ def parse_ref(value: Any) -> Any | None:
 
 
 def _is_member_tag(x: Any) -> bool:
-    """pydantic names the union member an error belongs to in its loc (`ProbeFile`, `list[str]`)."""
-    return isinstance(x, str) and (x in _MODEL_NAMES or "[" in x)
+    """pydantic names the union member an error belongs to in its loc (`ProbeFile`, `list[str]`,
+    `function-after[...]`): a type's name, never a bare `[` a user may write as a key."""
+    return isinstance(x, str) and (x in _MODEL_NAMES or re.fullmatch(r"[\w-]+\[.*\]", x) is not None)
+
+
+def _loc(error: dict) -> tuple:
+    """An error's loc without the union-member tags; an unknown key (extra_forbidden, always last)
+    is kept whatever it looks like."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden" and loc:
+        return (*(x for x in loc[:-1] if not _is_member_tag(x)), loc[-1])
+    return tuple(x for x in loc if not _is_member_tag(x))
 
 
 def _closest_member(errors: list[dict]) -> list[dict]:
@@ -196,7 +207,8 @@ def _closest_member(errors: list[dict]) -> list[dict]:
     members: dict[tuple, list[dict]] = {}
     for e in errors:
         loc = tuple(e.get("loc", ()))
-        cut = next((i for i, x in enumerate(loc) if _is_member_tag(x)), None)
+        search = loc[:-1] if e.get("type") == "extra_forbidden" else loc  # the last is the user's key
+        cut = next((i for i, x in enumerate(search) if _is_member_tag(x)), None)
         members.setdefault(loc[: cut + 1] if cut is not None else (), []).append(e)
     if len(members) <= 1 or () in members:
         return members.get((), errors)
@@ -208,7 +220,7 @@ def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
     """One line for the first pydantic error; unknown keys get a did-you-mean."""
     errors = _closest_member(err.errors())
     first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
-    loc = tuple(x for x in first.get("loc", ()) if not _is_member_tag(x))
+    loc = _loc(first)
     where = ".".join(str(x) for x in loc)
     if first.get("type") == "extra_forbidden" and loc:
         key = str(loc[-1])
