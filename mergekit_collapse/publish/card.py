@@ -170,7 +170,8 @@ def _first_error(e: ValueError) -> str:
     if isinstance(e, ValidationError):
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first.get("loc", ()))
-        return f"{e.error_count()} errors; {loc + ': ' if loc else ''}{first['msg']}"
+        n = e.error_count()
+        return f"{n} error{'s' if n != 1 else ''}; {loc + ': ' if loc else ''}{first['msg']}"
     return one_line(str(e))
 
 
