@@ -554,6 +554,9 @@ CASES = [
     Case("stats-non-numeric-cell", lambda e: ["stats", str(e.write(
         "group,task,method,model,loss,mds\n1,a,linear,m1,-50,0.9\n1,b,linear,m2,-1,oops\n"
         "2,a,ties,m1,-5,0.1\n", "records.csv"))], 0, ("mds", "'oops'", "not a number")),
+    Case("guard-base-differs", lambda e: ["check", str(e.write({**e.raw(), "guard": {
+        **e.raw()["guard"], "base": e.ref("ft3")}})), *FAST, "--absolute-budget", "1e9"], 0,
+         ("guard.base", "ft3", "not the config's base_model")),
     Case("guard-unknown-key-bracket", lambda e: ["check", str(e.write({**e.raw(), "guard": {
         **e.raw()["guard"], "[": 1}}))], 2, ("unknown key 'guard.['",)),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergekit_collapse._io import check_path
 from mergekit_collapse.errors import BadInputError, ConfigError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "last"]
 #: the built-in actions (mergekit_collapse.actions); other packages add theirs through this group
@@ -151,6 +154,16 @@ class LoadedConfig:
     models: list[Any]  # constituent mergekit ModelReference, in YAML order, base excluded
     base: Any | None  # the anchor p_0: mergekit ModelReference or None (see `find_base`)
     base_source: str | None = None  # where the anchor came from, or why there is none
+
+    @property
+    def base_note(self) -> str | None:
+        """A note when `guard.base` (the risk score's anchor) is not the config's `base_model`
+        (mergekit merges from the latter): said, so the difference is never silent."""
+        given = self.merge.base_model
+        if self.guard.base is None or given is None or self.base is None or self.base == given:
+            return None
+        return (f"guard.base {self.base} is the risk score's anchor, not the config's base_model "
+                f"{given} (mergekit merges from base_model)")
 
     def task_of(self, model: Any) -> TaskSpec:
         """The TaskSpec of a constituent model, matched by mergekit's own parse of the key."""
@@ -454,6 +467,8 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     base, base_source = find_base(merge, guard, models)
     cfg = LoadedConfig(path=path, source=source, merge=merge, guard=guard, models=models,
                        base=base, base_source=base_source)
+    if note := cfg.base_note:
+        logger.warning("%s%s", where, note)
     known = {str(m) for m in models}
     for key in guard.tasks:
         if (ref := parse_ref(key)) is None:
@@ -515,4 +530,7 @@ def with_guard(cfg: LoadedConfig, guard: GuardSettings) -> LoadedConfig:
     if guard.base == cfg.guard.base:
         return replace(cfg, guard=guard)
     base, source = find_base(cfg.merge, guard, cfg.models)
-    return replace(cfg, guard=guard, base=base, base_source=source)
+    new = replace(cfg, guard=guard, base=base, base_source=source)
+    if (note := new.base_note) and note != cfg.base_note:
+        logger.warning("%s", note)
+    return new
