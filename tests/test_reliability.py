@@ -224,3 +224,14 @@ def test_card_is_written_all_or_nothing(tmp_path):
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in (out / EVAL_RESULTS_DIR).iterdir()) == [planned[-1].name]
+
+
+@pytest.mark.parametrize("var", ["GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT"])
+def test_an_unwritable_github_file_keeps_the_verdicts_exit_code(var, tiny_zoo, tmp_path, monkeypatch):
+    root = _calm_repo(tmp_path / "r", tiny_zoo)
+    monkeypatch.chdir(root)
+    (tmp_path / "a_file").write_text("in the way")
+    res = cli("check", "calm.yml", "--no-progress", "--format", "github", "--absolute-budget", "1e-9",
+              env={var: str(tmp_path / "a_file" / "x")})
+    assert res.exit_code == 3, res.output  # the verdict (over budget), not 1
+    assert "Traceback" not in res.output
