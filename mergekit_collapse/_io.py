@@ -21,9 +21,8 @@ from mergekit_collapse.errors import BadInputError, CacheError
 #: the longest file or folder name (one path component) common file systems allow, in bytes
 NAME_MAX = 255
 
-#: what a write meets on a read-only file system, a full disk, an immutable folder, a bad path
-_UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-               errno.EEXIST, errno.ENAMETOOLONG, errno.ENOENT}
+#: what a write meets on a read-only file system, a full disk or quota, an immutable folder
+_UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM}
 
 
 def check_path(path: str | Path, what: str) -> None:
@@ -137,6 +136,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _umask() -> int:
+    """The process's umask (reading it means setting it: put back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -61,7 +61,7 @@ def annotations(results: list[ConfigResult]) -> list[str]:
 
 
 def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def _row(r: ConfigResult) -> str:
