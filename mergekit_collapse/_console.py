@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-__all__ = ["Progress", "is_verbose", "quiet_third_party", "quiet_tqdm", "set_verbose"]
+__all__ = ["Progress", "is_verbose", "one_line", "quiet_third_party", "quiet_tqdm", "set_verbose"]
 
 #: loggers of the libraries we drive, kept at ERROR unless verbose
 NOISY_LOGGERS = ("transformers", "datasets", "huggingface_hub", "lm_eval", "accelerate", "mergekit",
@@ -30,6 +30,12 @@ KNOWN_WARNINGS = (
 )
 
 _verbose = False
+
+
+def one_line(text: str) -> str:
+    """`text` as one line: a CR or LF (in a file or folder name) shown as `\\r` / `\\n`, so it can
+    neither split an error line nor start a line a CI log would read as a command."""
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def set_verbose(verbose: bool) -> None:

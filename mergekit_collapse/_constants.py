@@ -25,9 +25,23 @@ def hook_disabled() -> bool:
 
 
 def cache_root() -> Path:
-    """The cache root: $MERGEKIT_COLLAPSE_CACHE, else $XDG_CACHE_HOME/mergekit_collapse, else ~/.cache/..."""
+    """The cache root: $MERGEKIT_COLLAPSE_CACHE, else $XDG_CACHE_HOME/mergekit_collapse, else ~/.cache/...
+
+    Raises:
+        CacheError: the root, or the nearest of its folders that exists, is a file (nothing could be
+            cached; a read-only or full one is said when it is first written: `_io.cache_lock`).
+    """
     if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mergekit_collapse"
+        root, named = Path(os.environ[ENV_CACHE]).expanduser(), f"${ENV_CACHE}"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mergekit_collapse"
+        named = "the cache root"
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        from mergekit_collapse.errors import CacheError
+
+        shown = str(existing).replace("\n", "\\n")
+        raise CacheError(f"cannot use {named} {str(root)!r} as the cache: {shown} is a file, not a "
+                         f"folder; point {ENV_CACHE} at a folder")
+    return root

@@ -37,6 +37,11 @@ class ModelNotFoundError(BadInputError, FileNotFoundError):
     """A model path, Hub id or input file that cannot be found (or fetched from the Hub)."""
 
 
+class CacheError(BadInputError):
+    """The cache (MERGEKIT_COLLAPSE_CACHE, --cache-dir) or an output cannot be written: a read-only
+    file system, a full disk, a folder that is a file."""
+
+
 class GuardStoppedError(CollapseError):
     """The guard predicted a collapse and its action stopped the merge."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -14,6 +16,12 @@ from hub_server import OTHER_TOKEN, TOKEN, FakeHub  # noqa: E402
 
 #: MergeKit's vendored test suite runs in its own subprocess (test_mergekit_suite.py), never here
 collect_ignore = ["mergekit_suite"]
+
+#: hypothesis: a fixed seed by default, so a fuzz find never blocks a landing at random; a deeper
+#: random search is opt-in: HYPOTHESIS_PROFILE=random FUZZ_EXAMPLES=2000 (README, Development)
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("random", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -222,6 +222,91 @@ def _a_file(env: Env) -> Path:
     return path
 
 
+LONG = "n" * 300  # one path component over the 255 bytes file systems allow
+
+
+def _long_name(env: Env, where: str) -> list[str]:
+    """A path with a component over 255 characters, in each place a path is given."""
+    long = str(env.tmp / LONG)
+    if where == "config":
+        return ["check", long + ".yml", *FAST]
+    if where == "model":
+        return ["check", env.config("ft1", long), *FAST]
+    if where == "probe":
+        return _probe_file(env, LONG + ".txt", None)
+    return ["check", env.config(), *FAST, "--out", long]
+
+
+def _cache_at(env: Env, where: str) -> list[str]:
+    """`check` with MERGEKIT_COLLAPSE_CACHE somewhere nothing can be written."""
+    if where == "file":
+        cache = _a_file(env)
+    elif where == "under-a-file":
+        cache = _a_file(env) / "cache"
+    else:  # a read-only file system: sysfs in a container, else skipped
+        cache = Path("/sys/mergekit-collapse-cache")
+        try:
+            cache.mkdir()
+            cache.rmdir()
+            pytest.skip("/sys is writable here: no read-only file system to try")
+        except OSError:
+            pass
+    env.monkeypatch.setenv("MERGEKIT_COLLAPSE_CACHE", str(cache))
+    return ["check", env.config(), *FAST, "--absolute-budget", "1e9"]
+
+
+def _calibrate_out(env: Env, out: str) -> list[str]:
+    records = env.write("group,task,method,model,loss,mds\n1,a,linear,m1,-50,0.9\n1,b,linear,m2,-1,0.2\n"
+                        "2,a,ties,m1,-5,0.1\n2,b,ties,m2,-40,0.8\n", "records.csv")
+    target = str(_a_file(env) / "cal.json") if out == "under-a-file" else "/sys/mergekit-collapse.json"
+    return ["calibrate", str(records), "--out", target]
+
+
+def _github_file_unwritable(env: Env, var: str) -> list[str]:
+    env.monkeypatch.setenv(var, str(_a_file(env) / "x"))
+    return ["check", env.config(), *FAST, "--absolute-budget", "1e9", "--format", "github"]
+
+
+def _card_with(env: Env, name: str, data: bytes | None, *, folder: bool = False) -> list[str]:
+    """`card` of a finished merge folder where `name` (relative to it) holds `data` (or is a folder)."""
+    out = make_merged_dir(env.tmp)
+    target = out / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        target.mkdir()
+    elif data is not None:
+        target.write_bytes(data)
+    return ["card", str(out)]
+
+
+def _card_long_task(env: Env) -> list[str]:
+    """`card` where an lm-eval task name is 300 characters (the .eval_results file it names)."""
+    from test_card import EVALUATION
+
+    out = make_merged_dir(env.tmp)
+    evaluation = json.loads(json.dumps(EVALUATION))
+    for t in evaluation["tasks"]:
+        t["eval"] = "t" * 300
+    (out / "mergeability" / "evaluation.json").write_text(json.dumps(evaluation))
+    return ["card", str(out)]
+
+
+def _push_token_name(env: Env, *extra: str) -> list[str]:
+    args = _push(env, "alice/merged", *extra, token=TOKEN)
+    (env.tmp / "merged" / f"notes-{TOKEN}.txt").write_text("harmless")
+    return args
+
+
+def _push_fifo(env: Env) -> list[str]:
+    args = _push(env, "alice/merged", "--dry-run")
+    os.mkfifo(env.tmp / "merged" / "pipe")
+    return args
+
+
+def _jsonl_probe(env: Env, value: Any) -> list[str]:
+    return _probe_file(env, "p.jsonl", (json.dumps({"text": value}) + "\n").encode())
+
+
 DUP_GUARD = """merge_method: linear
 models:
   - {{model: {a}, parameters: {{weight: 1}}}}
@@ -424,6 +509,56 @@ CASES = [
     Case("usage-bad-choice", lambda e: ["check", e.config(), "--pooling", "max"], 2,
          ("--pooling", "max", "mean")),
     Case("usage-bad-number", lambda e: ["check", e.config(), "--k", "many"], 2, ("--k", "many")),
+    # ---- reliability round 2 (issue 23)
+    *[Case(f"name-too-long-{w}", lambda e, w=w: _long_name(e, w), 2, ("too long", "255"))
+      for w in ("config", "model", "probe", "out")],
+    Case("model-path-nul", lambda e: ["check", e.config("ft1", str(e.tmp / "a\0b")), *FAST], 2,
+         ("NUL byte",)),
+    Case("probe-file-nul", lambda e: _probe_file(e, "p\0.txt", None), 2, ("probe file", "NUL byte")),
+    Case("cache-env-is-a-file", lambda e: _cache_at(e, "file"), 2,
+         ("MERGEKIT_COLLAPSE_CACHE", "a_file", "not a folder")),
+    Case("cache-under-a-file", lambda e: _cache_at(e, "under-a-file"), 2,
+         ("cache", "a_file", "not a folder")),
+    Case("cache-read-only-fs", lambda e: _cache_at(e, "read-only"), 2,
+         ("cannot write the cache", "MERGEKIT_COLLAPSE_CACHE")),
+    Case("calibrate-out-not-writable", lambda e: _calibrate_out(e, "under-a-file"), 2,
+         ("--out", "a_file", "not a folder")),
+    Case("calibrate-out-read-only-fs", lambda e: _calibrate_out(e, "read-only"), 2,
+         ("--out", "cannot write")),
+    Case("github-step-summary-unwritable", lambda e: _github_file_unwritable(e, "GITHUB_STEP_SUMMARY"), 0,
+         ("GITHUB_STEP_SUMMARY", "cannot write")),
+    Case("github-output-unwritable", lambda e: _github_file_unwritable(e, "GITHUB_OUTPUT"), 0,
+         ("GITHUB_OUTPUT", "cannot write")),
+    Case("card-report-not-json", lambda e: _card_with(e, "mergeability/report.json", b"{oops"), 2,
+         ("report.json", "not a valid guard report")),
+    Case("card-report-wrong-shape", lambda e: _card_with(e, "mergeability/report.json", b'{"verdict": 5}'),
+         2, ("report.json", "not a valid guard report")),
+    Case("mergekit-yaml-bad-guard-action", lambda e: _merge(e, str(e.tmp / "out"), "--guard-action",
+                                                            "explode", entry="yaml"),
+         2, ("--guard-action", "explode", "abort"), entry="yaml"),
+    Case("card-eval-task-300-chars", _card_long_task, 0, ()),
+    Case("card-own-eval-results-not-utf8", lambda e: _card_with(e, ".eval_results/mine.yaml", b"\xff\xfe"),
+         0, ()),
+    Case("card-own-eval-results-folder", lambda e: _card_with(e, ".eval_results/x.yaml", None, folder=True),
+         0, ()),
+    Case("card-evaluation-not-utf8", lambda e: _card_with(e, "mergeability/evaluation.json", b"\xff{}"), 2,
+         ("evaluation.json", "not UTF-8")),
+    Case("push-token-in-file-name", lambda e: _push_token_name(e), 4,
+         ("refusing to push", "a file name holds the Hub token"), hub=True),
+    Case("push-token-in-file-name-dry-run", lambda e: _push_token_name(e, "--dry-run"), 4,
+         ("refusing to push", "a file name holds the Hub token"), hub=True),
+    Case("push-named-pipe", _push_fifo, 2, ("pipe", "not a regular file")),
+    Case("probe-jsonl-null", lambda e: _jsonl_probe(e, None), 2, ("p.jsonl:1", "'text'", "not a string")),
+    Case("probe-jsonl-object", lambda e: _jsonl_probe(e, {"nested": 1}), 2,
+         ("p.jsonl:1", "'text'", "not a string")),
+    Case("stats-non-numeric-cell", lambda e: ["stats", str(e.write(
+        "group,task,method,model,loss,mds\n1,a,linear,m1,-50,0.9\n1,b,linear,m2,-1,oops\n"
+        "2,a,ties,m1,-5,0.1\n", "records.csv"))], 0, ("mds", "'oops'", "not a number")),
+    Case("guard-base-differs", lambda e: ["check", str(e.write({**e.raw(), "guard": {
+        **e.raw()["guard"], "base": e.ref("ft3")}})), *FAST, "--absolute-budget", "1e9"], 0,
+         ("guard.base", "ft3", "not the config's base_model")),
+    Case("guard-unknown-key-bracket", lambda e: ["check", str(e.write({**e.raw(), "guard": {
+        **e.raw()["guard"], "[": 1}}))], 2, ("unknown key 'guard.['",)),
 ]
 
 

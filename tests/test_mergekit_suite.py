@@ -1,7 +1,8 @@
 """MergeKit stays intact: its own test suite passes with mergekit-collapse installed, hook active.
 
 The suite is vendored from the mergekit 0.1.5 sdist in tests/mergekit_suite (origin, license and
-the reconstructed tests/common.py: its README). It runs in a subprocess, from a copy in a temporary
+the reconstructed tests/common.py: its README). It runs against whatever mergekit is installed within
+the declared range (`mergekit>=0.1.5`); outside it the test fails, never skips. It runs in a subprocess, from a copy in a temporary
 folder, so neither this project's conftest nor its `tests/common.py` is on its path; a conftest
 written there first asserts that the `.pth` import hook is installed and has added `--guard` to
 `mergekit-yaml`.
@@ -16,11 +17,14 @@ import os
 import shutil
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import requires, version
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
+#: the release the vendored suite comes from (tests/mergekit_suite/README.md)
 MERGEKIT_VERSION = "0.1.5"
 SUITE = Path(__file__).parent / "mergekit_suite"
 #: the default selection (pytest -k): all but the real-size GPT-2 merges, for CI time
@@ -43,11 +47,34 @@ def pytest_sessionstart(session):
 '''
 
 
+def supported_mergekit() -> Requirement:
+    """The mergekit requirement this package declares (pyproject: `mergekit>=0.1.5`)."""
+    return next(r for r in map(Requirement, requires("mergekit-collapse") or [])
+                if r.name == "mergekit" and not r.marker)
+
+
+def check_supported(installed: str) -> None:
+    """Fail loudly when the installed mergekit is outside the declared range (never a silent skip);
+    any supported release runs the vendored suite, which is its own oldest supported one."""
+    req = supported_mergekit()
+    if not req.specifier.contains(Version(installed), prereleases=True):
+        pytest.fail(f"mergekit {installed} is installed, but mergekit-collapse requires {req}: "
+                    "install a supported mergekit to run its own test suite")
+    assert req.specifier.contains(MERGEKIT_VERSION), f"the vendored suite ({MERGEKIT_VERSION}) is not {req}"
+
+
+def test_the_vendored_suite_runs_on_any_supported_mergekit():
+    """No silent skip (issue 23): the declared range is checked here, on every run; the suite
+    itself (slow) then runs against whatever supported mergekit is installed."""
+    check_supported(version("mergekit"))
+    with pytest.raises(pytest.fail.Exception, match="requires mergekit>=0.1.5"):
+        check_supported("0.1.4")
+    check_supported("0.2.0")  # a newer release runs the 0.1.5 suite; a break there fails the test
+
+
 @pytest.mark.slow
 def test_mergekit_own_suite_passes_with_the_hook_installed(tmp_path):
-    if version("mergekit") != MERGEKIT_VERSION:
-        pytest.skip(f"the vendored suite is mergekit {MERGEKIT_VERSION}'s; "
-                    f"mergekit {version('mergekit')} is installed")
+    check_supported(version("mergekit"))
     shutil.copytree(SUITE / "tests", tmp_path / "tests")
     (tmp_path / "conftest.py").write_text(HOOK_CONFTEST)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # rootdir here: not this project's settings

@@ -183,12 +183,21 @@ def parse_records(text: str, fmt: Literal["csv", "jsonl"] | None = None, *, sour
     for c in columns:
         if c in REQUIRED_COLUMNS:
             continue
-        try:
-            values = [_number(r.get(c)) for r in rows]
-        except (TypeError, ValueError):
-            continue  # a text column
-        if any(v is not None for v in values):
-            metrics.append(c)
+        values, bad = [], []
+        for i, r in enumerate(rows, 1):
+            try:
+                values.append(_number(r.get(c)))
+            except (TypeError, ValueError):
+                bad.append(i)
+        if sum(v is not None for v in values) <= len(bad):
+            continue  # a text column (mostly words, a number or two among them)
+        if bad:  # a metric column with a stray cell: the cell is missing, said, not the column dropped
+            first = rows[bad[0] - 1][c]
+            log.warning("%s: column '%s': %d of %d cells are not a number (row %d: %r): left out of "
+                           "every statistic as missing", source, c, len(bad), len(rows), bad[0], first)
+            for i in bad:
+                rows[i - 1][c] = None
+        metrics.append(c)
     return Records(rows=rows, metrics=metrics)
 
 

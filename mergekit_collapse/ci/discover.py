@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import glob
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from mergekit_collapse._io import check_path
 from mergekit_collapse.ci.locate import model_sites
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import parse_ref
@@ -48,6 +50,11 @@ def expand(patterns: list[str] | tuple[str, ...]) -> list[Candidate]:
     out: dict[Path, Candidate] = {}
     for pattern in patterns:
         path = Path(pattern)
+        try:
+            check_path(pattern, "config")
+        except BadInputError:  # reported, one line, when it is checked; the others still run
+            out.setdefault(Path(os.path.abspath(pattern)), Candidate(path, True))
+            continue
         if path.is_dir():
             found = sorted(f for f in path.rglob("*") if f.suffix in YAML_SUFFIXES and f.is_file()
                            and not _skipped(f, path))

@@ -25,7 +25,7 @@ from mergekit_collapse.ci.results import (
 )
 from mergekit_collapse.guard.decision import Band, at_or_above, icon
 
-__all__ = ["annotation", "annotations", "append_outputs", "step_summary"]
+__all__ = ["annotation", "annotations", "append_outputs", "data", "step_summary", "verbatim"]
 
 #: a config that could not be checked
 ERROR_ICON = "❌"
@@ -36,12 +36,20 @@ def _icon(state: str) -> str:
     return ERROR_ICON if state == "error" else icon(state)
 
 
-def _data(text: str) -> str:
+def data(text: str) -> str:
+    """A workflow command's message: `%`, CR and LF escaped."""
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _prop(text: str) -> str:
-    return _data(text).replace(":", "%3A").replace(",", "%2C")
+    return data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def verbatim(text: str) -> str:
+    """Free text (a report naming files and models) for the log, with command processing stopped
+    around it (`::stop-commands::`), so no line of it is read as a workflow command."""
+    token = f"mergekit-collapse-{uuid.uuid4().hex}"
+    return f"::stop-commands::{token}\n{text}\n::{token}::"
 
 
 def annotation(f: Finding) -> str:
@@ -51,7 +59,7 @@ def annotation(f: Finding) -> str:
         props.update(line=str(f.span.line), endLine=str(f.span.end_line), col=str(f.span.column),
                      endColumn=str(f.span.end_column))
     props["title"] = f.title
-    return f"::{f.level} {','.join(f'{k}={_prop(v)}' for k, v in props.items())}::{_data(f.message)}"
+    return f"::{f.level} {','.join(f'{k}={_prop(v)}' for k, v in props.items())}::{data(f.message)}"
 
 
 def annotations(results: list[ConfigResult]) -> list[str]:
@@ -60,7 +68,7 @@ def annotations(results: list[ConfigResult]) -> list[str]:
 
 
 def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def _row(r: ConfigResult) -> str:

@@ -4,6 +4,7 @@ its line in the YAML."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from mergekit_collapse.ci.results import ConfigResult, findings
 
@@ -28,7 +29,8 @@ RULES: dict[str, tuple[str, str, str]] = {
 def _location(f: Any) -> dict[str, Any]:
     region = ({"startLine": f.span.line, "startColumn": f.span.column, "endLine": f.span.end_line,
                "endColumn": f.span.end_column} if f.span is not None else {"startLine": 1})
-    return {"physicalLocation": {"artifactLocation": {"uri": f.file, "uriBaseId": "%SRCROOT%"},
+    uri = quote(f.file, safe="/")  # RFC 3986: a space, `#`, `%`, `,`, `:` or a newline percent-encoded
+    return {"physicalLocation": {"artifactLocation": {"uri": uri, "uriBaseId": "%SRCROOT%"},
                                  "region": region}}
 
 

@@ -80,7 +80,7 @@ class LazyGroup(click.Group):
         except CollapseError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_console.one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except click.UsageError as e:
             if ctx.params.get("debug"):
@@ -94,7 +94,8 @@ class LazyGroup(click.Group):
         except Exception as e:  # noqa: BLE001 - last resort: one line, exit 1
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"unexpected error: {type(e).__name__}: {e} (rerun with --debug)", err=True)
+            click.echo(f"unexpected error: {type(e).__name__}: {_console.one_line(str(e))} "
+                       "(rerun with --debug)", err=True)
             sys.exit(EXIT_UNEXPECTED)
 
 

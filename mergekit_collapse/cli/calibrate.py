@@ -26,8 +26,11 @@ from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD, comparison
 def calibrate(records: Path, score: str | None, direction: str | None, threshold: float,
               sensitivity: float, budget_column: str, out: Path | None) -> None:
     """Fit risk bands (low / elevated / collapse) and the default relative budget from RECORDS."""
+    from mergekit_collapse._io import probe_writable
     from mergekit_collapse.analysis.fitting import fit_calibration_file
 
+    if out is not None:
+        probe_writable(out.expanduser().absolute().parent, "--out", target=out)
     cal, path = fit_calibration_file(records, out=out, score=score, direction=direction, threshold=threshold,
                                sensitivity=sensitivity, budget_column=budget_column)
     op = comparison(cal.direction)

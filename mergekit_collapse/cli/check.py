@@ -7,6 +7,7 @@ print one summary table and exit with the most severe status (1 > 4 > 2 > 3 > 0)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from mergekit_collapse._console import one_line
 from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.cli.options import (
     guard_overrides,
@@ -27,6 +29,8 @@ from mergekit_collapse.errors import EXIT_UNEXPECTED
 
 if TYPE_CHECKING:
     from mergekit_collapse.ci.results import ConfigResult
+
+logger = logging.getLogger(__name__)
 
 
 def format_table(results: list[ConfigResult]) -> str:
@@ -61,7 +65,7 @@ def _slug(display: str, taken: set[str]) -> str:
 
 
 def _error_line(r: ConfigResult) -> str:
-    return r.error if r.exit_code == EXIT_UNEXPECTED else f"error: {r.error}"
+    return one_line(r.error if r.exit_code == EXIT_UNEXPECTED else f"error: {r.error}")
 
 
 def _summary_json(results: list[ConfigResult], status: int) -> dict:
@@ -156,7 +160,7 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
     main = is_main_process()
     selected, note = _select(configs, changed_since, only_guarded)
     if note and main:
-        click.echo(note, err=True)
+        click.echo(one_line(note), err=True)
     kwargs = guard_overrides(params) | runtime.run_guard_kwargs()
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     if launched() and len(selected) > 1:  # the configs' rehearsals, spread over the processes
@@ -171,7 +175,7 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
             click.echo(_error_line(r), err=True)
     if out_dir:
         paths = _write_out(Path(out_dir), results, status, single, fail_on, note)
-        click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
+        click.echo(one_line(f"wrote {', '.join(str(p) for p in paths)}"), err=True)
     _print(fmt, results, status, single, fail_on, note)
     if fmt == "github":
         _github_files(results, status, fail_on, note, out_dir, step_summary)
@@ -180,7 +184,7 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
 
 def _print(fmt: str, results: list[ConfigResult], status: int, single: bool, fail_on: str,
            note: str | None) -> None:
-    from mergekit_collapse.ci.github import annotations, step_summary
+    from mergekit_collapse.ci.github import annotations, data, step_summary, verbatim
     from mergekit_collapse.ci.sarif import to_sarif
     from mergekit_collapse.guard.report import to_markdown
 
@@ -194,13 +198,13 @@ def _print(fmt: str, results: list[ConfigResult], status: int, single: bool, fai
         click.echo(to_markdown(done[0].report) if single and done
                    else step_summary(results, fail_on=fail_on, note=note), nl=False)
     elif fmt == "github":
-        for r in results:
-            click.echo(f"::group::{r.display}: {r.report.verdict if r.report else 'error'}")
-            click.echo(_text(r))
+        for r in results:  # names are escaped (data) or printed with commands stopped
+            click.echo(f"::group::{data(r.display)}: {r.report.verdict if r.report else 'error'}")
+            click.echo(verbatim(_text(r)))
             click.echo("::endgroup::")
         for line in annotations(results):
             click.echo(line)
-        click.echo(format_table(results))
+        click.echo(verbatim(format_table(results)))
     elif single:
         if done:
             click.echo(_text(done[0]))
@@ -229,10 +233,21 @@ def _github_files(results: list[ConfigResult], status: int, fail_on: str, note: 
 
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary and summary_file:
-        with open(summary_file, "a", encoding="utf-8") as f:
-            f.write(github.step_summary(results, fail_on=fail_on, note=note))
-    if os.environ.get("GITHUB_OUTPUT"):
-        github.append_outputs(os.environ["GITHUB_OUTPUT"], {
-            "verdict": overall_verdict(results), "worst-band": worst_band(results),
-            "report-path": str(Path(out_dir).resolve()) if out_dir else "",
-            "exit-code": str(status)})
+        try:
+            with open(summary_file, "a", encoding="utf-8") as f:
+                f.write(github.step_summary(results, fail_on=fail_on, note=note))
+        except OSError as e:  # the verdict's exit status matters more than the summary
+            _unwritable("GITHUB_STEP_SUMMARY", summary_file, e)
+    if output_file := os.environ.get("GITHUB_OUTPUT"):
+        try:
+            github.append_outputs(output_file, {
+                "verdict": overall_verdict(results), "worst-band": worst_band(results),
+                "report-path": str(Path(out_dir).resolve()) if out_dir else "",
+                "exit-code": str(status)})
+        except OSError as e:
+            _unwritable("GITHUB_OUTPUT", output_file, e)
+
+
+def _unwritable(var: str, path: str, e: OSError) -> None:
+    logger.warning("cannot write $%s (%s): %s; the exit status is the verdict's", var, one_line(path),
+                   e.strerror or type(e).__name__)

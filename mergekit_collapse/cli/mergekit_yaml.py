@@ -104,7 +104,26 @@ def install_guard(module: Any) -> None:
     register_help_category(p.name for p in params)
     cmd.params.extend(params)
     cmd.callback = callback
+    cmd.make_context = _one_line_usage(cmd.make_context)  # type: ignore[method-assign]
     setattr(cmd, _INSTALLED, True)
+
+
+def _one_line_usage(make_context: Any) -> Any:
+    """A bad value for one of OUR options is one line and exit 2 (click would print mergekit's
+    usage block); mergekit's own options keep mergekit's behaviour."""
+
+    @functools.wraps(make_context)
+    def wrapper(*args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return make_context(*args, **kwargs)
+        except click.UsageError as e:
+            param = getattr(e, "param", None)
+            if param is None or param.name not in GUARD_PARAM_NAMES:
+                raise
+            click.echo(f"mergekit-collapse: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
 
 
 def merge_options_from(params: dict[str, Any]) -> Any:

@@ -21,6 +21,7 @@ def validate(paths: tuple[str, ...], fmt: str, require_guard: bool) -> None:
 
     PATHS are files, globs or folders; YAML that is not a mergekit config is skipped.
     """
+    from mergekit_collapse._console import one_line
     from mergekit_collapse.ci.discover import expand
     from mergekit_collapse.ci.github import annotation
     from mergekit_collapse.ci.results import Finding, display_path
@@ -37,5 +38,5 @@ def validate(paths: tuple[str, ...], fmt: str, require_guard: bool) -> None:
             click.echo(annotation(Finding("error", "bad-config", "mergekit-collapse validate",
                                           problem.message, shown, problem.span)))
         else:
-            click.echo(problem.line(shown))
+            click.echo(one_line(problem.line(shown)))  # a newline in a name: still one line
     sys.exit(EXIT_BAD_INPUT if broken else EXIT_OK)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mergekit_collapse._io import atomic_write_bytes, read_npz, write_lock
+from mergekit_collapse._io import atomic_write_bytes, cache_lock, read_npz
 from mergekit_collapse.guard.forward import ExtractionSettings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class VectorCache:
             return
         import io
 
-        with write_lock(self.path.parent):
+        with cache_lock(self.path.parent):
             self.data = {**self._read(warn=False), **self.data, **new}
             keys = list(self.data)
             buf = io.BytesIO()

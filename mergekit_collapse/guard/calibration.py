@@ -32,8 +32,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from mergekit_collapse._console import one_line
 from mergekit_collapse._constants import cache_root
-from mergekit_collapse.errors import BadInputError
+from mergekit_collapse._io import atomic_write_text, why_unwritable
+from mergekit_collapse.errors import BadInputError, CacheError
 from mergekit_collapse.guard.decision import (
     COLLAPSE_THRESHOLD,
     Band,
@@ -131,10 +133,17 @@ def default_path() -> Path:
 
 
 def write_calibration(cal: Calibration, path: str | Path | None = None) -> Path:
-    """Write a calibration as JSON (default `cache_root()/calibration.json`); return the path."""
+    """Write a calibration as JSON (default `cache_root()/calibration.json`); return the path.
+
+    Raises:
+        CacheError: the file cannot be written (a file in the way, read-only, full).
+    """
     p = Path(path) if path is not None else default_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(cal.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    try:
+        atomic_write_text(p, cal.model_dump_json(indent=2) + "\n")
+    except OSError as e:
+        raise CacheError(f"cannot write the calibration {one_line(str(p))}: "
+                         f"{why_unwritable(p.parent, e)}") from None
     return p
 
 

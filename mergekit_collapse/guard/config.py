@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -11,11 +13,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergekit_collapse._io import check_path
 from mergekit_collapse.errors import BadInputError, ConfigError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from mergekit.common import ModelReference
     from mergekit.config import MergeConfiguration
+
+logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "last"]
 #: the built-in actions (mergekit_collapse.actions); other packages add theirs through this group
@@ -156,6 +161,16 @@ class LoadedConfig:
     base: ModelReference | None  # the anchor p_0, or None (see `find_base`)
     base_source: str | None = None  # where the anchor came from, or why there is none
 
+    @property
+    def base_note(self) -> str | None:
+        """A note when `guard.base` (the risk score's anchor) is not the config's `base_model`
+        (mergekit merges from the latter): said, so the difference is never silent."""
+        given = self.merge.base_model
+        if self.guard.base is None or given is None or self.base is None or self.base == given:
+            return None
+        return (f"guard.base {self.base} is the risk score's anchor, not the config's base_model "
+                f"{given} (mergekit merges from base_model)")
+
     def task_of(self, model: Any) -> TaskSpec:
         """The TaskSpec of a constituent model, matched by mergekit's own parse of the key."""
         for key, spec in self.guard.tasks.items():
@@ -185,8 +200,18 @@ def parse_ref(value: Any) -> Any | None:
 
 
 def _is_member_tag(x: Any) -> bool:
-    """pydantic names the union member an error belongs to in its loc (`ProbeFile`, `list[str]`)."""
-    return isinstance(x, str) and (x in _MODEL_NAMES or "[" in x)
+    """pydantic names the union member an error belongs to in its loc (`ProbeFile`, `list[str]`,
+    `function-after[...]`): a type's name, never a bare `[` a user may write as a key."""
+    return isinstance(x, str) and (x in _MODEL_NAMES or re.fullmatch(r"[\w-]+\[.*\]", x) is not None)
+
+
+def _loc(error: dict) -> tuple:
+    """An error's loc without the union-member tags; an unknown key (extra_forbidden, always last)
+    is kept whatever it looks like."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "extra_forbidden" and loc:
+        return (*(x for x in loc[:-1] if not _is_member_tag(x)), loc[-1])
+    return tuple(x for x in loc if not _is_member_tag(x))
 
 
 def _closest_member(errors: list[dict]) -> list[dict]:
@@ -195,7 +220,8 @@ def _closest_member(errors: list[dict]) -> list[dict]:
     members: dict[tuple, list[dict]] = {}
     for e in errors:
         loc = tuple(e.get("loc", ()))
-        cut = next((i for i, x in enumerate(loc) if _is_member_tag(x)), None)
+        search = loc[:-1] if e.get("type") == "extra_forbidden" else loc  # the last is the user's key
+        cut = next((i for i, x in enumerate(search) if _is_member_tag(x)), None)
         members.setdefault(loc[: cut + 1] if cut is not None else (), []).append(e)
     if len(members) <= 1 or () in members:
         return members.get((), errors)
@@ -207,7 +233,7 @@ def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
     """One line for the first pydantic error; unknown keys get a did-you-mean."""
     errors = _closest_member(err.errors())
     first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
-    loc = tuple(x for x in first.get("loc", ()) if not _is_member_tag(x))
+    loc = _loc(first)
     where = ".".join(str(x) for x in loc)
     if first.get("type") == "extra_forbidden" and loc:
         key = str(loc[-1])
@@ -435,9 +461,14 @@ def parse_config(source: str, path: Path | None = None) -> LoadedConfig:
     except ConfigError as e:
         raise ConfigError(f"{where}invalid mergekit config: {e}") from None
     models = ordered_models(merge)
+    for ref in [*models, merge.base_model]:  # before any file system call on them
+        for part in ([] if ref is None else [ref.model] + ([ref.lora] if ref.lora else [])):
+            check_path(part.path, f"{where}model")
     base, base_source = find_base(merge, guard, models)
     cfg = LoadedConfig(path=path, source=source, merge=merge, guard=guard, models=models,
                        base=base, base_source=base_source)
+    if note := cfg.base_note:
+        logger.warning("%s%s", where, note)
     known = {str(m) for m in models}
     for key in guard.tasks:
         if (ref := parse_ref(key)) is None:
@@ -453,8 +484,9 @@ def read_text(path: str | Path, what: str) -> str:
 
     Raises:
         ModelNotFoundError: the file is missing (a FileNotFoundError too).
-        BadInputError: unreadable or not UTF-8.
+        BadInputError: unreadable or not UTF-8, or a path no file system holds (`_io.check_path`).
     """
+    check_path(path, what)
     p = Path(path)
     try:
         return p.read_text(encoding="utf-8")
@@ -472,6 +504,7 @@ def check_writable(path: str | Path, what: str) -> None:
     Raises:
         BadInputError: `path` is a file, or its nearest existing parent is a file or not writable.
     """
+    check_path(path, what)
     p = Path(path).expanduser().absolute()
     if p.is_file():
         raise BadInputError(f"{what} {p} is a file, not a folder: give a folder")
@@ -497,4 +530,7 @@ def with_guard(cfg: LoadedConfig, guard: GuardSettings) -> LoadedConfig:
     if guard.base == cfg.guard.base:
         return replace(cfg, guard=guard)
     base, source = find_base(cfg.merge, guard, cfg.models)
-    return replace(cfg, guard=guard, base=base, base_source=source)
+    new = replace(cfg, guard=guard, base=base, base_source=source)
+    if (note := new.base_note) and note != cfg.base_note:
+        logger.warning("%s", note)
+    return new

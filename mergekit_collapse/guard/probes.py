@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from mergekit_collapse._io import check_path
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import LoadedConfig, ProbeFile, ProbeLmEval, TaskSpec
 
@@ -39,6 +40,7 @@ class ProbeSet:
 
 
 def _read_file(spec: ProbeFile, cfg: LoadedConfig) -> list[str]:
+    check_path(spec.file, "probe file")
     path = cfg.resolve(spec.file)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -61,7 +63,11 @@ def _read_file(spec: ProbeFile, cfg: LoadedConfig) -> list[str]:
                 raise BadInputError(f"{path}:{n}: not valid JSON") from None
             if not isinstance(row, dict) or spec.field not in row:
                 raise BadInputError(f"{path}:{n}: no field '{spec.field}'")
-            out.append(str(row[spec.field]))
+            value = row[spec.field]
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise BadInputError(f"{path}:{n}: field '{spec.field}' is {json.dumps(value)[:40]}, not a "
+                                    "string: a probe is text")
+            out.append(str(value))
         else:
             out.append(line)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_collapse._constants import cache_root
-from mergekit_collapse._io import atomic_write_bytes, write_lock
+from mergekit_collapse._io import atomic_write_bytes, cache_lock
 from mergekit_collapse.models.loading import WEIGHT_SUFFIXES, local_dir
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def folder_identity(folder: Path) -> str:
         if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES + _IDENTITY_FILES) and f.name != "README.md":
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
-        with write_lock(memo_path.parent):  # keep what other processes added since we read
+        with cache_lock(memo_path.parent):  # keep what other processes added since we read
             atomic_write_bytes(memo_path, json.dumps({**_read_memo(memo_path, warn=False), **memo}).encode())
     return h.hexdigest()
 

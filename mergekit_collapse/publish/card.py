@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
+from mergekit_collapse._console import one_line
 from mergekit_collapse._constants import REPORT_DIR, SHIPPED_DIR
-from mergekit_collapse._io import atomic_write_text
+from mergekit_collapse._io import write_all
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.evaluate.observed import Evaluation
 from mergekit_collapse.guard.report import GuardReport, fmt, is_hub_id, relative_inside
@@ -164,6 +165,16 @@ def _public(value: Any, clean: Callable[[str], str]) -> Any:
     return value
 
 
+def _first_error(e: ValueError) -> str:
+    """A pydantic error (or a JSON one) in one line: how many, and the first with where it is."""
+    if isinstance(e, ValidationError):
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        n = e.error_count()
+        return f"{n} error{'s' if n != 1 else ''}; {loc + ': ' if loc else ''}{first['msg']}"
+    return one_line(str(e))
+
+
 def read_evaluation(path: Path) -> Evaluation | None:
     """Read evaluation.json if it exists.
 
@@ -180,6 +191,8 @@ def read_evaluation(path: Path) -> Evaluation | None:
         return None
     try:
         return Evaluation.model_validate_json(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}): not a valid evaluation.json") from None
     except ValidationError as e:
         raise BadInputError(f"{path}: not a valid evaluation.json ({e.error_count()} errors: "
                             f"{e.errors()[0]['msg']})") from None
@@ -403,7 +416,8 @@ def _read_report(folder: Path) -> GuardReport:
     try:
         return GuardReport.read(folder)
     except (ValidationError, ValueError) as e:
-        raise BadInputError(f"{folder / 'report.json'}: not a valid guard report ({e})") from None
+        raise BadInputError(f"{folder / 'report.json'}: not a valid guard report ({_first_error(e)})"
+                            ) from None
 
 
 def write_card(out_dir: str | Path, *, template: Path | None = None, config_path: Path | None = None,
@@ -421,14 +435,20 @@ def write_card(out_dir: str | Path, *, template: Path | None = None, config_path
         The README.md path.
 
     Raises:
-        BadInputError: see `render_card`.
+        BadInputError: see `render_card`; or a file cannot be written (then none is changed).
     """
+    from mergekit_collapse.publish.eval_results import plan_eval_results, tidy_eval_results
+
     card = render_card(out_dir, template=template, config_path=config_path, model_name=model_name)
     path = Path(out_dir) / "README.md"
-    atomic_write_text(path, str(card))  # what ModelCard.save writes, whole or not at all
-    from mergekit_collapse.publish.eval_results import write_eval_results
-
-    write_eval_results(out_dir, read_evaluation(Path(out_dir) / REPORT_DIR / "evaluation.json"))
+    changes = plan_eval_results(out_dir, read_evaluation(Path(out_dir) / REPORT_DIR / "evaluation.json"))
+    changes[path] = str(card).encode("utf-8")  # what ModelCard.save writes
+    try:
+        write_all(changes)  # the card and its .eval_results files: all or nothing
+    except OSError as e:
+        raise BadInputError(f"cannot write the card in {one_line(str(out_dir))}: {e.strerror or e}; "
+                            "nothing was changed") from None
+    tidy_eval_results(out_dir)
     return path
 
 

@@ -21,13 +21,14 @@ replaces the marked files (files of your own there are left alone).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergekit_collapse._constants import REPORT_DIR
-from mergekit_collapse._io import atomic_write_text
+from mergekit_collapse._io import write_all
 from mergekit_collapse.evaluate.observed import Evaluation
 
 if TYPE_CHECKING:
@@ -63,12 +64,48 @@ def eval_result_entries(evaluation: Evaluation) -> list[EvalResultEntry]:
 
 
 def _file_name(dataset_id: str) -> str:
-    """A safe file name for a dataset id (`org/name` -> `org__name.yaml`)."""
-    return re.sub(r"[^\w.-]", "_", dataset_id.replace("/", "__")) + ".yaml"
+    """A safe file name for a dataset id (`org/name` -> `org__name.yaml`); a long id is cut and
+    given a hash of itself, so the name fits a file system (255 bytes) and stays unique."""
+    name = re.sub(r"[^\w.-]", "_", dataset_id.replace("/", "__"))
+    if len(name.encode()) > 120:
+        name = f"{name[:100]}-{hashlib.sha256(dataset_id.encode()).hexdigest()[:12]}"
+    return name + ".yaml"
+
+
+def _ours(path: Path) -> bool:
+    """A file this module wrote (its first line is MARKER); a user's own file, whatever it holds
+    (not UTF-8, a folder named *.yaml), is not."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.readline().rstrip(b"\r\n") == MARKER.encode()
+
+
+def plan_eval_results(out_dir: str | Path, evaluation: Evaluation | None) -> dict[Path, bytes | None]:
+    """What `write_eval_results` changes: file -> its new bytes, or None for a file to remove (the
+    files written before). Nothing is written; `_io.write_all` applies it as one unit.
+
+    Args:
+        out_dir: the merged model folder.
+        evaluation: the evaluation, or None (then only the previously written files are removed).
+    """
+    import yaml
+    from huggingface_hub import eval_result_entries_to_yaml
+
+    folder = Path(out_dir) / EVAL_RESULTS_DIR
+    changes: dict[Path, bytes | None] = {old: None for old in sorted(folder.glob("*.yaml")) if _ours(old)}
+    groups: dict[str, list[EvalResultEntry]] = {}
+    for entry in eval_result_entries(evaluation) if evaluation is not None else []:
+        groups.setdefault(_file_name(entry.dataset_id), []).append(entry)
+    for name, entries in groups.items():
+        text = yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, allow_unicode=True)
+        changes[folder / name] = f"{MARKER}\n{text}".encode()
+    return changes
 
 
 def write_eval_results(out_dir: str | Path, evaluation: Evaluation | None) -> list[Path]:
-    """Write the evaluation as `out_dir/.eval_results/<task>.yaml`, replacing the files written before.
+    """Write the evaluation as `out_dir/.eval_results/<task>.yaml`, replacing the files written before
+    (all or nothing: `_io.write_all`).
 
     Args:
         out_dir: the merged model folder.
@@ -77,26 +114,17 @@ def write_eval_results(out_dir: str | Path, evaluation: Evaluation | None) -> li
     Returns:
         The files written, sorted.
     """
-    import yaml
-    from huggingface_hub import eval_result_entries_to_yaml
+    changes = plan_eval_results(out_dir, evaluation)
+    write_all(changes)
+    tidy_eval_results(out_dir)
+    return sorted(p for p, data in changes.items() if data is not None)
 
+
+def tidy_eval_results(out_dir: str | Path) -> None:
+    """Remove `.eval_results/` when nothing is left in it."""
     folder = Path(out_dir) / EVAL_RESULTS_DIR
-    for old in folder.glob("*.yaml"):
-        with old.open(encoding="utf-8") as f:
-            if f.readline().rstrip("\n") == MARKER:
-                old.unlink()
-    groups: dict[str, list[EvalResultEntry]] = {}
-    for entry in eval_result_entries(evaluation) if evaluation is not None else []:
-        groups.setdefault(_file_name(entry.dataset_id), []).append(entry)
-    written = []
-    for name, entries in groups.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, allow_unicode=True)
-        atomic_write_text(folder / name, f"{MARKER}\n{text}")
-        written.append(folder / name)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
-    return sorted(written)
 
 
 def read_eval_results(out_dir: str | Path) -> list[EvalResultEntry]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,8 +130,9 @@ def plan_files(out_dir: str | Path) -> list[tuple[Path, PlannedFile]]:
         (local path, planned file) pairs, sorted by path in the repo.
 
     Raises:
-        BadInputError: `out_dir` is not a folder or holds no file, or a symlink in it points outside
-            it (nothing outside the folder is ever pushed).
+        BadInputError: `out_dir` is not a folder or holds no file, a symlink in it points outside
+            it (nothing outside the folder is ever pushed), or a file is not a regular one (a named
+            pipe would hang the upload).
     """
     root = Path(out_dir)
     if not root.is_dir():
@@ -149,7 +151,11 @@ def plan_files(out_dir: str | Path) -> list[tuple[Path, PlannedFile]]:
             if p.is_symlink() and not p.exists():
                 continue
             rel = p.relative_to(root).as_posix()
-            size = p.stat().st_size
+            st = p.stat()
+            if not stat.S_ISREG(st.st_mode):  # reading a named pipe or a device would hang or never end
+                raise BadInputError(f"refusing to push {rel}: not a regular file (a named pipe, socket "
+                                    "or device); remove it from the folder")
+            size = st.st_size
             planned.append((p, PlannedFile(rel, size, predict_lfs(p, size))))
     if not planned:
         raise BadInputError(f"nothing to push: {root} has no files")
@@ -164,11 +170,15 @@ def _scrub(text: str, token: str | None) -> str:
 
 def _refuse_files_with_token(files: Iterable[tuple[Path, PlannedFile]], token: str | None,
                              repo_id: str) -> None:
-    """Never publish the credentials: refuse if a (small) file to push contains the token."""
+    """Never publish the credentials: refuse if a file's name, or a (small) file's content, holds the
+    token (the refusal names the file with the token redacted)."""
     if not token:
         return
     needle = token.encode()
     for path, pf in files:
+        if token in pf.path_in_repo:
+            raise HubError(f"refusing to push {pf.path_in_repo.replace(token, '***')}: a file name holds "
+                           "the Hub token; rename the file", repo_id=repo_id)
         if pf.size <= _SCAN_LIMIT_BYTES and needle in path.read_bytes():
             raise HubError(f"refusing to push: {pf.path_in_repo} contains the Hub token", repo_id=repo_id)
 
@@ -284,9 +294,10 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
         A `PushResult` with the plan and, unless `dry_run`, the commit (and pull request) URL.
 
     Raises:
-        BadInputError: `out_dir` is not a folder or is empty, or `repo_id` is malformed.
-        HubError: no token; the repository exists and `exist_ok` is False; any HTTP error (401, 403,
-            404, 5xx) or network error, as one line with the repository and the status (also as its
+        BadInputError: `out_dir` is not a folder or is empty, holds a file that is not a regular one
+            (a named pipe), or `repo_id` is malformed.
+        HubError: no token; a file name or small file holds the token; the repository exists and
+            `exist_ok` is False; any HTTP error (401, 403, 404, 5xx) or network error, as one line with the repository and the status (also as its
             `status` and `repo_id` attributes; `status` is None when the Hub never answered). Nothing
             is committed when it is raised.
     """
@@ -301,13 +312,16 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
         raise BadInputError(f"bad repo id {repo_id!r}: use namespace/name")
     from mergekit_collapse.publish.card import public_text_for
 
-    files = plan_files(out_dir)
+    token = token or _stored_token()
+    try:
+        files = plan_files(out_dir)
+    except BadInputError as e:  # it names a file: never print the token a name may hold
+        raise BadInputError(_scrub(str(e), token)) from None
+    _refuse_files_with_token(files, token, repo_id)
     public = published_bytes(files, public_text_for(out_dir))
     files = [(p, PlannedFile(pf.path_in_repo, len(public[p]), pf.lfs) if p in public else pf)
              for p, pf in files]
     url = resolve_endpoint(endpoint)
-    token = token or _stored_token()
-    _refuse_files_with_token(files, token, repo_id)
     result = PushResult(repo_id=repo_id, endpoint=url, files=[pf for _, pf in files], dry_run=dry_run,
                         revision=revision, create_pr=create_pr, private=private)
     if dry_run:

@@ -138,11 +138,24 @@ class CardMetadata(BaseModel):
     library_name: str | None = None
 
 
+def _loader_rules(guard: dict[str, Any], defs: dict[str, Any]) -> None:
+    """What the loader enforces beyond the field types, said in the schema too: the actions this
+    installation knows, a budget that is relative or absolute (not both), at least one task."""
+    from mergekit_collapse.guard.config import action_names
+
+    guard["properties"]["action"]["enum"] = action_names()
+    guard["properties"]["tasks"]["minProperties"] = 1
+    guard["required"] = ["tasks"]
+    defs["Budget"]["not"] = {"required": ["relative", "absolute"],
+                             "properties": {"relative": {"type": "number"}, "absolute": {"type": "number"}}}
+
+
 def _guard() -> dict[str, Any]:
     from mergekit_collapse.guard.config import GuardSettings
 
     guard = GuardSettings.model_json_schema()
     defs = guard.pop("$defs", {})
+    _loader_rules(guard, defs)
     return {
         "title": "mergekit config with a mergekit-collapse guard: section",
         "description": "A mergekit YAML (its own keys are validated by mergekit) plus the optional "
