@@ -226,3 +226,9 @@ def test_one_load_per_model_for_hidden_states_and_answers(tiny_zoo, monkeypatch)
     again = check(cfg, progress=False, rehearse="on", dtype="float32")
     assert loads == [] and [m.rehearsal_agreement for m in again.models] == \
         [m.rehearsal_agreement for m in report.models]
+
+
+def test_a_guard_base_other_than_base_model_is_noted_in_the_report(tiny_zoo):
+    raw = config(tiny_zoo, ["ft1", "ft2"], method="task_arithmetic", base=str(tiny_zoo["ft3"]))
+    report = check(parsed(raw), progress=False, rehearse="off", dtype="float32")
+    assert any("not the config's base_model" in n and "ft3" in n for n in report.notes)

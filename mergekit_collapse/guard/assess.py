@@ -313,6 +313,8 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
                             "use an absolute budget") from None
     bounds = verdict(jung=geo.jung, converse=geo.converse, exact=geo.exact, budget=bud.absolute)
     notes = list(geo.notes)
+    if cfg.base_note:
+        notes.append(cfg.base_note)
     if base is None:
         notes.append(f"risk score unavailable: {cfg.base_source or 'no base model'}")
 

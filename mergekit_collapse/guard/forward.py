@@ -204,6 +204,22 @@ def forward_pooled(body: Any, token_ids: list[list[int]], settings: ExtractionSe
     return run_forward(body, token_ids, settings, pad_id, share_prefix=share_prefix)[0]
 
 
+def _non_finite(body: Any) -> str:
+    """Why the hidden states hold NaN or inf: a weight that does (named), else the dtype overflows."""
+    import torch
+
+    dtype = str(body.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    bad = next((n for n, p in body.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        return (f"hidden states contain NaN or inf in {dtype}: the weights hold NaN/inf ({bad}); "
+                "check the checkpoint")
+    if dtype == "float32":
+        return ("hidden states contain NaN or inf in float32: the model overflows even in float32; "
+                "check the checkpoint")
+    return (f"hidden states contain NaN or inf in {dtype}: the activations overflow {dtype}; rerun "
+            "in float32 (--dtype float32, under mergekit-yaml --guard-dtype float32)")
+
+
 def run_forward(body: Any, token_ids: list[list[int]], settings: ExtractionSettings, pad_id: int,
              *, share_prefix: bool = True) -> tuple[np.ndarray, int]:
     """forward_pooled, and the number of probe tokens the model computed (padding aside)."""
@@ -230,11 +246,5 @@ def run_forward(body: Any, token_ids: list[list[int]], settings: ExtractionSetti
                 out = np.zeros((len(token_ids), pooled.shape[1]), dtype=np.float32)
             out[batch] = pooled
     if not np.isfinite(out).all():
-        dtype = str(body.get_input_embeddings().weight.dtype).removeprefix("torch.")
-        if dtype == "float32":
-            raise BadInputError("hidden states contain NaN or inf in float32: the weights hold NaN/inf "
-                                "or the model overflows even in float32; check the checkpoint")
-        raise BadInputError(f"hidden states contain NaN or inf in {dtype}: the activations overflow "
-                            f"{dtype}; rerun in float32 (--dtype float32, under mergekit-yaml "
-                            "--guard-dtype float32)")
+        raise BadInputError(_non_finite(body))
     return out, start + sum(len(x) - start for x in token_ids)
