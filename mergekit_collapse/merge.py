@@ -8,16 +8,15 @@ The report goes to `OUT/mergeability/` (and `--guard-report DIR`), where the car
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit_collapse._constants import REPORT_DIR, SHIPPED_DIR
-from mergekit_collapse._io import atomic_write_bytes, atomic_write_text, staged_folder
+from mergekit_collapse._io import atomic_write_text, staged_folder
 from mergekit_collapse.errors import BadInputError, CollapseError, GuardStoppedError
-from mergekit_collapse.models.identity import model_identity
+from mergekit_collapse.models.lora import fresh_lora_cache
 
 if TYPE_CHECKING:
     from mergekit_collapse.actions.base import ActionContext, MergeJob, Reorganisation
@@ -385,7 +384,7 @@ def merge_config(raw: dict, out: str | Path, merge_options: Any, *,
     except (ValidationError, RuntimeError, ValueError) as e:
         raise BadInputError(f"invalid mergekit config: {str(e).splitlines()[0]}") from None
     if getattr(merge_options, "lora_merge_cache", None):  # no half-merged LoRA from a stopped run
-        fresh_lora_cache(merge, Path(merge_options.lora_merge_cache))
+        fresh_lora_cache(merge.referenced_models(), Path(merge_options.lora_merge_cache))
     run_merge(merge, str(out), options=merge_options, config_source=config_source)
 
 
@@ -407,20 +406,3 @@ def merge_multi_stage(text: str, out: str | Path, intermediate_dir: str | Path,
     tasks = multimerge.make_tasks(configs, deps, merge_options, str(intermediate_dir), str(out),
                                   lazy=False)
     Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="Merging stages")
-
-
-def fresh_lora_cache(merge: Any, cache_dir: Path) -> None:
-    """mergekit's merge writes each `base+adapter` reference merged into its LoRA cache, named by
-    the paths: drop a cached one whose adapter content changed, or that was never finished (its
-    identity stamp is written last), and merge the missing ones."""
-    for ref in merge.referenced_models():
-        if ref.lora is None:
-            continue
-        out = cache_dir / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
-        stamp = out / ".mergekit_collapse_identity"
-        ident = model_identity(ref)
-        if out.exists() and (not stamp.is_file() or stamp.read_text() != ident):
-            shutil.rmtree(out, ignore_errors=True)
-        if not out.exists():
-            ref.merged(cache_dir=str(cache_dir))
-            atomic_write_bytes(stamp, ident.encode())

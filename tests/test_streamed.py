@@ -4,7 +4,6 @@ layers, tied embeddings), full fine-tunes and LoRAs, every method the rehearsal 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -178,10 +177,23 @@ def test_lora_tensors_are_pefts_merge(tiny_zoo, tmp_path, options):
 
 
 def test_adapters_other_than_plain_lora_go_to_mergekits_cache(tiny_zoo, tmp_path):
-    adapter = make_lora(tiny_zoo["base"], tmp_path / "dora", seed=4)
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    assert lora_updates(adapter, {"model.layers.0.self_attn.q_proj.weight"}) is None
+    """A DoRA adapter is not W + scale·B·A: mergekit merges it into its LoRA cache, and the
+    streamed pass still equals mergekit's merge."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_zoo["base"]
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                     target_modules=["q_proj", "v_proj"])
+                   ).save_pretrained(tmp_path / "dora")
+    assert lora_updates(tmp_path / "dora", {"model.layers.0.self_attn.q_proj.weight"}) is None
+    raw = _merge_config([str(tiny_zoo["ft1"]), f"{base}+{tmp_path / 'dora'}"], "task_arithmetic",
+                        str(base))
+    cache = tmp_path / "streamed-lora-cache"
+    _assert_same(_streamed(raw, lora_cache=cache), _mergekit_logits(raw, tmp_path))
+    assert len([d for d in cache.iterdir() if d.is_dir()]) == 1  # the one merged copy
 
 
 def test_a_tokenizer_section_is_refused_in_one_line(tiny_zoo):

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from mergekit_collapse._io import atomic_write_bytes
+from mergekit_collapse.models.identity import model_identity
 
 #: adapter config fields and the values under which the update is W + scale·B·A
 _PLAIN = {"use_dora": (None, False), "modules_to_save": (None, []), "bias": (None, "none"),
@@ -82,3 +87,20 @@ def lora_updates(adapter_dir: Path, base_names: set[str]) -> dict[str, tuple[Any
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         out[name] = (ab["A"], ab["B"], scale, bool(config.get("fan_in_fan_out")))
     return out
+
+
+def fresh_lora_cache(refs: Iterable[Any], cache_dir: Path) -> None:
+    """mergekit writes each `base+adapter` reference merged into its LoRA cache, named by the
+    paths: drop a cached one whose adapter content changed, or that was never finished (its
+    identity stamp is written last), and merge the missing ones."""
+    for ref in refs:
+        if ref.lora is None:
+            continue
+        out = cache_dir / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
+        stamp = out / ".mergekit_collapse_identity"
+        ident = model_identity(ref)
+        if out.exists() and (not stamp.is_file() or stamp.read_text() != ident):
+            shutil.rmtree(out, ignore_errors=True)
+        if not out.exists():
+            ref.merged(cache_dir=str(cache_dir))
+            atomic_write_bytes(stamp, ident.encode())

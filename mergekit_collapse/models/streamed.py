@@ -113,7 +113,7 @@ def _serve_loras(merge: Any, *, allow_cache: bool) -> None:
     from mergekit.io.tasks import LoaderCache
 
     from mergekit_collapse.models.loading import local_dir
-    from mergekit_collapse.models.lora import LoraTensorLoader, lora_updates
+    from mergekit_collapse.models.lora import LoraTensorLoader, fresh_lora_cache, lora_updates
 
     for ref in merge.referenced_models():
         if ref.lora is None:
@@ -125,6 +125,7 @@ def _serve_loras(merge: Any, *, allow_cache: bool) -> None:
                 raise BadInputError(f"LoRA adapter {ref.lora} is not a plain LoRA (DoRA, saved "
                                     "modules or biases): the rehearsal cannot stream it")
             log.info("%s: not a plain LoRA; mergekit merges it into its LoRA cache", ref.lora)
+            fresh_lora_cache([ref], Path(LoaderCache().lora_cache_dir))
             continue
         LoaderCache().loaders[ref] = LoraTensorLoader(base, updates)
 
