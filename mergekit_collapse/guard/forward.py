@@ -205,19 +205,24 @@ def forward_pooled(body: Any, token_ids: list[list[int]], settings: ExtractionSe
 
 
 def _non_finite(body: Any) -> str:
-    """Why the hidden states hold NaN or inf: a weight that does (named), else the dtype overflows."""
+    """Why the hidden states hold NaN or inf: a weight that holds NaN (named; a cast never makes
+    one), a weight that is inf (in the file, or past float16's range once cast), else the
+    activations overflow the dtype."""
     import torch
 
     dtype = str(body.get_input_embeddings().weight.dtype).removeprefix("torch.")
-    bad = next((n for n, p in body.named_parameters() if not torch.isfinite(p).all()), None)
-    if bad is not None:
-        return (f"hidden states contain NaN or inf in {dtype}: the weights hold NaN/inf ({bad}); "
-                "check the checkpoint")
+    rerun = "rerun in float32 (--dtype float32, under mergekit-yaml --guard-dtype float32)"
+    params = list(body.named_parameters())
+    if (nan := next((n for n, p in params if torch.isnan(p).any()), None)) is not None:
+        return f"hidden states contain NaN or inf in {dtype}: the weights hold NaN ({nan}); check the checkpoint"
+    if (inf := next((n for n, p in params if torch.isinf(p).any()), None)) is not None:
+        if dtype == "float32":
+            return f"hidden states contain NaN or inf in float32: the weights hold inf ({inf}); check the checkpoint"
+        return f"hidden states contain NaN or inf in {dtype}: weight {inf} overflows {dtype}; {rerun}"
     if dtype == "float32":
         return ("hidden states contain NaN or inf in float32: the model overflows even in float32; "
                 "check the checkpoint")
-    return (f"hidden states contain NaN or inf in {dtype}: the activations overflow {dtype}; rerun "
-            "in float32 (--dtype float32, under mergekit-yaml --guard-dtype float32)")
+    return f"hidden states contain NaN or inf in {dtype}: the activations overflow {dtype}; {rerun}"
 
 
 def run_forward(body: Any, token_ids: list[list[int]], settings: ExtractionSettings, pad_id: int,
