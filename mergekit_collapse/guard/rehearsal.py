@@ -370,13 +370,14 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     device = _device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     t0 = time.perf_counter()
+    root = cache_dir or cache_root()
     cache = RehearsalCache(merge, models, probes, settings, str(dtype).removeprefix("torch."), device,
-                           answer_tokens, seed, cache_dir or cache_root())
+                           answer_tokens, seed, root)
     if (hit := cache.get()) is not None:
         hit.seconds = {"cached": round(time.perf_counter() - t0, 2)}
         return hit
     bar = Progress("rehearsal", len(models) + 1, enabled=progress, labels=labels)
-    refs = Answers(models, probes, settings, answer_tokens, cache_dir or cache_root()).references(bar)
+    refs = Answers(models, probes, settings, answer_tokens, root).references(bar)
     t1 = time.perf_counter()
     layout = {str(m): forced_batches(refs[str(m)].prompts, refs[str(m)].answers, refs[str(m)].pad_id,
                                      settings.batch_size) for m in models}
@@ -386,7 +387,7 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     seconds: dict[str, float] = {}
     logits = merged_logits(merge, batches, dtype=dtype, device=device, seed=seed,
                            trust_remote_code=settings.trust_remote_code,
-                           lora_cache=(cache_dir or cache_root()) / "lora_merged", seconds=seconds,
+                           lora_cache=root / "lora_merged", seconds=seconds,
                            on_stage=lambda stage: bar.start(f"merged model: {stage}"))
     result: dict[str, dict[str, float]] = {}
     for ref in models:
