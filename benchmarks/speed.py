@@ -457,7 +457,7 @@ def mid_size(work: Path, s: dict[str, Any], n_full: int) -> dict[str, Any]:
     print("(m) a random ~1.1B Llama, its fine-tunes and LoRAs", flush=True)
     base = random_base(conf, work / "mid" / "base")
     full = [str(full_finetune(base, work / "mid" / f"f{i}", seed=i)) for i in range(n_full)]
-    loras = [f"{base}+{random_lora(base, work / 'mid' / f'l{i}', seed=200 + i)}" for i in range(8)]
+    loras = [f"{base}+{random_lora(base, work / 'mid' / f'l{i}', seed=200 + i, like=None)}" for i in range(8)]
     zoo, tasks = Path(s["zoo"]), s["tasks"]
     size_mb = (base / "model.safetensors").stat().st_size / 2**20
     res: dict[str, Any] = {"shape": MID, "model_size_mb": size_mb,
