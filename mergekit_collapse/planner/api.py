@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from mergekit_collapse import __version__
 from mergekit_collapse._io import atomic_write_text
@@ -127,7 +127,12 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     update = {k: v for k, v in {"objective": objective, "floor": floor, "rehearsals": max_rehearsals,
                                 "refine": refine}.items() if v is not None}
     if update:
-        p.space = p.space.model_validate({**p.space.model_dump(), **update})
+        try:
+            p.space = p.space.model_validate({**p.space.model_dump(), **update})
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise BadInputError(f"invalid plan option {err['loc'][0]}={err.get('input')!r}: "
+                                f"{err['msg']}") from None
     if out is not None:
         check_writable(out, "plan folder")
     names = check_space(p, methods)

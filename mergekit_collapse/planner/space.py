@@ -123,10 +123,16 @@ def pool_of(cfg: LoadedConfig, *, own: bool = True, raw: dict | None = None) -> 
     extra = {k: v for k, v in raw.items() if k not in _REPLACED}
     pool = Pool(cfg=cfg, refs=refs, tasks=tasks, base=str(cfg.base),
                 space=cfg.guard.plan or PlanSpace(), own=own, extra=extra)
-    for m in pool.space.must_include:
-        pool.index(m, "guard.plan.must_include")
+    try:
+        for m in pool.space.must_include:
+            pool.index(m, "guard.plan.must_include")
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
     for name in pool.space.methods or ():
-        known_method(name)
+        try:
+            known_method(name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}guard.plan.methods: {e}") from None
     return pool
 
 
@@ -143,7 +149,7 @@ def known_method(name: str) -> Any:
     except RuntimeError:
         names = sorted(m.spec.name for m in methods.registered_methods())
         hint = _did_you_mean(name, names) or f"; mergekit has {', '.join(names)}"
-        raise ConfigError(f"unknown merge method '{name}' in the plan's methods{hint}") from None
+        raise ConfigError(f"unknown merge method '{name}'{hint}") from None
 
 
 @cache
@@ -313,7 +319,10 @@ def check_space(pool: Pool, methods: list[str] | None) -> list[str]:
     """
     names = list(methods or pool.space.methods or DEFAULT_METHODS)
     for name in names:
-        known_method(name)
+        try:
+            known_method(name)
+        except ConfigError as e:
+            raise ConfigError(f"--methods: {e}") from None
     sp = pool.space
     if sp.refine > sp.rehearsals:
         raise BadInputError(f"guard.plan.refine ({sp.refine}) exceeds the rehearsal budget "
