@@ -66,12 +66,17 @@ def objective(per_task: dict[str, float], tasks: list[str], rule: str, floor: fl
     return value
 
 
-def pick_for_rehearsal(ranked: list[Judged], n: int) -> list[Judged]:
-    """`n` candidates from the screen's ranking, alternately the best with a subset and the best
-    with a method not picked yet (the geometry ranks subsets far better than methods)."""
+def pick_for_rehearsal(ranked: list[Judged], n: int, pool_size: int) -> list[Judged]:
+    """`n` candidates from the screen's ranking: the best all-in merge first (the baseline a plan
+    must beat), then alternately the best with a subset and the best with a method not picked yet
+    (the geometry ranks subsets far better than methods)."""
     picked: list[Judged] = []
     keys: set[tuple] = set()
-    for turn in range(n):
+    all_in = next((j for j in ranked if len(j.candidate.members) == pool_size), None)
+    if all_in is not None and n > 0:
+        picked.append(all_in)
+        keys.add(all_in.candidate.key())
+    for turn in range(n - len(picked)):
         seen = {j.candidate.members for j in picked} if turn % 2 == 0 else \
             {j.candidate.method for j in picked}
         pick = next((j for j in ranked if j.candidate.key() not in keys and
@@ -211,8 +216,8 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
                            sum(report.run_info.seconds.get(f"rehearsal.{k}", 0) for k in ("merge", "compare")),
                            objective(scores, pool.tasks, rule, floor, tokens)))
     budget = max(rehearsals - refine_trials - len(done), 0)
-    picks = [j for j in pick_for_rehearsal(judged, budget + len(done))
-             if own is None or j.candidate.key() != own.key()][:budget]
+    ranked = [j for j in judged if own is None or j.candidate.key() != own.key()]
+    picks = pick_for_rehearsal(ranked, budget, len(pool.refs) if not done else 0)
     total = len(picks) + (refine_trials if picks or done else 0)
     bar = Progress("rehearse", total, enabled=progress)
     t1 = time.perf_counter()
