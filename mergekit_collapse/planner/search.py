@@ -150,7 +150,7 @@ def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, s
                          tuple(round(trial.params[f"w{j}"], 3) for j in range(len(c.members)))
                          if "w0" in dist else c.weights,
                          round(trial.params["density"], 3) if "density" in dist else c.density,
-                         origin="refine")
+                         origin="refine", globals=c.globals)
         label = f"refine {_describe(cand)}"
         progress.start(label)
         j = judge(cand)
@@ -250,17 +250,21 @@ def own_candidate(pool: Pool) -> Candidate | None:
     merge = pool.cfg.merge
     members = tuple(range(len(pool.refs)))
     params = {m.model: (m.parameters or {}) for m in merge.models}
-    top = merge.parameters or {}
-    extra = set(top) | {k for p in params.values() for k in p}
-    if extra - {"weight", "density"}:
+    top = dict(merge.parameters or {})
+    if {k for p in params.values() for k in p} - {"weight", "density"}:
         return None
+    kept = tuple(sorted((k, v) for k, v in top.items() if k not in ("weight", "density")
+                        and isinstance(v, (int, float, bool))))
+    if len(kept) < len(top) - len({"weight", "density"} & set(top)):
+        return None  # a global parameter that is not a number (a gradient, conditions)
     w = [scalar(params[m].get("weight", top.get("weight"))) for m in pool.cfg.models]
     d = {scalar(params[m].get("density", top.get("density"))) for m in pool.cfg.models}
     if len(d) > 1 or (d != {None} and not sparsifies(merge.merge_method)):
         return None
     c = Candidate(members, merge.merge_method,
                   tuple(w) if all(x is not None for x in w) and "weight" in
-                  method_parameters(merge.merge_method) else None, d.pop(), origin="as written")
+                  method_parameters(merge.merge_method) else None, d.pop(), origin="as written",
+                  globals=kept)
     return c if rejection(pool, c) is None else None
 
 

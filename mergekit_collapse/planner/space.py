@@ -44,10 +44,12 @@ class Candidate:
     weights: tuple[float, ...] | None  # per member; None: the method takes no `weight`
     density: float | None = None
     origin: str = "grid"  # grid | as written | refine
+    globals: tuple[tuple[str, Any], ...] = ()  # top-level `parameters:` (the config as written)
 
     def key(self) -> tuple:
         w = tuple(round(x, 4) for x in self.weights) if self.weights is not None else None
-        return self.members, self.method, w, None if self.density is None else round(self.density, 4)
+        return (self.members, self.method, w, None if self.density is None else round(self.density, 4),
+                self.globals)
 
 
 @dataclass
@@ -191,6 +193,8 @@ def candidate_raw(pool: Pool, c: Candidate) -> dict[str, Any]:
     else:
         guard["base"] = pool.base
     raw["models"] = models
+    if c.globals:
+        raw["parameters"] = dict(c.globals)
     raw.update(pool.extra)
     raw["guard"] = guard
     return raw
@@ -293,7 +297,7 @@ class Geometry:
     def task_weights(self, c: Candidate) -> np.ndarray:
         """The candidate's task-space weights (`guard.weights.planned_weights`; uniform where the
         method has no linear weights)."""
-        key = (c.method, len(c.members), c.weights, c.density)
+        key = (c.method, len(c.members), c.weights, c.density, c.globals)
         if key not in self._w:
             raw = candidate_raw(self.pool, c)
             cfg = LoadedConfig(path=None, source="", merge=merge_of(raw), guard=self.pool.cfg.guard,
