@@ -123,3 +123,21 @@ def test_bad_search_space_is_one_clear_line(pool_zoo, tmp_path, space, words):
 def test_a_pool_of_one_model_is_refused(pool_zoo, tmp_path):
     with pytest.raises(ConfigError, match="a plan merges two or more"):
         plan(write_pool(pool_zoo, tmp_path, names=("near1",)), progress=False)
+
+
+def test_verify_merges_and_evaluates_the_top_finalist(pool_zoo, tmp_path):
+    from common import make_tiny_tasks
+
+    path = write_pool(pool_zoo, tmp_path, rehearsals=1)
+    raw = yaml.safe_load(path.read_text())
+    tasks = make_tiny_tasks(tmp_path)
+    for spec in raw["guard"]["tasks"].values():
+        spec["eval"] = str(tasks / "tiny_mc.yaml")
+    path.write_text(yaml.safe_dump(raw))
+    result = plan(path, out=tmp_path / "out", verify=1, verify_limit=2, dtype="float32",
+                  progress=False)
+    top = result.finalists[0]
+    assert top.observed is not None and set(top.observed) == set(top.tasks)
+    assert {"merge", "evaluate"} <= set(top.verify_seconds)
+    assert "merge + lm-eval, measured by --verify" in result.labelled_search_basis
+    assert (tmp_path / "out" / "verify" / "rank1" / "config.json").is_file()
