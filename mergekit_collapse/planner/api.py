@@ -124,6 +124,8 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
 
     t0 = time.perf_counter()
     p = load_pool(pool)
+    if max_rehearsals is not None and refine is None:  # a smaller budget shrinks the refinement
+        refine = min(p.space.refine, max_rehearsals)
     update = {k: v for k, v in {"objective": objective, "floor": floor, "rehearsals": max_rehearsals,
                                 "refine": refine}.items() if v is not None}
     if update:
