@@ -169,7 +169,8 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
                           why=_why(p, best, ranked, rule, floor_),
                           predicted={t: round(v, 3) for t, v in best.predicted.items()},
                           kept_apart=kept_apart, seconds=seconds["total"])
-    cost, basis = _labelled_cost(finalists[:verify] if verify else rehearsed, len(rehearsed))
+    cost, basis = _labelled_cost(finalists[:verify] if verify else rehearsed,
+                                 len(rehearsed) or screened)
     result = PlanResult(pool=str(pool), tasks=p.tasks, objective=rule, floor=floor_, methods=names,
                         rejected_methods=rejected, screened=screened, rehearsed=len(rehearsed),
                         seconds=seconds, labelled_search_seconds=cost, labelled_search_basis=basis,
@@ -269,9 +270,11 @@ def _verify(pool: Pool, top: list[Judged], out: Path | None, limit: int | None, 
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(root / f"rank{i}.yml", text)
         t0 = time.perf_counter()
+        # a scratch merge for lm-eval: no card (mergekit's asks the Hub about relative paths)
         merge_config(raw, folder, MergeOptions(lora_merge_cache=str(cache_root() / "lora_merged"),
                                                copy_tokenizer=True, quiet=True, lazy_unpickle=False,
-                                               random_seed=pool.cfg.guard.seed))
+                                               random_seed=pool.cfg.guard.seed,
+                                               write_model_card=False))
         t1 = time.perf_counter()
         ev = evaluate_merge(folder, parse_config(text, (root / f"rank{i}.yml").resolve()), limit=limit,
                             progress=False, dtype="float32" if dtype == "auto" else dtype)

@@ -186,8 +186,7 @@ def candidate_raw(pool: Pool, c: Candidate) -> dict[str, Any]:
     raw: dict[str, Any] = {"merge_method": c.method}
     guard = pool.cfg.guard.model_dump(mode="json", exclude_defaults=True,
                                       exclude={"plan", "planned", "tasks", "base"})
-    guard["tasks"] = {pool.refs[i]: pool.cfg.guard.tasks[pool.refs[i]].model_dump(
-        mode="json", exclude_defaults=True) for i in c.members}
+    guard["tasks"] = {pool.refs[i]: _portable(pool, pool.refs[i]) for i in c.members}
     if uses_base(c.method):
         raw["base_model"] = pool.base
     else:
@@ -198,6 +197,20 @@ def candidate_raw(pool: Pool, c: Candidate) -> dict[str, Any]:
     raw.update(pool.extra)
     raw["guard"] = guard
     return raw
+
+
+def _portable(pool: Pool, ref: str) -> dict[str, Any]:
+    """A task's spec with its probe and eval files absolute (a candidate's YAML is written
+    elsewhere than the pool; model paths stay as written: mergekit reads them from the cwd)."""
+    spec = pool.cfg.guard.tasks[ref].model_dump(mode="json", exclude_defaults=True)
+    probes = spec.get("probes")
+    if isinstance(probes, dict) and probes.get("file"):
+        probes["file"] = str(pool.cfg.resolve(probes["file"]))
+    if isinstance(probes, dict) and probes.get("include_path"):
+        probes["include_path"] = str(pool.cfg.resolve(probes["include_path"]))
+    if str(spec.get("eval") or "").endswith((".yaml", ".yml")):
+        spec["eval"] = str(pool.cfg.resolve(spec["eval"]))
+    return spec
 
 
 def merge_of(raw: dict[str, Any]) -> Any:
