@@ -94,7 +94,7 @@ def evaluate(pool: Any, cand: Any, folder: Path, args: argparse.Namespace) -> tu
 def random_search(pool: Any, run: Any, n: int, seed: int, rule: str, floor: float) -> tuple[Any, float]:
     """The best of `n` random grid candidates by the same rehearsal objective."""
     from mergekit_collapse.guard.assess import extraction_settings
-    from mergekit_collapse.planner.search import Rehearser, objective
+    from mergekit_collapse.planner.search import Rehearser, expected_retention, objective
     from mergekit_collapse.planner.space import candidates
 
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def random_search(pool: Any, run: Any, n: int, seed: int, rule: str, floor: floa
     best, best_v = None, float("-inf")
     for c in picks:
         s, tok, _ = reh(c)
-        v = objective(s, pool.tasks, rule, floor, tok)
+        v = objective(s, pool.tasks, rule, floor, tok, expected_retention(s))
         if v > best_v:
             best, best_v = c, v
     return best, time.perf_counter() - t0
@@ -179,9 +179,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def fit_retention() -> str:
+    """Mean observed retention at each rehearsal-agreement level (planner.search.RETENTION_AT_LEVEL)."""
+    import numpy as np
+
+    reh = {(r["group"], r["task"]): r["rehearsal_agreement"]
+           for r in map(json.loads, (RECORDS.parent / "rehearsal.jsonl").read_text().splitlines())}
+    by: dict[float, list[float]] = {}
+    for line in RECORDS.read_text().splitlines():
+        r = json.loads(line)
+        if r["loss"] is not None and (r["group"], r["task"]) in reh:
+            by.setdefault(round(reh[(r["group"], r["task"])], 1), []).append(1 + r["loss"] / 100)
+    return "\n".join(f"agreement {a:.1f}: n {len(v)}, mean retention {np.mean(v):.3f}"
+                     for a, v in sorted(by.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", type=Path, required=True, help="the exported zoo (exported if absent)")
+    p.add_argument("--zoo", type=Path, default=Path("/tmp/zoo"), help="the exported zoo (exported if absent)")
     p.add_argument("--work", type=Path, default=Path("/tmp/planner-bench"))
     p.add_argument("--pools", default=",".join(POOLS), help="comma-separated task sets (a+b+c)")
     p.add_argument("--methods", default="linear,task_arithmetic,ties")
@@ -192,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "planner.json")
+    p.add_argument("--fit-retention", action="store_true",
+                   help="print the agreement -> retention table the planner ships, and exit")
     args = p.parse_args(argv)
+    if args.fit_retention:
+        print(fit_retention())
+        return 0
     if not (args.zoo / "adapters").is_dir():
         from mergekit_collapse.demo.zoo import export_zoo
 

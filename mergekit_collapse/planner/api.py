@@ -72,19 +72,21 @@ def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
 
 
 def _why(pool: Pool, best: Judged, ranked: list[Judged], rule: str, floor: float) -> str:
-    p = best.predicted
-    vals = [p.get(t, 0.0) for t in pool.tasks]
-    kept = sum(v > floor for v in vals)
+    def kept_mean(j: Judged) -> tuple[int, float, float]:
+        score = j.rehearsal if j.rehearsal is not None else j.screen.proxy
+        vals = [j.predicted.get(t, 0.0) for t in pool.tasks]
+        return (sum(score.get(t, 0.0) > floor for t in pool.tasks), sum(vals) / len(vals), min(vals))
+
+    kept, mean, worst = kept_mean(best)
     source = "rehearsal" if best.rehearsal is not None else "geometry proxy"
     text = (f"best {rule} of {sum(j.rehearsal is not None for j in ranked) or len(ranked)} judged "
-            f"({source}): keeps {kept}/{len(pool.tasks)} tasks above {floor:g}, mean "
-            f"{sum(vals) / len(vals):.2f}, worst {min(vals):.2f}")
+            f"({source}): keeps {kept}/{len(pool.tasks)} tasks above {floor:g}, expected retention "
+            f"mean {mean:.2f}, worst {worst:.2f}")
     uniform = next((j for j in ranked if j.rehearsal is not None and
                     len(j.candidate.members) == len(pool.tasks) and j is not best), None)
     if uniform is not None:
-        u = [uniform.predicted.get(t, 0.0) for t in pool.tasks]
-        text += (f"; the best all-in merge ({uniform.candidate.method}) keeps "
-                 f"{sum(v > floor for v in u)}, mean {sum(u) / len(u):.2f}")
+        kept, mean, _ = kept_mean(uniform)
+        text += f"; the best all-in merge ({uniform.candidate.method}) keeps {kept}, mean {mean:.2f}"
     return text
 
 

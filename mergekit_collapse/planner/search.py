@@ -29,6 +29,17 @@ from mergekit_collapse.planner.space import (
 
 #: weight of the secondary score (token agreement) that breaks ties of the primary one
 TIE_BREAK = 1e-3
+#: mean observed retention (lm-eval, merged / constituent) at each rehearsal-agreement level, over
+#: the validity run's 1,065 rehearsed constituents (benchmarks/results/rehearsal.jsonl joined with
+#: records.jsonl; `benchmarks/planner.py --fit-retention`): agreement detects collapse, this maps it
+#: to the retention a task keeps on average, so a partly kept task is not counted as lost
+AGREEMENT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+RETENTION_AT_LEVEL = (0.109, 0.412, 0.714, 0.818, 0.877, 0.963)
+
+
+def expected_retention(agreement: dict[str, float]) -> dict[str, float]:
+    """Each task's expected retention at its rehearsal agreement (`RETENTION_AT_LEVEL`)."""
+    return {t: float(np.interp(a, AGREEMENT_LEVELS, RETENTION_AT_LEVEL)) for t, a in agreement.items()}
 
 
 @dataclass
@@ -46,19 +57,24 @@ class Judged:
 
     @property
     def predicted(self) -> dict[str, float]:
-        return self.rehearsal if self.rehearsal is not None else self.screen.proxy
+        """Expected retention by task: from the rehearsal when rehearsed, else the screen's proxy."""
+        return expected_retention(self.rehearsal) if self.rehearsal is not None else self.screen.proxy
 
 
 def objective(per_task: dict[str, float], tasks: list[str], rule: str, floor: float,
-              tie: dict[str, float] | None = None) -> float:
+              tie: dict[str, float] | None = None, retention: dict[str, float] | None = None) -> float:
     """One number to maximise: the rule over every pool task (a task left out counts 0).
 
-    kept: tasks above `floor`, then the mean (weighted below one task); mean: the mean, then the
-    worst; worst: the worst, then the mean. `tie` (the token agreement) breaks what remains tied.
+    kept: tasks whose score (`per_task`) is above `floor`, then the mean retention (weighted below
+    one task); mean: the mean retention, then the worst; worst: the worst, then the mean. Retention
+    is `retention` (the rehearsal's expected retention) or else `per_task` itself. `tie` (the token
+    agreement) breaks what remains tied.
     """
-    r = np.array([per_task.get(t, 0.0) for t in tasks], dtype=float)
+    score = np.array([per_task.get(t, 0.0) for t in tasks], dtype=float)
+    ret = retention if retention is not None else per_task
+    r = np.array([ret.get(t, 0.0) for t in tasks], dtype=float)
     mean, worst = float(r.mean()), float(r.min())
-    value = {"kept": float((r > floor).sum()) + 0.5 * mean,
+    value = {"kept": float((score > floor).sum()) + 0.5 * mean,
              "mean": mean + TIE_BREAK * worst,
              "worst": worst + TIE_BREAK * mean}[rule]
     if tie:
@@ -204,7 +220,7 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     def judge(c: Candidate) -> Judged:
         scores, tokens, dt = rehearser(c)
         return Judged(c, geo.screen(c), scores, tokens, dt,
-                      objective(scores, pool.tasks, rule, floor, tokens))
+                      objective(scores, pool.tasks, rule, floor, tokens, expected_retention(scores)))
 
     done: list[Judged] = []
     report = run.report
@@ -214,7 +230,8 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
         tokens = {m.task: m.rehearsal_token_agreement for m in report.models}
         done.append(Judged(own, geo.screen(own), scores, tokens,
                            sum(report.run_info.seconds.get(f"rehearsal.{k}", 0) for k in ("merge", "compare")),
-                           objective(scores, pool.tasks, rule, floor, tokens)))
+                           objective(scores, pool.tasks, rule, floor, tokens,
+                                     expected_retention(scores))))
     budget = max(rehearsals - refine_trials - len(done), 0)
     ranked = [j for j in judged if own is None or j.candidate.key() != own.key()]
     picks = pick_for_rehearsal(ranked, budget, len(pool.refs) if not done else 0)
