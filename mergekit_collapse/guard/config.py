@@ -126,7 +126,7 @@ class PlanSummary(_Strict):
     rehearsed: int = Field(description="candidates rehearsed")
     why: str = Field(description="why this candidate won")
     predicted: dict[str, float] = Field(default_factory=dict, description=(
-        "predicted retention (rehearsal agreement, else the geometry's proxy) per task"))
+        "expected retention per task (at its rehearsal agreement; else the geometry's proxy)"))
     kept_apart: list[str] = Field(default_factory=list, description=(
         "tasks of the pool this merge leaves out (serve their fine-tunes as they are)"))
     seconds: float = Field(description="the planner's wall time")
