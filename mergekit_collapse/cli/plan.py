@@ -51,14 +51,14 @@ def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | N
                       progress=not no_progress)
     rows = []
     for f in result.finalists[:10]:
-        pred = f.rehearsal or f.proxy
         rows.append([f.rank, f.method, ",".join(f.tasks),
                      "/".join(f"{x:g}" for x in f.weights) if f.weights else "—",
-                     " ".join(f"{pred[t]:.2f}" for t in f.tasks),
+                     " ".join(f"{f.rehearsal[t]:.2f}" for t in f.tasks) if f.rehearsal else "—",
+                     " ".join(f"{f.expected_retention[t]:.2f}" for t in f.tasks),
                      " ".join(f"{f.observed[t]:.2f}" for t in f.tasks) if f.observed else "—",
                      f"{f.objective:.3f}"])
-    click.echo(tabulate(rows, headers=["rank", "method", "tasks", "weights", "predicted",
-                                       "observed", "objective"]))
+    click.echo(tabulate(rows, headers=["rank", "method", "tasks", "weights", "agreement",
+                                       "predicted retention", "observed", "objective"]))
     s = result.summary
     click.echo(f"chosen: {result.finalists[0].method} of {', '.join(result.finalists[0].tasks)}"
                + (f"; keep apart: {', '.join(s.kept_apart)}" if s.kept_apart else ""))

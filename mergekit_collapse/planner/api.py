@@ -32,6 +32,8 @@ class Finalist(BaseModel):
     proxy: dict[str, float] = Field(description="the screen's retention proxy, by task")
     rehearsal: dict[str, float] | None = Field(description="rehearsal agreement by task (None: not rehearsed)")
     token_agreement: dict[str, float] | None = None
+    expected_retention: dict[str, float] = Field(description=(
+        "by task: at its rehearsal agreement (search.RETENTION_AT_LEVEL), else the screen's proxy"))
     objective: float
     rehearsal_seconds: float
     observed: dict[str, float] | None = Field(default=None, description="--verify: lm-eval retention by task")
@@ -66,7 +68,8 @@ def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
                     tasks=[pool.tasks[i] for i in c.members],
                     weights=list(c.weights) if c.weights is not None else None, density=c.density,
                     relative_distortion=j.screen.relative_distortion, proxy=j.screen.proxy,
-                    rehearsal=j.rehearsal, token_agreement=j.token_agreement, objective=j.value,
+                    rehearsal=j.rehearsal, token_agreement=j.token_agreement,
+                    expected_retention={t: round(v, 3) for t, v in j.predicted.items()}, objective=j.value,
                     rehearsal_seconds=round(j.seconds, 2), observed=j.observed,
                     verify_seconds=j.verify_seconds)
 
@@ -241,12 +244,14 @@ def markdown(result: PlanResult) -> str:
         lines.append("- not valid for this pool (mergekit's rules): " + "; ".join(
             f"{m}: {w}" for m, w in result.rejected_methods.items()))
     lines += ["", "| rank | origin | method | tasks | weights | density | relative distortion | "
-              "rehearsal agreement | observed | objective |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "rehearsal agreement | expected retention | observed | objective |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in result.finalists:
         w = "/".join(f"{x:g}" for x in f.weights) if f.weights else "—"
         lines.append(f"| {f.rank} | {f.origin} | {f.method} | {', '.join(f.tasks)} | {w} | "
                      f"{'—' if f.density is None else f'{f.density:g}'} | "
                      f"{_cell(f.relative_distortion, f.tasks)} | {_cell(f.rehearsal, f.tasks)} | "
+                     f"{_cell(f.expected_retention, f.tasks)} | "
                      f"{_cell(f.observed, f.tasks)} | {f.objective:.3f} |")
     return "\n".join(lines) + "\n"
 
