@@ -141,3 +141,20 @@ def test_verify_merges_and_evaluates_the_top_finalist(pool_zoo, tmp_path):
     assert {"merge", "evaluate"} <= set(top.verify_seconds)
     assert "merge + lm-eval, measured by --verify" in result.labelled_search_basis
     assert (tmp_path / "out" / "verify" / "rank1" / "config.json").is_file()
+
+
+def test_objective_rules_and_expected_retention():
+    from mergekit_collapse.planner.search import expected_retention, objective
+
+    tasks = ["a", "b", "c"]
+    small, big = {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.6, "c": 0.4}
+    # kept: two tasks above the floor either way, same mean; mean: same, the worst breaks the tie;
+    # worst: a left-out task is lost
+    assert objective(small, tasks, "kept", 0.5) == pytest.approx(objective(big, tasks, "kept", 0.5))
+    assert objective(small, tasks, "mean", 0.5) < objective(big, tasks, "mean", 0.5)
+    assert objective(small, tasks, "worst", 0.5) < objective(big, tasks, "worst", 0.5)
+    exp = expected_retention({"a": 0.0, "b": 0.2, "c": 1.0})
+    assert exp["a"] < exp["b"] < exp["c"] <= 1 and exp["a"] > 0
+    # expected retention counts a partly kept task: the big merge wins on the mean now
+    assert objective(big, tasks, "mean", 0.5, retention=expected_retention(big)) > \
+        objective(small, tasks, "mean", 0.5, retention=expected_retention(small))
