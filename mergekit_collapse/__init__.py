@@ -5,7 +5,8 @@
     >>> report.verdict
 
 The public API: `check` (the guard on one config), `run_pipeline` (guard -> merge -> evaluate ->
-card -> push), `GuardReport`, `push`, and the errors. The stages live in sub-packages named for
+card -> push), `plan` (the best config of a pool of fine-tunes, without labels), `GuardReport`,
+`push`, and the errors. The stages live in sub-packages named for
 them: guard/, actions/, merge, evaluate/, publish/, pipeline, with analysis/, ci/, demo/ and cli/
 beside them (README, "Layout").
 """
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from mergekit_collapse.guard.assess import check
     from mergekit_collapse.guard.report import GuardReport
     from mergekit_collapse.pipeline import run_pipeline
+    from mergekit_collapse.planner.api import plan
     from mergekit_collapse.publish.hub import push
 
 #: lazy: `import mergekit_collapse` must not import torch
@@ -37,10 +39,11 @@ _LAZY = {
     "run_pipeline": "mergekit_collapse.pipeline",
     "GuardReport": "mergekit_collapse.guard.report",
     "push": "mergekit_collapse.publish.hub",
+    "plan": "mergekit_collapse.planner.api",
 }
 
 __all__ = ["BadInputError", "CollapseError", "ConfigError", "GuardReport", "GuardStoppedError",
-           "HubError", "ModelNotFoundError", "__version__", "check", "push", "run_pipeline"]
+           "HubError", "ModelNotFoundError", "__version__", "check", "plan", "push", "run_pipeline"]
 
 
 def __getattr__(name: str) -> Any:

@@ -359,6 +359,16 @@ CASES = [
     Case("mergekit-schema", lambda e: ["check", str(e.write("merge_method: linear\nmodels:\n"
                                                            "  - parameters: {weight: 1}\n"))], 2,
          ("invalid mergekit config",)),
+    # ---- the planner's pool and search space (`mergekit-collapse plan`), before any model loads
+    Case("plan-unknown-method", lambda e: ["plan", e.config(plan={"methods": ["lineer"]})], 2,
+         ("unknown merge method 'lineer'", "did you mean 'linear'")),
+    Case("plan-one-model", lambda e: ["plan", e.config("ft1")], 2, ("a plan merges two or more",)),
+    Case("plan-must-include-unknown", lambda e: ["plan", e.config(plan={"must_include": ["/no/such"]})],
+         2, ("guard.plan.must_include names '/no/such'", "not a model of the pool")),
+    Case("plan-floor-out-of-range", lambda e: ["plan", e.config(), "--floor", "2"], 2,
+         ("invalid plan option floor=2.0", "less than or equal to 1")),
+    Case("plan-refine-over-budget", lambda e: ["plan", e.config(), "--refine", "5", "--max-rehearsals",
+                                               "2"], 2, ("refine (5) exceeds the rehearsal budget (2)",)),
     # ---- models
     Case("model-path-missing", lambda e: ["check", e.config("ft1", str(e.tmp / "no-such-model")), *FAST],
          2, ("no-such-model", "not a local folder")),

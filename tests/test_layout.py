@@ -19,6 +19,7 @@ LAYERS = [
     ("evaluate",),
     ("publish",),
     ("pipeline",),
+    ("planner",),
     ("analysis", "ci", "schemas"),
     ("demo",),
     ("cli", "__main__"),

@@ -79,6 +79,7 @@ def test_the_token_never_leaks_from_any_command(
         (0, ["calibrate", str(records), "--score", "x", "--out", str(tmp_path / "cal.json")]),
         (2, ["--debug", "calibrate", str(records), "--score", "zzz"]),
         (0, ["zoo", "list"]),
+        (0, ["plan", str(cfg), "--max-rehearsals", "0", "--out", str(tmp_path / "plan")]),
         (2, ["--debug", "demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "no.yml")]),
     ]
     assert {args[args[0] == "--debug"] for _, args in calls} == set(COMMANDS)

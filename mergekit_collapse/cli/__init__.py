@@ -31,6 +31,8 @@ COMMANDS = {
               "Guard, re-organise if over budget, and merge with mergekit (mergekit-yaml flags)."),
     "evaluate": ("mergekit_collapse.cli.evaluate:evaluate",
                  "lm-eval on a merge and its constituents; merging loss (Eq. 1)."),
+    "plan": ("mergekit_collapse.cli.plan:plan",
+             "The best mergekit config of a pool of fine-tunes, found without labels."),
     "run": ("mergekit_collapse.cli.run:run",
             "guard -> merge -> evaluate -> card -> push, resumable."),
     "demo": ("mergekit_collapse.cli.demo:demo",

@@ -27,6 +27,8 @@ Pooling = Literal["mean", "last"]
 BUILTIN_ACTIONS = ("abort", "warn", "drop", "split", "replace", "order")
 ACTION_ENTRY_POINTS = "mergekit_collapse.actions"
 Rehearse = Literal["auto", "on", "off"]
+#: how `mergekit-collapse plan` ranks candidates by their per-task predicted retention
+PlanObjective = Literal["kept", "mean", "worst"]
 
 
 def _one_line(text: str) -> str:
@@ -92,6 +94,54 @@ class Budget(_Strict):
         return self
 
 
+class PlanSpace(_Strict):
+    """`guard.plan`: the search space of `mergekit-collapse plan` (the candidates are the models)."""
+
+    methods: list[str] | None = Field(default=None, min_length=1, description=(
+        "merge methods to try (default: linear, task_arithmetic, ties, dare_ties, della, "
+        "breadcrumbs, model_stock, sce, karcher, each where mergekit's rules accept the subset)"))
+    weights: list[float] = Field(default_factory=lambda: [0.5, 1.0], min_length=1, description=(
+        "grid of the per-model `weight` (one value for every model of a candidate)"))
+    densities: list[float] = Field(default_factory=lambda: [0.5], min_length=1, description=(
+        "grid of `density` for the methods that take one (TIES, DARE, DELLA, breadcrumbs)"))
+    must_include: list[str] = Field(default_factory=list, description=(
+        "model references (as written under models:) every candidate keeps"))
+    min_models: int = Field(default=2, ge=2, description="fewest models a candidate merges")
+    rehearsals: int = Field(default=10, ge=0, description=(
+        "most candidates rehearsed, refinement included (0: rank by the geometry alone)"))
+    refine: int = Field(default=3, ge=0, description=(
+        "of those, rehearsals spent refining the best candidate's weights with optuna's TPE"))
+    objective: PlanObjective = Field(default="kept", description=(
+        "kept: most tasks above the floor (then mean); mean: best mean retention; worst: best "
+        "worst task. A task left out of the merge counts as lost (retention 0)"))
+    floor: float | None = Field(default=None, ge=0, le=1, description=(
+        "retention a task must exceed to count as kept (default: the calibrated rehearsal "
+        "collapse edge)"))
+
+    @field_validator("weights", "densities")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if any(not (v > 0) or v != v or v == float("inf") for v in values):
+            raise ValueError("every grid value must be a finite number > 0")
+        return values
+
+
+class PlanSummary(_Strict):
+    """`guard.planned`: how `mergekit-collapse plan` chose this config (its card shows it)."""
+
+    objective: PlanObjective
+    floor: float
+    space: str = Field(description="the search space, in words")
+    screened: int = Field(description="candidates screened with the geometry")
+    rehearsed: int = Field(description="candidates rehearsed")
+    why: str = Field(description="why this candidate won")
+    predicted: dict[str, float] = Field(default_factory=dict, description=(
+        "expected retention per task (at its rehearsal agreement; else the geometry's proxy)"))
+    kept_apart: list[str] = Field(default_factory=list, description=(
+        "tasks of the pool this merge leaves out (serve their fine-tunes as they are)"))
+    seconds: float = Field(description="the planner's wall time")
+
+
 class GuardSettings(_Strict):
     """The `guard:` section of a mergekit YAML. CLI flags override it."""
 
@@ -132,6 +182,10 @@ class GuardSettings(_Strict):
         "free: the GPU's free memory, or the machine's available memory on CPU)"))
     answer_tokens: int = Field(default=32, ge=1, le=512, description=(
         "longest greedy answer the rehearsal compares, in tokens"))
+    plan: PlanSpace | None = Field(default=None, description=(
+        "the search space of `mergekit-collapse plan` (ignored by check and merge)"))
+    planned: PlanSummary | None = Field(default=None, description=(
+        "written by `mergekit-collapse plan`: how this config was chosen (shown on the card)"))
 
     @field_validator("action")
     @classmethod
@@ -242,12 +296,13 @@ def _friendly(err: ValidationError, allowed: dict[tuple, list[str]]) -> str:
     return f"invalid {'guard.' + where if loc else 'guard'}: {_one_line(str(first.get('msg')))}"
 
 
-_MODEL_NAMES = {"GuardSettings", "TaskSpec", "Budget", "ProbeFile", "ProbeLmEval"}
+_MODEL_NAMES = {"GuardSettings", "TaskSpec", "Budget", "ProbeFile", "ProbeLmEval", "PlanSpace",
+                "PlanSummary"}
 
 
 def _all_fields() -> list[str]:
     names: set[str] = set()
-    for m in (GuardSettings, TaskSpec, Budget, ProbeFile, ProbeLmEval):
+    for m in (GuardSettings, TaskSpec, Budget, ProbeFile, ProbeLmEval, PlanSpace, PlanSummary):
         names.update(m.model_fields)
     return sorted(names)
 

@@ -383,6 +383,7 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
             scatter=(f"{REPORT_DIR}/predicted_vs_observed.png"
                      if (mdir / "predicted_vs_observed.png").is_file() else None),
             mergekit_config=clean(mergekit_config) if mergekit_config else None, fmt=fmt,
+            planned=_public(planned_summary(mergekit_config), clean),
             tool_version=__version__,
         )
     except jinja2.TemplateError as e:
@@ -418,6 +419,16 @@ def _read_report(folder: Path) -> GuardReport:
     except (ValidationError, ValueError) as e:
         raise BadInputError(f"{folder / 'report.json'}: not a valid guard report ({_first_error(e)})"
                             ) from None
+
+
+def planned_summary(mergekit_config: str | None) -> dict[str, Any] | None:
+    """The config's `guard.planned` (how `mergekit-collapse plan` chose it), or None."""
+    try:
+        raw = yaml.safe_load(mergekit_config) if mergekit_config else None
+    except yaml.YAMLError:
+        return None
+    planned = ((raw or {}).get("guard") or {}).get("planned") if isinstance(raw, dict) else None
+    return planned if isinstance(planned, dict) else None
 
 
 def write_card(out_dir: str | Path, *, template: Path | None = None, config_path: Path | None = None,

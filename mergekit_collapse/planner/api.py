@@ -1,0 +1,294 @@
+"""`plan()`: from a pool of fine-tunes to the mergekit config predicted to keep the most, without
+labels; writes plan.yml (the chosen config, with `guard.planned`), plan.json and plan.md."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from mergekit_collapse import __version__
+from mergekit_collapse._io import atomic_write_text
+from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.guard.config import PlanObjective, PlanSummary, check_writable, parse_config
+from mergekit_collapse.planner.search import Judged, check_floor, own_candidate, search
+from mergekit_collapse.planner.space import Pool, candidate_raw, candidates, check_space, load_pool
+
+
+class Finalist(BaseModel):
+    """One ranked candidate and its evidence."""
+
+    rank: int
+    origin: str
+    method: str
+    models: list[str]
+    tasks: list[str]
+    weights: list[float] | None
+    density: float | None
+    relative_distortion: dict[str, float] = Field(description="the geometry screen, by task")
+    proxy: dict[str, float] = Field(description="the screen's retention proxy, by task")
+    rehearsal: dict[str, float] | None = Field(description="rehearsal agreement by task (None: not rehearsed)")
+    token_agreement: dict[str, float] | None = None
+    expected_retention: dict[str, float] = Field(description=(
+        "by task: at its rehearsal agreement (search.RETENTION_AT_LEVEL), else the screen's proxy"))
+    objective: float
+    rehearsal_seconds: float
+    observed: dict[str, float] | None = Field(default=None, description="--verify: lm-eval retention by task")
+    verify_seconds: dict[str, float] = Field(default_factory=dict)
+
+
+class PlanResult(BaseModel):
+    """plan.json: the search, its cost and the ranked finalists."""
+
+    tool_version: str = __version__
+    pool: str
+    tasks: list[str]
+    objective: PlanObjective
+    floor: float
+    methods: list[str]
+    rejected_methods: dict[str, str]
+    screened: int
+    rehearsed: int
+    seconds: dict[str, float]
+    labelled_search_seconds: float | None = Field(description=(
+        "what merging and lm-evaluating the rehearsed candidates would have cost (measured per "
+        "merge with --verify; else the merges alone, a lower bound)"))
+    labelled_search_basis: str
+    kept_apart: list[str]
+    summary: PlanSummary
+    finalists: list[Finalist]
+
+
+def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
+    c = j.candidate
+    return Finalist(rank=rank, origin=c.origin, method=c.method, models=[pool.refs[i] for i in c.members],
+                    tasks=[pool.tasks[i] for i in c.members],
+                    weights=list(c.weights) if c.weights is not None else None, density=c.density,
+                    relative_distortion=j.screen.relative_distortion, proxy=j.screen.proxy,
+                    rehearsal=j.rehearsal, token_agreement=j.token_agreement,
+                    expected_retention={t: round(v, 3) for t, v in j.predicted.items()}, objective=j.value,
+                    rehearsal_seconds=round(j.seconds, 2), observed=j.observed,
+                    verify_seconds=j.verify_seconds)
+
+
+def _why(pool: Pool, best: Judged, ranked: list[Judged], rule: str, floor: float) -> str:
+    def kept_mean(j: Judged) -> tuple[int, float, float]:
+        score = j.rehearsal if j.rehearsal is not None else j.screen.proxy
+        vals = [j.predicted.get(t, 0.0) for t in pool.tasks]
+        return (sum(score.get(t, 0.0) > floor for t in pool.tasks), sum(vals) / len(vals), min(vals))
+
+    kept, mean, worst = kept_mean(best)
+    source = "rehearsal" if best.rehearsal is not None else "geometry proxy"
+    text = (f"best {rule} of {sum(j.rehearsal is not None for j in ranked) or len(ranked)} judged "
+            f"({source}): keeps {kept}/{len(pool.tasks)} tasks above {floor:g}, expected retention "
+            f"mean {mean:.2f}, worst {worst:.2f}")
+    uniform = next((j for j in ranked if j.rehearsal is not None and
+                    len(j.candidate.members) == len(pool.tasks) and j is not best), None)
+    if uniform is not None:
+        kept, mean, _ = kept_mean(uniform)
+        text += f"; the best all-in merge ({uniform.candidate.method}) keeps {kept}, mean {mean:.2f}"
+    return text
+
+
+def _space(pool: Pool, methods: list[str], n_subsets: int) -> str:
+    sp = pool.space
+    must = f", must include {', '.join(sp.must_include)}" if sp.must_include else ""
+    return (f"{n_subsets} subsets of {len(pool.refs)} models (≥ {sp.min_models}{must}) × "
+            f"{len(methods)} methods ({', '.join(methods)}) × weights {sp.weights} × densities "
+            f"{sp.densities}")
+
+
+def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObjective | None = None,
+         floor: float | None = None, max_rehearsals: int | None = None, refine: int | None = None,
+         methods: list[str] | None = None, verify: int = 0, verify_limit: int | None = 24,
+         device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None,
+         progress: bool = True) -> PlanResult:
+    """Find the mergekit config of a pool predicted to keep the most of its tasks, without labels.
+
+    Args:
+        pool: a guard-style mergekit YAML: its models are the candidates, `guard.tasks` their
+            probes, `guard.plan` the search space (`PlanSpace`); its own method and weights, if
+            any, are one candidate.
+        out: where to write plan.yml, plan.json and plan.md (None: write nothing).
+        objective, floor, max_rehearsals, refine, methods: override `guard.plan`'s.
+        verify: merge and lm-eval the top `verify` finalists (needs each task's `eval`).
+        verify_limit: lm-eval documents per task for `verify`.
+        device, dtype, cache_dir, progress: as for `check`.
+
+    Returns:
+        The PlanResult (finalists best first; `summary` is what plan.yml's `guard.planned` carries).
+
+    Raises:
+        ConfigError: invalid pool or search space (unknown method, must-include not in the pool).
+        BadInputError: an empty search space, missing models, a floor out of [0, 1].
+    """
+    from mergekit_collapse.guard.assess import extraction_settings, run_guard
+
+    t0 = time.perf_counter()
+    p = load_pool(pool)
+    if max_rehearsals is not None and refine is None:  # a smaller budget shrinks the refinement
+        refine = min(p.space.refine, max_rehearsals)
+    update = {k: v for k, v in {"objective": objective, "floor": floor, "rehearsals": max_rehearsals,
+                                "refine": refine}.items() if v is not None}
+    if update:
+        try:
+            p.space = p.space.model_validate({**p.space.model_dump(), **update})
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise BadInputError(f"invalid plan option {err['loc'][0]}={err.get('input')!r}: "
+                                f"{err['msg']}") from None
+    if out is not None:
+        check_writable(out, "plan folder")
+    names = check_space(p, methods)
+    rule, floor_ = p.space.objective, check_floor(p.space.floor)
+    cands, rejected = candidates(p, names)
+    own = own_candidate(p)
+    if not cands and own is None:
+        why = "; ".join(f"{m}: {w}" for m, w in rejected.items())
+        raise BadInputError(f"no candidate merge: mergekit accepts none of the methods for this pool ({why})")
+    run = run_guard(p.cfg, device=device, dtype=dtype, cache_dir=cache_dir, progress=progress,
+                    rehearse="off" if own is None or p.space.rehearsals == 0 else "on")
+    settings = extraction_settings(p.cfg, device=device, dtype=dtype)
+    seconds = {"hidden states": round(time.perf_counter() - t0, 2)}
+    ranked, stage = search(p, run, cands, rule=rule, floor=floor_, rehearsals=p.space.rehearsals,
+                           refine_trials=p.space.refine, own=own, settings=settings,
+                           cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+    seconds |= {k: round(v, 2) for k, v in stage.items()}
+    if own is not None and run.report.rehearsal is not None and run.report.rehearsal.status == "ran":
+        seconds["rehearse"] = round(seconds.get("rehearse", 0) + sum(
+            v for k, v in run.report.run_info.seconds.items() if k.startswith("rehearsal.")), 2)
+    best = ranked[0]
+    rehearsed = [j for j in ranked if j.rehearsal is not None]
+    finalists = rehearsed or ranked[:10]
+    if verify:
+        _verify(p, finalists[:verify], Path(out) if out else None, verify_limit, dtype, progress)
+    kept_apart = [t for i, t in enumerate(p.tasks) if i not in best.candidate.members]
+    subsets = len({c.members for c in cands})
+    screened = len({c.key() for c in cands} | ({own.key()} if own is not None else set()))
+    seconds["total"] = round(time.perf_counter() - t0, 2)
+    summary = PlanSummary(objective=rule, floor=floor_, space=_space(p, names, subsets),
+                          screened=screened, rehearsed=len(rehearsed),
+                          why=_why(p, best, ranked, rule, floor_),
+                          predicted={t: round(v, 3) for t, v in best.predicted.items()},
+                          kept_apart=kept_apart, seconds=seconds["total"])
+    cost, basis = _labelled_cost(finalists[:verify] if verify else rehearsed,
+                                 len(rehearsed) or screened)
+    result = PlanResult(pool=str(pool), tasks=p.tasks, objective=rule, floor=floor_, methods=names,
+                        rejected_methods=rejected, screened=screened, rehearsed=len(rehearsed),
+                        seconds=seconds, labelled_search_seconds=cost, labelled_search_basis=basis,
+                        kept_apart=kept_apart, summary=summary,
+                        finalists=[_finalist(p, i + 1, j) for i, j in enumerate(finalists)])
+    if out is not None:
+        write_plan(result, p, best, Path(out))
+    return result
+
+
+def _labelled_cost(measured: list[Judged], n: int) -> tuple[float | None, str]:
+    """n × the measured merge + lm-eval seconds of one candidate (else the merges alone)."""
+    full = [sum(j.verify_seconds.values()) for j in measured if j.verify_seconds]
+    if full:
+        per = sum(full) / len(full)
+        return round(n * per, 1), f"{n} candidates × {per:.1f} s (merge + lm-eval, measured by --verify)"
+    merges = [j.seconds for j in measured if j.rehearsal is not None]
+    if not merges:
+        return None, "nothing rehearsed"
+    per = sum(merges) / len(merges)
+    return round(n * per, 1), (f"{n} candidates × {per:.1f} s (the in-memory merge alone; lm-eval not "
+                               "measured: a lower bound, --verify measures it)")
+
+
+def chosen_config(pool: Pool, best: Judged, summary: PlanSummary) -> dict[str, Any]:
+    """plan.yml's mapping: the winner's mergekit config with `guard.planned`."""
+    raw = candidate_raw(pool, best.candidate)
+    raw["guard"]["planned"] = summary.model_dump(mode="json")
+    return raw
+
+
+def write_plan(result: PlanResult, pool: Pool, best: Judged, out: Path) -> dict[str, Path]:
+    """Write plan.yml (validated by our parser, i.e. mergekit's own schema and method rules),
+    plan.json and plan.md into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    raw = chosen_config(pool, best, result.summary)
+    text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+    parse_config(text, (out / "plan.yml").resolve())  # what mergekit-yaml --guard will read
+    paths = {"yml": out / "plan.yml", "json": out / "plan.json", "md": out / "plan.md"}
+    atomic_write_text(paths["yml"], text)
+    atomic_write_text(paths["json"], result.model_dump_json(indent=2) + "\n")
+    atomic_write_text(paths["md"], markdown(result))
+    return paths
+
+
+def _cell(d: dict[str, float] | None, tasks: list[str]) -> str:
+    if d is None:
+        return "—"
+    return " ".join(f"{t} {d[t]:.2f}" for t in tasks if t in d)
+
+
+def markdown(result: PlanResult) -> str:
+    """plan.md: the summary, the cost and the ranked finalists with their evidence."""
+    s = result.summary
+    lines = [f"# Merge plan for `{Path(result.pool).name}`", "",
+             f"**Chosen**: {result.finalists[0].method} of {', '.join(result.finalists[0].tasks)}"
+             + (f"; keep apart: {', '.join(result.kept_apart)}" if result.kept_apart else ""), "",
+             f"- objective: {s.objective} (floor {s.floor:g}); {s.why}",
+             f"- search space: {s.space}",
+             f"- screened {s.screened} candidates with the geometry, rehearsed {s.rehearsed}",
+             "- cost: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
+             "- a merge-and-evaluate search over the same candidates: "
+             + (f"{result.labelled_search_seconds:.0f} s ({result.labelled_search_basis})"
+                if result.labelled_search_seconds is not None else result.labelled_search_basis)]
+    if result.rejected_methods:
+        lines.append("- not valid for this pool (mergekit's rules): " + "; ".join(
+            f"{m}: {w}" for m, w in result.rejected_methods.items()))
+    lines += ["", "| rank | origin | method | tasks | weights | density | relative distortion | "
+              "rehearsal agreement | expected retention | observed | objective |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in result.finalists:
+        w = "/".join(f"{x:g}" for x in f.weights) if f.weights else "—"
+        lines.append(f"| {f.rank} | {f.origin} | {f.method} | {', '.join(f.tasks)} | {w} | "
+                     f"{'—' if f.density is None else f'{f.density:g}'} | "
+                     f"{_cell(f.relative_distortion, f.tasks)} | {_cell(f.rehearsal, f.tasks)} | "
+                     f"{_cell(f.expected_retention, f.tasks)} | "
+                     f"{_cell(f.observed, f.tasks)} | {f.objective:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _verify(pool: Pool, top: list[Judged], out: Path | None, limit: int | None, dtype: str,
+            progress: bool) -> None:
+    """Merge each of `top` with mergekit and lm-eval it: observed retention (merged / constituent)."""
+    import tempfile
+
+    from mergekit.options import MergeOptions
+
+    from mergekit_collapse._console import Progress
+    from mergekit_collapse._constants import cache_root
+    from mergekit_collapse.evaluate.observed import evaluate_merge
+    from mergekit_collapse.merge import merge_config
+
+    root = out / "verify" if out is not None else Path(tempfile.mkdtemp(prefix="plan-verify-"))
+    bar = Progress("verify", len(top), enabled=progress)
+    for i, j in enumerate(top, 1):
+        raw = candidate_raw(pool, j.candidate)
+        folder = root / f"rank{i}"
+        text = yaml.safe_dump(raw, sort_keys=False)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / f"rank{i}.yml", text)
+        t0 = time.perf_counter()
+        # a scratch merge for lm-eval: no card (mergekit's asks the Hub about relative paths)
+        merge_config(raw, folder, MergeOptions(lora_merge_cache=str(cache_root() / "lora_merged"),
+                                               copy_tokenizer=True, quiet=True, lazy_unpickle=False,
+                                               random_seed=pool.cfg.guard.seed,
+                                               write_model_card=False))
+        t1 = time.perf_counter()
+        ev = evaluate_merge(folder, parse_config(text, (root / f"rank{i}.yml").resolve()), limit=limit,
+                            progress=False, dtype="float32" if dtype == "auto" else dtype)
+        t2 = time.perf_counter()
+        if any(t.constituent is None for t in ev.tasks):
+            raise BadInputError(f"verify: rank {i} has tasks without a score")
+        j.observed = {t.task: (t.merged / t.constituent if t.constituent else 0.0) for t in ev.tasks}
+        j.verify_seconds = {"merge": round(t1 - t0, 2), "evaluate": round(t2 - t1, 2)}
+        bar.done(f"rank {i}", seconds=t2 - t0)
+    bar.close()

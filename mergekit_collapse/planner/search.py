@@ -1,0 +1,295 @@
+"""The search, cheap to dear: the geometry screens every candidate, the rehearsal judges the most
+promising ones (it decides), optuna's seeded TPE refines the best one's weights; each candidate is
+scored by its per-task predicted retention under the user's rule."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergekit_collapse._console import Progress
+from mergekit_collapse.errors import BadInputError
+from mergekit_collapse.guard.calibration import load_calibration
+from mergekit_collapse.planner.space import (
+    Candidate,
+    Geometry,
+    Pool,
+    Screen,
+    candidate_raw,
+    merge_of,
+    method_parameters,
+    rejection,
+    sparsifies,
+)
+
+#: weight of the secondary score (token agreement) that breaks ties of the primary one
+TIE_BREAK = 1e-3
+#: mean observed retention (lm-eval, merged / constituent) at each rehearsal-agreement level, over
+#: the validity run's 1,065 rehearsed constituents (benchmarks/results/rehearsal.jsonl joined with
+#: records.jsonl; `benchmarks/planner.py --fit-retention`): agreement detects collapse, this maps it
+#: to the retention a task keeps on average, so a partly kept task is not counted as lost
+AGREEMENT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+RETENTION_AT_LEVEL = (0.109, 0.412, 0.714, 0.818, 0.877, 0.963)
+
+
+def expected_retention(agreement: dict[str, float]) -> dict[str, float]:
+    """Each task's expected retention at its rehearsal agreement (`RETENTION_AT_LEVEL`)."""
+    return {t: float(np.interp(a, AGREEMENT_LEVELS, RETENTION_AT_LEVEL)) for t, a in agreement.items()}
+
+
+@dataclass
+class Judged:
+    """A candidate with its evidence: geometry screen, then (if rehearsed) the rehearsal."""
+
+    candidate: Candidate
+    screen: Screen
+    rehearsal: dict[str, float] | None = None  # by task: the calibrated rehearsal score
+    token_agreement: dict[str, float] | None = None  # by task
+    seconds: float = 0.0  # the rehearsal's merge + compare time
+    value: float = float("-inf")  # the objective (rehearsal when rehearsed, else the screen)
+    observed: dict[str, float] | None = None  # --verify: lm-eval retention by task
+    verify_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def predicted(self) -> dict[str, float]:
+        """Expected retention by task: from the rehearsal when rehearsed, else the screen's proxy."""
+        return expected_retention(self.rehearsal) if self.rehearsal is not None else self.screen.proxy
+
+
+def objective(per_task: dict[str, float], tasks: list[str], rule: str, floor: float,
+              tie: dict[str, float] | None = None, retention: dict[str, float] | None = None) -> float:
+    """One number to maximise: the rule over every pool task (a task left out counts 0).
+
+    kept: tasks whose score (`per_task`) is above `floor`, then the mean retention (weighted below
+    one task); mean: the mean retention, then the worst; worst: the worst, then the mean. Retention
+    is `retention` (the rehearsal's expected retention) or else `per_task` itself. `tie` (the token
+    agreement) breaks what remains tied.
+    """
+    score = np.array([per_task.get(t, 0.0) for t in tasks], dtype=float)
+    ret = retention if retention is not None else per_task
+    r = np.array([ret.get(t, 0.0) for t in tasks], dtype=float)
+    mean, worst = float(r.mean()), float(r.min())
+    value = {"kept": float((score > floor).sum()) + 0.5 * mean,
+             "mean": mean + TIE_BREAK * worst,
+             "worst": worst + TIE_BREAK * mean}[rule]
+    if tie:
+        value += TIE_BREAK * TIE_BREAK * float(np.mean([tie.get(t, 0.0) for t in tasks]))
+    return value
+
+
+def pick_for_rehearsal(ranked: list[Judged], n: int, pool_size: int) -> list[Judged]:
+    """`n` candidates from the screen's ranking: the best all-in merge first (the baseline a plan
+    must beat), then alternately the best with a subset and the best with a method not picked yet
+    (the geometry ranks subsets far better than methods)."""
+    picked: list[Judged] = []
+    keys: set[tuple] = set()
+    all_in = next((j for j in ranked if len(j.candidate.members) == pool_size), None)
+    if all_in is not None and n > 0:
+        picked.append(all_in)
+        keys.add(all_in.candidate.key())
+    for turn in range(n - len(picked)):
+        seen = {j.candidate.members for j in picked} if turn % 2 == 0 else \
+            {j.candidate.method for j in picked}
+        pick = next((j for j in ranked if j.candidate.key() not in keys and
+                     (j.candidate.members if turn % 2 == 0 else j.candidate.method) not in seen),
+                    None) or next((j for j in ranked if j.candidate.key() not in keys), None)
+        if pick is None:
+            break
+        picked.append(pick)
+        keys.add(pick.candidate.key())
+    return picked
+
+
+class Rehearser:
+    """Rehearses candidates of one pool (each constituent's answers are cached after the first)."""
+
+    def __init__(self, pool: Pool, probes: Any, settings: Any, cache_dir: Path | None):
+        from mergekit_collapse.guard.assess import probes_by_model
+
+        self.pool, self.settings, self.cache_dir = pool, settings, cache_dir
+        self.probes = probes_by_model(pool.cfg, probes)
+        cal = load_calibration()
+        self.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_agreement"
+        self.count, self.seconds = 0, 0.0
+
+    def __call__(self, c: Candidate) -> tuple[dict[str, float], dict[str, float], float]:
+        """(score by task, token agreement by task, seconds)."""
+        from mergekit_collapse.guard.rehearsal import rehearse
+
+        g = self.pool.cfg.guard
+        models = [self.pool.cfg.models[i] for i in c.members]
+        t0 = time.perf_counter()
+        r = rehearse(merge_of(candidate_raw(self.pool, c)), models,
+                     {str(m): self.probes[str(m)] for m in models}, self.settings,
+                     answer_tokens=g.answer_tokens, seed=g.seed, cache_dir=self.cache_dir,
+                     progress=False)
+        dt = time.perf_counter() - t0
+        self.count += 1
+        self.seconds += dt
+        tasks = [self.pool.tasks[i] for i in c.members]
+        by = [r.models[str(m)] for m in models]
+        return ({t: x[self.score] for t, x in zip(tasks, by, strict=True)},
+                {t: x["rehearsal_token_agreement"] for t, x in zip(tasks, by, strict=True)}, dt)
+
+
+def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, seed: int,
+           weights: list[float], progress: Progress) -> list[Judged]:
+    """optuna's seeded TPE over the best candidate's per-model weights (and density), `trials`
+    rehearsals; the best candidate is told to the study first, so TPE starts from it."""
+    import optuna
+
+    c = best.candidate
+    params = method_parameters(c.method)
+    lo, hi = min(weights) / 2, max(weights) * 1.5
+    dist: dict[str, Any] = {}
+    if "weight" in params and c.weights is not None:
+        dist |= {f"w{j}": optuna.distributions.FloatDistribution(lo, hi) for j in range(len(c.members))}
+    if sparsifies(c.method) and c.density is not None:
+        dist["density"] = optuna.distributions.FloatDistribution(0.1, 1.0)
+    if not dist or trials <= 0:
+        return []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    start = {f"w{j}": min(max(w, lo), hi) for j, w in enumerate(c.weights or ())} | (
+        {"density": c.density} if "density" in dist else {})
+    study.add_trial(optuna.trial.create_trial(params={k: start[k] for k in dist}, distributions=dist,
+                                              value=best.value))
+    out = []
+    for _ in range(trials):
+        trial = study.ask(dist)
+        cand = Candidate(c.members, c.method,
+                         tuple(round(trial.params[f"w{j}"], 3) for j in range(len(c.members)))
+                         if "w0" in dist else c.weights,
+                         round(trial.params["density"], 3) if "density" in dist else c.density,
+                         origin="refine", globals=c.globals)
+        label = f"refine {_describe(cand)}"
+        progress.start(label)
+        j = judge(cand)
+        study.tell(trial, j.value)
+        progress.done(label, seconds=j.seconds, note=f"objective {j.value:.3f}")
+        out.append(j)
+    return out
+
+
+def _describe(c: Candidate) -> str:
+    w = "" if c.weights is None else " w " + "/".join(f"{x:g}" for x in c.weights)
+    d = "" if c.density is None else f" d {c.density:g}"
+    return f"{c.method} [{','.join(map(str, c.members))}]{w}{d}"
+
+
+def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: float,
+           rehearsals: int, refine_trials: int, own: Candidate | None, settings: Any,
+           cache_dir: Path | None, progress: bool = True) -> tuple[list[Judged], dict[str, float]]:
+    """Screen all, rehearse the best picks, refine the winner.
+
+    Args:
+        pool: the pool. run: the guard's run on it (hidden states; its rehearsal of the config as
+            written, when it ran). cands: the grid. own: the config as written, as a candidate.
+        rule, floor: the objective. rehearsals: the budget, refinement included.
+        refine_trials: rehearsals spent on refinement.
+
+    Returns:
+        (every judged candidate, best first; seconds by stage).
+    """
+    cal = load_calibration()
+    edge = cal.bands.collapse if cal.score == "relative_distortion" else 0.35
+    geo = Geometry(pool, run.extraction.vectors, edge)
+    t0 = time.perf_counter()
+    judged = []
+    seen: set[tuple] = set()
+    for c in cands:
+        if c.key() in seen:
+            continue
+        seen.add(c.key())
+        s = geo.screen(c)
+        judged.append(Judged(c, s, value=objective(s.proxy, pool.tasks, rule, floor)))
+    judged.sort(key=lambda j: -j.value)
+    seconds = {"screen": time.perf_counter() - t0}
+    bar = Progress("screen", 1, enabled=progress)
+    bar.done(f"{len(judged)} candidates by the geometry", seconds=seconds["screen"])
+    if rehearsals <= 0:
+        return judged, seconds
+
+    rehearser = Rehearser(pool, run.probes, settings, cache_dir)
+
+    def judge(c: Candidate) -> Judged:
+        scores, tokens, dt = rehearser(c)
+        return Judged(c, geo.screen(c), scores, tokens, dt,
+                      objective(scores, pool.tasks, rule, floor, tokens, expected_retention(scores)))
+
+    done: list[Judged] = []
+    report = run.report
+    if own is not None and report.rehearsal is not None and report.rehearsal.status == "ran":
+        score = rehearser.score
+        scores = {m.task: getattr(m, score) for m in report.models}
+        tokens = {m.task: m.rehearsal_token_agreement for m in report.models}
+        done.append(Judged(own, geo.screen(own), scores, tokens,
+                           sum(report.run_info.seconds.get(f"rehearsal.{k}", 0) for k in ("merge", "compare")),
+                           objective(scores, pool.tasks, rule, floor, tokens,
+                                     expected_retention(scores))))
+    budget = max(rehearsals - refine_trials - len(done), 0)
+    ranked = [j for j in judged if own is None or j.candidate.key() != own.key()]
+    picks = pick_for_rehearsal(ranked, budget, len(pool.refs) if not done else 0)
+    total = len(picks) + (refine_trials if picks or done else 0)
+    bar = Progress("rehearse", total, enabled=progress)
+    t1 = time.perf_counter()
+    for j in picks:
+        label = _describe(j.candidate)
+        bar.start(label)
+        done.append(judge(j.candidate))
+        bar.done(label, seconds=done[-1].seconds, note=f"objective {done[-1].value:.3f}")
+    done.sort(key=lambda j: -j.value)
+    seconds["rehearse"] = time.perf_counter() - t1
+    if done and refine_trials:
+        t2 = time.perf_counter()
+        done += refine(done[0], judge, refine_trials, seed=pool.cfg.guard.seed,
+                       weights=pool.space.weights, progress=bar)
+        seconds["refine"] = time.perf_counter() - t2
+    bar.close()
+    done.sort(key=lambda j: -j.value)
+    keys = {j.candidate.key() for j in done}
+    rest = [j for j in judged if j.candidate.key() not in keys]
+    return done + rest, seconds
+
+
+def own_candidate(pool: Pool) -> Candidate | None:
+    """The pool's config as written, as a candidate (None when it names no method, or when its
+    parameters are not one weight and density per model)."""
+    from mergekit_collapse.guard.weights import scalar
+
+    if not pool.own:
+        return None
+    merge = pool.cfg.merge
+    members = tuple(range(len(pool.refs)))
+    params = {m.model: (m.parameters or {}) for m in merge.models}
+    top = dict(merge.parameters or {})
+    if {k for p in params.values() for k in p} - {"weight", "density"}:
+        return None
+    kept = tuple(sorted((k, v) for k, v in top.items() if k not in ("weight", "density")
+                        and isinstance(v, (int, float, bool))))
+    if len(kept) < len(top) - len({"weight", "density"} & set(top)):
+        return None  # a global parameter that is not a number (a gradient, conditions)
+    w = [scalar(params[m].get("weight", top.get("weight"))) for m in pool.cfg.models]
+    d = {scalar(params[m].get("density", top.get("density"))) for m in pool.cfg.models}
+    if len(d) > 1 or (d != {None} and not sparsifies(merge.merge_method)):
+        return None
+    c = Candidate(members, merge.merge_method,
+                  tuple(w) if all(x is not None for x in w) and "weight" in
+                  method_parameters(merge.merge_method) else None, d.pop(), origin="as written",
+                  globals=kept)
+    return c if rejection(pool, c) is None else None
+
+
+def check_floor(floor: float | None) -> float:
+    """The floor in use: the given one, else the calibrated rehearsal collapse edge."""
+    if floor is not None:
+        if not 0 <= floor <= 1:
+            raise BadInputError(f"--floor {floor} is not a retention: give a number in [0, 1]")
+        return floor
+    cal = load_calibration()
+    return cal.rehearsal.bands.collapse if cal.rehearsal else 0.5

@@ -1,0 +1,160 @@
+"""The merge planner on tiny real models: two close fine-tunes and a far outlier (a merge with the
+outlier keeps it and swamps the others), searched, rehearsed, written and merged for real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from common import make_finetune
+
+from mergekit_collapse import plan
+from mergekit_collapse.cli import main
+from mergekit_collapse.errors import BadInputError, ConfigError
+
+PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green"]
+NAMES = ("near1", "near2", "far")
+
+
+@pytest.fixture(scope="module")
+def pool_zoo(tiny_zoo, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pool")
+    zoo = {"base": tiny_zoo["base"]}
+    for name, seed, scale in (("near1", 1, 0.0005), ("near2", 2, 0.0005), ("far", 3, 0.2)):
+        zoo[name] = make_finetune(tiny_zoo["base"], root / name, seed=seed, scale=scale)
+    return zoo
+
+
+def write_pool(zoo, tmp_path: Path, *, method: str | None = None, names=NAMES, **space) -> Path:
+    raw: dict = {"base_model": str(zoo["base"]), "dtype": "float32",
+                 "models": [{"model": str(zoo[n])} for n in names]}
+    if method is not None:
+        raw = {"merge_method": method, **raw}
+        for m in raw["models"]:
+            m["parameters"] = {"weight": 1.0}
+    raw["guard"] = {"k": 2, "answer_tokens": 4, "tasks": {
+        str(zoo[n]): {"name": n, "probes": PROBES[2 * i: 2 * i + 2]} for i, n in enumerate(names)},
+        "plan": {"methods": ["linear", "task_arithmetic"], "weights": [1.0], "rehearsals": 4,
+                 "refine": 0, **space}}
+    path = tmp_path / "pool.yml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_drops_the_outlier_and_writes_a_config_mergekit_merges(pool_zoo, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_collapse.guard.config import load_config
+    from mergekit_collapse.merge import merge_config
+
+    # a budget that rehearses the whole grid (8): the geometry alone ranks the outlier's pairs first
+    result = plan(write_pool(pool_zoo, tmp_path, rehearsals=8), out=tmp_path / "out",
+                  dtype="float32", progress=False)
+    best = result.finalists[0]
+    assert sorted(best.tasks) == ["near1", "near2"] and result.kept_apart == ["far"]
+    assert best.rehearsal is not None and result.rehearsed == result.screened == 8
+    assert best.objective >= max(f.objective for f in result.finalists)
+    raw = yaml.safe_load((tmp_path / "out" / "plan.yml").read_text())
+    MergeConfiguration.model_validate({k: v for k, v in raw.items() if k != "guard"})
+    cfg = load_config(tmp_path / "out" / "plan.yml")
+    assert cfg.guard.planned.kept_apart == ["far"] and cfg.guard.planned.rehearsed == 8
+    merge_config(raw, tmp_path / "merged", MergeOptions(copy_tokenizer=True, quiet=True))
+    assert (tmp_path / "merged" / "config.json").is_file()
+    saved = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert saved["finalists"][0]["tasks"] == best.tasks and "keep apart: far" in \
+        (tmp_path / "out" / "plan.md").read_text()
+
+
+def test_must_include_keeps_the_outlier(pool_zoo, tmp_path):
+    result = plan(write_pool(pool_zoo, tmp_path, must_include=[str(pool_zoo["far"])]),
+                  dtype="float32", progress=False, max_rehearsals=2)
+    assert all("far" in f.tasks for f in result.finalists)
+
+
+def test_worst_rule_counts_a_left_out_task_as_lost(pool_zoo, tmp_path):
+    """Only the all-in merge can have a worst task above 0; screen-only (no rehearsal) here."""
+    result = plan(write_pool(pool_zoo, tmp_path), objective="worst", max_rehearsals=0,
+                  dtype="float32", progress=False)
+    assert result.rehearsed == 0 and result.finalists[0].rehearsal is None
+    assert len(result.finalists[0].tasks) == 3 or result.finalists[0].objective < 0.01
+
+
+def test_the_config_as_written_is_a_candidate_and_refinement_runs(pool_zoo, tmp_path):
+    result = plan(write_pool(pool_zoo, tmp_path, method="task_arithmetic", rehearsals=3, refine=1),
+                  dtype="float32", progress=False)
+    origins = {f.origin for f in result.finalists}
+    assert {"as written", "refine"} <= origins and result.rehearsed == 3
+
+
+def test_cli_plan_and_the_card_says_how_the_config_was_chosen(pool_zoo, tmp_path):
+    from mergekit.options import MergeOptions
+
+    from mergekit_collapse.merge import guarded_merge
+    from mergekit_collapse.publish.card import write_card
+
+    res = CliRunner().invoke(main, ["plan", str(write_pool(pool_zoo, tmp_path)), "--out",
+                                    str(tmp_path / "out"), "--max-rehearsals", "0", "--dtype",
+                                    "float32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "chosen:" in res.stdout and "why:" in res.stdout
+    merged = guarded_merge(tmp_path / "out" / "plan.yml", tmp_path / "merged",
+                           MergeOptions(copy_tokenizer=True, quiet=True), progress=False,
+                           rehearse="off", action="warn")
+    write_card(merged.outputs[0])
+    card = (merged.outputs[0] / "README.md").read_text()
+    assert "How this config was chosen" in card and "candidates screened" in card
+
+
+@pytest.mark.parametrize(("space", "words"), [
+    ({"methods": ["lineer"]}, "guard.plan.methods: unknown merge method 'lineer'; did you mean 'linear'"),
+    ({"must_include": ["/no/such"]}, "must_include names '/no/such'"),
+    ({"refine": 5, "rehearsals": 2}, "exceeds the rehearsal budget"),
+])
+def test_bad_search_space_is_one_clear_line(pool_zoo, tmp_path, space, words):
+    with pytest.raises(BadInputError, match="") as e:
+        plan(write_pool(pool_zoo, tmp_path, **space), progress=False)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_pool_of_one_model_is_refused(pool_zoo, tmp_path):
+    with pytest.raises(ConfigError, match="a plan merges two or more"):
+        plan(write_pool(pool_zoo, tmp_path, names=("near1",)), progress=False)
+
+
+def test_verify_merges_and_evaluates_the_top_finalist(pool_zoo, tmp_path):
+    from common import make_tiny_tasks
+
+    path = write_pool(pool_zoo, tmp_path, rehearsals=1)
+    raw = yaml.safe_load(path.read_text())
+    tasks = make_tiny_tasks(tmp_path)
+    for spec in raw["guard"]["tasks"].values():
+        spec["eval"] = str(tasks / "tiny_mc.yaml")
+    path.write_text(yaml.safe_dump(raw))
+    result = plan(path, out=tmp_path / "out", verify=1, verify_limit=2, dtype="float32",
+                  progress=False)
+    top = result.finalists[0]
+    assert top.observed is not None and set(top.observed) == set(top.tasks)
+    assert {"merge", "evaluate"} <= set(top.verify_seconds)
+    assert "merge + lm-eval, measured by --verify" in result.labelled_search_basis
+    assert (tmp_path / "out" / "verify" / "rank1" / "config.json").is_file()
+
+
+def test_objective_rules_and_expected_retention():
+    from mergekit_collapse.planner.search import expected_retention, objective
+
+    tasks = ["a", "b", "c"]
+    small, big = {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.6, "c": 0.4}
+    # kept: two tasks above the floor either way, same mean; mean: same, the worst breaks the tie;
+    # worst: a left-out task is lost
+    assert objective(small, tasks, "kept", 0.5) == pytest.approx(objective(big, tasks, "kept", 0.5))
+    assert objective(small, tasks, "mean", 0.5) < objective(big, tasks, "mean", 0.5)
+    assert objective(small, tasks, "worst", 0.5) < objective(big, tasks, "worst", 0.5)
+    exp = expected_retention({"a": 0.0, "b": 0.2, "c": 1.0})
+    assert exp["a"] < exp["b"] < exp["c"] <= 1 and exp["a"] > 0
+    # expected retention counts a partly kept task: the big merge wins on the mean now
+    assert objective(big, tasks, "mean", 0.5, retention=expected_retention(big)) > \
+        objective(small, tasks, "mean", 0.5, retention=expected_retention(small))
