@@ -65,7 +65,7 @@ class GuardedMerge:
         if h is not None and h.status == "ran":
             sec = r.run_info.seconds if r.run_info else {}
             spent = sum(v for k, v in sec.items() if k.startswith("rehearsal."))
-            lines.append(f"  rehearsal: {spent:.1f} s (in-memory merge "
+            lines.append(f"  rehearsal: {spent:.1f} s (its merge, a layer at a time, "
                          f"{sec.get('rehearsal.merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
         elif h is not None:
             lines.append(f"  rehearsal {h.status}: {h.reason}")
