@@ -145,9 +145,12 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
                     rehearsal=rehearsal)
     t3 = time.perf_counter()
-    seconds = {"extract": t1 - t0}
+    answered = answers.seconds if answers else 0.0  # answers made on the extraction's loads
+    seconds = {"extract": t1 - t0 - answered}
     if rehearsal[0] is not None:
         seconds |= {f"rehearsal.{k}": v for k, v in rehearsal[0].seconds.items()}
+        if answered:
+            seconds["rehearsal.answers"] = seconds.get("rehearsal.answers", 0.0) + answered
     seconds |= {"assess": t3 - t2, "total": t3 - t0}
     report.run_info = RunInfo(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               seconds={k: round(v, 3) for k, v in seconds.items()})

@@ -291,6 +291,7 @@ class Answers:
         self.caches = {str(m): AnswerCache(model_identity(m), settings, dtype, answer_tokens, root)
                        for m in models}
         self.found: dict[str, Reference] = {}
+        self.seconds = 0.0  # spent computing answers
 
     def missing(self) -> set[str]:
         """The models (as str) whose answers are not cached yet."""
@@ -301,13 +302,14 @@ class Answers:
 
     def compute(self, ref: Any, model: Any, tok: Any) -> None:
         """Answer `ref`'s probes on `model` (the loaded model, or the base with its adapter)."""
-        name = str(ref)
+        name, t0 = str(ref), time.perf_counter()
         ids = encode(tok, self.probes[name], self.settings)
         answers = generate_answers(model, tok, ids, self.answer_tokens, self.settings.batch_size)
         pad = pad_id(tok)
         argmax, logp = teacher_forced(model, ids, answers, pad, self.settings.batch_size)
         self.found[name] = Reference(ids, answers, argmax, pad, logp)
         self.caches[name].put(self.keys[name], self.found[name])
+        self.seconds += time.perf_counter() - t0
 
     def references(self, progress: Progress | None = None) -> dict[str, Reference]:
         """Every model's answers: those not computed yet on one load per base (LoRAs swapped).
