@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from mergekit_collapse import __version__
 from mergekit_collapse._io import atomic_write_text
+from mergekit_collapse._version import __version__
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import PlanObjective, PlanSummary, check_writable, parse_config
 from mergekit_collapse.planner.search import Judged, check_floor, own_candidate, search

@@ -18,8 +18,8 @@ from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.config import (
     LoadedConfig,
     PlanSpace,
-    _did_you_mean,
     check_merge_method,
+    did_you_mean,
     parse_config,
     read_text,
 )
@@ -73,7 +73,7 @@ class Pool:
             if ref == self.refs[i] or (parsed is not None and parsed == m):
                 return i
         raise ConfigError(f"{what} names {ref!r}, which is not a model of the pool"
-                          f"{_did_you_mean(ref, self.refs)}")
+                          f"{did_you_mean(ref, self.refs)}")
 
 
 def load_pool(path: str | Path) -> Pool:
@@ -150,7 +150,7 @@ def known_method(name: str) -> Any:
         return methods.get(name)
     except RuntimeError:
         names = sorted(m.spec.name for m in methods.registered_methods())
-        hint = _did_you_mean(name, names) or f"; mergekit has {', '.join(names)}"
+        hint = did_you_mean(name, names) or f"; mergekit has {', '.join(names)}"
         raise ConfigError(f"unknown merge method '{name}'{hint}") from None
 
 
