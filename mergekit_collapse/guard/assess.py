@@ -139,8 +139,8 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     t1 = time.perf_counter()
     base = ext.vectors[str(cfg.base)] if cfg.base is not None else None
     hidden = np.stack([ext.vectors[str(m)] for m in cfg.models])
-    rehearsal = run_rehearsal(cfg, probes, settings, cache_dir=cache, progress=progress,
-                              labels=labels, gate=gate)
+    rehearsal = (None, gate) if gate is not None else run_rehearsal(
+        cfg, probes, settings, cache_dir=cache, progress=progress, labels=labels)
     t2 = time.perf_counter()
     report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
                     rehearsal=rehearsal)
@@ -185,8 +185,8 @@ def prefill_rehearsals(configs: list[Path], *, device: str = "auto", dtype: str 
                                            trust_remote_code=trust_remote_code)
             if settings.device == "auto" and state.device.type == "cuda":
                 settings = replace(settings, device=str(state.device))  # this process's GPU
-            if len(cfg.models) > 1 and (gate := rehearsal_gate(cfg, probes, settings)) is None:
-                run_rehearsal(cfg, probes, settings, gate=gate, progress=False,
+            if len(cfg.models) > 1 and rehearsal_gate(cfg, probes, settings) is None:
+                run_rehearsal(cfg, probes, settings, progress=False,
                               cache_dir=Path(cache_dir) if cache_dir else None)
         except CollapseError as e:
             log.debug("prefilling the rehearsal of %s: %s", path, e)
@@ -220,18 +220,14 @@ def probes_by_model(cfg: LoadedConfig, probes: ProbeSet) -> dict[str, list[str]]
 
 def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
                   cache_dir: Path | None = None, progress: bool = True,
-                  labels: dict[str, str] | None = None,
-                  gate: RehearsalInfo | None = None) -> tuple[Any, RehearsalInfo]:
-    """The rehearsal as `guard.rehearse` asks: (Rehearsal or None, what happened and why).
+                  labels: dict[str, str] | None = None) -> tuple[Any, RehearsalInfo]:
+    """The rehearsal, once `rehearsal_gate` let it run: (Rehearsal or None, what happened and why).
 
-    `gate` is `rehearsal_gate`'s answer when the caller has it. Under "auto" a merge mergekit
-    cannot merge is skipped with its reason; "on" raises instead.
+    Under "auto" a merge mergekit cannot merge is skipped with its reason; "on" raises instead.
     """
     from mergekit_collapse.guard.rehearsal import rehearse
 
     g = cfg.guard
-    if gate is not None:
-        return None, gate
     try:
         r = rehearse(cfg.merge, cfg.models, probes_by_model(cfg, probes), settings,
                      answer_tokens=g.answer_tokens, seed=g.seed, cache_dir=cache_dir,
