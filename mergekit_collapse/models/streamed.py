@@ -379,7 +379,8 @@ def estimate_bytes(merge: Any, *, dtype_bytes: int, activations: int) -> dict[st
         else:
             outside += n
     inputs = len({(str(r.model), str(r.lora)) for r in merge.referenced_models()})
-    out = {"tensor": max(numel.values(), default=0) * dtype_bytes * (2 * inputs + 2),
+    merge_bytes = 2 if merge.dtype in ("bfloat16", "float16") else 4  # what mergekit computes in
+    out = {"tensor": max(numel.values(), default=0) * max(dtype_bytes, merge_bytes) * (2 * inputs + 2),
            "layer": max(layer.values(), default=0) * dtype_bytes,
            "outside": outside * dtype_bytes, "activations": activations}
     out["total"] = sum(out.values())
