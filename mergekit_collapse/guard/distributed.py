@@ -9,8 +9,10 @@ Outside a launcher nothing here is used and accelerate is not initialised.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -37,14 +39,29 @@ def world() -> Any:
     """accelerate's PartialState when launched on several processes, else None.
 
     Without CUDA it asks for the CPU (gloo): `accelerate launch --multi_gpu` on a CPU-only machine
-    would otherwise leave each process believing it runs alone.
+    would otherwise leave each process believing it runs alone. The process group is destroyed at
+    exit, while the interpreter is still whole: left to the interpreter's teardown, gloo's threads
+    can abort the process ("terminate called without an active exception") and lose its output.
     """
     if not launched():
         return None
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    atexit.unregister(_close)  # once, however often world() is asked
+    atexit.register(_close)
+    return state
+
+
+def _close() -> None:
+    """Flush what this process printed, then destroy its process group (see `world`)."""
+    import torch.distributed as dist
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
