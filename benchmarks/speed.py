@@ -144,7 +144,13 @@ def w_naive(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def w_check(spec: dict[str, Any]) -> dict[str, Any]:
-    """The whole guard: `check(config)` with the cache root in spec['cache'] (cold when fresh)."""
+    """The whole guard: `check(config)` with the cache root in spec['cache'] (cold when fresh).
+
+    The libraries are imported before the clock starts, as `w_merge` imports mergekit's: the two
+    are timed from the same point (the interpreters' whole lives are `wall_s`)."""
+    import mergekit.merge  # noqa: F401 - the libraries both sides import, outside the timing
+    import peft  # noqa: F401
+
     from mergekit_collapse.guard.assess import check
 
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ layers, tied embeddings), full fine-tunes and LoRAs, every method the rehearsal 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,10 @@ def _assert_same(a, b) -> None:
     (["ft1", "lora1"], "ties"), (["lora1", "lora2"], "linear"), (["ft1", "ft3"], "slerp"),
     (["lora1", "lora2", "ft2"], "breadcrumbs_ties"), (["ft1", "ft2"], "model_stock"),
 ])
-def test_the_streamed_merge_is_mergekits_merge(tiny_zoo, tmp_path, members, method):
+def test_the_streamed_merge_is_mergekits_merge(tiny_zoo, tmp_path, caplog, members, method):
+    """Bitwise the merge mergekit writes; under element-wise methods the embeddings (larger than
+    any layer's tensor) are merged a block of rows at a time, to the same values."""
+    caplog.set_level(logging.DEBUG, logger="mergekit_collapse.models.streamed")
     refs = [str(tiny_zoo[m]) if "lora" not in m else f"{tiny_zoo['base']}+{tiny_zoo[m]}"
             for m in members]
     params = {"density": 0.5} if "ties" in method else {}
@@ -73,6 +77,8 @@ def test_the_streamed_merge_is_mergekits_merge(tiny_zoo, tmp_path, members, meth
         raw["models"] = [{"model": r, "parameters": {"weight": 1.0, "density": 0.8, "gamma": 0.05}}
                          for r in refs]
     _assert_same(_streamed(raw), _mergekit_logits(raw, tmp_path))
+    by_rows = [r.getMessage() for r in caplog.records if "rows at a time" in r.getMessage()]
+    assert bool(by_rows) == (method in ("linear", "task_arithmetic")), by_rows
 
 
 def _tiny_gemma3(path: Path, seed: int) -> Path:
@@ -204,3 +210,27 @@ def test_a_tokenizer_section_is_refused_in_one_line(tiny_zoo):
     with pytest.raises(BadInputError, match="tokenizer section"):
         _streamed(raw)
     assert yaml.safe_dump(raw)
+
+
+@pytest.mark.parametrize(("method", "by_rows"), [("linear", True), ("task_arithmetic", True),
+                                                 ("ties", False), ("slerp", False)])
+def test_memory_estimate_counts_what_is_merged_at_once(tiny_zoo, method, by_rows):
+    """The estimate's largest merge: a layer's largest tensor under element-wise methods (larger
+    ones go by rows), the embedding under the others; each input's copy and mergekit's
+    intermediates counted, in the dtype mergekit merges in."""
+    from mergekit.config import MergeConfiguration
+    from safetensors import safe_open
+
+    from mergekit_collapse.models.streamed import estimate_bytes
+
+    refs = [str(tiny_zoo["ft1"]), str(tiny_zoo["ft2"])]
+    merge = MergeConfiguration.model_validate(_merge_config(refs, method, str(tiny_zoo["base"])))
+    with safe_open(str(tiny_zoo["base"] / "model.safetensors"), framework="pt") as f:
+        numel = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - not a dict
+    sizes = {k: s[0] * (s[1] if len(s) > 1 else 1) for k, s in numel.items()}
+    largest = max(n for k, n in sizes.items() if ".layers." in k)
+    assert max(sizes.values()) > largest  # the embedding is the largest tensor here
+    inputs = len(merge.referenced_models())  # ft1, ft2, and the base where the method has one
+    got = estimate_bytes(merge, dtype_bytes=4, activations=0)
+    assert got["tensor"] == (largest if by_rows else max(sizes.values())) * 4 * (2 * inputs + 2)
+    assert got["total"] == got["tensor"] + got["layer"] + got["outside"]

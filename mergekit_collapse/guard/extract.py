@@ -7,8 +7,8 @@ per (model identity, settings) and per probe, so a re-run computes only missing 
 
 from __future__ import annotations
 
-import gc
 import logging
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from mergekit_collapse.models.loading import (
     load_tokenizer,
     local_dir,
     pad_id,
+    release,
     resolve_device,
     resolve_dtype,
     swap_adapter,
@@ -102,7 +103,6 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     Raises:
         BadInputError: missing or pickle-only weights, mismatched hidden sizes, NaNs, empty probes.
     """
-    import torch
 
     from mergekit_collapse._console import Progress, quiet_third_party
     from mergekit_collapse.guard.report import display_names
@@ -154,10 +154,9 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                     result.tokens_saved += sum(map(len, ids)) - tokens
                     result.computed[str(job.ref)] = len(job.missing)
         finally:
+            gone = [weakref.ref(model)]
             del model, peft_model, body  # all of it, before the next model loads
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release(*gone)
     bar.close()
     if result.tokens_computed:
         log.info("hidden states: %d probe tokens computed, %d saved by the shared prefix",

@@ -19,13 +19,13 @@ layer at a time, and reads each LoRA as base + scale·B·A without a merged copy
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import io
 import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ from mergekit_collapse.models.loading import (
     load_tokenizer,
     local_dir,
     pad_id,
+    release,
     resolve_device,
     resolve_dtype,
     swap_adapter,
@@ -340,8 +341,9 @@ class Answers:
                     self.compute(ref, target, tok)
                 progress.done(label, seconds=time.perf_counter() - t0,
                               note="" if str(ref) in todo else "cached")
+            gone = [weakref.ref(model)] if model is not None else []
             del model, peft_model  # all of it, before the next base loads
-            gc.collect()
+            release(*gone)
         return {str(m): self.found[str(m)] for m in self.models}
 
 
@@ -402,7 +404,6 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     t2 = time.perf_counter()
     bar.done("merged model, a layer at a time", seconds=t2 - t1)
     bar.close()
-    gc.collect()
     merge_s = round(seconds.get("merge", 0.0), 2)
     out = Rehearsal(models=result, answer_tokens=answer_tokens,
                     dtype=str(dtype).removeprefix("torch."),

@@ -22,7 +22,6 @@ which tensors are merged.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -56,6 +55,13 @@ class MergePlan:
 
     config: Any  # transformers PretrainedConfig of the merged model
     tasks: dict[str, tuple[Any, str | None]]  # tensor name -> (mergekit task, out dtype)
+    elementwise: bool = False  # each output element depends on the inputs' same element only
+
+
+#: mergekit methods whose output element depends only on the inputs' values at that element (no
+#: per-tensor choice: TIES, DARE and breadcrumbs sparsify by the tensor's magnitudes or a draw, SLERP
+#: and model stock use whole-tensor norms and angles)
+ELEMENTWISE_METHODS = ("linear", "task_arithmetic")
 
 
 class _Stop(Exception):
@@ -105,7 +111,8 @@ def plan_merge(merge: Any, *, trust_remote_code: bool = False,
         raise BadInputError(f"mergekit cannot plan this merge: {str(e).splitlines()[0]}") from None
     out_dtype = merge.out_dtype or merge.dtype
     tasks = {w.name: (task, w.force_dtype or out_dtype) for w, task in planner._tensors}
-    return MergePlan(config=cfg_out, tasks=tasks)
+    return MergePlan(config=cfg_out, tasks=tasks,
+                     elementwise=merge.merge_method in ELEMENTWISE_METHODS)
 
 
 def _serve_loras(merge: Any, *, allow_cache: bool) -> None:
@@ -162,8 +169,10 @@ def merged_logits(merge: Any, batches: list[Batch], *, dtype: Any, device: str =
         plan = plan_merge(merge, trust_remote_code=trust_remote_code, lora_cache=lora_cache)
         model = _skeleton(plan.config, dtype, device, trust_remote_code)
         stages = _stages(model, plan)
-        merger = _Merger(model, plan, dtype, device, seed, seconds if seconds is not None else {})
         layers = model.get_decoder().layers
+        block = max(p.numel() for layer in layers for p in layer.parameters())
+        merger = _Merger(model, plan, dtype, device, seed, seconds if seconds is not None else {},
+                         block=block)
         say("embeddings")
         merger.fill(stages["pre"])
         hidden, args = _capture(model, layers, batches)
@@ -183,9 +192,6 @@ def merged_logits(merge: Any, batches: list[Batch], *, dtype: Any, device: str =
         raise BadInputError(f"mergekit cannot merge these models: {str(e).splitlines()[0]}") from None
     finally:
         _forget_loaders(merge)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _skeleton(config: Any, dtype: Any, device: str, trust_remote_code: bool) -> Any:
@@ -235,32 +241,33 @@ def _stages(model: Any, plan: MergePlan) -> dict[Any, list[list[str]]]:
 
 
 class _Merger:
-    """Runs mergekit's task of each tensor and puts the value into the skeleton."""
+    """Runs mergekit's task of each tensor and puts the value into the skeleton.
+
+    Under an element-wise method a tensor larger than the largest tensor of a decoder layer (the
+    embeddings, an untied head) is merged a block of rows at a time, each input's rows read alone
+    (`_Rows`): the merge's peak is then a layer's, not every input's copy of the embedding and
+    the method's intermediates. The values are the same, element for element.
+    """
 
     def __init__(self, model: Any, plan: MergePlan, dtype: Any, device: str, seed: int | None,
-                 seconds: dict[str, float]):
+                 seconds: dict[str, float], block: int = 0):
         self.model, self.plan, self.dtype, self.device, self.seed = model, plan, dtype, device, seed
         self.seconds = seconds
+        self.block = block  # elements per block of rows (0: whole tensors)
 
     def fill(self, groups: list[list[str]]) -> None:
-        import torch
         from accelerate.utils import set_module_tensor_to_device
-        from mergekit.common import dtype_from_name
-        from mergekit.graph import Executor
         from mergekit.io.tasks import LoaderCache
 
         t0 = time.perf_counter()
         for group in groups:
             name = next(n for n in group if n in self.plan.tasks)
             task, out_dtype = self.plan.tasks[name]
-            with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
-                if self.seed is not None:
-                    torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
-                ((_, value),) = Executor([task], math_device=self.device,
-                                         storage_device=self.device).run(quiet=True)
-            if out_dtype:
-                value = value.to(dtype_from_name(out_dtype))
-            value = value.to(device=self.device, dtype=self.dtype)
+            inputs = _inputs(task) if self.plan.elementwise and self.block else None
+            if inputs and inputs[1][0] * math.prod(inputs[1][1:]) > self.block:
+                value = self._by_rows(task, name, out_dtype, *inputs)
+            else:
+                value = self._cast(self._run(task, name), out_dtype)
             for n in group:
                 set_module_tensor_to_device(self.model, n, self.device, value=value)
         LoaderCache().flush_all()  # close the shards' maps: their pages leave this process
@@ -272,6 +279,101 @@ class _Merger:
         for group in groups:  # the layer's tensors go with their last reference (no gc pass)
             for n in group:
                 set_module_tensor_to_device(self.model, n, "meta")
+
+    def _run(self, task: Any, name: str) -> Any:
+        """mergekit's task, on `device`, with the tensor's own seed."""
+        import torch
+        from mergekit.graph import Executor
+
+        with torch.random.fork_rng(devices=[self.device] if self.device != "cpu" else []):
+            if self.seed is not None:
+                torch.manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+            ((_, value),) = Executor([task], math_device=self.device,
+                                     storage_device=self.device).run(quiet=True)
+        return value
+
+    def _cast(self, value: Any, out_dtype: str | None) -> Any:
+        """As `mergekit-yaml` writes it (`out_dtype`), then as the rehearsal runs it."""
+        from mergekit.common import dtype_from_name
+
+        if out_dtype:
+            value = value.to(dtype_from_name(out_dtype))
+        return value.to(device=self.device, dtype=self.dtype)
+
+    def _by_rows(self, task: Any, name: str, out_dtype: str | None, models: list[Any],
+                 shape: list[int]) -> Any:
+        """The task run on blocks of rows, each input's loader serving only those rows."""
+        import torch
+        from mergekit.io.tasks import LoaderCache
+
+        loaders = LoaderCache().loaders
+        inner = {m: LoaderCache().get(m) for m in models}
+        out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        step = max(1, self.block // max(1, math.prod(shape[1:])))
+        log.debug("%s: merged %d rows at a time", name, step)
+        try:
+            for start in range(0, shape[0], step):
+                rows = slice(start, min(start + step, shape[0]))
+                for m in models:
+                    loaders[m] = _Rows(inner[m], rows)
+                out[rows] = self._cast(self._run(task, name), out_dtype)
+        finally:
+            loaders.update(inner)
+        return out
+
+
+class _Rows:
+    """mergekit's loader interface over another loader: rows `rows` of each tensor asked for, read
+    from its safetensors shard alone (the other rows are not read)."""
+
+    def __init__(self, inner: Any, rows: slice):
+        self.inner, self.rows = inner, rows
+        self.index = inner.index
+
+    def get_tensor(self, key: str, device: str = "cpu", aliases: list[str] | None = None,
+                   raise_on_missing: bool = True) -> Any:
+        from safetensors import safe_open
+
+        with safe_open(_shard(self.inner, key), framework="pt", device=str(device)) as f:
+            return f.get_slice(key)[self.rows.start : self.rows.stop]
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+def _shard(loader: Any, key: str) -> str:
+    """The file holding tensor `key` of a mergekit loader (a `LoraTensorLoader`'s base's)."""
+    index = getattr(loader, "base", loader).index
+    return str(Path(index.base_path) / index.tensor_paths[key])
+
+
+def _inputs(task: Any) -> tuple[list[Any], list[int]] | None:
+    """The models `task` reads and the tensor's shape when it can be merged by rows: every input
+    read by name from a safetensors shard, with the same shape, and no LoRA update on it."""
+    from mergekit.io.tasks import LoaderCache, LoadTensor
+    from safetensors import safe_open
+
+    loads, todo = [], [task]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, LoadTensor):
+            loads.append(t)
+        else:
+            todo += list(t.arguments().values())
+    shapes = set()
+    for load in loads:
+        loader = LoaderCache().get(load.model)
+        paths = loader.index.tensor_paths
+        key = next((k for k in (load.tensor, *(load.aliases or ()), *(load.tied_names or ()))
+                    if k in paths), None)
+        if key is None or not paths[key].endswith(".safetensors") or \
+                key in getattr(loader, "updates", {}):
+            return None
+        with safe_open(_shard(loader, key), framework="pt") as f:
+            shapes.add(tuple(f.get_slice(key).get_shape()))
+    if len(shapes) != 1:
+        return None
+    return [load.model for load in loads], list(shapes.pop())
 
 
 def _capture(model: Any, layers: Any, batches: list[Batch]) -> tuple[list[Any], list[Any]]:
@@ -356,10 +458,11 @@ def _forget_loaders(merge: Any) -> None:
 
 def estimate_bytes(merge: Any, *, dtype_bytes: int, activations: int) -> dict[str, int]:
     """What the streamed pass holds at its peak, from the inputs' safetensors headers: the largest
-    tensor merged (every input's copy, and mergekit's per-input intermediate such as the task
-    vector, the result and a working copy: on SmolLM2 with 5 inputs the embedding's merge peaked
-    at 10.6 copies, this counts 12), one merged layer, the weights kept outside the layers
-    (embeddings, head), and `activations` bytes of hidden states and logits.
+    tensor merged at once (every input's copy, and mergekit's per-input intermediate such as the
+    task vector, the result and a working copy: on SmolLM2 with 5 inputs the embedding's merge
+    peaked at 10.6 copies, this counts 12; under an element-wise method, no more than a layer's
+    largest tensor, as `_Merger` merges larger ones by rows), one merged layer, the weights kept
+    outside the layers (embeddings, head), and `activations` bytes of hidden states and logits.
 
     Returns:
         {"tensor", "layer", "outside", "activations", "total"}: bytes.
@@ -370,17 +473,21 @@ def estimate_bytes(merge: Any, *, dtype_bytes: int, activations: int) -> dict[st
                                      merge.referenced_models()[0].model))
     numel = {n: math.prod(s) for n, s in shapes.items()}
     layer: dict[str, int] = {}
-    outside = 0
+    outside, largest_in_layer = 0, 0
     for name, n in numel.items():
         head, sep, rest = name.partition(".layers.")
         index = rest.split(".")[0] if sep else ""
         if index.isdigit():
             layer[f"{head}.{index}"] = layer.get(f"{head}.{index}", 0) + n
+            largest_in_layer = max(largest_in_layer, n)
         else:
             outside += n
+    at_once = max(numel.values(), default=0)
+    if merge.merge_method in ELEMENTWISE_METHODS and largest_in_layer:
+        at_once = largest_in_layer
     inputs = len({(str(r.model), str(r.lora)) for r in merge.referenced_models()})
     merge_bytes = 2 if merge.dtype in ("bfloat16", "float16") else 4  # what mergekit computes in
-    out = {"tensor": max(numel.values(), default=0) * max(dtype_bytes, merge_bytes) * (2 * inputs + 2),
+    out = {"tensor": at_once * max(dtype_bytes, merge_bytes) * (2 * inputs + 2),
            "layer": max(layer.values(), default=0) * dtype_bytes,
            "outside": outside * dtype_bytes, "activations": activations}
     out["total"] = sum(out.values())
