@@ -13,18 +13,26 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mergekit_collapse.demo.zoo.taskfiles import DATA_DIR, EVAL_TAG, eval_name, write_task_yamls
+from mergekit_collapse.demo.zoo.taskfiles import (
+    DATA_DIR,
+    EVAL_TAG,
+    ZOO_MISSING,
+    ZOO_ROOT,
+    eval_name,
+    write_task_yamls,
+)
 from mergekit_collapse.demo.zoo.tasks import ALL_TASKS, GEMMA_TASKS, TASKS, TASKS_DEF
 from mergekit_collapse.errors import BadInputError
 
-#: Shipped adapters: <ADAPTER_DIR>/<task>/{adapter_config.json, adapter_model.safetensors}
-ADAPTER_DIR = Path(__file__).parent / "adapters"
+#: Shipped adapters (in the zoo's data distribution, `mergekit-collapse-zoo`):
+#: <ADAPTER_DIR>/<task>/{adapter_config.json, adapter_model.safetensors}
+ADAPTER_DIR = DATA_DIR.parent / "adapters"
 #: Each family's adapter folder and tasks.
-ADAPTER_DIRS = {"smollm2": ADAPTER_DIR, "gemma3": Path(__file__).parent / "adapters_gemma3"}
+ADAPTER_DIRS = {"smollm2": ADAPTER_DIR, "gemma3": DATA_DIR.parent / "adapters_gemma3"}
 FAMILY_TASKS: dict[str, tuple[str, ...]] = {"smollm2": TASKS, "gemma3": GEMMA_TASKS}
 #: Each adapter's own-task score and the base model's, with the lm-eval limit used.
-SCORES_FILE = Path(__file__).parent / "scores.json"
-SCORES_FILES = {"smollm2": SCORES_FILE, "gemma3": Path(__file__).parent / "scores_gemma3.json"}
+SCORES_FILE = DATA_DIR.parent / "scores.json"
+SCORES_FILES = {"smollm2": SCORES_FILE, "gemma3": DATA_DIR.parent / "scores_gemma3.json"}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 __all__ = ["ADAPTER_DIR", "ADAPTER_DIRS", "EVAL_TAG", "FAMILY_TASKS", "SCORES_FILE", "TASKS",
@@ -35,6 +43,8 @@ __all__ = ["ADAPTER_DIR", "ADAPTER_DIRS", "EVAL_TAG", "FAMILY_TASKS", "SCORES_FI
 def _check(task: str) -> None:
     if task not in TASKS_DEF:
         raise BadInputError(f"unknown zoo task '{task}'; choose from {', '.join(TASKS)}")
+    if ZOO_ROOT is None:
+        raise BadInputError(ZOO_MISSING)
 
 
 def adapter_path(task: str) -> Path:
@@ -93,6 +103,8 @@ def load_scores() -> dict[str, Any]:
     Raises:
         BadInputError: the zoo has not been scored yet.
     """
+    if ZOO_ROOT is None:
+        raise BadInputError(ZOO_MISSING)
     if not SCORES_FILE.is_file():
         raise BadInputError("zoo scores.json is missing; run: mergekit-collapse zoo score")
     return json.loads(SCORES_FILE.read_text(encoding="utf-8"))
@@ -134,6 +146,8 @@ def export_zoo(out_dir: str | Path, *, tasks: list[str] | None = None, family: s
     from mergekit_collapse.demo.base_model import ensure_base
     from mergekit_collapse.demo.base_model import family as base_family
 
+    if ZOO_ROOT is None:
+        raise BadInputError(ZOO_MISSING)
     spec = base_family(family)
     out = Path(out_dir).resolve()
     names = list(tasks) if tasks is not None else [

@@ -1,6 +1,7 @@
 """The zoo's data files (train/test JSONL) and lm-eval task YAMLs over them.
 
-The JSONL files ship inside the package (`mergekit_collapse/zoo/data/<task>/`). lm-eval needs the
+The JSONL files ship in the zoo's data distribution (`mergekit-collapse-zoo`, the repository's
+`zoo/` folder: `mergekit_collapse_zoo/data/<task>/`), not in the runtime wheel. lm-eval needs the
 data paths inside its YAMLs, and those must be valid wherever the package is installed, so the
 YAMLs are written at run time (`write_task_yamls`) with absolute paths.
 """
@@ -15,8 +16,16 @@ import yaml
 
 from mergekit_collapse.demo.zoo.tasks import ALL_TASKS, TASKS_DEF, generate
 
+#: The zoo's data distribution, where it is installed (None: it is not)
+try:
+    from mergekit_collapse_zoo import ROOT as ZOO_ROOT
+except ImportError:
+    ZOO_ROOT = None
+#: what to install when it is not
+ZOO_MISSING = ("the task zoo's data is not installed: pip install -e ./zoo (from a checkout of "
+               "mergekit-collapse; the README's install line does it)")
 #: Shipped data: <DATA_DIR>/<task>/{train,test}.jsonl
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = (ZOO_ROOT or Path(__file__).parent / "missing-zoo") / "data"
 #: Sizes and seed of the shipped data (`write_data` regenerates it bit for bit).
 N_TRAIN, N_TEST, SEED = 1000, 200, 0
 #: lm-eval task names are prefixed so they never clash with lm-eval's own (it has `arithmetic`).
