@@ -67,7 +67,8 @@ def pool_yaml(zoo: Path, tasks: list[str], args: argparse.Namespace) -> dict[str
     return raw
 
 
-def evaluate(pool: Any, cand: Any, folder: Path, args: argparse.Namespace) -> tuple[dict[str, float], float]:
+def evaluate(pool: Any, cand: Any, folder: Path,
+             args: argparse.Namespace) -> tuple[dict[str, float], float]:
     """Merge a candidate with mergekit and lm-eval it: (retention by task, seconds)."""
     from mergekit.options import MergeOptions
 
@@ -91,7 +92,8 @@ def evaluate(pool: Any, cand: Any, folder: Path, args: argparse.Namespace) -> tu
     return ret, time.perf_counter() - t0
 
 
-def random_search(pool: Any, run: Any, n: int, seed: int, rule: str, floor: float) -> tuple[Any, float]:
+def random_search(pool: Any, run: Any, n: int, seed: int, rule: str,
+                  floor: float) -> tuple[Any, float]:
     """The best of `n` random grid candidates by the same rehearsal objective."""
     from mergekit_collapse.guard.assess import extraction_settings
     from mergekit_collapse.planner.search import Rehearser, expected_retention, objective
@@ -111,7 +113,8 @@ def random_search(pool: Any, run: Any, n: int, seed: int, rule: str, floor: floa
 
 
 def describe(pool: Any, c: Any) -> str:
-    w = "" if c.weights is None or c.method == "linear" else " w" + "/".join(f"{x:g}" for x in c.weights)
+    w = ("" if c.weights is None or c.method == "linear"
+         else " w" + "/".join(f"{x:g}" for x in c.weights))
     d = "" if c.density is None else f" d{c.density:g}"
     return f"{c.method}{w}{d}: {'+'.join(pool.tasks[i] for i in c.members)}"
 
@@ -132,7 +135,8 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     result = plan(path, out=work / "plan", dtype="float32")
     row["planner_seconds"] = round(time.perf_counter() - t0, 1)
     row["planner_load"] = load()
-    row["planner"] = {"pick": result.finalists[0].model_dump(exclude={"relative_distortion", "proxy"}),
+    pick_dump = result.finalists[0].model_dump(exclude={"relative_distortion", "proxy"})
+    row["planner"] = {"pick": pick_dump,
                       "rehearsed": result.rehearsed, "screened": result.screened,
                       "seconds": result.seconds}
     pool = load_pool(path)
@@ -152,7 +156,8 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
                      "eval_seconds": round(sec, 1), "load": load(), **score(ret, tasks)}
     pool_set = set(tasks)
     row["uniform"] = {m: score(measured[(m, frozenset(tasks))], tasks)
-                      for m in ("linear", "task_arithmetic", "ties") if (m, frozenset(tasks)) in measured}
+                      for m in ("linear", "task_arithmetic", "ties")
+                      if (m, frozenset(tasks)) in measured}
     inside = [(k, score(v, tasks)) for k, v in measured.items() if k[1] <= pool_set]
     (m, group), best = max(inside, key=lambda kv: (kv[1]["mean"], kv[1]["kept"]))
     row["oracle"] = {"name": f"{m}: {'+'.join(sorted(group))}", "candidates": len(inside), **best}
@@ -161,18 +166,21 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    out = ["| pool | strategy | merge | mean retention | kept (≥ 0.7) | wall s | load (1/5/15 min) |",
+    out = ["| pool | strategy | merge | mean retention | kept (≥ 0.7) | "
+           "wall s | load (1/5/15 min) |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"{len(r['pool'])}: " + "+".join(r["pool"])
         p = r["planner"]
         out.append(f"| {name} | **planner** ({p['rehearsed']} rehearsals) | {p['name']} | "
-                   f"**{p['mean']:.3f}** | {p['kept']} | {r['planner_seconds']:.0f} | {r['planner_load']} |")
+                   f"**{p['mean']:.3f}** | {p['kept']} | {r['planner_seconds']:.0f} | "
+                   f"{r['planner_load']} |")
         q = r["random"]
-        out.append(f"| | random search ({p['rehearsed']} rehearsals) | {q['name']} | {q['mean']:.3f} | "
-                   f"{q['kept']} | {q['seconds']:.0f} | {q['load']} |")
+        out.append(f"| | random search ({p['rehearsed']} rehearsals) | {q['name']} | "
+                   f"{q['mean']:.3f} | {q['kept']} | {q['seconds']:.0f} | {q['load']} |")
         for m, s in r["uniform"].items():
-            out.append(f"| | uniform all-in (records) | {m} | {s['mean']:.3f} | {s['kept']} | — | — |")
+            out.append(f"| | uniform all-in (records) | {m} | {s['mean']:.3f} | "
+                       f"{s['kept']} | — | — |")
         o = r["oracle"]
         out.append(f"| | oracle: best of {o['candidates']} measured (records) | {o['name']} | "
                    f"{o['mean']:.3f} | {o['kept']} | — | — |")
@@ -180,7 +188,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def fit_retention() -> str:
-    """Mean observed retention at each rehearsal-agreement level (planner.search.RETENTION_AT_LEVEL)."""
+    """Mean observed retention at each rehearsal-agreement level
+    (planner.search.RETENTION_AT_LEVEL)."""
     import numpy as np
 
     reh = {(r["group"], r["task"]): r["rehearsal_agreement"]
@@ -196,7 +205,8 @@ def fit_retention() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--zoo", type=Path, default=Path("/tmp/zoo"), help="the exported zoo (exported if absent)")
+    p.add_argument("--zoo", type=Path, default=Path("/tmp/zoo"),
+                   help="the exported zoo (exported if absent)")
     p.add_argument("--work", type=Path, default=Path("/tmp/planner-bench"))
     p.add_argument("--pools", default=",".join(POOLS), help="comma-separated task sets (a+b+c)")
     p.add_argument("--methods", default="linear,task_arithmetic,ties")

@@ -1,11 +1,13 @@
-"""Speed, memory and efficiency of the guard on real SmolLM2-135M-Instruct (GitHub issue 7, item 4).
+"""Speed, memory and efficiency of the guard on real SmolLM2-135M-Instruct (GitHub issue 7,
+item 4).
 
 One run, side by side, every measurement in its own subprocess (clean peak RSS, cold imports):
 
 (a) the guard's hidden-state extraction vs the naive loop a user writes (per model
     `from_pretrained` + peft `merge_and_unload`, `output_hidden_states=True`, batch 1, the last
-    token's final hidden state: the guard's default pooling) on 8 adapters x 40 probes: the guard in float32 (the naive loop's dtype:
-    max |diff| of vectors) and at its default (bfloat16), cold cache, and a warm re-run.
+    token's final hidden state: the guard's default pooling) on 8 adapters x 40 probes: the
+    guard in float32 (the naive loop's dtype: max |diff| of vectors) and at its default
+    (bfloat16), cold cache, and a warm re-run.
 (b) the whole guard (`check`, cold cache) vs mergekit's `run_merge` of the same config
     (`lora_merge_cache` cold, output in /dev/shm), for 8 adapters and for 4 full fine-tunes.
 (c) peak RSS of the guard at N = 2, 8 vs one model's safetensors size; Python+torch baseline apart.
@@ -305,11 +307,13 @@ def worker_main(name: str, spec_path: str) -> None:
     print("@@RESULT@@" + json.dumps(res))
 
 
-#: OpenMP wait policy for the workers ("" = leave the environment as it is); set by --omp-wait-policy
+#: OpenMP wait policy for the workers ("" = leave the environment as it is); set by
+#: --omp-wait-policy
 OMP_POLICY = {"value": ""}
 
 
-def run(name: str, spec: dict[str, Any], work: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run(name: str, spec: dict[str, Any], work: Path,
+        env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one worker in a fresh interpreter; return its JSON result plus wall time and load."""
     spec_path = work / f"spec-{name}-{time.monotonic_ns()}.json"
     spec_path.write_text(json.dumps({"device": DEVICE["value"], **spec}))
@@ -336,7 +340,8 @@ def run(name: str, spec: dict[str, Any], work: Path, env: dict[str, str] | None 
 
 
 def random_lora(base: Path, out: Path, seed: int, like: Path | None) -> Path:
-    """A peft LoRA folder (r=8, alpha=16, q/k/v/o) with random A, B; B's scale copied from `like`."""
+    """A peft LoRA folder (r=8, alpha=16, q/k/v/o) with random A, B; B's scale copied from
+    `like`."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -350,7 +355,8 @@ def random_lora(base: Path, out: Path, seed: int, like: Path | None) -> Path:
     b_std = 0.01
     if like:
         sd = load_file(str(like / "adapter_model.safetensors"))
-        b_std = float(torch.cat([v.flatten() for k, v in sd.items() if "lora_B" in k]).float().std())
+        lora_b = torch.cat([v.flatten() for k, v in sd.items() if "lora_B" in k])
+        b_std = float(lora_b.float().std())
     with safe_open(str(base / "model.safetensors"), "pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
     gen = torch.Generator().manual_seed(seed)
@@ -369,7 +375,8 @@ def random_lora(base: Path, out: Path, seed: int, like: Path | None) -> Path:
 
 
 def full_finetune(base: Path, out: Path, seed: int, rel: float = 0.01) -> Path:
-    """A 'full fine-tune': every float tensor + rel * std(tensor) * N(0, 1) noise, as safetensors."""
+    """A 'full fine-tune': every float tensor + rel * std(tensor) * N(0, 1) noise, as
+    safetensors."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -405,14 +412,16 @@ def write_config(path: Path, base: Path, models: list[str], tasks: list[str], zo
 
 def random_base(config_dir: Path, out: Path, seed: int = 0) -> Path:
     """A random-initialised model of `config_dir`'s config.json, with its tokenizer files, for a
-    machine without the converted SmolLM2 (the GPU run): the same arithmetic, meaningless vectors."""
+    machine without the converted SmolLM2 (the GPU run): the same arithmetic, meaningless
+    vectors."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (out / "model.safetensors").is_file():
         return out
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir),
+                                             dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size="1000GB")
     for f in config_dir.iterdir():
@@ -439,9 +448,11 @@ def setup(work: Path, n_scaling: int, n_full: int) -> dict[str, Any]:
     scaling = [random_lora(base, work / "random" / f"r{i:02d}", seed=1000 + i, like=like)
                for i in range(n_scaling)]
     full = [full_finetune(base, work / "full" / f"f{i}", seed=i) for i in range(n_full)]
-    return {"zoo": str(zoo), "base": str(base), "tasks": tasks, "real": [t for t in tasks if t in real],
+    return {"zoo": str(zoo), "base": str(base), "tasks": tasks,
+            "real": [t for t in tasks if t in real],
             "adapters": [str(a) for a in adapters], "scaling": [str(a) for a in scaling],
-            "full": [str(f) for f in full], "size_bytes": (base / "model.safetensors").stat().st_size}
+            "full": [str(f) for f in full],
+            "size_bytes": (base / "model.safetensors").stat().st_size}
 
 
 #: the mid-size case (issue 20): a random Llama of about 1.1B parameters (TinyLlama's shape)
@@ -463,7 +474,8 @@ def mid_size(work: Path, s: dict[str, Any], n_full: int) -> dict[str, Any]:
     print("(m) a random ~1.1B Llama, its fine-tunes and LoRAs", flush=True)
     base = random_base(conf, work / "mid" / "base")
     full = [str(full_finetune(base, work / "mid" / f"f{i}", seed=i)) for i in range(n_full)]
-    loras = [f"{base}+{random_lora(base, work / 'mid' / f'l{i}', seed=200 + i, like=None)}" for i in range(8)]
+    loras = [f"{base}+{random_lora(base, work / 'mid' / f'l{i}', seed=200 + i, like=None)}"
+             for i in range(8)]
     zoo, tasks = Path(s["zoo"]), s["tasks"]
     size_mb = (base / "model.safetensors").stat().st_size / 2**20
     res: dict[str, Any] = {"shape": MID, "model_size_mb": size_mb,
@@ -553,15 +565,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"(a) {len(refs)} adapters x {len(texts)} probes", flush=True)
         # same dtype as the naive loop (float32, what from_pretrained gives this config), then the
         # guard's own default (dtype auto = bfloat16)
-        cold = extract_cold("a", refs, texts, settings={"dtype": "float32"}, save=str(work / "guard_a.npy"))
-        cold_default = extract_cold("a-default", refs, texts, save=str(work / "guard_a_default.npy"))
+        cold = extract_cold("a", refs, texts, settings={"dtype": "float32"},
+                            save=str(work / "guard_a.npy"))
+        cold_default = extract_cold("a-default", refs, texts,
+                                    save=str(work / "guard_a_default.npy"))
         warm = run("extract", {"refs": refs, "texts": texts, "cache": str(work / "cache" / "a"),
                                "settings": {"dtype": "float32"}}, work,
                    {"MERGEKIT_COLLAPSE_CACHE": str(work / "cache" / "a")})
-        naive = run("naive", {"refs": refs, "texts": texts, "save": str(work / "naive_a.npy")}, work)
+        naive = run("naive", {"refs": refs, "texts": texts, "save": str(work / "naive_a.npy")},
+                    work)
         g, nv = np.load(work / "guard_a.npy"), np.load(work / "naive_a.npy")
-        out["a"] = {"models": len(refs), "probes": len(texts), "guard_cold": cold, "guard_warm": warm,
-                    "guard_cold_default": cold_default, "naive": naive,
+        out["a"] = {"models": len(refs), "probes": len(texts), "guard_cold": cold,
+                    "guard_warm": warm, "guard_cold_default": cold_default, "naive": naive,
                     "speedup_cold": naive["seconds"] / cold["seconds"],
                     "speedup_default": naive["seconds"] / cold_default["seconds"],
                     "speedup_cold_wall": naive["wall_s"] / cold["wall_s"],
@@ -587,8 +602,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             merge_out = Path("/dev/shm") / f"mkc-speed-merge-{kind}"
             lora_cache = _fresh(work, f"lora-merge-{kind}")
             shutil.rmtree(merge_out, ignore_errors=True)
-            mrg = run("merge", {"config": str(cfg), "out": str(merge_out), "lora_cache": str(lora_cache)},
-                      work)
+            mrg = run("merge", {"config": str(cfg), "out": str(merge_out),
+                                "lora_cache": str(lora_cache)}, work)
             shutil.rmtree(merge_out, ignore_errors=True)
             shutil.rmtree(lora_cache, ignore_errors=True)
             out["b"][kind] = {"models": n_a if kind == "lora" else n_full, "guard": chk,
@@ -596,8 +611,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                               "ratio": chk["seconds"] / mrg["seconds"],
                               "ratio_geometry_only": geo["seconds"] / mrg["seconds"],
                               "ratio_wall": chk["wall_s"] / mrg["wall_s"],
-                              "rss_above_baseline_per_model": (chk["peak_rss_mb"]
-                                                               - out["b"]["baseline_rss_mb"]) / size_mb}
+                              "rss_above_baseline_per_model":
+                                  (chk["peak_rss_mb"] - out["b"]["baseline_rss_mb"]) / size_mb}
         save()
 
     if "m" in sections:
@@ -616,21 +631,25 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         tokens = _token_count(base, fixed)
         out["d"] = {"probes": len(fixed), "probe_tokens": tokens, "rows": rows,
                     "fit": _linear_fit([r["n"] for r in rows], [r["seconds"] for r in rows])}
-        out["d"]["fit"]["s_per_model_ktoken"] = out["d"]["fit"]["slope_s_per_model"] / (tokens / 1000)
-        out["d"]["a_s_per_model_ktoken"] = cold["seconds"] / n_a / (_token_count(base, texts) / 1000)
+        out["d"]["fit"]["s_per_model_ktoken"] = (out["d"]["fit"]["slope_s_per_model"]
+                                                 / (tokens / 1000))
+        out["d"]["a_s_per_model_ktoken"] = (cold["seconds"] / n_a
+                                            / (_token_count(base, texts) / 1000))
         save()
 
     # (c) peak RSS vs one model's size: N=2 (scaling run), N=8 ((a) cold), full fine-tunes ((b))
     if {"b", "c", "d"} <= sections:
         print("(c) peak RSS", flush=True)
         baseline = run("baseline", {}, work)
-        out["c"] = {"model_size_mb": size_mb, "baseline_rss_mb": baseline["peak_rss_mb"], "runs": {}}
+        out["c"] = {"model_size_mb": size_mb, "baseline_rss_mb": baseline["peak_rss_mb"],
+                    "runs": {}}
         for label, peak in ((f"lora N={ns[0]}", rows[0]["peak_rss_mb"]),
                             (f"lora N={n_a}", cold["peak_rss_mb"]),
                             (f"full N={n_full} (check)", out["b"]["full"]["guard"]["peak_rss_mb"]),
                             (f"lora N={max(ns)}", rows[-1]["peak_rss_mb"])):
             out["c"]["runs"][label] = {"peak_rss_mb": peak, "ratio": peak / size_mb,
-                                       "ratio_above_baseline": (peak - baseline["peak_rss_mb"]) / size_mb}
+                                       "ratio_above_baseline":
+                                           (peak - baseline["peak_rss_mb"]) / size_mb}
         save()
 
     # (e) conflict metrics: streamed vs naive
@@ -645,11 +664,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                              "save": str(work / f"conf-{kind}-{how}.json")}, work)
             a_ = json.loads((work / f"conf-{kind}-streamed.json").read_text())
             b_ = json.loads((work / f"conf-{kind}-naive.json").read_text())
-            diff = max(abs((x or 0.0) - (y or 0.0)) for m in a_ for ra, rb in zip(a_[m], b_[m], strict=True)
+            diff = max(abs((x or 0.0) - (y or 0.0))
+                       for m in a_ for ra, rb in zip(a_[m], b_[m], strict=True)
                        for x, y in zip(ra, rb, strict=True))
             out["e"][kind] = {"models": len(models), **res, "speedup": res["naive"]["seconds"]
                               / res["streamed"]["seconds"],
-                              "rss_ratio": res["naive"]["peak_rss_mb"] / res["streamed"]["peak_rss_mb"],
+                              "rss_ratio": (res["naive"]["peak_rss_mb"]
+                                            / res["streamed"]["peak_rss_mb"]),
                               "max_abs_diff": diff}
         save()
 
@@ -663,8 +684,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                          "texts": texts, "reps": 1 if quick else 2,
                                          "knobs": knobs if dt == "float32" else None,
                                          "matmul_s": 1.0 if quick else 2.0}, work)
-        out["f"]["dtype_error"] = dtype_error(g, np.load(work / "guard_a_default.npy"))  # (a)'s two runs
-        out["f"]["dtype_error"]["extract_s"] = {"float32": cold["seconds"], "bfloat16": cold_default["seconds"]}
+        # (a)'s two runs
+        out["f"]["dtype_error"] = dtype_error(g, np.load(work / "guard_a_default.npy"))
+        out["f"]["dtype_error"]["extract_s"] = {"float32": cold["seconds"],
+                                                "bfloat16": cold_default["seconds"]}
         save()
 
     # (g) the fix: OpenMP spin-waiting (libgomp's default ACTIVE policy) vs PASSIVE, same extraction
@@ -685,9 +708,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         out["h"] = {"models": n_a, "probes": len(texts)}
         for n in (1, 2):
             cache_h, dest = _fresh(work, f"h{n}"), _fresh(work, f"h{n}-out")
-            cmd = [sys.executable, "-m", "mergekit_collapse", "check", str(cfg_lora), "--rehearse", "off",
-                   "--cache-dir", str(cache_h), "--out", str(dest), "--format", "json",
-                   "--device", DEVICE["value"], "--num-processes", str(n)]
+            cmd = [sys.executable, "-m", "mergekit_collapse", "check", str(cfg_lora),
+                   "--rehearse", "off", "--cache-dir", str(cache_h), "--out", str(dest),
+                   "--format", "json", "--device", DEVICE["value"], "--num-processes", str(n)]
             load0, t0 = _load(), time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                env={**os.environ, "MERGEKIT_COLLAPSE_CACHE": str(cache_h)})
@@ -721,7 +744,8 @@ def dtype_error(fp: Any, bf: Any) -> dict[str, float]:
     rel = np.abs(d16.rms - d32.rms)[off] / d32.rms[off]
     r32 = geometry.enclosing_ball(d32.sq).radius_sq
     r16 = geometry.enclosing_ball(d16.sq).radius_sq
-    return {"drms_rel_err_max_models": float(rel.max()), "drms_rel_err_median_models": float(np.median(rel)),
+    return {"drms_rel_err_max_models": float(rel.max()),
+            "drms_rel_err_median_models": float(np.median(rel)),
             "rstar2_rel_err_models": float(abs(r16 - r32) / r32), "rstar2_fp32": float(r32),
             "vector_rel_err": float(np.linalg.norm(bf - fp) / np.linalg.norm(fp))}
 
@@ -744,11 +768,13 @@ def table(r: dict[str, Any]) -> str:
 
     if "a" in r:
         a = r["a"]
-        row(f"(a) naive loop, {a['models']} adapters x {a['probes']} probes", f"{a['naive']['seconds']:.1f} s")
+        row(f"(a) naive loop, {a['models']} adapters x {a['probes']} probes",
+            f"{a['naive']['seconds']:.1f} s")
         row("(a) guard extraction, cold cache, float32", f"{a['guard_cold']['seconds']:.1f} s")
         row("(a) guard extraction, warm cache", f"{a['guard_warm']['seconds']:.2f} s")
         row("(a) speedup cold, both float32", f"{a['speedup_cold']:.2f}x")
-        row("(a) guard extraction, cold, default (dtype auto)", f"{a['guard_cold_default']['seconds']:.1f} s")
+        row("(a) guard extraction, cold, default (dtype auto)",
+            f"{a['guard_cold_default']['seconds']:.1f} s")
         t = TARGETS["a_speedup"]
         row("(a) speedup cold, defaults (naive / guard)", f"{a['speedup_default']:.2f}x",
             f">= {t:g}x  {_ok(a['speedup_default'], t, True)}")
@@ -757,13 +783,15 @@ def table(r: dict[str, Any]) -> str:
             row("(a) probe tokens computed / saved by the shared prefix",
                 f"{x['tokens_computed']} / {x['tokens_saved']}")
         row("(a) speedup warm", f"{a['speedup_warm']:.0f}x")
-        row("(a) max |guard - naive| (relative)", f"{a['max_abs_diff']:.1e} ({a['max_rel_diff']:.1e})")
+        row("(a) max |guard - naive| (relative)",
+            f"{a['max_abs_diff']:.1e} ({a['max_rel_diff']:.1e})")
     for kind, tgt in (("lora", TARGETS["b_ratio_lora"]), ("full", TARGETS["b_ratio_full"])):
         if kind in r.get("b", {}):
             x = r["b"][kind]
             row(f"(b) {kind} x{x['models']}: guard check (default, with rehearsal) / mergekit",
                 f"{x['guard']['seconds']:.1f} / {x['mergekit']['seconds']:.1f} s")
-            row(f"(b) {kind} ratio, default", f"{x['ratio']:.2f}x", f"<= {tgt:g}x  {_ok(x['ratio'], tgt, False)}")
+            row(f"(b) {kind} ratio, default", f"{x['ratio']:.2f}x",
+                f"<= {tgt:g}x  {_ok(x['ratio'], tgt, False)}")
             if "rss_above_baseline_per_model" in x:
                 t = TARGETS["c_rss_ratio"]
                 row(f"(b) {kind} guard peak RSS above baseline / one model",
@@ -771,9 +799,11 @@ def table(r: dict[str, Any]) -> str:
                     f"<= {t:g}x  {_ok(x['rss_above_baseline_per_model'], t, False)}")
             if "ratio_geometry_only" in x:
                 row(f"(b) {kind} ratio, geometry only (--rehearse off)",
-                    f"{x['guard_geometry_only']['seconds']:.1f} s = {x['ratio_geometry_only']:.2f}x",
+                    f"{x['guard_geometry_only']['seconds']:.1f} s = "
+                    f"{x['ratio_geometry_only']:.2f}x",
                     f"<= {tgt:g}x  {_ok(x['ratio_geometry_only'], tgt, False)}")
-    for kind, x in ((k, v) for k, v in r.get("m", {}).items() if isinstance(v, dict) and "guard" in v):
+    for kind, x in ((k, v) for k, v in r.get("m", {}).items()
+                    if isinstance(v, dict) and "guard" in v):
         g = x["guard"]
         row(f"(m) ~1.1B, {kind} x{x['models']}: guard (rehearsal {g.get('rehearsal')})",
             f"{g['seconds']:.1f} s" + (f" / mergekit {x['mergekit']['seconds']:.1f} s = "
@@ -790,7 +820,8 @@ def table(r: dict[str, Any]) -> str:
         if geo:  # the rehearsal holds the merge's inputs at once; extraction alone frees each model
             c["runs"][f"full N={r['b']['full']['models']} (check --rehearse off)"] = {
                 "peak_rss_mb": geo["peak_rss_mb"], "ratio": geo["peak_rss_mb"] / c["model_size_mb"],
-                "ratio_above_baseline": (geo["peak_rss_mb"] - c["baseline_rss_mb"]) / c["model_size_mb"]}
+                "ratio_above_baseline":
+                    (geo["peak_rss_mb"] - c["baseline_rss_mb"]) / c["model_size_mb"]}
         for n, x in c["runs"].items():
             t = TARGETS["c_rss_ratio"]
             row(f"(c) guard peak RSS, {n}", f"{x['peak_rss_mb']:.0f} MB = {x['ratio']:.2f}x",
@@ -818,7 +849,8 @@ def table(r: dict[str, Any]) -> str:
                 f"{x['extraction_flops_base'] / 1e9:.1f} / {x['extraction_flops_lora'] / 1e9:.1f}")
             row(f"(f) {dt}: dense matmul GFLOP/s", f"{x['matmul_flops'] / 1e9:.1f}")
             t = TARGETS["f_fraction"]
-            row(f"(f) {dt}: fraction base / LoRA", f"{x['fraction_base']:.0%} / {x['fraction_lora']:.0%}",
+            row(f"(f) {dt}: fraction base / LoRA",
+                f"{x['fraction_base']:.0%} / {x['fraction_lora']:.0%}",
                 f">= {t:.0%}  {_ok(min(x['fraction_base'], x['fraction_lora']), t, True)}")
     if "dtype_error" in r.get("f", {}):
         de = r["f"]["dtype_error"]
@@ -829,7 +861,8 @@ def table(r: dict[str, Any]) -> str:
             f"{de['extract_s']['bfloat16']:.1f} s")
     if "g" in r:
         g = r["g"]
-        row(f"(g) extraction {g['models']}x{g['probes']}: OMP as-is", f"{g['as_is']['seconds']:.1f} s")
+        row(f"(g) extraction {g['models']}x{g['probes']}: OMP as-is",
+            f"{g['as_is']['seconds']:.1f} s")
         row("(g) OMP_WAIT_POLICY=PASSIVE / 1 thread",
             f"{g['passive']['seconds']:.1f} / {g['one_thread']['seconds']:.1f} s",
             f"speedup {g['speedup_passive']:.1f}x")
@@ -838,23 +871,26 @@ def table(r: dict[str, Any]) -> str:
         row(f"(h) check {h['models']} adapters: 1 / 2 processes (accelerate)",
             f"{h['p1']['wall_s']:.1f} / {h['p2']['wall_s']:.1f} s",
             f"2-process overhead {h['overhead']:.2f}x; identical report: {h['identical_report']}")
-    return (tabulate(rows, headers=["item", "value", "target / status"], colalign=("left", "right", "left"),
-                     disable_numparse=True)
-            + f"\ndevice {r['env'].get('device', 'cpu')}; load average: start {r['env']['load_at_start']}, end {r['env'].get('load_at_end')}; "
-            f"OMP_WAIT_POLICY {r['env']['omp_wait_policy']}; total {r['env'].get('total_s', 0):.0f} s")
+    return (tabulate(rows, headers=["item", "value", "target / status"],
+                     colalign=("left", "right", "left"), disable_numparse=True)
+            + f"\ndevice {r['env'].get('device', 'cpu')}; "
+            f"load average: start {r['env']['load_at_start']}, end {r['env'].get('load_at_end')}; "
+            f"OMP_WAIT_POLICY {r['env']['omp_wait_policy']}; "
+            f"total {r['env'].get('total_s', 0):.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="2-minute smoke run (small N)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "speed.json"))
     p.add_argument("--work", default="/tmp/mkc-speed", help="scratch folder (models, caches)")
     p.add_argument("--omp-wait-policy", default="",
-                   help="OMP_WAIT_POLICY for the workers ('' = as in the environment); (g) compares")
+                   help="OMP_WAIT_POLICY for the workers ('' = as in the environment); "
+                        "(g) compares")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU table")
     p.add_argument("--base-config", default=None,
-                   help="a folder with a config.json and tokenizer: use a random-initialised base of "
-                        "it (for a machine without the converted SmolLM2)")
+                   help="a folder with a config.json and tokenizer: use a random-initialised "
+                        "base of it (for a machine without the converted SmolLM2)")
     p.add_argument("--sections", default="a,b,c,d,e,f,g,h",
                    help="which sections to run (c needs a, b and d; m: the ~1.1B mid-size case)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)

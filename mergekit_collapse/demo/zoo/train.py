@@ -3,9 +3,9 @@
 Training format == evaluation format == probe format: the task's user message wrapped in the
 tokenizer's chat template with the generation prompt, followed by the answer and the template's
 end of turn (`<|im_end|>`, `<end_of_turn>`); the loss covers only those tokens (and only their
-logits are computed: Gemma's 262k-token head is most of its cost). Training stops once greedy exact match on a
-held-aside validation slice reaches the target (checked every few steps, teacher-forced: one
-forward pass gives the greedy answer exactly), or at `max_steps`.
+logits are computed: Gemma's 262k-token head is most of its cost). Training stops once greedy
+exact match on a held-aside validation slice reaches the target (checked every few steps,
+teacher-forced: one forward pass gives the greedy answer exactly), or at `max_steps`.
 """
 
 from __future__ import annotations
@@ -75,14 +75,16 @@ def format_prompt(tokenizer: Any, prompt: str) -> str:
 
 
 def end_of_turn(tokenizer: Any) -> str:
-    """What the chat template writes right after an assistant's message (`<|im_end|>` for SmolLM2)."""
+    """What the chat template writes right after an assistant's message (`<|im_end|>` for
+    SmolLM2)."""
     marker = "\x00ANSWER\x00"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
                                           {"role": "assistant", "content": marker}], tokenize=False)
     return text.split(marker, 1)[1].strip()
 
 
-def encode(tokenizer: Any, prompt: str, answer: str, end: str | None = None) -> tuple[list[int], int]:
+def encode(tokenizer: Any, prompt: str, answer: str,
+           end: str | None = None) -> tuple[list[int], int]:
     """Token ids of prompt + answer + end of turn, and where the answer starts.
 
     Splits like lm-eval does: the context's own encoding fixes the boundary in the whole encoding.
@@ -182,7 +184,8 @@ def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
     torch.manual_seed(s.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
     end = end_of_turn(tokenizer)
     rows = [encode(tokenizer, r["prompt"], r["answer"], end) for r in read_jsonl(path)]
     train_rows, val_rows = rows[: -s.n_val], rows[-s.n_val:]
