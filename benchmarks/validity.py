@@ -479,18 +479,31 @@ SIZE_SUBSETS = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
                 ("groups", lambda r: r["size"] > 2)]
 #: per-model predictors judged out of sample: (column, riskier direction)
 OOS_PREDICTORS = [("relative_distortion", "higher"), ("rehearsal_token_agreement", "lower"),
-                  ("rehearsal_agreement", "lower"), ("rehearsal_kl", "higher"), ("mds", "higher"),
+                  ("rehearsal_agreement", "lower"), ("rehearsal_partial", "lower"),
+                  ("rehearsal_kl", "higher"), ("mds", "higher"),
                   ("conflict_sign_change_ratio", "higher"), ("exact_rel", "higher")]
 
 
 def joined(records: Path, work: Path) -> list[dict[str, Any]]:
-    """The records at the guard's default setting, with each merge's rehearsal columns."""
+    """The records at the guard's default setting, with each merge's rehearsal columns, and
+    `rehearsal_partial`: the agreement with partial credit from token agreement (ties between
+    equal agreements broken by it; the same pass, no extra cost)."""
     rows = at_setting([json.loads(x) for x in records.read_text().splitlines() if x],
                       DEFAULT_SETTING)
     reh = {(r["group"], r["task"]): r for r in read_rehearsal(work)}
-    return [{**r, **{k: v for k, v in reh[(r["group"], r["task"])].items()
-                     if k.startswith("rehearsal")}}
-            for r in rows if (r["group"], r["task"]) in reh and r["loss"] is not None]
+    out = [{**r, **{k: v for k, v in reh[(r["group"], r["task"])].items()
+                    if k.startswith("rehearsal")}}
+           for r in rows if (r["group"], r["task"]) in reh and r["loss"] is not None]
+    for r in out:
+        r["rehearsal_partial"] = partial_credit(r["rehearsal_agreement"],
+                                                r["rehearsal_token_agreement"])
+    return out
+
+
+def partial_credit(agreement: float, token_agreement: float) -> float:
+    """Agreement first, token agreement as the tie-break: agreement moves in steps of 1/probes
+    (0.2 at 5 probes), the token agreement adds less than one step."""
+    return agreement + 0.1 * token_agreement
 
 
 def read_rehearsal(work: Path) -> list[dict[str, Any]]:
