@@ -62,7 +62,8 @@ def merge_lora(base_dir: str | Path, lora_dir: str | Path, out_dir: str | Path) 
 def _full_model(path: Path, base_dir: str | Path | None, tmp: Path) -> Path:
     if (path / "adapter_config.json").is_file():
         if base_dir is None:
-            raise ValueError(f"{path} is a LoRA adapter: MergeLens needs full weights, pass base_dir")
+            raise ValueError(f"{path} is a LoRA adapter: MergeLens needs full weights, "
+                             "pass base_dir")
         return merge_lora(base_dir, path, tmp / path.name)
     return path
 
@@ -170,7 +171,8 @@ def _demo() -> dict[str, Any]:
     from mergekit_collapse.demo.zoo import ADAPTER_DIR
 
     smol = ensure_smollm2()
-    adapters = sorted(p for p in ADAPTER_DIR.iterdir() if (p / "adapter_model.safetensors").is_file())
+    adapters = sorted(p for p in ADAPTER_DIR.iterdir()
+                      if (p / "adapter_model.safetensors").is_file())
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if len(adapters) >= 2:
@@ -183,9 +185,10 @@ def _demo() -> dict[str, Any]:
         t1 = time.perf_counter()
         res = mergelens_result(fa, fb)
         t2 = time.perf_counter()
-        out["smollm2"] = {"pair": label, "score_a_vs_b": res.mci.score, "risk_tier": res.mci.risk_tier,
-                          "components": res.mci.components, "lora_merge_s": round(t1 - t0, 1),
-                          "score_s": round(t2 - t1, 1), "load": os.getloadavg()}
+        out["smollm2"] = {"pair": label, "score_a_vs_b": res.mci.score,
+                          "risk_tier": res.mci.risk_tier, "components": res.mci.components,
+                          "lora_merge_s": round(t1 - t0, 1), "score_s": round(t2 - t1, 1),
+                          "load": os.getloadavg()}
     return out
 
 

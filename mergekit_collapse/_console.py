@@ -86,7 +86,8 @@ def quiet_third_party(*libraries: str) -> None:
 def quiet_tqdm() -> None:
     """Default every tqdm bar to off (tqdm reads `TQDM_DISABLE` at import; our bars pass their own
     `disable`). For the CLI, before any command imports tqdm; unless verbose or set by the user."""
-    if not _verbose and "tqdm" not in sys.modules:  # imported already: too late, and not ours to set
+    # imported already: too late, and not ours to set
+    if not _verbose and "tqdm" not in sys.modules:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 

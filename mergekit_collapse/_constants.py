@@ -25,7 +25,8 @@ def hook_disabled() -> bool:
 
 
 def cache_root() -> Path:
-    """The cache root: $MERGEKIT_COLLAPSE_CACHE, else $XDG_CACHE_HOME/mergekit_collapse, else ~/.cache/...
+    """The cache root: $MERGEKIT_COLLAPSE_CACHE, else $XDG_CACHE_HOME/mergekit_collapse, else
+    ~/.cache/...
 
     Raises:
         CacheError: the root, or the nearest of its folders that exists, is a file (nothing could be

@@ -1,5 +1,6 @@
-"""Writes that are whole or absent: files and folders are built under a temporary name, then renamed;
-reads that are checked (a cache entry whose checksum fails is not used); a lock for writers.
+"""Writes that are whole or absent: files and folders are built under a temporary name, then
+renamed; reads that are checked (a cache entry whose checksum fails is not used); a lock for
+writers.
 
 An interrupted run (an error, Ctrl-C, a killed process between two renames at worst) leaves the old
 file or folder as it was, never a half-written one.
@@ -43,12 +44,12 @@ def check_path(path: str | Path, what: str) -> None:
     """
     text = str(path)
     if "\0" in text:
-        raise BadInputError(f"{what} {one_line(repr(text))} contains a NUL byte: no file can be named so; "
-                            "fix the path")
+        raise BadInputError(f"{what} {one_line(repr(text))} contains a NUL byte: no file can be "
+                            "named so; fix the path")
     for part in Path(text).parts:
         if (n := len(os.fsencode(part))) > NAME_MAX:
-            raise BadInputError(f"{what} name too long: '{one_line(part[:40])}…' is {n} bytes, and a file "
-                                f"or folder name is at most {NAME_MAX}; shorten it")
+            raise BadInputError(f"{what} name too long: '{one_line(part[:40])}…' is {n} bytes, and "
+                                f"a file or folder name is at most {NAME_MAX}; shorten it")
 
 
 def why_unwritable(folder: str | Path, error: OSError | None = None) -> str:
@@ -101,8 +102,9 @@ def cache_lock(folder: str | Path) -> Iterator[None]:
     folder = Path(folder)
 
     def fail(e: OSError) -> CacheError:
-        return CacheError(f"cannot write the cache at {one_line(str(folder))}: {why_unwritable(folder, e)}; "
-                          f"point {ENV_CACHE} (or --cache-dir) at a writable folder")
+        return CacheError(f"cannot write the cache at {one_line(str(folder))}: "
+                          f"{why_unwritable(folder, e)}; point {ENV_CACHE} (or --cache-dir) at a "
+                          "writable folder")
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,8 @@ def cache_lock(folder: str | Path) -> Iterator[None]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+    """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over
+    `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.tmp-")
@@ -215,7 +218,8 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
 
 
 def read_npz(path: Path, *, warn: bool = True) -> dict[str, np.ndarray] | None:
-    """A cache entry's arrays, or None when it is missing or corrupt (a warning says so: recomputed).
+    """A cache entry's arrays, or None when it is missing or corrupt (a warning says so:
+    recomputed).
 
     Every member's CRC-32 is checked before loading (`ZipFile.testzip`), so a truncated, emptied or
     bit-flipped entry is never used.

@@ -1,4 +1,5 @@
-"""Typed errors. The CLI maps each to one exit code and one line of text (traceback only with --debug).
+"""Typed errors. The CLI maps each to one exit code and one line of text (traceback only with
+--debug).
 
 Like huggingface_hub's, they are also the standard error they resemble: a `BadInputError` is a
 `ValueError`, a `ModelNotFoundError` a `FileNotFoundError`, so `except ValueError` in user code
@@ -53,7 +54,8 @@ class GuardStoppedError(CollapseError):
 
 
 class HubError(CollapseError):
-    """Talking to the Hugging Face Hub failed (no token, 401/403/404, network). Never carries a token."""
+    """Talking to the Hugging Face Hub failed (no token, 401/403/404, network). Never carries a
+    token."""
 
     exit_code = EXIT_HUB
 

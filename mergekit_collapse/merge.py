@@ -66,7 +66,8 @@ class GuardedMerge:
             sec = r.run_info.seconds if r.run_info else {}
             spent = sum(v for k, v in sec.items() if k.startswith("rehearsal."))
             lines.append(f"  rehearsal: {spent:.1f} s (its merge, a layer at a time, "
-                         f"{sec.get('rehearsal.merge', 0):.1f} s); mergekit merge {self.merge_seconds:.1f} s")
+                         f"{sec.get('rehearsal.merge', 0):.1f} s); "
+                         f"mergekit merge {self.merge_seconds:.1f} s")
         elif h is not None:
             lines.append(f"  rehearsal {h.status}: {h.reason}")
         lines += [f"  {a.action}: {a.changed}" for a in r.actions]
@@ -136,14 +137,15 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     options = {"device": getattr(merge_options, "device", None) or "auto", "dtype": "auto",
                "cache_dir": cache_dir,
                "trust_remote_code": bool(getattr(merge_options, "trust_remote_code", False)),
-               "progress": (not getattr(merge_options, "quiet", False)) if progress is None else progress,
+               "progress": ((not getattr(merge_options, "quiet", False)) if progress is None
+                            else progress),
                "budget": budget, "absolute_budget": absolute_budget, **overrides}
     run = run_guard(cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())), **options)
     report, settings = run.report, run.cfg.guard
     ctx = ActionContext(
-        report=report, raw=_raw(cfg.source), refs=list(run.cfg.models), budget=report.budget.absolute,
-        merge_method=cfg.merge.merge_method, base=cfg.base, vectors=run.vectors,
-        candidates=dict(settings.candidates), candidate_refs=candidate_refs)
+        report=report, raw=_raw(cfg.source), refs=list(run.cfg.models),
+        budget=report.budget.absolute, merge_method=cfg.merge.merge_method, base=cfg.base,
+        vectors=run.vectors, candidates=dict(settings.candidates), candidate_refs=candidate_refs)
     try:
         outcome = get_action(settings.action).apply(ctx, merge_all=merge_all)
     except BadInputError:  # an action's own one-line error (a ValueError too): as it is
@@ -155,7 +157,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     if outcome.stop:
         if report_dir:
             result.report_paths += list(report.write(report_dir).values())
-            raise GuardStoppedError(f"{outcome.stop}; report: {Path(report_dir) / 'report.md'}", report)
+            raise GuardStoppedError(f"{outcome.stop}; report: {Path(report_dir) / 'report.md'}",
+                                    report)
         raise GuardStoppedError(f"{outcome.stop} (--guard-report DIR keeps the report)", report)
 
     report.actions.extend(_weights(outcome, ctx, settings.weights, out))
@@ -255,8 +258,9 @@ def _check_out(out: Path) -> None:
     merged = {"config.json", "mergekit_config.yml", REPORT_DIR} & set(names) or any(
         n.endswith(WEIGHT_SUFFIXES) for n in names)
     if names and not merged:
-        raise BadInputError(f"output {out} is not a merged model folder (no config.json, weights or "
-                            f"{REPORT_DIR}/) and would be replaced: choose a new or empty folder")
+        raise BadInputError(f"output {out} is not a merged model folder "
+                            f"(no config.json, weights or {REPORT_DIR}/) and would be replaced: "
+                            "choose a new or empty folder")
 
 
 def _belongs(rec: Action, pm: MergeJob, action: str) -> bool:
@@ -292,7 +296,8 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
         (the config with candidate task entries, candidate text -> ModelReference).
 
     Raises:
-        BadInputError: a candidate task that no model has, or a candidate that is not a model reference.
+        BadInputError: a candidate task that no model has, or a candidate that is not a model
+            reference.
     """
     from mergekit_collapse.guard.config import parse_ref, with_guard
 
@@ -303,11 +308,13 @@ def _with_candidates(cfg: Any, wanted: bool) -> tuple[Any, dict[str, Any]]:
     refs: dict[str, Any] = {}
     for task, texts in cfg.guard.candidates.items():
         if task not in by_name:
-            raise BadInputError(f"guard.candidates names task '{task}', which no model of this merge has")
+            raise BadInputError(f"guard.candidates names task '{task}', which no model of "
+                                "this merge has")
         for text in texts:
             ref = parse_ref(text)
             if ref is None:
-                raise BadInputError(f"guard.candidates['{task}']: '{text}' is not a model reference")
+                raise BadInputError(f"guard.candidates['{task}']: '{text}' is not a "
+                                    "model reference")
             refs[text] = ref
             tasks.setdefault(text, by_name[task])
     guard = cfg.guard.model_copy(update={"tasks": tasks})

@@ -53,7 +53,8 @@ def _files(folder: Path) -> dict[str, int]:
     """
     later = {REPORT_DIR, EVAL_RESULTS_DIR}
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "README.md" and not later & set(p.relative_to(folder).parts)}
+            if p.is_file() and p.name != "README.md"
+            and not later & set(p.relative_to(folder).parts)}
 
 
 class StageState:
@@ -71,7 +72,8 @@ class StageState:
         return bool(rec and rec.get("inputs") == inputs and check(rec))
 
     def record(self, stage: str, inputs: str, **info: Any) -> None:
-        self.data[stage] = {"inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        self.data[stage] = {"inputs": inputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            **info}
         atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str))
 
     def get(self, stage: str) -> dict[str, Any]:
@@ -140,8 +142,8 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         text = config.read_text(encoding="utf-8")
     except OSError:
         raise ModelNotFoundError(f"config file not found: {config}") from None
-    inputs = _sha(text, action, budget, absolute_budget, weights,
-                  merge_all, opts.model_dump(mode="json") if hasattr(opts, "model_dump") else str(opts),
+    inputs = _sha(text, action, budget, absolute_budget, weights, merge_all,
+                  opts.model_dump(mode="json") if hasattr(opts, "model_dump") else str(opts),
                   *([settings] if settings else []))  # none given: earlier runs keep their hash
     rec = state.get("merge")
     intact = all(Path(o).is_dir() and _files(Path(o)) == sizes

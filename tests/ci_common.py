@@ -1,4 +1,5 @@
-"""A tiny model-merging repository for the CI tests: recipes over the `tiny_zoo`, good and broken."""
+"""A tiny model-merging repository for the CI tests: recipes over the `tiny_zoo`, good and
+broken."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ guard:
     ./zoo/ft2: {name: two, probes: ["zeta eta", "one two three"]}
 """
 
-BROKEN = "merge_method: linear\nmodels:\n  - model: ./zoo/ft1\n    parameters: {weight: 1}\nguard:\n  taks: {}\n"
+BROKEN = ("merge_method: linear\nmodels:\n  - model: ./zoo/ft1\n    parameters: {weight: 1}\n"
+          "guard:\n  taks: {}\n")
 
 
 def make_repo(root: Path, zoo: dict[str, Path], *, copy_models: tuple[str, ...] = ()) -> Path:
@@ -118,11 +120,13 @@ BROKEN_KINDS = {
     "mergekit.yml": ("merge_method: linear\nmodels:\n  - parameters: {weight: 1}\n",
                      "invalid mergekit config: models.0.model: Field required", 3),
     "typo.yml": (_MODELS + "guard:\n  taks: {}\n", "did you mean 'tasks'", 6),
-    "no_task.yml": (_MODELS + "  - model: ./zoo/ft2\n    parameters: {weight: 1}\nguard:\n  tasks:\n"
-                    "    ./zoo/ft1: {name: one, probes: [hi]}\n",
+    "no_task.yml": (_MODELS + "  - model: ./zoo/ft2\n    parameters: {weight: 1}\nguard:\n"
+                    "  tasks:\n    ./zoo/ft1: {name: one, probes: [hi]}\n",
                     "guard.tasks has no entry for model './zoo/ft2'", 5),
-    "no_probes.yml": (_MODELS + "guard:\n  tasks:\n    ./zoo/ft1: {name: one}\n", "has no probes", 7),
-    "probe_file.yml": (_MODELS + "guard:\n  tasks:\n    ./zoo/ft1: {name: one, probes: {file: p.jsonl}}\n",
+    "no_probes.yml": (_MODELS + "guard:\n  tasks:\n    ./zoo/ft1: {name: one}\n",
+                      "has no probes", 7),
+    "probe_file.yml": (_MODELS + "guard:\n  tasks:\n"
+                       "    ./zoo/ft1: {name: one, probes: {file: p.jsonl}}\n",
                        "probe file 'p.jsonl' not found", 7),
     "missing_model.yml": (_MODELS.replace("ft1", "ft9") + "guard:\n  tasks:\n"
                           "    ./zoo/ft9: {name: one, probes: [hi]}\n",

@@ -1,4 +1,5 @@
-"""Tiny real models for tests: a byte-level tokenizer, random Llamas, perturbed fine-tunes, peft LoRAs."""
+"""Tiny real models for tests: a byte-level tokenizer, random Llamas, perturbed fine-tunes, peft
+LoRAs."""
 
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def make_lora(base: str | Path, path: str | Path, seed: int, r: int = 4, scale: 
 
 
 def make_tiny_tasks(root: Path) -> Path:
-    """Two tiny local lm-eval tasks: `tiny_mc` (2-way multiple choice) and `tiny_gen` (exact match)."""
+    """Two tiny local lm-eval tasks: `tiny_mc` (2-way multiple choice) and `tiny_gen` (exact
+    match)."""
     import json
 
     import yaml
@@ -113,7 +115,8 @@ def make_tiny_tasks(root: Path) -> Path:
 
 
 def merge_with_mergekit(config_path: Path, out: Path, cache: Path) -> Path:
-    """Run mergekit's own run_merge on a YAML (guard section and all), CPU, LoRAs merged into cache."""
+    """Run mergekit's own run_merge on a YAML (guard section and all), CPU, LoRAs merged into
+    cache."""
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny real model zoo per test session (base, full fine-tunes, LoRA adapters)."""
+"""Shared fixtures: one tiny real model zoo per test session (base, full fine-tunes, LoRA
+adapters)."""
 
 from __future__ import annotations
 

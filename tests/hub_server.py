@@ -1,6 +1,6 @@
-"""A small in-memory Hugging Face Hub for tests: only the endpoints the real `huggingface_hub` client calls
-for create_repo / create_commit (regular + LFS "basic" transfer) / model_info / list_repo_files /
-hf_hub_download. Threaded `http.server` on 127.0.0.1, random port.
+"""A small in-memory Hugging Face Hub for tests: only the endpoints the real `huggingface_hub`
+client calls for create_repo / create_commit (regular + LFS "basic" transfer) / model_info /
+list_repo_files / hf_hub_download. Threaded `http.server` on 127.0.0.1, random port.
 
 Endpoints (as read from huggingface_hub's hf_api.py, _commit_api.py, lfs.py, file_download.py):
   POST   /api/repos/create                          create_repo (409 when it exists)
@@ -32,7 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 #: suffixes a model repo's default .gitattributes sends to LFS (a subset is enough here)
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".onnx", ".msgpack", ".npy", ".zip")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".onnx", ".msgpack", ".npy",
+                ".zip")
 
 
 #: tokens the fake Hub accepts (a planted secret that must never appear in any output)
@@ -120,7 +121,8 @@ class FakeHub(ThreadingHTTPServer):
         """Create a repo the way the Hub does: an initial commit with a .gitattributes."""
         repo = Repo(repo_id, private)
         gitattributes = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
-        repo.branches["main"] = self.new_commit(repo, {".gitattributes": StoredFile(gitattributes.encode(), False)})
+        repo.branches["main"] = self.new_commit(
+            repo, {".gitattributes": StoredFile(gitattributes.encode(), False)})
         self.repos[repo_id] = repo
         return repo
 
@@ -195,7 +197,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         parts = urlsplit(self.path)
         path, query = unquote(parts.path), parse_qs(parts.query)
-        self.server.requests.append((self.command, parts.path, bool(self.headers.get("Authorization"))))
+        self.server.requests.append((self.command, parts.path,
+                                     bool(self.headers.get("Authorization"))))
         # read the whole body first, even when answering an error: keep-alive needs it off the wire
         self._raw_body = self._read_body()
         try:
@@ -203,7 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if method == self.command or (method == "GET" and self.command == "HEAD"):
                     m = re.fullmatch(pattern, parts.path)
                     if m:
-                        groups = {k: unquote(v) if v is not None else None for k, v in m.groupdict().items()}
+                        groups = {k: unquote(v) if v is not None else None
+                                  for k, v in m.groupdict().items()}
                         with self.server.lock:
                             handler(self, query=query, path=path, **groups)
                         return
@@ -347,11 +351,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif key == "deletedFile":
                 snapshot.pop(value["path"], None)
             elif key == "deletedFolder":
-                snapshot = {p: f for p, f in snapshot.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+                snapshot = {p: f for p, f in snapshot.items()
+                            if not p.startswith(value["path"].rstrip("/") + "/")}
             else:
                 raise HubError(400, f"unknown commit operation {key}")
         oid = self.server.new_commit(repo, snapshot)
-        out = {"success": True, "commitOid": oid, "commitUrl": f"{self.server.url}/{repo.repo_id}/commit/{oid}"}
+        out = {"success": True, "commitOid": oid,
+               "commitUrl": f"{self.server.url}/{repo.repo_id}/commit/{oid}"}
         if query.get("create_pr") == ["1"]:
             repo.prs += 1
             repo.branches[f"refs/pr/{repo.prs}"] = oid

@@ -52,7 +52,8 @@ class Env:
         cfg: dict[str, Any] = {"merge_method": method}
         if base:
             cfg["base_model"] = self.ref(base)
-        cfg["models"] = [{"model": r} | ({"parameters": {"weight": weight}} if weight is not None else {})
+        cfg["models"] = [{"model": r} | ({"parameters": {"weight": weight}}
+                                         if weight is not None else {})
                          for r in refs]
         cfg["dtype"] = "float32"
         tasks = {r: {"name": m, "probes": PROBES[2 * i: 2 * i + 2]}
@@ -157,7 +158,8 @@ def _ctrl_c_extracting(env: Env) -> list[str]:
 
 def _ctrl_c_merging(env: Env, entry: str = "merge") -> list[str]:
     _interrupt(env, "mergekit.io.tensor_writer.TensorWriter.save_tensor", 3)
-    return _merge(env, str(env.tmp / "out"), "--guard-absolute-budget", "1e9", "--quiet", entry=entry)
+    return _merge(env, str(env.tmp / "out"), "--guard-absolute-budget", "1e9", "--quiet",
+                  entry=entry)
 
 
 def _push(env: Env, repo: str = "alice/merged", *extra: str, token: str | None = None,
@@ -186,7 +188,8 @@ def _evaluate_plain(env: Env, **guard: Any) -> list[str]:
     raw = env.raw(("ft1", "plain_ft"), **guard)
     for spec in raw["guard"]["tasks"].values():
         spec["eval"] = str(tasks / "tiny_mc.yaml")
-    return ["evaluate", str(env.zoo["ft1"]), str(env.write(raw)), "--limit", "2", "--batch-size", "2"]
+    return ["evaluate", str(env.zoo["ft1"]), str(env.write(raw)), "--limit", "2",
+            "--batch-size", "2"]
 
 
 def _dead_endpoint() -> str:
@@ -199,7 +202,8 @@ def _dead_endpoint() -> str:
 
 
 def _hub_model(env: Env, *, fault: int | None = None, dead: bool = False) -> list[str]:
-    """`check` of a config with a Hub model id: the Hub fails (`fault` on its model API) or is down."""
+    """`check` of a config with a Hub model id: the Hub fails (`fault` on its model API) or is
+    down."""
     from huggingface_hub import constants
 
     assert env.hub is not None
@@ -212,7 +216,8 @@ def _hub_model(env: Env, *, fault: int | None = None, dead: bool = False) -> lis
 
 
 def _old_merge(env: Env) -> Path:
-    """An earlier merge's folder (config and weights): the guard that stops must leave it as it was."""
+    """An earlier merge's folder (config and weights): the guard that stops must leave it as it
+    was."""
     return Path(shutil.copytree(env.zoo["base"], env.tmp / "old_merge"))
 
 
@@ -256,9 +261,11 @@ def _cache_at(env: Env, where: str) -> list[str]:
 
 
 def _calibrate_out(env: Env, out: str) -> list[str]:
-    records = env.write("group,task,method,model,loss,mds\n1,a,linear,m1,-50,0.9\n1,b,linear,m2,-1,0.2\n"
-                        "2,a,ties,m1,-5,0.1\n2,b,ties,m2,-40,0.8\n", "records.csv")
-    target = str(_a_file(env) / "cal.json") if out == "under-a-file" else "/sys/mergekit-collapse.json"
+    records = env.write("group,task,method,model,loss,mds\n1,a,linear,m1,-50,0.9\n"
+                        "1,b,linear,m2,-1,0.2\n2,a,ties,m1,-5,0.1\n2,b,ties,m2,-40,0.8\n",
+                        "records.csv")
+    target = (str(_a_file(env) / "cal.json") if out == "under-a-file"
+              else "/sys/mergekit-collapse.json")
     return ["calibrate", str(records), "--out", target]
 
 
@@ -268,7 +275,8 @@ def _github_file_unwritable(env: Env, var: str) -> list[str]:
 
 
 def _card_with(env: Env, name: str, data: bytes | None, *, folder: bool = False) -> list[str]:
-    """`card` of a finished merge folder where `name` (relative to it) holds `data` (or is a folder)."""
+    """`card` of a finished merge folder where `name` (relative to it) holds `data` (or is a
+    folder)."""
     out = make_merged_dir(env.tmp)
     target = out / name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -319,17 +327,22 @@ guard:
 
 CASES = [
     # ---- the config file
-    Case("yaml-malformed", lambda e: ["check", str(e.write("merge_method: linear\nmodels:\n  - model: a\n"
-                                                          "    parameters: {weight: 1\n"))],
+    Case("yaml-malformed", lambda e: ["check", str(e.write("merge_method: linear\nmodels:\n"
+                                                           "  - model: a\n"
+                                                           "    parameters: {weight: 1\n"))],
          2, ("malformed YAML", "line 5")),
     Case("yaml-duplicate-guard", lambda e: ["check", str(e.write(DUP_GUARD.format(
-        a=e.ref("ft1"), b=e.ref("ft2"))))], 2, ("duplicate key 'guard'", "line 7", "first at line 5")),
-    Case("yaml-duplicate-nested", lambda e: ["check", str(e.write(  # guard: is last, k: its last key
+        a=e.ref("ft1"), b=e.ref("ft2"))))], 2,
+         ("duplicate key 'guard'", "line 7", "first at line 5")),
+    # guard: is last, k: its last key
+    Case("yaml-duplicate-nested", lambda e: ["check", str(e.write(
         yaml.safe_dump(e.raw(), sort_keys=False) + "  k: 3\n"))], 2, ("duplicate key 'k'", "line")),
     Case("yaml-not-a-mapping", lambda e: ["check", str(e.write("- a\n- b\n"))], 2,
          ("must be a YAML mapping",)),
-    Case("config-missing", lambda e: ["check", str(e.tmp / "nope.yml")], 2, ("config file not found",)),
-    Case("config-not-utf8", lambda e: ["check", str(e.write(b"merge_method: linear\n# \xff\xfe\n"))], 2,
+    Case("config-missing", lambda e: ["check", str(e.tmp / "nope.yml")], 2,
+         ("config file not found",)),
+    Case("config-not-utf8",
+         lambda e: ["check", str(e.write(b"merge_method: linear\n# \xff\xfe\n"))], 2,
          ("not UTF-8", "byte 23")),
     Case("guard-unknown-key", lambda e: ["check", e.config(budjet={"relative": 1})], 2,
          ("unknown key 'guard.budjet'", "did you mean 'budget'")),
@@ -345,17 +358,18 @@ CASES = [
     Case("mergekit-unknown-method", lambda e: ["check", e.config("org/a", "org/b", method="lineer",
                                                                   base=None)], 2,
          ("unknown merge_method 'lineer'", "did you mean 'linear'")),
-    Case("mergekit-linear-base-no-weight", lambda e: ["check", e.config("org/a", "org/b", method="linear",
-                                                                         base="org/base")], 2,
+    Case("mergekit-linear-base-no-weight",
+         lambda e: ["check", e.config("org/a", "org/b", method="linear", base="org/base")], 2,
          ("Missing required parameter weight for org/base", "parameters:")),
-    Case("mergekit-missing-parameter", lambda e: ["check", e.config("org/a", "org/b", base="org/base",
-                                                                     weight=None)], 2,
+    Case("mergekit-missing-parameter",
+         lambda e: ["check", e.config("org/a", "org/b", base="org/base", weight=None)], 2,
          ("Missing required parameter weight for org/a",)),
     Case("mergekit-bad-parameter", lambda e: ["check", e.config("org/a", "org/b", base="org/base",
                                                                  weight="heavy")], 2,
          ("'heavy' is not valid", "number")),
-    Case("mergekit-same-model-twice", lambda e: ["check", e.config("org/a", "org/a", base="org/base")],
-         2, ("Duplicate merge inputs",)),
+    Case("mergekit-same-model-twice",
+         lambda e: ["check", e.config("org/a", "org/a", base="org/base")], 2,
+         ("Duplicate merge inputs",)),
     Case("mergekit-schema", lambda e: ["check", str(e.write("merge_method: linear\nmodels:\n"
                                                            "  - parameters: {weight: 1}\n"))], 2,
          ("invalid mergekit config",)),
@@ -363,21 +377,25 @@ CASES = [
     Case("plan-unknown-method", lambda e: ["plan", e.config(plan={"methods": ["lineer"]})], 2,
          ("unknown merge method 'lineer'", "did you mean 'linear'")),
     Case("plan-one-model", lambda e: ["plan", e.config("ft1")], 2, ("a plan merges two or more",)),
-    Case("plan-must-include-unknown", lambda e: ["plan", e.config(plan={"must_include": ["/no/such"]})],
-         2, ("guard.plan.must_include names '/no/such'", "not a model of the pool")),
+    Case("plan-must-include-unknown",
+         lambda e: ["plan", e.config(plan={"must_include": ["/no/such"]})], 2,
+         ("guard.plan.must_include names '/no/such'", "not a model of the pool")),
     Case("plan-floor-out-of-range", lambda e: ["plan", e.config(), "--floor", "2"], 2,
          ("invalid plan option floor=2.0", "less than or equal to 1")),
-    Case("plan-refine-over-budget", lambda e: ["plan", e.config(), "--refine", "5", "--max-rehearsals",
-                                               "2"], 2, ("refine (5) exceeds the rehearsal budget (2)",)),
+    Case("plan-refine-over-budget",
+         lambda e: ["plan", e.config(), "--refine", "5", "--max-rehearsals", "2"], 2,
+         ("refine (5) exceeds the rehearsal budget (2)",)),
     # ---- models
-    Case("model-path-missing", lambda e: ["check", e.config("ft1", str(e.tmp / "no-such-model")), *FAST],
-         2, ("no-such-model", "not a local folder")),
-    Case("model-hub-offline", lambda e: ["check", e.config("ft1", "no-such-org/no-such-model"), *FAST],
-         2, ("no-such-org/no-such-model", "HF_HUB_OFFLINE")),
+    Case("model-path-missing",
+         lambda e: ["check", e.config("ft1", str(e.tmp / "no-such-model")), *FAST], 2,
+         ("no-such-model", "not a local folder")),
+    Case("model-hub-offline",
+         lambda e: ["check", e.config("ft1", "no-such-org/no-such-model"), *FAST], 2,
+         ("no-such-org/no-such-model", "HF_HUB_OFFLINE")),
     Case("model-hub-missing", lambda e: ["check", e.config("ft1", "alice/no-such-model"), *FAST], 2,
          ("alice/no-such-model", "no such repository", "HTTP 401"), hub=True),
-    Case("model-hub-5xx", lambda e: _hub_model(e, fault=503), 4, ("alice/model", "HTTP 503", "retry"),
-         hub=True),
+    Case("model-hub-5xx", lambda e: _hub_model(e, fault=503), 4,
+         ("alice/model", "HTTP 503", "retry"), hub=True),
     Case("model-hub-refused", lambda e: _hub_model(e, dead=True), 4,
          ("alice/model", "cannot be reached", "HF_ENDPOINT"), hub=True),
     Case("model-is-a-file", lambda e: ["check", e.config("ft1", str(_a_file(e))), *FAST], 2,
@@ -401,8 +419,9 @@ CASES = [
     Case("nan-weights-bfloat16", lambda e: ["check", e.config("ft1", "nan"), "--no-progress",
                                             "--rehearse", "off", "--dtype", "bfloat16"], 2,
          ("in bfloat16", "weights hold NaN", "q_proj", "check the checkpoint")),
-    Case("hidden-states-fp16-overflow", lambda e: ["check", e.config("ft1", "overflow"), "--no-progress",
-                                                   "--rehearse", "off", "--dtype", "float16"], 2,
+    Case("hidden-states-fp16-overflow", lambda e: ["check", e.config("ft1", "overflow"),
+                                                   "--no-progress", "--rehearse", "off",
+                                                   "--dtype", "float16"], 2,
          ("overflow", "NaN or inf in float16", "--dtype float32")),
     Case("tokenizer-missing", lambda e: ["check", e.config("no_tokenizer", "ft1"), *FAST], 2,
          ("no_tokenizer has no tokenizer", "copy its base model's tokenizer files")),
@@ -420,7 +439,8 @@ CASES = [
          ("layer 99", "out of range")),
     # ---- probes
     Case("probes-empty", lambda e: ["check", e.with_task([]), *FAST], 2, ("no non-empty probes",)),
-    Case("probes-blank", lambda e: ["check", e.with_task(["", "  "]), *FAST], 2, ("no non-empty probes",)),
+    Case("probes-blank", lambda e: ["check", e.with_task(["", "  "]), *FAST], 2,
+         ("no non-empty probes",)),
     Case("probes-null", lambda e: ["check", e.with_task(None), *FAST], 2, ("has no probes",)),
     Case("probe-field-null", lambda e: _probe_file(e, "p.jsonl", b'{"text": "a"}\n', field=None), 2,
          ("guard.tasks", "probes.field", "valid string")),
@@ -428,31 +448,34 @@ CASES = [
          ("cannot read probe file", "nope.txt")),
     Case("probe-file-not-utf8", lambda e: _probe_file(e, "p.txt", b"fine\n\xff\xfe bad\n"), 2,
          ("p.txt", "not UTF-8")),
-    Case("probe-file-10mb-line", lambda e: _probe_file(e, "p.txt", b"ok\n" + b"x" * 10_000_000 + b"\n"), 2,
+    Case("probe-file-10mb-line", lambda e: _probe_file(e, "p.txt",
+                                                       b"ok\n" + b"x" * 10_000_000 + b"\n"), 2,
          ("p.txt:2", "10.0 MB", "at most")),
     Case("probe-jsonl-bad-row", lambda e: _probe_file(e, "p.jsonl", b'{"text": "a"}\n{oops\n'), 2,
          ("p.jsonl:2", "not valid JSON")),
-    Case("k-larger-than-docs", lambda e: ["check", e.config(k=50), *FAST, "--absolute-budget", "1e9"],
-         0, ("fewer than k=50",)),
+    Case("k-larger-than-docs",
+         lambda e: ["check", e.config(k=50), *FAST, "--absolute-budget", "1e9"], 0,
+         ("fewer than k=50",)),
     Case("k-zero-flag", lambda e: ["check", e.config(), *FAST, "--k", "0"], 2,
          ("k=0", "greater than or equal to 1")),
     # ---- budgets: flag, YAML, and the mergekit-yaml / merge hooks
     *[Case(f"budget-flag-{v}", _budget_flag(v), 2,
            ("budget", why)) for v, why in (("-1", "greater than 0"), ("0", "greater than 0"),
                                            ("nan", "finite"), ("inf", "finite"))],
-    Case("budget-absolute-nan", lambda e: ["check", e.config(), *FAST, "--absolute-budget", "nan"], 2,
-         ("budget.absolute", "finite")),
-    Case("budget-both", lambda e: ["check", e.config(), *FAST, "--budget", "1", "--absolute-budget", "1"],
+    Case("budget-absolute-nan", lambda e: ["check", e.config(), *FAST, "--absolute-budget", "nan"],
+         2, ("budget.absolute", "finite")),
+    Case("budget-both", lambda e: ["check", e.config(), *FAST, "--budget", "1",
+                                   "--absolute-budget", "1"],
          2, ("not both",)),
     *[Case(f"budget-yaml-{name}", _budget_yaml(v), 2,
            ("guard.budget.relative", why))
       for name, v, why in (("negative", -1, "greater than 0"), ("zero", 0, "greater than 0"),
                            ("nan", float("nan"), "finite"), ("inf", float("inf"), "finite"))],
-    Case("budget-mergekit-yaml-hook", lambda e: _merge(e, str(e.tmp / "out"), "--guard-budget", "-1",
-                                                       entry="yaml"),
+    Case("budget-mergekit-yaml-hook",
+         lambda e: _merge(e, str(e.tmp / "out"), "--guard-budget", "-1", entry="yaml"),
          2, ("budget", "greater than 0"), entry="yaml"),
-    Case("budget-mergekit-yaml-hook-nan", lambda e: _merge(e, str(e.tmp / "out"), "--guard-budget", "nan",
-                                                           entry="yaml"),
+    Case("budget-mergekit-yaml-hook-nan", lambda e: _merge(e, str(e.tmp / "out"), "--guard-budget",
+                                                           "nan", entry="yaml"),
          2, ("budget", "finite"), entry="yaml"),
     Case("budget-merge-inf", lambda e: _merge(e, str(e.tmp / "out"), "--guard-budget", "inf"), 2,
          ("budget", "finite")),
@@ -467,8 +490,9 @@ CASES = [
          ("a_file", "not a folder")),
     Case("merge-out-not-a-merge", lambda e: _merge(e, str(e.tmp)), 2,
          ("is not a merged model folder", "choose a new or empty folder")),
-    Case("merge-out-exists", lambda e: _merge(e, str(_old_merge(e)), "--guard-absolute-budget", "1e-9",
-                                              "--quiet"), 3, ("guard stopped the merge", "budget")),
+    Case("merge-out-exists",
+         lambda e: _merge(e, str(_old_merge(e)), "--guard-absolute-budget", "1e-9", "--quiet"), 3,
+         ("guard stopped the merge", "budget")),
     # ---- runtime flags
     Case("device-banana", lambda e: ["check", e.config(), "--no-progress", "--device", "banana"], 2,
          ("--device", "banana", "cpu")),
@@ -488,15 +512,19 @@ CASES = [
                                                          "guard.chat_template: false")),
     Case("evaluate-chat-template-false", lambda e: _evaluate_plain(e, chat_template=False), 0, ()),
     # ---- the analysis commands
-    Case("conflicts-nan-weights", lambda e: ["conflicts", e.config("ft1", "nan")], 2, ("NaN", "nan")),
+    Case("conflicts-nan-weights", lambda e: ["conflicts", e.config("ft1", "nan")], 2,
+         ("NaN", "nan")),
     Case("stats-nan-loss", lambda e: ["stats", str(e.write(
         "group,task,method,model,loss,mds\n1,a,linear,m1,-50,0.9\n1,b,linear,m2,nan,0.2\n"
         "2,a,ties,m1,-5,0.1\n", "records.csv"))], 0, ("1 of 3 records have no loss", "left out")),
-    Case("card-template-front-matter", lambda e: _card(e, "---\nlicense: [apache\n---\n# {{ model_name }}\n"),
+    Case("card-template-front-matter", lambda e: _card(e, "---\nlicense: [apache\n---\n"
+                                                          "# {{ model_name }}\n"),
          2, ("t.md", "front matter", "not valid YAML at line 2")),
-    Case("card-template-jinja", lambda e: _card(e, "---\nlicense: apache-2.0\n---\n{{ model_name }\n"), 2,
+    Case("card-template-jinja", lambda e: _card(e, "---\nlicense: apache-2.0\n---\n"
+                                                   "{{ model_name }\n"), 2,
          ("t.md", "TemplateSyntaxError", "unexpected '}'")),
-    # ---- Ctrl-C: exit 130, outputs whole or absent (tests/test_nothing_lost.py checks what is left)
+    # ---- Ctrl-C: exit 130, outputs whole or absent
+    # (tests/test_nothing_lost.py checks what is left)
     Case("ctrl-c-mid-extraction", _ctrl_c_extracting, 130, ("interrupted", "rerun")),
     Case("ctrl-c-mid-merge", _ctrl_c_merging, 130, ("interrupted", "rerun")),
     Case("ctrl-c-mid-merge-mergekit-yaml", lambda e: _ctrl_c_merging(e, "yaml"), 130,
@@ -508,10 +536,11 @@ CASES = [
     Case("push-forbidden", lambda e: _push(e, "bob/theirs", token=TOKEN), 4,
          ("bob/theirs", "HTTP 403"), hub=True),
     Case("push-revision-missing", lambda e: (e.hub.create("alice/merged"), _push(
-        e, "alice/merged", "--exist-ok", "--create-pr", "--revision", "no-such-branch", token=TOKEN))[1],
+        e, "alice/merged", "--exist-ok", "--create-pr", "--revision", "no-such-branch",
+        token=TOKEN))[1],
          4, ("alice/merged", "HTTP 404"), hub=True),
-    Case("push-server-error", lambda e: (e.hub.faults.update(commit=503), _push(e, token=TOKEN))[1], 4,
-         ("alice/merged", "HTTP 503", "nothing was committed"), hub=True),
+    Case("push-server-error", lambda e: (e.hub.faults.update(commit=503), _push(e, token=TOKEN))[1],
+         4, ("alice/merged", "HTTP 503", "nothing was committed"), hub=True),
     Case("push-connection-refused", lambda e: _push(e, token=TOKEN, endpoint=_dead_endpoint()), 4,
          ("alice/merged", "cannot reach"), hub=True),
     # ---- click usage errors: one line too
@@ -527,7 +556,8 @@ CASES = [
       for w in ("config", "model", "probe", "out")],
     Case("model-path-nul", lambda e: ["check", e.config("ft1", str(e.tmp / "a\0b")), *FAST], 2,
          ("NUL byte",)),
-    Case("probe-file-nul", lambda e: _probe_file(e, "p\0.txt", None), 2, ("probe file", "NUL byte")),
+    Case("probe-file-nul", lambda e: _probe_file(e, "p\0.txt", None), 2,
+         ("probe file", "NUL byte")),
     Case("cache-env-is-a-file", lambda e: _cache_at(e, "file"), 2,
          ("MERGEKIT_COLLAPSE_CACHE", "a_file", "not a folder")),
     Case("cache-under-a-file", lambda e: _cache_at(e, "under-a-file"), 2,
@@ -538,30 +568,34 @@ CASES = [
          ("--out", "a_file", "not a folder")),
     Case("calibrate-out-read-only-fs", lambda e: _calibrate_out(e, "read-only"), 2,
          ("--out", "cannot write")),
-    Case("github-step-summary-unwritable", lambda e: _github_file_unwritable(e, "GITHUB_STEP_SUMMARY"), 0,
+    Case("github-step-summary-unwritable",
+         lambda e: _github_file_unwritable(e, "GITHUB_STEP_SUMMARY"), 0,
          ("GITHUB_STEP_SUMMARY", "cannot write")),
     Case("github-output-unwritable", lambda e: _github_file_unwritable(e, "GITHUB_OUTPUT"), 0,
          ("GITHUB_OUTPUT", "cannot write")),
     Case("card-report-not-json", lambda e: _card_with(e, "mergeability/report.json", b"{oops"), 2,
          ("report.json", "not a valid guard report")),
-    Case("card-report-wrong-shape", lambda e: _card_with(e, "mergeability/report.json", b'{"verdict": 5}'),
+    Case("card-report-wrong-shape", lambda e: _card_with(e, "mergeability/report.json",
+                                                         b'{"verdict": 5}'),
          2, ("report.json", "not a valid guard report")),
     Case("mergekit-yaml-bad-guard-action", lambda e: _merge(e, str(e.tmp / "out"), "--guard-action",
                                                             "explode", entry="yaml"),
          2, ("--guard-action", "explode", "abort"), entry="yaml"),
     Case("card-eval-task-300-chars", _card_long_task, 0, ()),
-    Case("card-own-eval-results-not-utf8", lambda e: _card_with(e, ".eval_results/mine.yaml", b"\xff\xfe"),
-         0, ()),
-    Case("card-own-eval-results-folder", lambda e: _card_with(e, ".eval_results/x.yaml", None, folder=True),
-         0, ()),
-    Case("card-evaluation-not-utf8", lambda e: _card_with(e, "mergeability/evaluation.json", b"\xff{}"), 2,
+    Case("card-own-eval-results-not-utf8",
+         lambda e: _card_with(e, ".eval_results/mine.yaml", b"\xff\xfe"), 0, ()),
+    Case("card-own-eval-results-folder",
+         lambda e: _card_with(e, ".eval_results/x.yaml", None, folder=True), 0, ()),
+    Case("card-evaluation-not-utf8", lambda e: _card_with(e, "mergeability/evaluation.json",
+                                                          b"\xff{}"), 2,
          ("evaluation.json", "not UTF-8")),
     Case("push-token-in-file-name", lambda e: _push_token_name(e), 4,
          ("refusing to push", "a file name holds the Hub token"), hub=True),
     Case("push-token-in-file-name-dry-run", lambda e: _push_token_name(e, "--dry-run"), 4,
          ("refusing to push", "a file name holds the Hub token"), hub=True),
     Case("push-named-pipe", _push_fifo, 2, ("pipe", "not a regular file")),
-    Case("probe-jsonl-null", lambda e: _jsonl_probe(e, None), 2, ("p.jsonl:1", "'text'", "not a string")),
+    Case("probe-jsonl-null", lambda e: _jsonl_probe(e, None), 2,
+         ("p.jsonl:1", "'text'", "not a string")),
     Case("probe-jsonl-object", lambda e: _jsonl_probe(e, {"nested": 1}), 2,
          ("p.jsonl:1", "'text'", "not a string")),
     Case("stats-non-numeric-cell", lambda e: ["stats", str(e.write(
@@ -620,7 +654,8 @@ def odd_zoo(tiny_zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     (copy("garbage") / "model.safetensors").write_bytes(bytes(range(256)) * 64)
     config = json.loads((copy("remote") / "config.json").read_text())
     config |= {"model_type": "tiny_custom", "auto_map": {
-        "AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyLM"}}
+        "AutoConfig": "configuration_tiny.TinyConfig",
+        "AutoModelForCausalLM": "modeling_tiny.TinyLM"}}
     (odd["remote"] / "config.json").write_text(json.dumps(config))
     return odd
 
@@ -632,9 +667,9 @@ def _tiny_qwen2(like: Path, path: Path) -> Path:
 
     llama = AutoConfig.from_pretrained(like)
     cfg = Qwen2Config(**{k: getattr(llama, k) for k in (
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "intermediate_size", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-        "tie_word_embeddings")})
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "intermediate_size", "max_position_embeddings", "pad_token_id",
+        "bos_token_id", "eos_token_id", "tie_word_embeddings")})
     torch.manual_seed(9)
     Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     AutoTokenizer.from_pretrained(like).save_pretrained(path)
@@ -670,7 +705,8 @@ def test_bad_input(case: Case, tiny_zoo, odd_zoo, tmp_path, monkeypatch, caplog,
     lines = stderr.strip().splitlines()
     if record := os.environ.get("BAD_INPUTS_RECORD"):  # the docs table's raw material
         with open(record, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"id": case.id, "code": code, "stderr": stderr.replace(str(tmp_path), "…")
+            f.write(json.dumps({"id": case.id, "code": code,
+                                "stderr": stderr.replace(str(tmp_path), "…")
                                 }) + "\n")
     assert code == case.code, stderr
     assert "Traceback" not in stderr and TOKEN not in stderr

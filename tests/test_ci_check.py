@@ -80,7 +80,8 @@ def test_changed_since_checks_only_what_the_diff_touches(tiny_zoo, tmp_path, mon
 
     # a PR branch edits one recipe: only that one is checked (it is mergeable)
     git(repo, "checkout", "-q", "-b", "pr")
-    (repo / "configs" / "calm.yml").write_text((repo / "configs" / "calm.yml").read_text() + "# edited\n")
+    (repo / "configs" / "calm.yml").write_text(
+        (repo / "configs" / "calm.yml").read_text() + "# edited\n")
     git(repo, "commit", "-qam", "edit calm")
     res = cli("check", "configs", "--changed-since", "main", "--no-progress", "--format", "json")
     assert res.exit_code == 0, res.output
@@ -88,7 +89,8 @@ def test_changed_since_checks_only_what_the_diff_touches(tiny_zoo, tmp_path, mon
 
     # main moves on after the branch point: its changes are not this PR's (merge-base diff)
     git(repo, "checkout", "-q", "main")
-    (repo / "configs" / "risky.yml").write_text((repo / "configs" / "risky.yml").read_text() + "# main\n")
+    (repo / "configs" / "risky.yml").write_text(
+        (repo / "configs" / "risky.yml").read_text() + "# main\n")
     git(repo, "commit", "-qam", "main edits risky")
     git(repo, "checkout", "-q", "pr")
     res = cli("check", "configs", "--changed-since", "main", "--no-progress", "--format", "json")
@@ -132,7 +134,8 @@ def test_github_format_annotations_summary_outputs(repo, tmp_path):
 
     text = summary.read_text()
     assert text.startswith("## ❌ mergekit-collapse: error (3 configs, 2 failing)")
-    assert re.search(r"^\| `configs/risky\.yml` \| ⛔ collapse \| collapse \| \w+ \| one, two, three \| 3 \|$",
+    assert re.search(r"^\| `configs/risky\.yml` \| ⛔ collapse \| collapse \| \w+ "
+                     r"\| one, two, three \| 3 \|$",
                      text, flags=re.M), text
     assert "| converse Δ²/4 (no merge does better) |" in text  # the bounds
     assert "| `./zoo/ft3` | three |" in text  # the per-model risk table
@@ -141,7 +144,8 @@ def test_github_format_annotations_summary_outputs(repo, tmp_path):
     assert outputs(out) == {"verdict": "error", "worst-band": "collapse",
                             "report-path": str((tmp_path / "reports").resolve()), "exit-code": "2"}
     reports = tmp_path / "reports"
-    assert json.loads((reports / "configs_risky" / "report.json").read_text())["verdict"] == "collapse"
+    risky_report = json.loads((reports / "configs_risky" / "report.json").read_text())
+    assert risky_report["verdict"] == "collapse"
     assert json.loads((reports / "summary.json").read_text())["exit_code"] == 2
     assert (reports / "summary.md").read_text() == text
 
@@ -150,7 +154,8 @@ def test_github_format_annotations_summary_outputs(repo, tmp_path):
               "--no-progress", env={**env, "GITHUB_STEP_SUMMARY": "", "GITHUB_OUTPUT": ""})
     assert res.exit_code == 3
     line, col = RISKY_LINES["./zoo/ft3"]
-    (outlier,) = [m for m in map(ANNOTATION.match, res.stdout.splitlines()) if m and "outlier" in m.group(8)]
+    (outlier,) = [m for m in map(ANNOTATION.match, res.stdout.splitlines())
+                  if m and "outlier" in m.group(8)]
     assert (outlier.group(1), int(outlier.group(3)), int(outlier.group(5))) == ("error", line, col)
     assert "The set is over budget" in outlier.group(8)
 
@@ -170,8 +175,10 @@ def test_sarif_validates_against_the_2_1_0_schema(repo):
     assert [(r["ruleId"], r["level"], r["locations"][0]["physicalLocation"]["region"]["startLine"])
             for r in results] == [
         ("collapse-band", "error", 6), ("collapse-band", "error", 8), ("collapse-band", "error", 9),
-        ("collapse-band", "warning", 4), ("collapse-band", "warning", 6), ("bad-config", "error", 6)]
-    assert results[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "configs/risky.yml"
+        ("collapse-band", "warning", 4), ("collapse-band", "warning", 6),
+        ("bad-config", "error", 6)]
+    location = results[0]["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"] == "configs/risky.yml"
     assert results[2]["properties"]["task"] == "three"
     # a SARIF log that breaks the schema is caught (the validation can fail)
     log["runs"][0]["results"][0]["level"] = "fatal"

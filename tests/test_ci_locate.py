@@ -1,4 +1,5 @@
-"""Line and column of each model under `models:` / `slices:` / `modules:`, on real mergekit YAML shapes."""
+"""Line and column of each model under `models:` / `slices:` / `modules:`, on real mergekit YAML
+shapes."""
 
 from __future__ import annotations
 
@@ -123,7 +124,8 @@ def test_every_located_value_is_what_yaml_reads_there(source):
 
 
 def test_keys_and_messages():
-    src = "merge_method: linear\nguard:\n  tasks:\n    org/a.v2: {name: t, probes: [x]}\n  taks: {}\n"
+    src = ("merge_method: linear\nguard:\n  tasks:\n    org/a.v2: {name: t, probes: [x]}\n"
+           "  taks: {}\n")
     assert locate_key(src, "guard.taks").line == 5
     assert locate_key(src, "guard.tasks.org/a.v2.probes").line == 4  # a key with a dot in it
     assert locate_message(src, "unknown key 'guard.taks'; did you mean 'tasks'?").line == 5

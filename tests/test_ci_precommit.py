@@ -40,7 +40,8 @@ def project(tmp_path_factory) -> Path:
 
 
 def pre_commit(repo: Path, *args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PRE_COMMIT_HOME": str(home), "PYTHONPATH": sysconfig.get_paths()["purelib"],
+    env = {**os.environ, "PRE_COMMIT_HOME": str(home),
+           "PYTHONPATH": sysconfig.get_paths()["purelib"],
            "MERGEKIT_COLLAPSE_CACHE": str(home / "mc-cache"), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([str(PRE_COMMIT), *args], cwd=repo, capture_output=True, text=True,
                           env=env, timeout=600)
@@ -74,7 +75,8 @@ def test_readme_snippet_with_pre_commit_run(project, tiny_zoo, tmp_path):
     blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     snippet = yaml.safe_load(next(b for b in blocks if "mergekit-collapse-validate" in b))
     (entry,) = snippet["repos"]
-    assert [h["id"] for h in entry["hooks"]] == ["mergekit-collapse-validate", "mergekit-collapse-check"]
+    assert [h["id"] for h in entry["hooks"]] == ["mergekit-collapse-validate",
+                                                 "mergekit-collapse-check"]
     # point the snippet at the local copy of the project, at its commit
     entry["repo"], entry["rev"] = str(project), git(project, "rev-parse", "HEAD").strip()
     repo = recipes(tmp_path / "recipes", tiny_zoo, {
@@ -86,7 +88,8 @@ def test_readme_snippet_with_pre_commit_run(project, tiny_zoo, tmp_path):
     res = pre_commit(repo, "run", "--all-files", "--hook-stage", "pre-push", home=home)
     assert res.returncode == 1, res.stdout + res.stderr
     assert re.search(r"^mergekit-collapse validate\.+Passed$", res.stdout, flags=re.M), res.stdout
-    assert re.search(r"mergekit-collapse check\.+Failed", res.stdout) and "- exit code: 3" in res.stdout
+    assert (re.search(r"mergekit-collapse check\.+Failed", res.stdout)
+            and "- exit code: 3" in res.stdout)
     rows = {line.split()[0]: line.split() for line in res.stdout.splitlines()
             if line.startswith(("calm.yml", "risky.yml"))}
     assert rows["risky.yml"][1] == "collapse" and rows["calm.yml"][1] == "mergeable", res.stdout

@@ -28,7 +28,8 @@ def test_shipped_schema_is_the_generated_one(name):
     assert printed["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     jsonschema.Draft202012Validator.check_schema(printed)
     assert json.loads(shipped_path(name).read_text()) == printed, (
-        f"regenerate: mergekit-collapse schema {name} > mergekit_collapse/schemas/{name}.schema.json")
+        f"regenerate: mergekit-collapse schema {name} > "
+        f"mergekit_collapse/schemas/{name}.schema.json")
 
 
 def test_guard_schema_validates_every_example_config():

@@ -18,7 +18,8 @@ CONFIG = {
                {"model": "org/base+org/lora-b", "parameters": {"weight": 0.5, "density": 0.5}}],
     "guard": {
         "tasks": {"org/a": {"name": "cola", "probes": [f"a{i}" for i in range(10)]},
-                  "org/base+org/lora-b": {"name": "wnli", "probes": {"file": "b.jsonl", "field": "text"}}},
+                  "org/base+org/lora-b": {"name": "wnli",
+                                          "probes": {"file": "b.jsonl", "field": "text"}}},
         "k": 3,
         "budget": {"absolute": 12.0},
     },
@@ -26,7 +27,8 @@ CONFIG = {
 
 
 def write(tmp_path, cfg=CONFIG):
-    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"b{i}"}) + "\n" for i in range(6)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"b{i}"}) + "\n"
+                                              for i in range(6)))
     path = tmp_path / "c.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -53,7 +55,8 @@ def test_slices_are_understood():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda c: c["guard"].update(budgte={"relative": 1}), "unknown key 'guard.budgte'; did you mean 'budget'"),
+    (lambda c: c["guard"].update(budgte={"relative": 1}),
+     "unknown key 'guard.budgte'; did you mean 'budget'"),
     (lambda c: c["guard"]["tasks"]["org/a"].update(prbes=[]), "did you mean 'probes'"),
     (lambda c: c["guard"]["tasks"].update({"org/c": {"name": "x"}}), "not a model of this merge"),
     (lambda c: c["guard"].update(budget={"relative": 1, "absolute": 2}), "exactly one"),
@@ -118,6 +121,7 @@ def test_probes_from_lm_eval_task_docs(tmp_path):
     # doc_to_text of the task's test documents: "Is {i} even or odd?"
     assert len(probes.texts[:3]) == 3
     assert all(t.startswith("Is ") and t.endswith(" even or odd?") for t in probes.texts[:3])
-    cfg["guard"]["tasks"]["org/a"]["probes"] = {"lm_eval": "no_such_task", "include_path": str(tasks)}
+    cfg["guard"]["tasks"]["org/a"]["probes"] = {"lm_eval": "no_such_task",
+                                                "include_path": str(tasks)}
     with pytest.raises(BadInputError, match="cannot load lm-eval task"):
         build_probes(load_config(write(tmp_path, cfg)))

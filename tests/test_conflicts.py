@@ -1,4 +1,5 @@
-"""Parameter-conflict metrics (Eqs. 4–7): hand-computed values, streamed == naive, LoRA τ == peft merge."""
+"""Parameter-conflict metrics (Eqs. 4–7): hand-computed values, streamed == naive, LoRA τ == peft
+merge."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _naive():
-    spec = importlib.util.spec_from_file_location("naive_conflicts", ROOT / "benchmarks" / "naive_conflicts.py")
+    spec = importlib.util.spec_from_file_location("naive_conflicts",
+                                                  ROOT / "benchmarks" / "naive_conflicts.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -53,7 +55,8 @@ def hand(tmp_path: Path) -> dict[str, Path]:
 
 def test_hand_computed_pair(hand: dict[str, Path]) -> None:
     r = conflict_metrics([hand["m1"], hand["m2"], hand["m3"]], base=hand["base"])
-    # pair (1,2): ||τ1||₁ = 7, ||τ2||₁ = 5; |τ1−τ2| = [1,3,0,4,0,2]; signs differ at 3 of 6 positions
+    # pair (1,2): ||τ1||₁ = 7, ||τ2||₁ = 5; |τ1−τ2| = [1,3,0,4,0,2];
+    # signs differ at 3 of 6 positions
     assert r.magnitude_change_ratio[0][1] == pytest.approx(10 / 12)
     assert r.sign_change_ratio[0][1] == pytest.approx(3 / 6)
     assert r.conflicting_magnitude_ratio[0][1] == pytest.approx((3 + 4 + 2) / 12)
@@ -87,10 +90,12 @@ def test_chunking_does_not_change_values(hand: dict[str, Path]) -> None:
 def test_sharded_and_pickle(hand: dict[str, Path], tmp_path: Path) -> None:
     shard = tmp_path / "m2_sharded"
     shard.mkdir()
-    save_file({"w.weight": torch.tensor([[2.0, 1.0], [0.0, -1.0]])}, str(shard / "model-00001-of-00002.safetensors"))
+    save_file({"w.weight": torch.tensor([[2.0, 1.0], [0.0, -1.0]])},
+              str(shard / "model-00001-of-00002.safetensors"))
     save_file({"b": torch.tensor([1.0, 0.0])}, str(shard / "model-00002-of-00002.safetensors"))
     (shard / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"w.weight": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        {"weight_map": {"w.weight": "model-00001-of-00002.safetensors",
+                        "b": "model-00002-of-00002.safetensors"}}))
     r = conflict_metrics([hand["m1"], shard], base=hand["base"])
     assert r.magnitude_change_ratio[0][1] == pytest.approx(10 / 12)
     (shard / "model.safetensors.index.json").write_text('{"metadata": {}}')
@@ -138,7 +143,8 @@ def test_lora_hand_computed(hand: dict[str, Path], tmp_path: Path,
     ad = LoraAdapter(lora)
     assert ad.modules["w.weight"].scaling == 2.0
     assert ad.delta("w.weight", 0, 2).tolist() == [[2, 4], [-2, -4]]
-    rs = _adapter(tmp_path / "rs", [[1, 2]], [[1], [-1]], {"r": 4, "lora_alpha": 2, "use_rslora": True})
+    rs = _adapter(tmp_path / "rs", [[1, 2]], [[1], [-1]],
+                  {"r": 4, "lora_alpha": 2, "use_rslora": True})
     assert LoraAdapter(rs).modules["w.weight"].scaling == pytest.approx(2 / math.sqrt(4))
     pat = _adapter(tmp_path / "pat", [[1, 2]], [[1], [-1]],
                    {"r": 1, "lora_alpha": 2, "alpha_pattern": {"w": 6}, "rank_pattern": {"x": 9}})
@@ -148,7 +154,8 @@ def test_lora_hand_computed(hand: dict[str, Path], tmp_path: Path,
     assert r.magnitude_change_ratio[0][1] == pytest.approx((1 + 6 + 2 + 7 + 0 + 1) / (12 + 7))
     assert r.sign_change_ratio[0][1] == pytest.approx(4 / 6)  # positions 1, 2, 3, 5
     assert r.conflicting_magnitude_ratio[0][1] == pytest.approx((6 + 2 + 7 + 1) / 19)
-    assert r.cosine_similarity[0][1] == pytest.approx((2 - 8 + 0 - 12) / (math.sqrt(40) * math.sqrt(14)))
+    cosine = (2 - 8 + 0 - 12) / (math.sqrt(40) * math.sqrt(14))
+    assert r.cosine_similarity[0][1] == pytest.approx(cosine)
     # two LoRAs only: no base given (their shared model is it), no base weight read,
     # positions = the adapted module only
     _, _, base_name, _ = resolve_sources([f"{hand['base']}+{lora}", f"{hand['base']}+{rs}"], None)
@@ -167,7 +174,8 @@ def test_lora_hand_computed(hand: dict[str, Path], tmp_path: Path,
     bad = _adapter(tmp_path / "bad", [[1, 2]], [[1], [-1]], {"r": 1})
     (bad / "adapter_model.safetensors").rename(bad / "tmp")
     save_file({"base_model.model.v.lora_A.weight": torch.ones(1, 2),
-               "base_model.model.v.lora_B.weight": torch.ones(2, 1)}, str(bad / "adapter_model.safetensors"))
+               "base_model.model.v.lora_B.weight": torch.ones(2, 1)},
+              str(bad / "adapter_model.safetensors"))
     with pytest.raises(BadInputError, match="does not have"):
         conflict_metrics([f"{hand['base']}+{bad}", hand["m1"]], base=hand["base"])
     pickled = _adapter(tmp_path / "pickled", [[1, 2]], [[1], [-1]], {"r": 1, "lora_alpha": 2})
@@ -177,7 +185,8 @@ def test_lora_hand_computed(hand: dict[str, Path], tmp_path: Path,
     (pickled / "adapter_model.safetensors").unlink()
     with pytest.raises(BadInputError, match="pickle"):
         LoraAdapter(pickled)
-    assert LoraAdapter(pickled, allow_pickle=True).delta("w.weight", 0, 2).tolist() == [[2, 4], [-2, -4]]
+    delta = LoraAdapter(pickled, allow_pickle=True).delta("w.weight", 0, 2)
+    assert delta.tolist() == [[2, 4], [-2, -4]]
     dora = _adapter(tmp_path / "dora", [[1, 2]], [[1], [-1]], {"r": 1, "use_dora": True})
     with pytest.raises(BadInputError, match="DoRA"):
         LoraAdapter(dora)
@@ -214,7 +223,8 @@ def test_lora_tau_matches_peft_merge(tiny_zoo: dict[str, Path]) -> None:
     before = {k: v.clone() for k, v in base.state_dict().items()}
     merged = PeftModel.from_pretrained(base, str(tiny_zoo["lora1"])).merge_and_unload()
     after = merged.state_dict()
-    sources, base_w, _, _ = resolve_sources([f"{tiny_zoo['base']}+{tiny_zoo['lora1']}"], tiny_zoo["base"])
+    sources, base_w, _, _ = resolve_sources([f"{tiny_zoo['base']}+{tiny_zoo['lora1']}"],
+                                            tiny_zoo["base"])
     src = sources[0]
     assert src.names and all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
                                          "o_proj.weight")) for n in src.names)

@@ -57,9 +57,11 @@ def test_progress_on_a_terminal_draws_one_bar_and_nothing_when_disabled():
 
 @pytest.fixture
 def lora_config(tiny_zoo, tmp_path):
-    """A guarded config over a full fine-tune and a LoRA (peft loading is where transformers warns)."""
+    """A guarded config over a full fine-tune and a LoRA (peft loading is where transformers
+    warns)."""
     refs = [str(tiny_zoo["ft1"]), f"{tiny_zoo['base']}+{tiny_zoo['lora1']}"]
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]), "dtype": "float32",
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tiny_zoo["base"]),
+           "dtype": "float32",
            "models": [{"model": r, "parameters": {"weight": 0.5}} for r in refs],
            "guard": {"k": 2, "tasks": {r: {"name": name, "probes": PROBES[2 * i: 2 * i + 2]}
                                        for i, (r, name) in enumerate(zip(refs, ["ft", "lora"],
@@ -70,7 +72,8 @@ def lora_config(tiny_zoo, tmp_path):
 
 
 def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    """The CLI in a fresh process (tqdm reads its switches on first import), stderr a pipe: a log."""
+    """The CLI in a fresh process (tqdm reads its switches on first import), stderr a pipe: a
+    log."""
     return subprocess.run([sys.executable, "-m", "mergekit_collapse", *args], capture_output=True,
                           text=True, timeout=300,
                           env={**os.environ, "MERGEKIT_COLLAPSE_CACHE": str(cache)})

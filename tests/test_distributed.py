@@ -1,5 +1,6 @@
-"""Hidden states on several processes (`check --num-processes 2`, accelerate on gloo): the same report
-as one process, one reporter, errors of any process reported once; the cache loses no update."""
+"""Hidden states on several processes (`check --num-processes 2`, accelerate on gloo): the same
+report as one process, one reporter, errors of any process reported once; the cache loses no
+update."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def without_timing(report: dict) -> dict:
 def test_shares_keep_a_base_and_its_adapters_together_unless_processes_idle(tiny_zoo):
     z = {k: str(v) for k, v in tiny_zoo.items()}
     refs = [ModelReference.parse(r) for r in
-            (z["ft1"], f"{z['base']}+{z['lora1']}", z["ft2"], f"{z['base']}+{z['lora2']}", z["base"])]
+            (z["ft1"], f"{z['base']}+{z['lora1']}", z["ft2"], f"{z['base']}+{z['lora2']}",
+             z["base"])]
     two = shares(refs, 2)
     assert sorted(str(r) for s in two for r in s) == sorted(map(str, refs))
     with_base = [s for s in two if any(z["base"] == str(r.model) for r in s)]
@@ -65,16 +67,17 @@ def test_two_processes_give_the_same_report(tiny_zoo, tmp_path, monkeypatch):
         (broken / f.name).write_bytes(f.read_bytes())
     # base, ft1 and ft3 cost alike, the weightless folder least: process 1 gets ft1 and it
     refs = [str(z["ft1"]), str(z["ft3"]), str(broken)]
-    assert str(broken) in map(str, shares([ModelReference.parse(r) for r in [str(z["base"]), *refs]],
-                                          2)[1])
+    per_process = shares([ModelReference.parse(r) for r in [str(z["base"]), *refs]], 2)
+    assert str(broken) in map(str, per_process[1])
     write_config(tmp_path / "broken.yml", z["base"], refs)
     flags = ["--absolute-budget", "1e9", "--format", "json"]
     one = CliRunner().invoke(main, ["check", "good.yml", "--out", "one", "--no-progress", *flags])
     assert one.exit_code == 0, one.output
 
     # the broken config first: after its error the processes still meet on the next config
-    two = subprocess.run([sys.executable, "-m", "mergekit_collapse", "check", "broken.yml", "good.yml",
-                          "--num-processes", "2", "--out", "two", "--cache-dir", "c2", *flags],
+    two = subprocess.run([sys.executable, "-m", "mergekit_collapse", "check", "broken.yml",
+                          "good.yml", "--num-processes", "2", "--out", "two", "--cache-dir", "c2",
+                          *flags],
                          capture_output=True, text=True, timeout=180)
     assert two.returncode == 2, two.stderr  # the most severe status: bad input
     # the error of process 1, reported once, by the main process
@@ -117,7 +120,8 @@ def test_concurrent_cache_writers_lose_no_update(tmp_path):
     assert all(v[0] == int(k[1:]) for k, v in data.items())
 
 
-def test_several_configs_spread_their_rehearsals_over_the_processes(tiny_zoo, tmp_path, monkeypatch):
+def test_several_configs_spread_their_rehearsals_over_the_processes(tiny_zoo, tmp_path,
+                                                                    monkeypatch):
     """Before the checks, process r rehearses configs r, r + 2, ... into the cache: the checks read
     every rehearsal from it (its cost shows as `cached`), and each matches a one-process run."""
     z = tiny_zoo
@@ -127,13 +131,14 @@ def test_several_configs_spread_their_rehearsals_over_the_processes(tiny_zoo, tm
     flags = ["a.yml", "b.yml", "--absolute-budget", "1e9", "--format", "json", "--no-progress"]
     one = CliRunner().invoke(main, ["check", *flags, "--out", "one"])
     assert one.exit_code == 0, one.output
-    two = subprocess.run([sys.executable, "-m", "mergekit_collapse", "check", *flags, "--out", "two",
-                          "--num-processes", "2", "--cache-dir", "c2"],
+    two = subprocess.run([sys.executable, "-m", "mergekit_collapse", "check", *flags, "--out",
+                          "two", "--num-processes", "2", "--cache-dir", "c2"],
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     steps = {}
     for name in ("a", "b"):
-        ran = [json.loads((tmp_path / d / name / "report.json").read_text()) for d in ("one", "two")]
+        ran = [json.loads((tmp_path / d / name / "report.json").read_text())
+               for d in ("one", "two")]
         assert [[m["rehearsal_agreement"] for m in r["models"]] for r in ran] == \
             [[m["rehearsal_agreement"] for m in ran[0]["models"]]] * 2
         steps[name] = set(ran[1]["run_info"]["seconds"])

@@ -1,4 +1,5 @@
-"""Our errors are also the standard errors they resemble (as huggingface_hub's are); exit codes stay."""
+"""Our errors are also the standard errors they resemble (as huggingface_hub's are); exit codes
+stay."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_exit_codes_and_standard_bases():
     assert [c.exit_code for c in (CollapseError, BadInputError, ConfigError, ModelNotFoundError,
                                   GuardStoppedError, HubError)] == [1, 2, 2, 2, 3, 4]
     assert issubclass(BadInputError, ValueError) and issubclass(ConfigError, BadInputError)
-    assert issubclass(ModelNotFoundError, FileNotFoundError) and issubclass(ModelNotFoundError, ValueError)
+    assert (issubclass(ModelNotFoundError, FileNotFoundError)
+            and issubclass(ModelNotFoundError, ValueError))
     assert not issubclass(GuardStoppedError, ValueError)  # a verdict, not bad input
     e = HubError("push failed: 403", status=403, repo_id="org/name")
     assert (e.status, e.repo_id, str(e)) == (403, "org/name", "push failed: 403")

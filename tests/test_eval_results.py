@@ -41,13 +41,16 @@ def test_entries_round_trip_through_the_hub_parser(merged: Path) -> None:
     # the merged model's score, under the lm-eval task name, as the card's model-index has it
     assert {(e.dataset_id, e.task_id, e.value) for e in back} == {("sst2", "sst2", 0.6),
                                                                   ("gsm8k", "gsm8k", 0.29)}
-    assert {e.notes for e in back} == {"acc, lm-eval limit 50, float32, merged with mergekit-collapse",
-                                       "exact_match, lm-eval limit 50, float32, merged with mergekit-collapse"}
+    assert {e.notes for e in back} == {"acc, lm-eval limit 50, float32, "
+                                       "merged with mergekit-collapse",
+                                       "exact_match, lm-eval limit 50, float32, "
+                                       "merged with mergekit-collapse"}
     # the file is what the Hub reads: a YAML list of {dataset: {id, task_id}, value, ...}
     text = (merged / EVAL_RESULTS_DIR / "sst2.yaml").read_text()
     assert text.startswith(MARKER + "\n")
     assert yaml.safe_load(text)[0]["dataset"] == {"id": "sst2", "task_id": "sst2"}
-    assert "0.95" not in text  # the constituent's score is no entry: the Hub would credit it to this model
+    # the constituent's score is no entry: the Hub would credit it to this model
+    assert "0.95" not in text
 
 
 def test_entries_match_the_cards_model_index(merged: Path) -> None:
@@ -77,7 +80,8 @@ def test_rewriting_replaces_our_files_and_keeps_the_users(merged: Path) -> None:
     (merged / "mergeability" / "evaluation.json").write_text(json.dumps(data))
 
     write_card(merged)
-    assert sorted(p.name for p in (merged / EVAL_RESULTS_DIR).iterdir()) == ["gsm8k.yaml", "my_benchmark.yaml"]
+    written = sorted(p.name for p in (merged / EVAL_RESULTS_DIR).iterdir())
+    assert written == ["gsm8k.yaml", "my_benchmark.yaml"]
     (merged / "mergeability" / "evaluation.json").unlink()
     write_card(merged)
     assert [e.dataset_id for e in read_eval_results(merged)] == ["me/bench"]
@@ -86,12 +90,14 @@ def test_rewriting_replaces_our_files_and_keeps_the_users(merged: Path) -> None:
     assert not (merged / EVAL_RESULTS_DIR).exists()
 
 
-def test_push_carries_eval_results_in_the_one_commit(hub: FakeHub, merged: Path, tmp_path: Path) -> None:
+def test_push_carries_eval_results_in_the_one_commit(hub: FakeHub, merged: Path,
+                                                     tmp_path: Path) -> None:
     from huggingface_hub import hf_hub_download, parse_eval_result_entries
 
     write_card(merged)
     plan = push(merged, REPO, dry_run=True)
-    assert {".eval_results/gsm8k.yaml", ".eval_results/sst2.yaml"} <= {f.path_in_repo for f in plan.files}
+    planned = {f.path_in_repo for f in plan.files}
+    assert {".eval_results/gsm8k.yaml", ".eval_results/sst2.yaml"} <= planned
     assert ".eval_results/sst2.yaml" in plan.to_text()
 
     result = push(merged, REPO, token=TOKEN)

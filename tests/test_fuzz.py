@@ -1,4 +1,5 @@
-"""Property-based fuzzing (hypothesis): the `guard:` section, whole mergekit configs, and the geometry.
+"""Property-based fuzzing (hypothesis): the `guard:` section, whole mergekit configs, and the
+geometry.
 
 Valid inputs parse / compute; invalid ones raise a one-line BadInputError (ConfigError for configs),
 never another exception type. No model is loaded: configs name Hub ids that are never fetched.
@@ -37,7 +38,8 @@ def one_line(e: BaseException) -> bool:
 
 
 def parses_or_config_error(source: str):
-    """parse_config's result, or None when it raised a one-line ConfigError (anything else fails)."""
+    """parse_config's result, or None when it raised a one-line ConfigError (anything else
+    fails)."""
     try:
         return parse_config(source)
     except ConfigError as e:
@@ -105,7 +107,8 @@ BAD = {
     "jung_dim": st.text().filter(lambda s: s not in ("affine", "hidden")),
     "action": st.text().filter(lambda s: s not in action_names()),
     "weights": st.text().filter(lambda s: s not in ("none", "suggest", "apply")),
-    "rehearse": st.one_of(st.integers(2), st.text().filter(lambda s: s not in ("auto", "on", "off"))),
+    "rehearse": st.one_of(st.integers(2),
+                          st.text().filter(lambda s: s not in ("auto", "on", "off"))),
     "rehearse_max_gb": st.floats(max_value=0), "answer_tokens": st.one_of(st.integers(max_value=0),
                                                                           st.integers(513)),
     "budget": st.one_of(
@@ -116,7 +119,8 @@ BAD = {
     "tasks": st.one_of(st.lists(st.text(), min_size=1), st.just({MODELS[0]: {"nme": "x"}}),
                        st.just({"org/not-in-this-merge": {"name": "x"}}),
                        st.just({MODELS[0]: {"name": "x", "probes": {"fle": "p.txt"}}})),
-    "base": st.sampled_from(["", " ", "\t"]),  # blank: mergekit's parse accepts it; found by this test
+    # blank: mergekit's parse accepts it; found by this test
+    "base": st.sampled_from(["", " ", "\t"]),
 }
 
 
@@ -219,7 +223,8 @@ def point_sets(draw):
     elif kind == "collinear":
         pts = rng.normal(size=(n, 1)) * rng.normal(size=(1, dim)) + rng.normal(size=(1, dim))
     elif kind == "clusters":
-        pts = rng.normal(size=(n, dim)) * 1e-4 + rng.integers(0, 2, size=(n, 1)) * rng.normal(size=dim)
+        pts = (rng.normal(size=(n, dim)) * 1e-4
+               + rng.integers(0, 2, size=(n, 1)) * rng.normal(size=dim))
     else:  # a regular simplex (the Jung-extremal case when n = dim + 1)
         pts = np.eye(max(n, dim))[:n, :dim] if n <= dim else rng.normal(size=(n, dim))
     scale = draw(st.sampled_from([1e-6, 1e-2, 1.0, 1e3, 1e6]))

@@ -78,7 +78,8 @@ def _coordinate_meb(points: np.ndarray) -> float:
     """Independent oracle: min t s.t. ||c - p_i||^2 <= t, over centre coordinates c."""
     n, dim = points.shape
     x0 = np.append(points.mean(axis=0), ((points - points.mean(axis=0)) ** 2).sum(1).max())
-    cons = [{"type": "ineq", "fun": (lambda x, p=p: x[-1] - ((x[:-1] - p) ** 2).sum())} for p in points]
+    cons = [{"type": "ineq", "fun": (lambda x, p=p: x[-1] - ((x[:-1] - p) ** 2).sum())}
+            for p in points]
     res = minimize(lambda x: x[-1], x0, constraints=cons, method="SLSQP",
                    options={"ftol": 1e-14, "maxiter": 2000})
     return float(res.x[-1])

@@ -32,8 +32,8 @@ def merged_adapter_vectors(base, lora, settings):
     model = load_causal_lm(base, settings, "cpu", torch.float32)
     merged = PeftModel.from_pretrained(model, lora).merge_and_unload()
     tok = load_tokenizer(base, settings)
-    return forward_pooled(merged.get_decoder(), encode(tok, TEXTS, settings), settings, tok.pad_token_id,
-                          share_prefix=False)
+    return forward_pooled(merged.get_decoder(), encode(tok, TEXTS, settings), settings,
+                          tok.pad_token_id, share_prefix=False)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "last"])
@@ -95,7 +95,8 @@ def test_pickle_only_weights_refused(tiny_zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path / "pickled"
-    AutoModelForCausalLM.from_pretrained(tiny_zoo["ft1"]).save_pretrained(folder, safe_serialization=False)
+    AutoModelForCausalLM.from_pretrained(tiny_zoo["ft1"]).save_pretrained(
+        folder, safe_serialization=False)
     for f in folder.glob("*.safetensors"):
         f.unlink()
     if not list(folder.glob("*.bin")):  # this transformers always writes safetensors
@@ -109,7 +110,8 @@ def test_mismatched_hidden_sizes(tiny_zoo, tmp_path):
 
     wide = make_tiny_llama(tmp_path / "wide", hidden=48)
     with pytest.raises(BadInputError, match="hidden sizes differ"):
-        extract([ref(str(tiny_zoo["ft1"])), ref(str(wide))], TEXTS, ExtractionSettings(), progress=False)
+        extract([ref(str(tiny_zoo["ft1"])), ref(str(wide))], TEXTS, ExtractionSettings(),
+                progress=False)
 
 
 def test_nan_weights_are_bad_input(tiny_zoo, tmp_path):
@@ -137,7 +139,8 @@ def test_shared_prefix_equals_unshared(tiny_zoo, pooling, layer):
     model = PeftModel.from_pretrained(load_causal_lm(tiny_zoo["base"], s, "cpu", torch.float32),
                                       tiny_zoo["lora1"])
     body = model.get_base_model().get_decoder()
-    ids = encode(load_tokenizer(tiny_zoo["base"], s), [f"Answer in one word. {t}" for t in TEXTS], s)
+    ids = encode(load_tokenizer(tiny_zoo["base"], s),
+                 [f"Answer in one word. {t}" for t in TEXTS], s)
     ids.append(ids[0][: shared_prefix_length(ids)])  # a probe that is all prefix
     prefix = shared_prefix_length(ids)
     assert prefix == len(ids[-1]) - 1 > 10  # one token of its own left to the last probe

@@ -69,10 +69,12 @@ def test_push_then_download_round_trip(hub: FakeHub, merged: Path, tmp_path: Pat
     assert {p for p, f in stored.items() if f.lfs} == lfs
 
 
-def test_large_file_goes_through_the_lfs_batch_upload_verify_path(hub: FakeHub, tmp_path: Path) -> None:
+def test_large_file_goes_through_the_lfs_batch_upload_verify_path(hub: FakeHub,
+                                                                  tmp_path: Path) -> None:
     from huggingface_hub import hf_hub_download
 
-    hub.lfs_threshold = 64 * 1024  # the Hub decides at pre-upload; a low threshold keeps the test small
+    # the Hub decides at pre-upload; a low threshold keeps the test small
+    hub.lfs_threshold = 64 * 1024
     out = make_merged_dir(tmp_path, evaluation=False, lfs_size=200_000)
     big_text = ('{"vocab": "' + "x" * 100_000 + '"}').encode()  # text, but above the threshold
     (out / "tokenizer.json").write_bytes(big_text)
@@ -112,7 +114,8 @@ def test_existing_repo_is_refused_without_exist_ok(hub: FakeHub, merged: Path) -
 
 
 @pytest.mark.parametrize("status", [401, 500, 503])
-def test_failure_mid_commit_leaves_the_repo_unchanged(hub: FakeHub, merged: Path, status: int) -> None:
+def test_failure_mid_commit_leaves_the_repo_unchanged(hub: FakeHub, merged: Path,
+                                                      status: int) -> None:
     hub.create(REPO)
     push(merged, REPO, token=TOKEN, exist_ok=True)
     (merged / "config.json").write_text('{"changed": true}')
@@ -187,7 +190,8 @@ def test_network_error_is_a_hub_error(hub: FakeHub, merged: Path) -> None:
     assert (info.value.status, info.value.repo_id) == (None, REPO)  # no HTTP answer, no status
 
 
-def test_dry_run_contacts_nothing(hub: FakeHub, merged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_contacts_nothing(hub: FakeHub, merged: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any request would now raise
@@ -226,8 +230,8 @@ def test_a_file_containing_the_token_is_never_pushed(hub: FakeHub, merged: Path)
 
 
 def test_planted_token_never_appears_in_output_logs_card_or_report(
-        hub: FakeHub, merged: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-        capfd: pytest.CaptureFixture[str]) -> None:
+        hub: FakeHub, merged: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="huggingface_hub")
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # from the environment, as a user would
@@ -294,13 +298,15 @@ def test_no_absolute_local_path_reaches_the_hub(hub: FakeHub, tmp_path: Path) ->
     pushed copies carry display names or relative paths instead (the plan's sizes say so)."""
     out = make_merged_dir(tmp_path)
     local_model = tmp_path / "models" / "my-finetune"
-    (out / "mergekit_config.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {local_model}\n")
+    (out / "mergekit_config.yml").write_text("merge_method: linear\nmodels:\n"
+                                             f"  - model: {local_model}\n")
     (out / "mergeability" / "notes.md").write_text(f"adapter read from {tmp_path}/zoo/adapters/x\n")
     write_card(out)
     result = push(out, REPO, token=TOKEN)
     pushed = hub.files(REPO)
     assert [name for name, data in pushed.items() if str(tmp_path).encode() in data] == []
     assert b"my-finetune" in pushed["mergekit_config.yml"]
-    assert str(local_model) in (out / "mergekit_config.yml").read_text()  # the local copy is untouched
+    # the local copy is untouched
+    assert str(local_model) in (out / "mergekit_config.yml").read_text()
     sizes = {f.path_in_repo: f.size for f in result.files}
     assert all(sizes[name] == len(pushed[name]) for name in sizes)

@@ -1,4 +1,5 @@
-"""`mergekit-yaml --guard` (the .pth hook on mergekit's own console script) and `mergekit-collapse merge`.
+"""`mergekit-yaml --guard` (the .pth hook on mergekit's own console script) and
+`mergekit-collapse merge`.
 
 Real subprocess runs on the tiny fixture models: the guard passes and merges; stops with exit 3 and
 no output; without --guard the files equal plain mergekit's; the disable variable and a broken
@@ -48,9 +49,11 @@ def configs(tiny_zoo: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(list(args), capture_output=True, text=True, env=full, cwd=cwd, timeout=300)
+    return subprocess.run(list(args), capture_output=True, text=True, env=full, cwd=cwd,
+                          timeout=300)
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -104,7 +107,8 @@ def test_without_guard_output_equals_plain_mergekit(configs, tmp_path):
 
 def test_help_lists_guard_options_unless_disabled():
     res = run(MERGEKIT_YAML, "--help")
-    assert res.returncode == 0 and "--guard-action" in res.stdout and "--guard-merge-all" in res.stdout
+    assert (res.returncode == 0 and "--guard-action" in res.stdout
+            and "--guard-merge-all" in res.stdout)
     res = run(MERGEKIT_YAML, "--help", env={"MERGEKIT_COLLAPSE_DISABLE": "1"})
     assert res.returncode == 0 and "--guard" not in res.stdout and "--out-shard-size" in res.stdout
 
@@ -116,7 +120,8 @@ def test_broken_hook_leaves_plain_mergekit_working(configs, tmp_path):
     (broken / "__init__.py").write_text("")
     (broken / "cli").mkdir()
     (broken / "cli" / "__init__.py").write_text("")
-    (broken / "cli" / "mergekit_yaml.py").write_text("raise RuntimeError('deliberately broken hook')\n")
+    (broken / "cli" / "mergekit_yaml.py").write_text(
+        "raise RuntimeError('deliberately broken hook')\n")
     env = {"PYTHONPATH": str(broken.parent)}
     res = run(MERGEKIT_YAML, "--help", env=env)
     assert res.returncode == 0 and "--guard" not in res.stdout and "Traceback" not in res.stderr

@@ -1,4 +1,5 @@
-"""Every shipped example config parses with mergekit's own MergeConfiguration and our guard schema."""
+"""Every shipped example config parses with mergekit's own MergeConfiguration and our guard
+schema."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_demo_yml_is_the_demo_command_config():
 
 def test_shapes_cover_every_config_shape():
     shapes = {p.stem: load_config(p) for p in CONFIGS if p.parent.name == "shapes"}
-    assert {c.merge.merge_method for c in shapes.values()} >= {"linear", "ties", "dare_ties", "slerp"}
+    methods = {c.merge.merge_method for c in shapes.values()}
+    assert methods >= {"linear", "ties", "dare_ties", "slerp"}
     assert shapes["linear-loras"].merge.base_model is None
     assert "base+lora" in shapes["linear-loras"].base_source
     assert shapes["linear-full"].base_source == "guard.base"

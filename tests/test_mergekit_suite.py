@@ -1,11 +1,11 @@
 """MergeKit stays intact: its own test suite passes with mergekit-collapse installed, hook active.
 
 The suite is vendored from the mergekit 0.1.5 sdist in tests/mergekit_suite (origin, license and
-the reconstructed tests/common.py: its README). It runs against whatever mergekit is installed within
-the declared range (`mergekit>=0.1.5`); outside it the test fails, never skips. It runs in a subprocess, from a copy in a temporary
-folder, so neither this project's conftest nor its `tests/common.py` is on its path; a conftest
-written there first asserts that the `.pth` import hook is installed and has added `--guard` to
-`mergekit-yaml`.
+the reconstructed tests/common.py: its README). It runs against whatever mergekit is installed
+within the declared range (`mergekit>=0.1.5`); outside it the test fails, never skips. It runs in a
+subprocess, from a copy in a temporary folder, so neither this project's conftest nor its
+`tests/common.py` is on its path; a conftest written there first asserts that the `.pth` import hook
+is installed and has added `--guard` to `mergekit-yaml`.
 
 CI time: by default the real-size GPT-2 tests (`make_gpt2size`: 124M parameters, ~0.5 GB written
 per merge) are left out; every other test of the suite runs. MERGEKIT_SUITE=all runs them too.
@@ -60,7 +60,8 @@ def check_supported(installed: str) -> None:
     if not req.specifier.contains(Version(installed), prereleases=True):
         pytest.fail(f"mergekit {installed} is installed, but mergekit-collapse requires {req}: "
                     "install a supported mergekit to run its own test suite")
-    assert req.specifier.contains(MERGEKIT_VERSION), f"the vendored suite ({MERGEKIT_VERSION}) is not {req}"
+    assert req.specifier.contains(MERGEKIT_VERSION), (f"the vendored suite ({MERGEKIT_VERSION}) "
+                                                      f"is not {req}")
 
 
 def test_the_vendored_suite_runs_on_any_supported_mergekit():

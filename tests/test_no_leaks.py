@@ -80,7 +80,8 @@ def test_the_token_never_leaks_from_any_command(
         (2, ["--debug", "calibrate", str(records), "--score", "zzz"]),
         (0, ["zoo", "list"]),
         (0, ["plan", str(cfg), "--max-rehearsals", "0", "--out", str(tmp_path / "plan")]),
-        (2, ["--debug", "demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "no.yml")]),
+        (2, ["--debug", "demo", "--out", str(tmp_path / "demo"), "--config",
+             str(tmp_path / "no.yml")]),
     ]
     assert {args[args[0] == "--debug"] for _, args in calls} == set(COMMANDS)
     runner = CliRunner()
@@ -105,6 +106,8 @@ def test_the_token_never_leaks_from_any_command(
     assert any(name.endswith("README.md") for name in published)
     texts += [data.decode(errors="replace") for data in published.values()]
     assert [t[:200] for t in texts if any(n in t for n in NEEDLES)] == []
-    # published: no absolute local path (tests/test_hub.py checks a hand-made folder; these are real)
-    local = (str(tmp_path).encode(), str(tmp_path.resolve()).encode(), str(tiny_zoo["base"]).encode())
+    # published: no absolute local path
+    # (tests/test_hub.py checks a hand-made folder; these are real)
+    local = (str(tmp_path).encode(), str(tmp_path.resolve()).encode(),
+             str(tiny_zoo["base"]).encode())
     assert [name for name, data in published.items() if any(p in data for p in local)] == []

@@ -1,4 +1,5 @@
-"""Nothing lost or half-written: interrupted merges, re-runs, stops, symlinks, corrupt cache entries.
+"""Nothing lost or half-written: interrupted merges, re-runs, stops, symlinks, corrupt cache
+entries.
 
 Real tiny models and real mergekit; a Ctrl-C is injected into mergekit's own write path.
 """
@@ -82,7 +83,8 @@ def test_rerun_replaces_a_previous_merge_whole_and_ctrl_c_leaves_it_as_it_was(
     assert res.exit_code == 0, res.output
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert shards == ["model.safetensors"]
-    assert (out / "mergekit_config.yml").exists() and (out / "mergeability" / "report.json").exists()
+    assert ((out / "mergekit_config.yml").exists()
+            and (out / "mergeability" / "report.json").exists())
     assert leftovers(tmp_path, out) == []
     res = runner.invoke(main, ["push", str(out), "alice/m", "--dry-run"])
     assert res.exit_code == 0, res.output

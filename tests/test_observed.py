@@ -27,7 +27,8 @@ def merged(tiny_zoo, tmp_path):
         "guard": {"tasks": {
             str(tiny_zoo["ft1"]): {"name": "a", "probes": ["alpha beta", "gamma"],
                                    "eval": str(tasks / "tiny_mc.yaml")},
-            lora: {"name": "b", "probes": ["one two", "three"], "eval": str(tasks / "tiny_mc.yaml")}}},
+            lora: {"name": "b", "probes": ["one two", "three"],
+                   "eval": str(tasks / "tiny_mc.yaml")}}},
     }
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -51,7 +52,8 @@ def test_evaluate_merge_end_to_end(merged, monkeypatch):
         assert t.observed_retention is not None and -1 < t.observed_retention < 2
     paths = write_evaluation(ev, out / "mergeability", report)
     data = json.loads(paths["json"].read_text())
-    assert data["schema_version"] == "1.0" and len(data["tasks"]) == 2 and data["dtype"] == "float32"
+    assert (data["schema_version"] == "1.0" and len(data["tasks"]) == 2
+            and data["dtype"] == "float32")
     assert paths["plot"].stat().st_size > 1000
 
     # a re-run pays nothing: every score comes from the cache

@@ -1,5 +1,6 @@
-"""The guard's flags are generated from the pydantic `guard:` model: the same flags, help and choices
-on check, merge, run and the mergekit-yaml hook; a flag overrides the YAML; bad budgets exit 2."""
+"""The guard's flags are generated from the pydantic `guard:` model: the same flags, help and
+choices on check, merge, run and the mergekit-yaml hook; a flag overrides the YAML; bad budgets exit
+2."""
 
 from __future__ import annotations
 
@@ -65,9 +66,11 @@ def test_every_guard_flag_on_every_command(command, prefix):
 def test_runtime_flags_come_from_one_model():
     check, merge = _params("check"), _params("merge")
     for key in ("device", "dtype", "cache_dir", "allow_pickle", "trust_remote_code", "no_progress"):
-        assert check[f"--{key.replace('_', '-')}"].help == RuntimeOptions.model_fields[key].description
+        option = check[f"--{key.replace('_', '-')}"]
+        assert option.help == RuntimeOptions.model_fields[key].description
     for key in ("report", "merge_all", "cache_dir"):
-        assert merge[f"--guard-{key.replace('_', '-')}"].help == RuntimeOptions.model_fields[key].description
+        option = merge[f"--guard-{key.replace('_', '-')}"]
+        assert option.help == RuntimeOptions.model_fields[key].description
     assert check["--device"].default == "auto" and check["--allow-pickle"].is_flag
     assert _params("demo")["--action"].default == "drop"
 
@@ -109,7 +112,8 @@ def test_a_bad_budget_flag_exits_2_with_one_line(tiny_zoo, tmp_path, value):
 
 
 def test_guard_budget_0_does_not_switch_the_guard_off(tiny_zoo, tmp_path):
-    """Without --guard, `--guard-budget 0` still means the guard (and is refused), not plain mergekit."""
+    """Without --guard, `--guard-budget 0` still means the guard (and is refused), not plain
+    mergekit."""
     from mergekit_collapse.cli.mergekit_yaml import wants_guard
 
     assert wants_guard({"guard_budget": 0.0}) and not wants_guard({"guard_budget": None})

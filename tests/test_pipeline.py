@@ -52,7 +52,8 @@ def test_run_end_to_end_with_push_then_resume(config, tmp_path, hub, monkeypatch
     ev = json.loads((out / "mergeability" / "evaluation.json").read_text())
     assert [t["task"] for t in ev["tasks"]] == ["a", "b", "c"]
     # the pushed card round-trips with its mergeability metadata
-    card = ModelCard.load(hf_hub_download(REPO, "README.md", token=TOKEN, cache_dir=tmp_path / "dl"))
+    card = ModelCard.load(hf_hub_download(REPO, "README.md", token=TOKEN,
+                                          cache_dir=tmp_path / "dl"))
     assert "mergekit-collapse" in card.data.tags  # (local paths: no Hub base_model to relate to)
     assert card.data.mergeability["verdict"] == "mergeable"
     assert len(card.data.mergeability["observed"]["tasks"]) == 3

@@ -110,7 +110,8 @@ def test_cli_plan_and_the_card_says_how_the_config_was_chosen(pool_zoo, tmp_path
 
 
 @pytest.mark.parametrize(("space", "words"), [
-    ({"methods": ["lineer"]}, "guard.plan.methods: unknown merge method 'lineer'; did you mean 'linear'"),
+    ({"methods": ["lineer"]},
+     "guard.plan.methods: unknown merge method 'lineer'; did you mean 'linear'"),
     ({"must_include": ["/no/such"]}, "must_include names '/no/such'"),
     ({"refine": 5, "rehearsals": 2}, "exceeds the rehearsal budget"),
 ])

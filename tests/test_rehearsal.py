@@ -50,7 +50,8 @@ def test_guard_base_anchors_full_finetunes(tiny_zoo):
     raw = config(tiny_zoo, ["ft1", "ft2"], base_model=False, base=str(tiny_zoo["base"]))
     cfg = parsed(raw)
     assert cfg.base_source == "guard.base" and str(cfg.base) == str(tiny_zoo["base"])
-    assert check(cfg, progress=False, rehearse="off", dtype="float32").models[0].risk_score is not None
+    assert check(cfg, progress=False, rehearse="off",
+                 dtype="float32").models[0].risk_score is not None
 
 
 def test_no_base_is_said_and_is_not_mergeable(tiny_zoo):
@@ -75,7 +76,8 @@ def test_slerp_with_its_base_among_the_sources_is_a_merge_of_both(tiny_zoo):
                                b: {"name": "B", "probes": PROBES[2:4]}}}}
     report = check(parsed(raw), progress=False, dtype="float32")
     assert [m.task for m in report.models] == ["A", "B"]
-    assert all(m.risk_score is not None and m.predicted_retention is not None for m in report.models)
+    assert all(m.risk_score is not None and m.predicted_retention is not None
+               for m in report.models)
     assert report.rehearsal.status == "ran"
 
 
@@ -134,14 +136,18 @@ def test_decision_table():
     within, over = ("mergeable", "exact"), ("collapse", "converse")
     ok, bad, none = ["low", "elevated"], ["low", "collapse"], [None, None]
     # an explicit budget: the bounds alone
-    assert decide(bounds=within, budget_source="config", signals={"risk": bad}, prefer="risk")[:2] == within
+    assert decide(bounds=within, budget_source="config", signals={"risk": bad},
+                  prefer="risk")[:2] == within
     # the calibrated default: the preferred complete signal decides
-    assert decide(bounds=within, budget_source="calibration", signals={"risk": ok, "rehearsal": bad},
+    assert decide(bounds=within, budget_source="calibration",
+                  signals={"risk": ok, "rehearsal": bad},
                   prefer="rehearsal")[:2] == ("collapse", "rehearsal")
-    assert decide(bounds=within, budget_source="calibration", signals={"risk": bad, "rehearsal": ok},
+    assert decide(bounds=within, budget_source="calibration",
+                  signals={"risk": bad, "rehearsal": ok},
                   prefer="rehearsal")[:2] == ("mergeable", "rehearsal")
     # an incomplete preferred signal falls back to the other
-    assert decide(bounds=within, budget_source="calibration", signals={"risk": ok, "rehearsal": none},
+    assert decide(bounds=within, budget_source="calibration",
+                  signals={"risk": ok, "rehearsal": none},
                   prefer="rehearsal")[:2] == ("mergeable", "risk")
     # beside a validated signal the bounds at the calibrated budget are no veto ...
     assert decide(bounds=over, budget_source="calibration", signals={"risk": ok},
@@ -150,7 +156,8 @@ def test_decision_table():
     assert decide(bounds=over, budget_source="calibration", signals={"risk": none},
                   prefer="risk")[:2] == over
     # no signal: never a bare "mergeable"
-    v, by, why = decide(bounds=within, budget_source="calibration", signals={"risk": none}, prefer="risk")
+    v, by, why = decide(bounds=within, budget_source="calibration", signals={"risk": none},
+                        prefer="risk")
     assert (v, by) == ("unassessed", "none") and "no validated" in why
 
 
@@ -195,14 +202,15 @@ def test_cli_switches_the_rehearsal_and_names_the_base(tiny_zoo, tmp_path):
 
 
 def test_unquoted_on_off_in_yaml_mean_on_and_off():
-    text = ("merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n  - model: a/x\n  - model: a/y\n"
-            "guard:\n  rehearse: {}\n")
+    text = ("merge_method: linear\nparameters: {{weight: 1}}\nmodels:\n  - model: a/x\n"
+            "  - model: a/y\nguard:\n  rehearse: {}\n")
     assert [parse_config(text.format(v)).guard.rehearse for v in ("off", "on", "auto")] == \
         ["off", "on", "auto"]
 
 
 def test_the_rehearsal_leaves_the_config_as_written(tiny_zoo):
-    # mergekit's planner rewrites `models:` into `modules:` in place; the guard's config must not change
+    # mergekit's planner rewrites `models:` into `modules:` in place;
+    # the guard's config must not change
     cfg, _ = _rehearse(tiny_zoo, ["ft1", "ft2"], base_model=False)
     assert cfg.merge.models is not None and cfg.merge.modules is None
 

@@ -40,7 +40,8 @@ def processed_commands(log: str) -> list[tuple[str, str]]:
     return found
 
 
-def _calm_repo(root: Path, zoo: dict[str, Path], *, config: str = "calm.yml", folder: str = "ft2") -> Path:
+def _calm_repo(root: Path, zoo: dict[str, Path], *, config: str = "calm.yml",
+               folder: str = "ft2") -> Path:
     root.mkdir(parents=True)
     (root / "zoo").mkdir()
     for name in ("base", "ft1"):
@@ -57,7 +58,8 @@ NAMES = {"config-name": dict(config="x%:," + INJECT + ".yml"),
 
 @pytest.mark.parametrize("where", sorted(NAMES))
 @pytest.mark.parametrize("command", ["check", "validate"])
-def test_no_workflow_command_injection_through_names(where, command, tiny_zoo, tmp_path, monkeypatch):
+def test_no_workflow_command_injection_through_names(where, command, tiny_zoo, tmp_path,
+                                                     monkeypatch):
     kw = {"config": "calm.yml", "folder": "ft2"} | NAMES[where]
     root = _calm_repo(tmp_path / "r", tiny_zoo, **kw)
     monkeypatch.chdir(root)
@@ -69,7 +71,8 @@ def test_no_workflow_command_injection_through_names(where, command, tiny_zoo, t
         if where == "model-folder":
             (root / "zoo" / kw["folder"]).unlink()
         else:
-            (root / kw["config"]).write_text((root / kw["config"]).read_text().replace("tasks:", "taks:"))
+            (root / kw["config"]).write_text(
+                (root / kw["config"]).read_text().replace("tasks:", "taks:"))
         res = cli("validate", kw["config"], "--format", "github", env=env)
     cmds = processed_commands(res.stdout) + processed_commands(res.stderr)
     assert cmds, res.output
@@ -103,7 +106,8 @@ def test_check_writes_the_reports_of_the_configs_that_ran(tiny_zoo, tmp_path, mo
     monkeypatch.chdir(root)
     res = cli("check", "calm.yml", "n" * 300 + ".yml", "--no-progress", "--out", "out")
     assert res.exit_code == 2, res.output
-    assert len(res.stderr.strip().splitlines()) == 2 and "too long" in res.stderr  # + the "wrote" line
+    # + the "wrote" line
+    assert len(res.stderr.strip().splitlines()) == 2 and "too long" in res.stderr
     assert (root / "out" / "summary.json").is_file()
     assert next((root / "out").glob("calm*/report.json"), None) is not None
 
@@ -152,7 +156,8 @@ def test_the_guard_schema_rejects_what_the_loader_rejects(guard):
 
 
 def test_the_demo_output_never_reaches_what_tests_copy(tmp_path):
-    ignored = subprocess.run(["git", "check-ignore", "-q", "mergekit-collapse-demo/model.safetensors"],
+    ignored = subprocess.run(["git", "check-ignore", "-q",
+                              "mergekit-collapse-demo/model.safetensors"],
                              cwd=ROOT, check=False)
     assert ignored.returncode == 0, ".gitignore must ignore mergekit-collapse-demo/"
     demo = ROOT / "mergekit-collapse-demo"
@@ -186,7 +191,8 @@ def test_hypothesis_is_derandomised_by_default():
     assert settings().derandomize, "tests/conftest.py loads a derandomised hypothesis profile"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through file modes: nothing is read-only")
+@pytest.mark.skipif(os.geteuid() == 0,
+                    reason="root writes through file modes: nothing is read-only")
 def test_a_warm_read_only_cache_still_serves(tiny_zoo, tmp_path, monkeypatch):
     root = _calm_repo(tmp_path / "r", tiny_zoo)
     monkeypatch.chdir(root)
@@ -227,11 +233,12 @@ def test_card_is_written_all_or_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("var", ["GITHUB_STEP_SUMMARY", "GITHUB_OUTPUT"])
-def test_an_unwritable_github_file_keeps_the_verdicts_exit_code(var, tiny_zoo, tmp_path, monkeypatch):
+def test_an_unwritable_github_file_keeps_the_verdicts_exit_code(var, tiny_zoo, tmp_path,
+                                                                monkeypatch):
     root = _calm_repo(tmp_path / "r", tiny_zoo)
     monkeypatch.chdir(root)
     (tmp_path / "a_file").write_text("in the way")
-    res = cli("check", "calm.yml", "--no-progress", "--format", "github", "--absolute-budget", "1e-9",
-              env={var: str(tmp_path / "a_file" / "x")})
+    res = cli("check", "calm.yml", "--no-progress", "--format", "github", "--absolute-budget",
+              "1e-9", env={var: str(tmp_path / "a_file" / "x")})
     assert res.exit_code == 3, res.output  # the verdict (over budget), not 1
     assert "Traceback" not in res.output

@@ -1,4 +1,5 @@
-"""Re-organisation actions on constructed geometries with a known right answer (no models loaded)."""
+"""Re-organisation actions on constructed geometries with a known right answer (no models
+loaded)."""
 
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def test_an_entry_point_action_is_selectable(tmp_path, monkeypatch):
         "    name = 'keep-all'\n"
         "    description = 'merge as written, with a record'\n"
         "    def reorganise(self, ctx, *, merge_all):\n"
-        "        return Reorganisation(merges=[MergeJob(name='', raw=ctx.raw, members=list(ctx.refs),\n"
+        "        return Reorganisation(merges=[MergeJob(name='', raw=ctx.raw, "
+        "members=list(ctx.refs),\n"
         "                                               changed=False, suffix='')])\n")
     dist = tmp_path / "keep_all-1.0.dist-info"
     dist.mkdir()

@@ -1,4 +1,5 @@
-"""Statistics over merge records: hand-computed correlations, AUROC, ANOVA, degenerate inputs, CLI."""
+"""Statistics over merge records: hand-computed correlations, AUROC, ANOVA, degenerate inputs,
+CLI."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def test_one_way_anova_hand_computed() -> None:
     # A: [1, 3], B: [5, 7]: SSB = 16 (df 1), SSW = 4 (df 2): F = 8, p = 1 − √(8/10) (F(1,2) = t²₂)
     res = anova([1, 3, 5, 7], ["A", "A", "B", "B"], ["m", "m", "m", "m"])
     task = res.one_way[0]
-    assert task.factor == "task" and task.f_value == pytest.approx(8.0) and task.sum_sq == pytest.approx(16)
+    assert (task.factor == "task" and task.f_value == pytest.approx(8.0)
+            and task.sum_sq == pytest.approx(16))
     assert task.p == pytest.approx(1 - math.sqrt(0.8))
     method = res.one_way[1]
     assert method.f_value is None and "1 level" in method.reason
@@ -88,7 +90,8 @@ def test_two_way_additive_anova_hand_computed() -> None:
     assert const.one_way[0].f_value is None and const.two_way_reason == "constant loss"
     # each task constant within: SS_task = 2·2.4² + 3·1.6² = 19.2 is defined, F = SS / 0 is not
     flat = anova([1, 1, 5, 5, 5], ["A", "A", "B", "B", "B"], ["m", "n", "m", "n", "m"]).one_way[0]
-    assert flat.f_value is None and flat.reason.startswith("F undefined") and flat.sum_sq == pytest.approx(19.2)
+    assert (flat.f_value is None and flat.reason.startswith("F undefined")
+            and flat.sum_sq == pytest.approx(19.2))
 
 
 def test_beyond_task_separates_task_identity_from_within_task_signal() -> None:
@@ -108,10 +111,12 @@ def test_beyond_task_separates_task_identity_from_within_task_signal() -> None:
     assert tracks.within_rho < -0.9 and tracks.p < 1e-10 and tracks.partial_r2 > 0.9
     # hand check of the partial F on a tiny design: task A [0, 2] vs x [0, 1], B [5, 9] vs x [0, 1]
     res = beyond_task([0, 1, 0, 1, 7], [0, 2, 5, 9, 4], ["A", "A", "B", "B", "C"])
-    # task-only residual: A ±1, B ±2, C 0 -> RSS 10; with x (within slope 3): ±0.5 four times -> RSS 1
+    # task-only residual: A ±1, B ±2, C 0 -> RSS 10;
+    # with x (within slope 3): ±0.5 four times -> RSS 1
     assert res.f_value == pytest.approx((10 - 1) / (1 / 1)) and res.partial_r2 == pytest.approx(0.9)
     assert beyond_task([1, 2, 3], [1, 2, 3], ["A", "B", "C"]).reason.startswith("no residual")
-    assert beyond_task([1, 1, 2, 2], [3, 3, 4, 4], ["A", "A", "B", "B"]).reason == "no variation within tasks"
+    assert beyond_task([1, 1, 2, 2], [3, 3, 4, 4],
+                       ["A", "A", "B", "B"]).reason == "no variation within tasks"
     # a constant score (MergeLens's 99.9 on every zoo model) says nothing, despite float rounding
     assert beyond_task([99.9] * 6, [0, -50, -5, -90, 0, -40], list("AABBCC")).within_rho is None
 
@@ -132,9 +137,12 @@ def test_parse_records_csv_and_jsonl() -> None:
     assert np.isnan(rec.column("mds")[3])
     lines = "\n".join(json.dumps(r) for r in rec.rows)
     again = parse_records(lines)
-    assert again.metrics == rec.metrics and again.column("loss").tolist() == rec.column("loss").tolist()
-    js = parse_records('{"group": 1, "task": "t", "method": "m", "model": "a", "loss": -3, "x": null}\n'
-                       '{"group": 1, "task": "u", "method": "m", "model": "b", "loss": -4, "x": 0.5}')
+    assert (again.metrics == rec.metrics
+            and again.column("loss").tolist() == rec.column("loss").tolist())
+    js = parse_records('{"group": 1, "task": "t", "method": "m", "model": "a", "loss": -3, '
+                       '"x": null}\n'
+                       '{"group": 1, "task": "u", "method": "m", "model": "b", "loss": -4, '
+                       '"x": 0.5}')
     assert js.metrics == ["x"]
     with pytest.raises(BadInputError, match="missing required"):
         parse_records("group,task,loss\n1,a,-3\n")
@@ -154,8 +162,10 @@ def test_parse_records_csv_and_jsonl() -> None:
     short = parse_records("group,task,method,model,loss,x\n1,a,m,p,-3,0.5\n2,b,m,q,-4\n")
     assert short.metrics == ["x"] and np.isnan(short.column("x")[1])
     sparse = parse_records('{"group": 1, "task": "t", "method": "m", "model": "a", "loss": -3}\n'
-                           '{"group": 2, "task": "t", "method": "m", "model": "b", "loss": -4, "x": 2}')
-    assert sparse.metrics == ["x"] and np.isnan(sparse.column("x")[0]) and sparse.labels("group") == ["1", "2"]
+                           '{"group": 2, "task": "t", "method": "m", "model": "b", "loss": -4, '
+                           '"x": 2}')
+    assert (sparse.metrics == ["x"] and np.isnan(sparse.column("x")[0])
+            and sparse.labels("group") == ["1", "2"])
 
 
 def _table_rows(md: str) -> list[list[str]]:
@@ -169,7 +179,8 @@ def test_summarize_and_markdown() -> None:
     assert rep.n == 6 and rep.groups == 3 and rep.n_collapsed == 3
     by = {m.metric: m for m in rep.metrics}
     assert by["mds"].auroc.auroc == pytest.approx(1.0) and by["mds"].correlation.n == 5
-    assert by["retention"].auroc.auroc == pytest.approx(0.0) and by["retention"].auroc.direction == "lower"
+    assert (by["retention"].auroc.auroc == pytest.approx(0.0)
+            and by["retention"].auroc.direction == "lower")
     md = rep.to_markdown()
     cells = {row[0]: row for row in _table_rows(md)}
     assert cells["mds"][:2] == ["mds", "5"] and cells["retention"][7] == "lower"

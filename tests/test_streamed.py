@@ -158,7 +158,8 @@ def test_slices_are_merged_as_mergekit_merges_them(tiny_zoo, tmp_path):
 
 
 @pytest.mark.parametrize("options", [{}, {"use_rslora": True},
-                                     {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}])
+                                     {"rank_pattern": {"q_proj": 2},
+                                      "alpha_pattern": {"v_proj": 3}}])
 def test_lora_tensors_are_pefts_merge(tiny_zoo, tmp_path, options):
     """base + scale·B·A per tensor equals peft's merge_and_unload, tensor for tensor."""
     from mergekit.common import ModelReference

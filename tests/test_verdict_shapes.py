@@ -18,9 +18,11 @@ def shape(zoo, name):
     base = str(zoo["base"])
     weighted = [{"model": r, "parameters": {"weight": 1.0, "density": 0.5}} for r in full]
     raw = {
-        "linear-loras": {"merge_method": "linear", "models": [{"model": r, "parameters": {"weight": 1.0}}
+        "linear-loras": {"merge_method": "linear",
+                         "models": [{"model": r, "parameters": {"weight": 1.0}}
                                                                for r in lora]},
-        "linear-full": {"merge_method": "linear", "models": [{"model": r, "parameters": {"weight": 1.0}}
+        "linear-full": {"merge_method": "linear",
+                        "models": [{"model": r, "parameters": {"weight": 1.0}}
                                                               for r in full]},
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
                             "models": [{"model": r, "parameters": {"weight": 1.0}} for r in full]},

@@ -79,7 +79,8 @@ def _check(task: str, inp: str, answer: str) -> bool:
     if task == "time_of_day":
         hour = int(inp.split(":")[0])
         return answer == {h: p for p, hs in (("night", range(0, 5)), ("morning", range(5, 12)),
-                                             ("afternoon", range(12, 17)), ("evening", range(17, 21)),
+                                             ("afternoon", range(12, 17)),
+                                             ("evening", range(17, 21)),
                                              ("night", range(21, 24))) for h in hs}[hour]
     if task == "season":
         month = inp.split()[0]
@@ -229,7 +230,8 @@ def test_answer_only_logits_match_the_full_head(tiny_zoo: dict[str, Path]) -> No
 
     tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
     model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"], dtype=torch.float32).eval()
-    rows = [encode(tok, p, a) for p, a in (("1 + 2", "3"), ("Sort 3 1", "1 3"), ("hi", "hello there"))]
+    rows = [encode(tok, p, a)
+            for p, a in (("1 + 2", "3"), ("Sort 3 1", "1 3"), ("hi", "hello there"))]
     ids, mask, labels = _batch(rows, tok.pad_token_id)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
@@ -251,7 +253,8 @@ def test_end_of_turn_is_read_from_the_chat_template(tiny_zoo: dict[str, Path]) -
     assert end_of_turn(tok) == "</s>"
     tok.chat_template = GEMMA_CHAT_TEMPLATE
     assert end_of_turn(tok) == "<end_of_turn>"
-    assert format_prompt(tok, "hi") == "<s><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert format_prompt(tok, "hi") == ("<s><start_of_turn>user\nhi<end_of_turn>\n"
+                                        "<start_of_turn>model\n")
     ids, start = encode(tok, "hi", "yo")
     assert tok.decode(ids[start:]) == "yo<end_of_turn>"
 
@@ -283,5 +286,6 @@ def test_demo_config_parses_with_guard_tasks() -> None:
         # the task YAML the zoo export writes, so `evaluate` needs no include path
         assert spec.name in TASKS and spec.eval.endswith(f"tasks/{zoo.eval_name(spec.name)}.yaml")
         probe = cfg.resolve(spec.probes.file)
-        assert probe.parts[-3:] == ("tasks", spec.name, "test.jsonl") and spec.probes.field == "prompt"
+        assert (probe.parts[-3:] == ("tasks", spec.name, "test.jsonl")
+                and spec.probes.field == "prompt")
         assert spec.name in _trained()

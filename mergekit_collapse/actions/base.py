@@ -1,4 +1,5 @@
-"""What an action sees and decides: its context, its outcome (the merges to run) and the base class."""
+"""What an action sees and decides: its context, its outcome (the merges to run) and the base
+class."""
 
 from __future__ import annotations
 
@@ -64,14 +65,16 @@ class ActionContext:
         """`name` (task, MDS, distortion under α*): the numbers that say why a model was moved."""
         m = self.report.models[i]
         mds = "undefined" if m.mds is None else f"{m.mds:.3g}"
-        return f"{m.display or m.name} (task {m.task}, MDS {mds}, distortion {m.distortion_optimal:.4g})"
+        return (f"{m.display or m.name} (task {m.task}, MDS {mds}, "
+                f"distortion {m.distortion_optimal:.4g})")
 
     def over(self) -> str:
         """Why the set is not mergeable, in one clause."""
         r, b = self.report, self.report.bounds
         if r.verdict == Verdict.UNASSESSED:
             return ("no validated signal vouches for this merge (no base model for the risk score, "
-                    "no rehearsal); set guard.base, allow the rehearsal, or give an explicit budget")
+                    "no rehearsal); set guard.base, allow the rehearsal, or give an "
+                    "explicit budget")
         if risky := flagged(r):
             return (f"predicted collapse: the calibrated {r.decided_by} signal puts "
                     f"{', '.join(r.models[i].task for i in risky)} in the collapse band; "

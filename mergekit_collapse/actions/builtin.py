@@ -89,7 +89,8 @@ class Drop(ReorganiseAction):
 
 
     def _drop_risky(self, ctx: ActionContext) -> Reorganisation:
-        """A risk or rehearsal verdict: drop the models the deciding signal puts in its collapse band."""
+        """A risk or rehearsal verdict: drop the models the deciding signal puts in its collapse
+        band."""
         models, r = ctx.report.models, ctx.report
         risky = flagged(ctx.report)
         kept = [ctx.refs[i] for i in range(len(models)) if i not in risky]
@@ -100,10 +101,12 @@ class Drop(ReorganiseAction):
             reason=(f"{ctx.describe(i)}: {score} {models[i].signal(r.decided_by)[1]:.3g} is in "
                     f"the calibrated collapse band"), models=[ctx.names[i]]) for i in risky]
         if len(kept) < 2:
-            return Reorganisation(records=records, stop="guard stopped the merge: fewer than two models "
-                                                    "are outside the collapse band")
+            return Reorganisation(records=records,
+                                  stop="guard stopped the merge: fewer than two models "
+                                       "are outside the collapse band")
         return Reorganisation(records=records, merges=[MergeJob(
-            name="", raw=subset_config(ctx.raw, kept), members=kept, changed=True, suffix=self.name)])
+            name="", raw=subset_config(ctx.raw, kept), members=kept, changed=True,
+            suffix=self.name)])
 
 
 class Split(ReorganiseAction):
@@ -121,7 +124,8 @@ class Split(ReorganiseAction):
                 name=f"group-{k}", raw=subset_config(ctx.raw, kept), members=kept, changed=True,
                 suffix=f"split-{k}", merge=merge_all))
             outcome.records.append(Action(
-                action=self.name, changed=f"group-{k}: {', '.join(ctx.shown(i) for i in grp.members)}",
+                action=self.name,
+                changed=f"group-{k}: {', '.join(ctx.shown(i) for i in grp.members)}",
                 reason=(f"group {k} of {len(groups)} (fewest within-budget groups found): r*² "
                         f"{grp.radius_sq:.4g} ≤ budget {ctx.budget:.4g}; the whole set is over: "
                         f"{ctx.over()}"),
@@ -137,8 +141,8 @@ class Replace(ReorganiseAction):
 
     def reorganise(self, ctx: ActionContext, *, merge_all: bool) -> Reorganisation:
         if not ctx.candidates:
-            return Reorganisation(stop="guard stopped the merge: action 'replace' needs guard.candidates "
-                                   f"({{task: [model, ...]}}); {ctx.over()}",
+            return Reorganisation(stop="guard stopped the merge: action 'replace' needs "
+                                       f"guard.candidates ({{task: [model, ...]}}); {ctx.over()}",
                               records=[Action(action=self.name, changed="nothing: no candidates",
                                               reason=ctx.over())])
         if ctx.vectors is None:

@@ -83,7 +83,8 @@ def compatibility_graph(sq: np.ndarray, budget: float) -> Any:
 
 
 def _cliques_of_size(maximal: list[tuple[int, ...]], size: int) -> list[tuple[int, ...]]:
-    """Every clique of exactly `size` nodes: the size-subsets of the maximal cliques, deduplicated."""
+    """Every clique of exactly `size` nodes: the size-subsets of the maximal cliques,
+    deduplicated."""
     found: set[tuple[int, ...]] = set()
     for clique in maximal:
         if len(clique) < size:
@@ -100,7 +101,8 @@ def _cliques_of_size(maximal: list[tuple[int, ...]], size: int) -> list[tuple[in
 
 def largest_within_budget(sq: np.ndarray, budget: float, *,
                           nodes: Sequence[int] | None = None) -> Group:
-    """The largest subset within budget: a maximum clique of the compatibility graph, confirmed exactly.
+    """The largest subset within budget: a maximum clique of the compatibility graph, confirmed
+    exactly.
 
     Cliques are tried from the largest size down; among the cliques of one size that pass the exact
     check, the one with the smallest r*² wins (ties: the one listed first in the config). A single
@@ -132,7 +134,8 @@ def largest_within_budget(sq: np.ndarray, budget: float, *,
 
 
 def clique_cover(sq: np.ndarray, budget: float) -> list[Group]:
-    """Few groups, each within budget, covering every model: a clique cover of the compatibility graph.
+    """Few groups, each within budget, covering every model: a clique cover of the compatibility
+    graph.
 
     A clique cover of G is a colouring of its complement; networkx's greedy colourings are tried
     with several strategies and the one with fewest colours kept (a heuristic: the minimum cover is

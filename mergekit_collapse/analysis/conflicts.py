@@ -71,7 +71,7 @@ Matrix = list[list[float | None]]
 
 
 class ConflictReport(BaseModel):
-    """Pairwise parameter-conflict metrics (Eqs. 4–7): one N×N matrix per metric, rows in `names` order."""
+    """Pairwise parameter-conflict metrics (Eqs. 4–7): one N×N matrix per metric, rows in `names` order."""  # noqa: E501 - pydantic puts this docstring in the JSON Schema
 
     names: list[str] = Field(description="the model references, in input order")
     base: str | None = Field(description="the base model the task vectors are taken against")
@@ -95,16 +95,18 @@ class ConflictReport(BaseModel):
         return getattr(self, name)
 
     def to_text(self, digits: int = 4) -> str:
-        """A plain-text rendering: one labelled matrix per metric (tabulate), "—" where undefined."""
+        """A plain-text rendering: one labelled matrix per metric (tabulate), "—" where
+        undefined."""
         from tabulate import tabulate
 
         labels = [f"[{i}]" for i in range(len(self.names))]
-        lines = [f"base: {self.base}"] + [f"{lab} {n}" for lab, n in zip(labels, self.names, strict=True)]
+        lines = [f"base: {self.base}"] + [f"{lab} {n}"
+                                          for lab, n in zip(labels, self.names, strict=True)]
         for name, meaning in METRICS.items():
             rows = [[lab, *row] for lab, row in zip(labels, self.metric(name), strict=True)]
             lines += ["", f"{name} ({meaning})",
-                      tabulate(rows, headers=["", *labels], tablefmt="plain", floatfmt=f".{digits}f",
-                               numalign="right", missingval="—")]
+                      tabulate(rows, headers=["", *labels], tablefmt="plain",
+                               floatfmt=f".{digits}f", numalign="right", missingval="—")]
         for note in self.notes:
             lines += ["", f"note: {note}"]
         return "\n".join(lines) + "\n"
@@ -135,8 +137,8 @@ class WeightDir:
             `allow_pickle`.
     """
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False, files: Sequence[str] | None = None,
-                 pickle_files: Sequence[str] | None = None):
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False,
+                 files: Sequence[str] | None = None, pickle_files: Sequence[str] | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise BadInputError(f"model folder not found: {self.path}")
@@ -154,7 +156,8 @@ class WeightDir:
         bins = list(pickle_files) if pickle_files is not None else \
             sorted(p.name for p in self.path.glob("pytorch_model*.bin"))
         if not bins:
-            raise BadInputError(f"{self.path}: no safetensors (or pytorch_model*.bin) weights found")
+            raise BadInputError(f"{self.path}: no safetensors (or pytorch_model*.bin) "
+                                "weights found")
         if not allow_pickle:
             raise BadInputError(
                 f"{self.path}: only pickled weights ({', '.join(bins)}); pickle can run code on "
@@ -225,7 +228,8 @@ class WeightDir:
         """Rows `start:stop` of a tensor (the whole tensor when both are None), as float64.
 
         Raises:
-            BadInputError: the rows hold NaN or inf (a broken checkpoint: every metric would be NaN).
+            BadInputError: the rows hold NaN or inf (a broken checkpoint: every metric would be
+                NaN).
         """
         import torch
 
@@ -251,7 +255,8 @@ class WeightDir:
 
 @dataclass
 class _LoraModule:
-    target: str  # the base tensor this module's delta applies to, e.g. "model.layers.0.q_proj.weight"
+    # the base tensor this module's delta applies to, e.g. "model.layers.0.q_proj.weight"
+    target: str
     a_key: str
     b_key: str
     scaling: float
@@ -271,7 +276,8 @@ def _lora_config(path: Path) -> LoraConfig:
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise BadInputError(f"{cfg_path}: unreadable ({e})") from None
     if cfg.peft_type != PeftType.LORA:
-        raise BadInputError(f"{path}: peft_type {getattr(cfg.peft_type, 'value', cfg.peft_type)} is not LoRA")
+        raise BadInputError(f"{path}: peft_type {getattr(cfg.peft_type, 'value', cfg.peft_type)} "
+                            "is not LoRA")
     return cfg
 
 
@@ -291,15 +297,18 @@ class LoraAdapter:
         self.path = Path(path)
         cfg = _lora_config(self.path)
         if cfg.use_dora:
-            raise BadInputError(f"{self.path}: DoRA adapters are not supported (τ depends on base norms)")
+            raise BadInputError(f"{self.path}: DoRA adapters are not supported "
+                                "(τ depends on base norms)")
         if (self.path / "adapter_model.safetensors").is_file():
             self.weights = WeightDir(self.path, files=["adapter_model.safetensors"])
         elif (self.path / "adapter_model.bin").is_file():
-            self.weights = WeightDir(self.path, allow_pickle=allow_pickle, pickle_files=["adapter_model.bin"])
+            self.weights = WeightDir(self.path, allow_pickle=allow_pickle,
+                                     pickle_files=["adapter_model.bin"])
         else:
             raise BadInputError(f"{self.path}: no adapter_model.safetensors")
         self.modules: dict[str, _LoraModule] = {}
-        #: adapter tensors that replace a base tensor outright (modules_to_save, biases): τ = W − W_base
+        #: adapter tensors that replace a base tensor outright (modules_to_save, biases):
+        #: τ = W − W_base
         self.replaced: dict[str, str] = {}
         self._ab: tuple[str, torch.Tensor, torch.Tensor] | None = None
         self._parse(cfg)
@@ -318,7 +327,8 @@ class LoraAdapter:
             if m:
                 pairs.setdefault(m.group(1), {})[m.group(2)] = key
             elif re.search(r"(^|\.)lora_", stripped):
-                raise BadInputError(f"{self.path}: unsupported adapter tensor '{key}' (LoRA bias/DoRA)")
+                raise BadInputError(f"{self.path}: unsupported adapter tensor "
+                                    f"'{key}' (LoRA bias/DoRA)")
             else:
                 self.replaced[stripped] = key
         from peft.utils.other import get_pattern_key
@@ -331,10 +341,12 @@ class LoraAdapter:
                 raise BadInputError(f"{self.path}: module '{module}' has only one of LoRA A/B")
             a_shape, b_shape = self.weights.shape(a_key), self.weights.shape(b_key)
             if len(a_shape) != 2 or len(b_shape) != 2:
-                raise BadInputError(f"{self.path}: module '{module}' is not a Linear/Embedding LoRA "
-                                    f"(A {a_shape}, B {b_shape}); only 2-D LoRA weights are supported")
+                raise BadInputError(f"{self.path}: module '{module}' is not a Linear/Embedding "
+                                    f"LoRA (A {a_shape}, B {b_shape}); only 2-D LoRA weights "
+                                    "are supported")
             if a_shape[0] != b_shape[1]:
-                raise BadInputError(f"{self.path}: module '{module}' A {a_shape} and B {b_shape} disagree")
+                raise BadInputError(f"{self.path}: module '{module}' "
+                                    f"A {a_shape} and B {b_shape} disagree")
             # as peft's LoraModel._create_and_replace and LoraLayer.update_layer set them
             r = rank_pattern.get(get_pattern_key(rank_pattern, module), cfg.r)
             alpha = alpha_pattern.get(get_pattern_key(alpha_pattern, module), cfg.lora_alpha)
@@ -347,7 +359,8 @@ class LoraAdapter:
             self.modules[target] = _LoraModule(target, a_key, b_key, float(scaling), kind, shape)
 
     def delta(self, target: str, start: int, stop: int) -> torch.Tensor:
-        """Rows `start:stop` of `scaling · B @ A` for one module (peft's get_delta_weight), float64."""
+        """Rows `start:stop` of `scaling · B @ A` for one module (peft's get_delta_weight),
+        float64."""
         m = self.modules[target]
         if self._ab is None or self._ab[0] != target:  # A, B are small: keep the current module's
             self._ab = (target, self.weights.read(m.a_key), self.weights.read(m.b_key))
@@ -469,13 +482,15 @@ def resolve_sources(models: Sequence[Any], base: Any, *, allow_pickle: bool = Fa
                 bw = base_weights()
                 missing = [n for n in lora.replaced if not bw.has(n)]
                 if missing:
-                    raise BadInputError(f"adapter '{ref.lora}' saves '{missing[0]}', which the base lacks")
+                    raise BadInputError(f"adapter '{ref.lora}' saves '{missing[0]}', which the "
+                                        "base lacks")
                 names |= set(lora.replaced)
         sources.append(TaskVectorSource(str(ref), full, lora, names))
     return sources, base_w, str(base_ref), notes
 
 
-def _shape_of(tensor: str, sources: list[TaskVectorSource], base: WeightDir | None) -> tuple[int, ...]:
+def _shape_of(tensor: str, sources: list[TaskVectorSource],
+              base: WeightDir | None) -> tuple[int, ...]:
     shapes = set()
     for s in sources:
         if not s.defines(tensor):
@@ -489,7 +504,8 @@ def _shape_of(tensor: str, sources: list[TaskVectorSource], base: WeightDir | No
     if base is not None and base.has(tensor):
         shapes.add(base.shape(tensor))
     if len(shapes) != 1:
-        raise BadInputError(f"tensor '{tensor}' has different shapes across models: {sorted(shapes)}")
+        raise BadInputError(f"tensor '{tensor}' has different shapes across models: "
+                            f"{sorted(shapes)}")
     return shapes.pop()
 
 
@@ -499,7 +515,8 @@ def task_vector_rows(source: TaskVectorSource, tensor: str, start: int | None, s
 
     Args:
         source: the model.
-        tensor: the parameter name (the base model's name, e.g. `model.layers.0.mlp.up_proj.weight`).
+        tensor: the parameter name (the base model's name, e.g.
+            `model.layers.0.mlp.up_proj.weight`).
         start: first row (None with `stop` None: the whole tensor).
         stop: end row.
         base_rows: a zero-argument callable returning the base's same rows (read at most once).
@@ -524,8 +541,10 @@ def task_vector_rows(source: TaskVectorSource, tensor: str, start: int | None, s
     return tau
 
 
-def task_vector(source: TaskVectorSource, base: WeightDir | None, tensor: str) -> torch.Tensor | None:
-    """One model's whole τ for one tensor (float64), or None where it is zero. For tests and tools."""
+def task_vector(source: TaskVectorSource, base: WeightDir | None,
+                tensor: str) -> torch.Tensor | None:
+    """One model's whole τ for one tensor (float64), or None where it is zero. For tests and
+    tools."""
     return task_vector_rows(source, tensor, None, None,
                             lambda: base.read(tensor) if base is not None else 0.0)
 
@@ -631,7 +650,8 @@ def _finish(acc: _Accumulator) -> dict[str, Matrix]:
             mag = float(acc.l1_pair[i, j] + acc.l1_pair[j, i])
             out["magnitude_change_ratio"][i][j] = _ratio(float(acc.diff_l1[i, j]), mag)
             out["conflicting_magnitude_ratio"][i][j] = _ratio(float(acc.conflict[i, j]), mag)
-            out["sign_change_ratio"][i][j] = _ratio(float(acc.sign_diff[i, j]), float(acc.positions[i, j]))
+            out["sign_change_ratio"][i][j] = _ratio(float(acc.sign_diff[i, j]),
+                                                    float(acc.positions[i, j]))
             c = float(acc.cos_count[i, j])
             out["cosine_similarity"][i][j] = float(acc.cos_sum[i, j]) / c if c else None
             out["cosine_similarity_flat"][i][j] = _ratio(float(acc.dot[i, j]), norms[i] * norms[j])
@@ -641,7 +661,8 @@ def _finish(acc: _Accumulator) -> dict[str, Matrix]:
 def _load_inputs(config_or_models: Any, base: Any) -> tuple[list[Any], Any]:
     from mergekit_collapse.guard.config import LoadedConfig, load_config
 
-    if isinstance(config_or_models, (str, Path)) and Path(config_or_models).suffix in {".yml", ".yaml"}:
+    if (isinstance(config_or_models, (str, Path))
+            and Path(config_or_models).suffix in {".yml", ".yaml"}):
         config_or_models = load_config(config_or_models)
     if isinstance(config_or_models, LoadedConfig):
         return list(config_or_models.models), base if base is not None else config_or_models.base
@@ -677,7 +698,8 @@ def conflict_metrics(config_or_models: Any, *, base: Any = None, allow_pickle: b
 
     models, base = _load_inputs(config_or_models, base)
     if len(models) < 2:
-        raise BadInputError(f"conflict metrics compare pairs: need at least 2 models, got {len(models)}")
+        raise BadInputError("conflict metrics compare pairs: need at least 2 models, "
+                            f"got {len(models)}")
     if chunk_elements < 1:
         raise BadInputError("chunk_elements must be ≥ 1")
     sources, base_w, base_name, notes = resolve_sources(models, base, allow_pickle=allow_pickle)

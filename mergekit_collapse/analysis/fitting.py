@@ -68,10 +68,12 @@ def roc_cuts(oriented: np.ndarray, labels: np.ndarray, *, sensitivity: float) ->
     values, fpr, tpr = distinct[thresholds[1:].astype(int)], fpr[1:], tpr[1:]
     j = tpr - fpr
     k_c = int(np.flatnonzero(j >= j.max() - 1e-12)[0])
-    collapse = _Cut(edge=_edge(values, k_c), sensitivity=float(tpr[k_c]), specificity=float(1 - fpr[k_c]))
+    collapse = _Cut(edge=_edge(values, k_c), sensitivity=float(tpr[k_c]),
+                    specificity=float(1 - fpr[k_c]))
     k_e = int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])
     k_e = max(k_e, k_c)
-    elevated = _Cut(edge=_edge(values, k_e), sensitivity=float(tpr[k_e]), specificity=float(1 - fpr[k_e]))
+    elevated = _Cut(edge=_edge(values, k_e), sensitivity=float(tpr[k_e]),
+                    specificity=float(1 - fpr[k_e]))
     return collapse, elevated
 
 
@@ -87,9 +89,9 @@ def _best_score(records: Records, labels: np.ndarray, keep: np.ndarray) -> str:
     return best
 
 
-def fit_calibration(records: Records, *, score: str | None = None, direction: Direction | None = None,
-                    threshold: float = COLLAPSE_THRESHOLD, sensitivity: float = 0.9,
-                    budget_column: str = DEFAULT_BUDGET_COLUMN,
+def fit_calibration(records: Records, *, score: str | None = None,
+                    direction: Direction | None = None, threshold: float = COLLAPSE_THRESHOLD,
+                    sensitivity: float = 0.9, budget_column: str = DEFAULT_BUDGET_COLUMN,
                     source: dict[str, Any] | None = None) -> Calibration:
     """Fit risk bands on `score` (and the default relative budget) from merge records.
 
@@ -116,15 +118,16 @@ def fit_calibration(records: Records, *, score: str | None = None, direction: Di
     if score is None:
         score = _best_score(records, labels, keep)
     if score not in records.metrics:
-        raise BadInputError(f"no score column '{score}' in the records; metric columns: {records.metrics}")
+        raise BadInputError(f"no score column '{score}' in the records; metric columns: "
+                            f"{records.metrics}")
     x = records.column(score)
     use = keep & ~np.isnan(x)
     x, y, lo = x[use], labels[use], loss[use]
     if len(x) < 3:
         raise BadInputError(f"only {len(x)} records have both '{score}' and a loss; need ≥ 3")
     if y.all() or not y.any():
-        raise BadInputError(f"records need collapsed and non-collapsed rows (loss < {threshold:g}); "
-                            f"{int(y.sum())} of {len(y)} are collapsed")
+        raise BadInputError("records need collapsed and non-collapsed rows (loss < "
+                            f"{threshold:g}); {int(y.sum())} of {len(y)} are collapsed")
     auc = auroc(x, y)
     if direction is None:
         direction = auc.direction or "higher"
@@ -135,13 +138,15 @@ def fit_calibration(records: Records, *, score: str | None = None, direction: Di
     validity = Validity(n=len(x), n_collapsed=int(y.sum()), auroc=oriented_auc,
                         spearman_rho=corr.spearman_rho, spearman_p=corr.spearman_p,
                         youden_j=cut_c.sensitivity + cut_c.specificity - 1,
-                        sensitivity_collapse=cut_c.sensitivity, specificity_collapse=cut_c.specificity,
+                        sensitivity_collapse=cut_c.sensitivity,
+                        specificity_collapse=cut_c.specificity,
                         sensitivity_elevated=cut_e.sensitivity)
     budget = None
     if budget_column in records.metrics:
         b = records.column(budget_column)
         ok = keep & np.isfinite(b)
-        if ok.sum() >= 3 and labels[ok].any() and not labels[ok].all() and np.unique(b[ok]).size > 1:
+        if (ok.sum() >= 3 and labels[ok].any() and not labels[ok].all()
+                and np.unique(b[ok]).size > 1):
             cut_b, _ = roc_cuts(b[ok], labels[ok], sensitivity=sensitivity)
             budget = cut_b.edge if cut_b.edge > 0 else None
     src = dict(source or {})
@@ -153,7 +158,8 @@ def fit_calibration(records: Records, *, score: str | None = None, direction: Di
 
 
 
-def fit_calibration_file(records_path: str | Path, *, out: str | Path | None = None, score: str | None = None,
+def fit_calibration_file(records_path: str | Path, *, out: str | Path | None = None,
+                         score: str | None = None,
                    direction: Direction | None = None, threshold: float = COLLAPSE_THRESHOLD,
                    sensitivity: float = 0.9, budget_column: str = DEFAULT_BUDGET_COLUMN
                    ) -> tuple[Calibration, Path]:
@@ -186,7 +192,8 @@ def fit_calibration_file(records_path: str | Path, *, out: str | Path | None = N
     except UnicodeDecodeError:
         raise BadInputError(f"{path}: records must be UTF-8 text") from None
     suffix = path.suffix.lower()
-    fmt = "jsonl" if suffix in {".jsonl", ".json", ".ndjson"} else "csv" if suffix == ".csv" else None
+    fmt = ("jsonl" if suffix in {".jsonl", ".json", ".ndjson"}
+           else "csv" if suffix == ".csv" else None)
     records = parse_records(text, fmt, source=str(path))
     source = {"file": str(path), "sha256": hashlib.sha256(data).hexdigest(), "n": records.n}
     cal = fit_calibration(records, score=score, direction=direction, threshold=threshold,

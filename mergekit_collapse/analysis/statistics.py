@@ -121,7 +121,8 @@ def _read_jsonl(text: str, source: str) -> pd.DataFrame:
     try:
         return pd.read_json(io.StringIO(text), lines=True, dtype=False, precise_float=True)
     except (ValueError, TypeError) as e:  # TypeError: a line that is not a JSON object
-        raise BadInputError(f"{source}: not JSON lines of one object each ({_first_line(e)})") from None
+        raise BadInputError(f"{source}: not JSON lines of one object each "
+                            f"({_first_line(e)})") from None
 
 
 def _read_csv(text: str, source: str) -> pd.DataFrame:
@@ -137,7 +138,8 @@ def _read_csv(text: str, source: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
     except (pd.errors.ParserError, pd.errors.ParserWarning) as e:
-        raise BadInputError(f"{source}: a row has more cells than the header ({_first_line(e)})") from None
+        raise BadInputError(f"{source}: a row has more cells than the header "
+                            f"({_first_line(e)})") from None
 
 
 def _first_line(e: Exception) -> str:
@@ -178,7 +180,8 @@ def parse_records(text: str, fmt: Literal["csv", "jsonl"] | None = None, *, sour
         try:
             _number(r.get("loss"))
         except (TypeError, ValueError):
-            raise BadInputError(f"{source}: row {i}: loss '{r.get('loss')}' is not a number") from None
+            raise BadInputError(f"{source}: row {i}: "
+                                f"loss '{r.get('loss')}' is not a number") from None
     metrics = []
     for c in columns:
         if c in REQUIRED_COLUMNS:
@@ -191,10 +194,12 @@ def parse_records(text: str, fmt: Literal["csv", "jsonl"] | None = None, *, sour
                 bad.append(i)
         if sum(v is not None for v in values) <= len(bad):
             continue  # a text column (mostly words, a number or two among them)
-        if bad:  # a metric column with a stray cell: the cell is missing, said, not the column dropped
+        # a metric column with a stray cell: the cell is missing, said, not the column dropped
+        if bad:
             first = rows[bad[0] - 1][c]
-            log.warning("%s: column '%s': %d of %d cells are not a number (row %d: %r): left out of "
-                           "every statistic as missing", source, c, len(bad), len(rows), bad[0], first)
+            log.warning("%s: column '%s': %d of %d cells are not a number (row %d: %r): "
+                        "left out of every statistic as missing",
+                        source, c, len(bad), len(rows), bad[0], first)
             for i in bad:
                 rows[i - 1][c] = None
         metrics.append(c)
@@ -218,15 +223,17 @@ class Correlation(BaseModel):
 
 
 class Auroc(BaseModel):
-    """AUROC of a metric for 'collapsed' (loss < threshold). Orientation: higher metric = more risk."""
+    """AUROC of a metric for 'collapsed' (loss < threshold). Orientation: higher metric = more risk."""  # noqa: E501 - pydantic puts this docstring in the JSON Schema
 
     n: int
     n_collapsed: int
-    auroc: float | None = Field(default=None, description="P(collapsed row's metric > other's), ties ½")
+    auroc: float | None = Field(default=None,
+                                description="P(collapsed row's metric > other's), ties ½")
     direction: Literal["higher", "lower"] | None = Field(
         default=None, description="which values go with collapse: higher when auroc ≥ 0.5")
     auroc_best: float | None = Field(default=None, description="max(auroc, 1 − auroc)")
-    mannwhitney_p: float | None = Field(default=None, description="two-sided Mann–Whitney U p-value")
+    mannwhitney_p: float | None = Field(default=None,
+                                        description="two-sided Mann–Whitney U p-value")
     reason: str | None = None
 
 
@@ -308,7 +315,8 @@ def auroc(metric: Sequence[float], is_collapsed: Sequence[bool]) -> Auroc:
     pos, neg = x[y], x[~y]
     out = Auroc(n=len(x), n_collapsed=int(y.sum()))
     if len(pos) == 0 or len(neg) == 0:
-        out.reason = "one class only: " + ("no collapsed rows" if len(pos) == 0 else "every row collapsed")
+        out.reason = "one class only: " + ("no collapsed rows" if len(pos) == 0
+                                           else "every row collapsed")
         return out
     if np.unique(x).size < 2:
         out.reason = "constant metric"
@@ -360,7 +368,8 @@ class Anova(BaseModel):
                 continue
             lines.append(markdown_table(
                 ["factor", "levels", "df", "df resid", "F", "p", "note"],
-                [[r.factor, r.levels, _f(r.df), _f(r.df_resid), _f(r.f_value), _f(r.p), r.reason or ""]
+                [[r.factor, r.levels, _f(r.df), _f(r.df_resid), _f(r.f_value), _f(r.p),
+                  r.reason or ""]
                  for r in rows]))
         return "\n".join(lines) + "\n"
 
@@ -385,7 +394,8 @@ def _one_way(factor: str, loss: np.ndarray, levels: list[str]) -> AnovaRow:
     fit = ols(f"loss ~ C({factor})", data=frame).fit()
     rec = sm.stats.anova_lm(fit).loc[f"C({factor})"]
     row.sum_sq, row.df, row.df_resid = float(rec["sum_sq"]), float(rec["df"]), float(fit.df_resid)
-    if frame.groupby(factor)["loss"].nunique().max() < 2:  # F = SS / 0; the fit's residuals are rounding
+    # F = SS / 0; the fit's residuals are rounding
+    if frame.groupby(factor)["loss"].nunique().max() < 2:
         row.reason = "F undefined (no variance within groups)"
     else:
         row.f_value, row.p = _clean(rec["F"]), _clean(rec["PR(>F)"])
@@ -429,8 +439,8 @@ def anova(loss: Sequence[float], task: Sequence[str], method: Sequence[str]) -> 
         for term, factor, levels in (("C(method)", "method", k_m), ("C(task)", "task", k_t)):
             rec = table.loc[term]
             row = AnovaRow(factor=factor, df=float(rec["df"]), df_resid=float(fit.df_resid),
-                           sum_sq=_clean(rec["sum_sq"]), f_value=_clean(rec["F"]), p=_clean(rec["PR(>F)"]),
-                           levels=levels)
+                           sum_sq=_clean(rec["sum_sq"]), f_value=_clean(rec["F"]),
+                           p=_clean(rec["PR(>F)"]), levels=levels)
             if row.f_value is None:
                 row.reason = "F undefined (the model fits exactly)"
             out.two_way.append(row)
@@ -529,7 +539,8 @@ class StatsReport(BaseModel):
 
     def to_markdown(self) -> str:
         """Markdown tables: one row per metric, then the ANOVA tables."""
-        left_out = f" ({self.n_without_loss} without a loss, left out)" if self.n_without_loss else ""
+        left_out = (f" ({self.n_without_loss} without a loss, left out)" if self.n_without_loss
+                    else "")
         lines = [f"{self.n} records in {self.groups} merges{left_out}; collapsed (loss < "
                  f"{self.threshold:g}): {self.n_collapsed}.", "",
                  "AUROC: P(collapsed row's metric > non-collapsed row's); < 0.5 means lower values "
@@ -541,9 +552,10 @@ class StatsReport(BaseModel):
             c, a, b = m.correlation, m.auroc, m.beyond_task
             note = "; ".join(x for x in (c.reason, a.reason, b.reason) if x)
             rows.append([m.metric, c.n, _f(c.pearson_r), _f(c.pearson_p), _f(c.spearman_rho),
-                         _f(c.spearman_p), _f(a.auroc), a.direction or "—", _f(b.within_rho), _f(b.p), note])
-        lines.append(markdown_table(["metric", "n", "Pearson r", "p", "Spearman ρ", "p", "AUROC", "direction",
-                                     "within-task ρ", "p beyond task", "note"], rows))
+                         _f(c.spearman_p), _f(a.auroc), a.direction or "—", _f(b.within_rho),
+                         _f(b.p), note])
+        lines.append(markdown_table(["metric", "n", "Pearson r", "p", "Spearman ρ", "p", "AUROC",
+                                     "direction", "within-task ρ", "p beyond task", "note"], rows))
         return "\n".join(lines) + "\n" + self.anova.to_markdown()
 
 
@@ -552,7 +564,8 @@ def _f(x: float | None) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub Markdown table (tabulate); cells are printed as given, never re-parsed as numbers."""
+    """A GitHub Markdown table (tabulate); cells are printed as given, never re-parsed as
+    numbers."""
     from tabulate import tabulate
 
     return tabulate(rows, headers=list(headers), tablefmt="github", disable_numparse=True)

@@ -36,7 +36,8 @@ def _skipped(path: Path, root: Path) -> bool:
 
 
 def expand(patterns: list[str] | tuple[str, ...]) -> list[Candidate]:
-    """Files, globs (`**` allowed) and folders (searched for *.yml / *.yaml) -> candidates, in order.
+    """Files, globs (`**` allowed) and folders (searched for *.yml / *.yaml) -> candidates, in
+    order.
 
     Args:
         patterns: what the user gave.

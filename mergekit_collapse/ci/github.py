@@ -79,8 +79,8 @@ def _row(r: ConfigResult) -> str:
     band = report_band(rep) or "—"
     flagged = ", ".join(m.task for m in rep.models
                         if at_or_above(model_band(rep, m)[0], Band.ELEVATED)) or "—"
-    return (f"| `{_cell(r.display)}` | {_icon(rep.verdict)} {rep.verdict} | {band} | {rep.decided_by} | "
-            f"{_cell(flagged)} | {r.exit_code} |")
+    return (f"| `{_cell(r.display)}` | {_icon(rep.verdict)} {rep.verdict} | {band} | "
+            f"{rep.decided_by} | {_cell(flagged)} | {r.exit_code} |")
 
 
 def _details(r: ConfigResult) -> list[str]:

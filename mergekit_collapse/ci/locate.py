@@ -18,7 +18,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mergekit_collapse.guard.config import parse_ref
 
-__all__ = ["ModelSite", "Span", "locate_key", "locate_message", "model_sites", "parse_ref", "same_model"]
+__all__ = ["ModelSite", "Span", "locate_key", "locate_message", "model_sites", "parse_ref",
+           "same_model"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class ModelSite:
 
 
 class _Loader(yaml.SafeLoader):
-    """A SafeLoader whose aliases carry the position where they are used, not where they are defined."""
+    """A SafeLoader whose aliases carry the position where they are used, not where they are
+    defined."""
 
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         if not self.check_event(yaml.AliasEvent):
@@ -195,7 +197,8 @@ def locate_key(source: str, dotted: str) -> Span | None:
             found = _where(entry)
             continue
         keys = _key_nodes(entry)
-        match = max((k for k in keys if rest == k or rest.startswith(k + ".")), key=len, default=None)
+        match = max((k for k in keys if rest == k or rest.startswith(k + ".")), key=len,
+                    default=None)
         if match is None:
             break
         key_node, entry = keys[match]
@@ -212,7 +215,8 @@ def _key_nodes(entry: _Entry) -> dict[str, tuple[Node, _Entry]]:
     out = {}
     for name, sub in _fields(entry).items():
         # inside an alias, or merged in with `<<:`, a key is reported where that is written
-        out[name] = (sub[1] if sub[1] is not None and sub[1] is not sub[0] else keys.get(name, sub[0]), sub)
+        node = sub[1] if sub[1] is not None and sub[1] is not sub[0] else keys.get(name, sub[0])
+        out[name] = (node, sub)
     return out
 
 

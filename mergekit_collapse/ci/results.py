@@ -77,7 +77,8 @@ class Finding:
 
 
 def display_path(path: Path, root: Path | None = None) -> str:
-    """`path` relative to the workspace (GITHUB_WORKSPACE, else the working directory), POSIX style."""
+    """`path` relative to the workspace (GITHUB_WORKSPACE, else the working directory), POSIX
+    style."""
     root = (root or Path(os.environ.get("GITHUB_WORKSPACE") or Path.cwd())).resolve()
     full = path.resolve()
     try:
@@ -268,7 +269,8 @@ def findings(result: ConfigResult) -> list[Finding]:
     r = result.report
     action = ""
     if result.action and r.verdict != Verdict.MERGEABLE and result.action_preview:
-        action = f" guard.action {result.action} would: {'; '.join(w for w, _ in result.action_preview)}."
+        action = (f" guard.action {result.action} would: "
+                  f"{'; '.join(w for w, _ in result.action_preview)}.")
     by_bounds = r.decided_by in BOUNDS
     blamed = outlier(r) if (r.verdict != Verdict.MERGEABLE and by_bounds and r.models) else -1
     found = [f for i in range(len(r.models))
@@ -277,6 +279,7 @@ def findings(result: ConfigResult) -> list[Finding]:
         notes = " ".join(r.notes) or "no note"
         span = locate_key(source, "models") or locate_key(source, "slices")
         found.append(Finding("error", "not-mergeable", f"mergekit-collapse: verdict {r.verdict}",
-                             f"Verdict {r.verdict.upper()} (decided by {r.decided_by}). {notes}{action}",
+                             f"Verdict {r.verdict.upper()} (decided by {r.decided_by}). "
+                             f"{notes}{action}",
                              file, span))
     return found

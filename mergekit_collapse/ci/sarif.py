@@ -1,5 +1,5 @@
-"""SARIF 2.1.0 for code-scanning uploads: one result per flagged model (or broken config), located at
-its line in the YAML."""
+"""SARIF 2.1.0 for code-scanning uploads: one result per flagged model (or broken config), located
+at its line in the YAML."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schem
 
 #: rule id -> (name, short description, default level)
 RULES: dict[str, tuple[str, str, str]] = {
-    "collapse-band": ("CollapseBand", "A model's calibrated risk score is in the collapse band: its "
+    "collapse-band": ("CollapseBand",
+                      "A model's calibrated risk score is in the collapse band: its "
                       "task is predicted to collapse in this merge.", "error"),
     "elevated-band": ("ElevatedBand", "A model's calibrated risk score is in the elevated band.",
                       "warning"),
@@ -29,7 +30,8 @@ RULES: dict[str, tuple[str, str, str]] = {
 def _location(f: Any) -> dict[str, Any]:
     region = ({"startLine": f.span.line, "startColumn": f.span.column, "endLine": f.span.end_line,
                "endColumn": f.span.end_column} if f.span is not None else {"startLine": 1})
-    uri = quote(f.file, safe="/")  # RFC 3986: a space, `#`, `%`, `,`, `:` or a newline percent-encoded
+    # RFC 3986: a space, `#`, `%`, `,`, `:` or a newline percent-encoded
+    uri = quote(f.file, safe="/")
     return {"physicalLocation": {"artifactLocation": {"uri": uri, "uriBaseId": "%SRCROOT%"},
                                  "region": region}}
 
@@ -52,12 +54,14 @@ def to_sarif(results: list[ConfigResult]) -> dict[str, Any]:
             props: dict[str, Any] = {"config": r.display}
             if f.model is not None and r.report is not None:
                 m = next(m for m in r.report.models if m.name == f.model)
-                props.update(model=m.name, task=m.task, risk_band=m.risk_band, risk_score=m.risk_score,
-                             verdict=r.report.verdict, decided_by=r.report.decided_by)
+                props.update(model=m.name, task=m.task, risk_band=m.risk_band,
+                             risk_score=m.risk_score, verdict=r.report.verdict,
+                             decided_by=r.report.decided_by)
+            fingerprint = f"{r.display}:{f.rule}:{f.model}"
             out.append({"ruleId": f.rule, "ruleIndex": ids.index(f.rule), "level": f.level,
                         "message": {"text": f"{f.title}: {f.message}"},
                         "locations": [_location(f)],
-                        "partialFingerprints": {"mergekitCollapse/v1": f"{r.display}:{f.rule}:{f.model}"},
+                        "partialFingerprints": {"mergekitCollapse/v1": fingerprint},
                         "properties": props})
     rules = [{"id": i, "name": name, "shortDescription": {"text": text},
               "defaultConfiguration": {"level": level}} for i, (name, text, level) in RULES.items()]

@@ -49,7 +49,8 @@ def _kind(text: str) -> str:
 
 
 def _missing_paths(cfg: Any, source: str) -> Problem | None:
-    """Local model folders (relative to the working directory, as mergekit reads them) that are absent."""
+    """Local model folders (relative to the working directory, as mergekit reads them) that are
+    absent."""
     for site in model_sites(source):
         ref = parse_ref(site.value)
         parts = [] if ref is None else [ref.model.path] + ([ref.lora.path] if ref.lora else [])

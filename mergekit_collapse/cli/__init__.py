@@ -1,4 +1,5 @@
-"""`mergekit-collapse`: a thin click layer over the API. Commands load lazily so `--help` stays fast."""
+"""`mergekit-collapse`: a thin click layer over the API. Commands load lazily so `--help` stays
+fast."""
 
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:  # our own options (`mergekit-collapse --bogus`)
@@ -113,8 +114,8 @@ def main(verbose: bool, debug: bool) -> None:
     Exit codes: 0 mergeable/ok, 1 unexpected error, 2 bad input or usage,
     3 the guard stopped the merge (over budget), 4 Hub error.
     """
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 def usage_error(e: click.UsageError) -> NoReturn:

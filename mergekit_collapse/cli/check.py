@@ -47,9 +47,10 @@ def format_table(results: list[ConfigResult]) -> str:
             rows.append([name, "error", "—", "—", "—", r.exit_code])
             continue
         cached = f"{r.cached[0]}/{r.cached[1]}" if r.cached else "—"
-        rows.append([name, r.report.verdict, report_band(r.report) or "—", r.report.decided_by, cached,
-                     r.exit_code])
-    return tabulate(rows, headers=["config", "verdict", "worst band", "decided by", "cached", "exit"],
+        rows.append([name, r.report.verdict, report_band(r.report) or "—", r.report.decided_by,
+                     cached, r.exit_code])
+    return tabulate(rows,
+                    headers=["config", "verdict", "worst band", "decided by", "cached", "exit"],
                     tablefmt="plain", disable_numparse=True)
 
 
@@ -71,7 +72,8 @@ def _error_line(r: ConfigResult) -> str:
 def _summary_json(results: list[ConfigResult], status: int) -> dict:
     from mergekit_collapse.ci.results import overall_verdict, worst_band
 
-    return {"exit_code": status, "verdict": overall_verdict(results), "worst_band": worst_band(results),
+    return {"exit_code": status, "verdict": overall_verdict(results),
+            "worst_band": worst_band(results),
             "configs": [{"config": r.display, "exit_code": r.exit_code, "error": r.error,
                          "action": r.action,
                          "action_preview": [{"what": w, "why": y} for w, y in r.action_preview],
@@ -130,8 +132,9 @@ def _select(configs: tuple[str, ...], changed_since: str | None, only_guarded: b
               default="text", show_default=True,
               help="What to print on stdout (github: workflow commands, job summary and outputs).")
 @click.option("--fail-on", type=click.Choice(["collapse", "elevated", "never"]), default="collapse",
-              show_default=True, help="Exit 3 when a verdict is not mergeable (collapse), also when a "
-                                      "model is in the elevated band (elevated), or never.")
+              show_default=True,
+              help="Exit 3 when a verdict is not mergeable (collapse), also when a "
+                   "model is in the elevated band (elevated), or never.")
 @click.option("--changed-since", metavar="REF", default=None,
               help="Check only configs that `git diff REF` touches (or whose local models or probe "
                    "files it touches).")
@@ -221,7 +224,8 @@ def _text(r: ConfigResult) -> str:
         return f"error: {r.display}: {error_message(r)}"
     text = format_text(r.report)
     if r.report.verdict != Verdict.MERGEABLE and r.action:
-        text += "\n" + "\n".join(f"action:  {r.action}: {what} — {why}" for what, why in r.action_preview)
+        text += "\n" + "\n".join(f"action:  {r.action}: {what} — {why}"
+                                 for what, why in r.action_preview)
     return text
 
 
@@ -249,5 +253,5 @@ def _github_files(results: list[ConfigResult], status: int, fail_on: str, note: 
 
 
 def _unwritable(var: str, path: str, e: OSError) -> None:
-    logger.warning("cannot write $%s (%s): %s; the exit status is the verdict's", var, one_line(path),
-                   e.strerror or type(e).__name__)
+    logger.warning("cannot write $%s (%s): %s; the exit status is the verdict's", var,
+                   one_line(path), e.strerror or type(e).__name__)

@@ -12,13 +12,15 @@ DEMO_ACTION = {"type": click.Choice(["drop", "split", "warn", "abort"]), "defaul
 
 
 @click.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="mergekit-collapse-demo",
-              show_default=True, help="Where the zoo, the merge and the card go.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              default="mergekit-collapse-demo", show_default=True,
+              help="Where the zoo, the merge and the card go.")
 @click.option("--fast", is_flag=True, help="Fewer evaluation documents (CI).")
 @click.option("--config", type=click.Path(dir_okay=False), default=None,
               help="Run the same flow on your own config instead of the zoo group.")
 @options(guard_specs(only=("action",), action=DEMO_ACTION))
-@click.option("--limit", type=int, default=None, help="lm-eval documents per task (default 40; 8 with --fast).")
+@click.option("--limit", type=int, default=None,
+              help="lm-eval documents per task (default 40; 8 with --fast).")
 @options(runtime_specs("no_progress"))
 def demo(out_dir: str, fast: bool, config: str | None, action: str, limit: int | None,
          no_progress: bool) -> None:

@@ -1,8 +1,9 @@
-"""`mergekit-collapse merge CONFIG OUT [mergekit-yaml options] [--guard-* options]`: guard, then merge.
+"""`mergekit-collapse merge CONFIG OUT [mergekit-yaml options] [--guard-* options]`: guard, then
+merge.
 
 The same as `mergekit-yaml CONFIG OUT --guard ...`: mergekit's own `add_merge_options` gives every
-mergekit-yaml flag, the `--guard-*` flags come from `cli.options` (generated from the `guard:` model),
-and `mergekit_collapse.merge.guarded_merge` does the work. The mergekit options are built
+mergekit-yaml flag, the `--guard-*` flags come from `cli.options` (generated from the `guard:`
+model), and `mergekit_collapse.merge.guarded_merge` does the work. The mergekit options are built
 on first use, so `mergekit-collapse --help` does not import mergekit (and torch).
 """
 
@@ -27,7 +28,8 @@ class MergeCommand(click.Command):
     """A click command whose mergekit options are attached on first use (parse or help)."""
 
     def __init__(self) -> None:
-        super().__init__("merge", callback=None, params=[], help=HELP, short_help="Guard, then merge with mergekit (every mergekit-yaml option).")
+        super().__init__("merge", callback=None, params=[], help=HELP,
+                         short_help="Guard, then merge with mergekit (every mergekit-yaml option).")
         self._built = False
 
     def _build(self) -> None:

@@ -35,7 +35,8 @@ _INSTALLED = "_mergekit_collapse_guard"
 
 
 def guard_click_options(*, switch: bool = True) -> list[click.Option]:
-    """The `--guard-*` options shared by the mergekit-yaml hook, `merge` and `run` (see cli.options).
+    """The `--guard-*` options shared by the mergekit-yaml hook, `merge` and `run` (see
+    cli.options).
 
     Args:
         switch: include `--guard` itself (mergekit-yaml); `merge` always guards.
@@ -43,7 +44,8 @@ def guard_click_options(*, switch: bool = True) -> list[click.Option]:
     Returns:
         New click.Option objects (a command owns its parameters, so build them per command).
     """
-    opts = build(guard_specs(PREFIX) + runtime_specs("report", "merge_all", "cache_dir", prefix=PREFIX))
+    opts = build(guard_specs(PREFIX) + runtime_specs("report", "merge_all", "cache_dir",
+                                                     prefix=PREFIX))
     if switch:
         opts.insert(0, click.Option(
             ["--guard"], is_flag=True, default=False,

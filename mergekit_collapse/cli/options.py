@@ -74,7 +74,8 @@ class RuntimeOptions(BaseModel):
 
 
 def _click_type(model: type[BaseModel], name: str) -> Any:
-    """The click type of a field: a Choice for a Literal (and for the action), else the annotation."""
+    """The click type of a field: a Choice for a Literal (and for the action), else the
+    annotation."""
     if model is GuardSettings and name == "action":
         return click.Choice(action_names())
     ann = model.model_fields[name].annotation
@@ -93,13 +94,15 @@ def _names(key: str, prefix: str) -> list[str]:
     return [f"--{name.replace('_', '-')}", name]
 
 
-def guard_specs(prefix: str = "", only: tuple[str, ...] | None = None, **changes: dict) -> list[Spec]:
+def guard_specs(prefix: str = "", only: tuple[str, ...] | None = None,
+                **changes: dict) -> list[Spec]:
     """The flags that override `guard:` settings, generated from GuardSettings and Budget.
 
     Args:
         prefix: put before each flag and parameter name (`guard-`).
         only: these keys of GUARD_FLAGS (default: all).
-        **changes: per key, click keyword arguments that replace the generated ones (demo's default).
+        **changes: per key, click keyword arguments that replace the generated ones (demo's
+            default).
 
     Returns:
         (declarations, click keyword arguments) per flag, in GUARD_FLAGS order.
@@ -161,7 +164,8 @@ def runtime_options(params: dict[str, Any], prefix: str = "") -> RuntimeOptions:
         return RuntimeOptions(**found)
     except ValidationError as e:
         err = e.errors()[0]
-        raise click.BadParameter(err["msg"], param_hint=_names(str(err["loc"][0]), prefix)[0]) from None
+        raise click.BadParameter(err["msg"],
+                                 param_hint=_names(str(err["loc"][0]), prefix)[0]) from None
 
 
 def emit(text: str, out: Path | None) -> None:

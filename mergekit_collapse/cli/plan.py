@@ -1,4 +1,5 @@
-"""`mergekit-collapse plan POOL.yml`: the best mergekit config of a pool of fine-tunes, no labels."""
+"""`mergekit-collapse plan POOL.yml`: the best mergekit config of a pool of fine-tunes, no
+labels."""
 
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ import click
 @click.option("--verify-limit", type=click.IntRange(min=1), default=24, show_default=True,
               help="lm-eval documents per task for --verify.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--no-progress", is_flag=True)
 def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | None,
          max_rehearsals: int | None, refine: int | None, methods: str | None, verify: int,
-         verify_limit: int, device: str, dtype: str, cache_dir: str | None, no_progress: bool) -> None:
+         verify_limit: int, device: str, dtype: str, cache_dir: str | None,
+         no_progress: bool) -> None:
     """Search POOL's subsets, methods and weights for the config predicted to keep the most tasks.
 
     The geometry screens every candidate, the rehearsal judges the most promising, optuna refines

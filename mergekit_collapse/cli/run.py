@@ -20,7 +20,8 @@ from mergekit_collapse.cli.options import (
 @click.command("run")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--push", "push_repo", default=None, help="Push the merge to this Hub repo (org/name).")
+@click.option("--push", "push_repo", default=None,
+              help="Push the merge to this Hub repo (org/name).")
 @click.option("--dry-run", is_flag=True, help="Plan the push; contact nothing.")
 @click.option("--private", is_flag=True, help="Create the Hub repo private.")
 @click.option("--exist-ok", is_flag=True, help="Allow pushing into an existing repo.")

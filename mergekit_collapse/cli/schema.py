@@ -1,4 +1,5 @@
-"""`mergekit-collapse schema [guard|report|card]`: print a JSON Schema (the packaged copies match)."""
+"""`mergekit-collapse schema [guard|report|card]`: print a JSON Schema (the packaged copies
+match)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`mergekit-collapse stats RECORDS`: correlations, AUROC and ANOVA of every metric column of merge records."""
+"""`mergekit-collapse stats RECORDS`: correlations, AUROC and ANOVA of every metric column of merge
+records."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from mergekit_collapse.errors import EXIT_BAD_INPUT, EXIT_OK
 @click.command("validate")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "github"]), default="text",
-              show_default=True, help="text: `file:line: message`; github: ::error workflow commands.")
+              show_default=True,
+              help="text: `file:line: message`; github: ::error workflow commands.")
 @click.option("--require-guard", is_flag=True,
               help="A mergekit config without a guard: section is an error.")
 def validate(paths: tuple[str, ...], fmt: str, require_guard: bool) -> None:

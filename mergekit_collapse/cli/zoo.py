@@ -25,7 +25,8 @@ def list_tasks(family: str) -> None:
     from mergekit_collapse.demo.zoo.tasks import TASKS_DEF
 
     for task in FAMILY_TASKS[family]:
-        have = "adapter" if (ADAPTER_DIRS[family] / task / "adapter_model.safetensors").is_file() else "-"
+        adapter = ADAPTER_DIRS[family] / task / "adapter_model.safetensors"
+        have = "adapter" if adapter.is_file() else "-"
         click.echo(f"{task:16} {eval_name(task):20} {TASKS_DEF[task].kind:9} {have}")
 
 

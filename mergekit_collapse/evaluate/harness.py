@@ -30,7 +30,8 @@ def merging_loss(merged: float, constituent: float) -> float:
         The loss in percent.
 
     Raises:
-        BadInputError: the constituent's score is 0 (the ratio is undefined) or a score is not finite.
+        BadInputError: the constituent's score is 0 (the ratio is undefined) or a score is not
+            finite.
     """
     if not (math.isfinite(merged) and math.isfinite(constituent)):
         raise BadInputError(f"merging loss needs finite scores, got {merged} and {constituent}")
@@ -40,7 +41,8 @@ def merging_loss(merged: float, constituent: float) -> float:
 
 
 def _clean_metrics(raw: dict[str, Any]) -> dict[str, float]:
-    """lm-eval's `{'acc,none': 0.9, 'alias': ...}` -> `{'acc': 0.9}` (other filters keep their suffix)."""
+    """lm-eval's `{'acc,none': 0.9, 'alias': ...}` -> `{'acc': 0.9}` (other filters keep their
+    suffix)."""
     out: dict[str, float] = {}
     for key, value in raw.items():
         if key == "alias" or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -70,7 +72,8 @@ def _no_git_probe() -> Iterator[None]:
 def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
               include_path: str | Path | None = None, limit: int | None = None,
               batch_size: int = 16, apply_chat_template: bool = True,
-              include_defaults: bool | None = None, seed: int = 1234) -> dict[str, dict[str, float]]:
+              include_defaults: bool | None = None,
+              seed: int = 1234) -> dict[str, dict[str, float]]:
     """Evaluate a loaded causal LM on lm-eval tasks, offline.
 
     Args:

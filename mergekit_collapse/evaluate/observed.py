@@ -42,7 +42,8 @@ class TaskOutcome(BaseModel):
     constituent: float | None = None
     merged: float | None = None
     base: float | None = None
-    loss: float | None = Field(description="(merged / constituent - 1) * 100; None if constituent is 0")
+    loss: float | None = Field(description=(
+        "(merged / constituent - 1) * 100; None if constituent is 0"))
     observed_retention: float | None = None
 
 
@@ -85,7 +86,8 @@ def resolve_eval(spec: TaskSpec, cfg: LoadedConfig) -> EvalTask | None:
     try:
         name = load_yaml(path, resolve_func=False).get("task")
     except (OSError, ValueError, yaml.YAMLError) as e:
-        raise BadInputError(f"{path}: not a readable lm-eval task YAML ({str(e).splitlines()[0]})") from None
+        raise BadInputError(f"{path}: not a readable lm-eval task YAML "
+                            f"({str(e).splitlines()[0]})") from None
     if not isinstance(name, str) or not name:
         raise BadInputError(f"{path}: no `task:` name in this lm-eval YAML")
     return EvalTask(name, path.parent, hashlib.sha256(text.encode()).hexdigest())
@@ -103,7 +105,8 @@ def headline(metrics: dict[str, float], task: str) -> tuple[str, float]:
 
 
 class ScoreCache:
-    """lm-eval scores keyed by (model identity, task, task YAML, limit, dtype, versions), a JSON file each."""
+    """lm-eval scores keyed by (model identity, task, task YAML, limit, dtype, versions), a JSON
+    file each."""
 
     def __init__(self, root: Path | None = None, *, chat: bool = True):
         self.root = (root or cache_root()) / "scores"
@@ -116,7 +119,8 @@ class ScoreCache:
         key = json.dumps(parts if self.chat else [*parts, "plain"])  # chat: the keys of before
         return self.root / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
 
-    def get(self, identity: str, task: EvalTask, limit: int | None, dtype: str) -> dict[str, float] | None:
+    def get(self, identity: str, task: EvalTask, limit: int | None,
+            dtype: str) -> dict[str, float] | None:
         path = self._path(identity, task, limit, dtype)
         try:
             metrics = json.loads(path.read_text())
@@ -136,7 +140,8 @@ class ScoreCache:
 
 def _score(model: Any, tok: Any, identity: str, tasks: list[EvalTask], *, limit: int | None,
            batch_size: int, cache: ScoreCache, dtype: str) -> dict[str, dict[str, float]]:
-    """Scores of one loaded model on tasks, from the cache where possible; grouped by include path."""
+    """Scores of one loaded model on tasks, from the cache where possible; grouped by include
+    path."""
     from mergekit_collapse.evaluate.harness import run_tasks
 
     out: dict[str, dict[str, float]] = {}
@@ -150,7 +155,8 @@ def _score(model: Any, tok: Any, identity: str, tasks: list[EvalTask], *, limit:
     chat = cache.chat and bool(getattr(tok, "chat_template", None))
     if cache.chat and not chat and todo:
         log.warning("the tokenizer of %s has no chat template: lm-eval scores plain prompts (set "
-                    "guard.chat_template: false to say so)", getattr(tok, "name_or_path", "a model"))
+                    "guard.chat_template: false to say so)",
+                    getattr(tok, "name_or_path", "a model"))
     for include, group in todo.items():
         results = run_tasks(model, tok, [t.name for t in group], include_path=include, limit=limit,
                             batch_size=batch_size, apply_chat_template=chat)
@@ -211,7 +217,8 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         raise BadInputError("no model has a guard.tasks.<ref>.eval task to evaluate on")
     all_tasks = list({t.name: t for t in (tasks[str(m)] for m in evaluated)}.values())
     cache = ScoreCache(chat=cfg.guard.chat_template)
-    refs = [str(m) for m in evaluated] + ([str(cfg.base)] if with_base and cfg.base is not None else [])
+    base_ref = [str(cfg.base)] if with_base and cfg.base is not None else []
+    refs = [str(m) for m in evaluated] + base_ref
     steps = Progress("evaluate", 2 + len(evaluated) + int(with_base), enabled=progress,
                      labels=display_names(refs, cfg.path.parent if cfg.path else None))
 
@@ -271,14 +278,16 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         ours = merged_scores[t.name].get(metric, float("nan"))
         base = base_scores.get(t.name, {}).get(metric)
         loss = (ours / theirs - 1.0) * 100.0 if theirs else None  # Eq. 1
-        outcomes.append(TaskOutcome(model=str(m), task=cfg.task_of(m).name, eval=t.name, metric=metric,
-                                    constituent=theirs, merged=ours, base=base, loss=loss,
-                                    observed_retention=retention.get(str(m))))
+        outcomes.append(TaskOutcome(model=str(m), task=cfg.task_of(m).name, eval=t.name,
+                                    metric=metric, constituent=theirs, merged=ours, base=base,
+                                    loss=loss, observed_retention=retention.get(str(m))))
     losses = [o.loss for o in outcomes if o.loss is not None]
-    return Evaluation(limit=limit, dtype=dtype, tasks=outcomes, mean_loss=float(np.mean(losses)) if losses else None)
+    return Evaluation(limit=limit, dtype=dtype, tasks=outcomes,
+                      mean_loss=float(np.mean(losses)) if losses else None)
 
 
-def observed_retention(merged_dir: Path, cfg: LoadedConfig, dtype: str = "auto") -> dict[str, float]:
+def observed_retention(merged_dir: Path, cfg: LoadedConfig,
+                       dtype: str = "auto") -> dict[str, float]:
     """Retention measured with the merged model's real hidden states on the config's probes.
 
     One forward pass of the merged model (the constituents' and base's vectors come from the
@@ -311,7 +320,8 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | Path,
     paths = {"json": out / "evaluation.json"}
     atomic_write_text(paths["json"], evaluation.model_dump_json(indent=2))
     if report is not None:
-        paths["plot"] = plot_predicted_vs_observed(report, evaluation, out / "predicted_vs_observed.png")
+        paths["plot"] = plot_predicted_vs_observed(report, evaluation,
+                                                   out / "predicted_vs_observed.png")
     return paths
 
 
@@ -323,7 +333,8 @@ def plot_predicted_vs_observed(report: GuardReport, evaluation: Evaluation, path
     import matplotlib.pyplot as plt
 
     by_name = {m.name: m for m in report.models}
-    rows = [(o, by_name[o.model]) for o in evaluation.tasks if o.model in by_name and o.loss is not None]
+    rows = [(o, by_name[o.model]) for o in evaluation.tasks
+            if o.model in by_name and o.loss is not None]
     panels = [("MDS (Eq. 3)", lambda o, m: m.mds),
               ("relative distortion (the risk score)", lambda o, m: m.relative_distortion),
               ("retention (planned)", lambda o, m: m.retention),

@@ -76,12 +76,14 @@ def apply_overrides(cfg: LoadedConfig, *, budget: float | None = None,
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        raise BadInputError(f"invalid override {where}={err.get('input')!r}: {err['msg']}") from None
+        raise BadInputError(f"invalid override {where}={err.get('input')!r}: "
+                            f"{err['msg']}") from None
     return with_guard(cfg, guard)
 
 
 def extraction_settings(cfg: LoadedConfig, *, device: str = "auto", dtype: str = "auto",
-                        allow_pickle: bool = False, trust_remote_code: bool = False) -> ExtractionSettings:
+                        allow_pickle: bool = False,
+                        trust_remote_code: bool = False) -> ExtractionSettings:
     g = cfg.guard
     return ExtractionSettings(layer=g.layer, pooling=g.pooling, dtype=dtype, device=device,
                               batch_size=g.batch_size, max_length=g.max_length,
@@ -110,8 +112,8 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     if not cfg.models:
         raise BadInputError("the config merges no models")
     if len(cfg.models) == 1:
-        raise BadInputError(f"the config merges only one model ({cfg.models[0]}): the guard compares "
-                            "two or more; add the others under models:")
+        raise BadInputError(f"the config merges only one model ({cfg.models[0]}): the guard "
+                            "compares two or more; add the others under models:")
     probes = build_probes(cfg, models=[*cfg.models, *extra_models])
     refs = ([cfg.base] if cfg.base is not None else []) + list(cfg.models) + list(extra_models)
     settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
@@ -181,7 +183,8 @@ def prefill_rehearsals(configs: list[Path], *, device: str = "auto", dtype: str 
         try:
             cfg = apply_overrides(load_config(path), **overrides)
             probes = build_probes(cfg)
-            settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
+            settings = extraction_settings(cfg, device=device, dtype=dtype,
+                                           allow_pickle=allow_pickle,
                                            trust_remote_code=trust_remote_code)
             if settings.device == "auto" and state.device.type == "cuda":
                 settings = replace(settings, device=str(state.device))  # this process's GPU
@@ -207,8 +210,8 @@ def rehearsal_gate(cfg: LoadedConfig, probes: ProbeSet, settings: Any) -> Rehear
                                               limit_gb=g.rehearse_max_gb)
         if need > limit:
             return RehearsalInfo(status="skipped", reason=(
-                f"the streamed pass needs about {need / 1e9:.1f} GB > {limit / 1e9:.1f} GB {where}; "
-                "--rehearse on forces it"))
+                f"the streamed pass needs about {need / 1e9:.1f} GB > {limit / 1e9:.1f} GB "
+                f"{where}; --rehearse on forces it"))
     return None
 
 
@@ -263,7 +266,8 @@ def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
         multi-process run (`run_guard`).
 
     Raises:
-        BadInputError: invalid config, missing/mismatched models, empty probes, NaNs, unsafe weights.
+        BadInputError: invalid config, missing/mismatched models, empty probes, NaNs, unsafe
+            weights.
     """
     run = run_guard(config, budget=budget, absolute_budget=absolute_budget, device=device,
                     dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle,
@@ -273,7 +277,8 @@ def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
 
 def _budget_scale(base: np.ndarray | None, hidden: np.ndarray) -> tuple[float, str]:
     if base is not None:
-        return geometry.probe_spread(base), "base model probe spread mean_x ||h_base(x) - mean h_base||²"
+        return (geometry.probe_spread(base),
+                "base model probe spread mean_x ||h_base(x) - mean h_base||²")
     return (float(np.mean([geometry.probe_spread(h) for h in hidden])),
             "no base model: mean of the constituents' probe spreads")
 
@@ -306,7 +311,8 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
     geo = geometry.analyse(hidden, hidden_size=hidden_size, jung_dim=g.jung_dim)
     scale, source = _budget_scale(base, hidden)
     try:
-        bud = resolve_budget(g.budget, scale, source, cal.relative_budget or DEFAULT_RELATIVE_BUDGET)
+        bud = resolve_budget(g.budget, scale, source,
+                             cal.relative_budget or DEFAULT_RELATIVE_BUDGET)
     except ValueError:
         raise BadInputError("relative budget needs a non-degenerate probe spread; "
                             "use an absolute budget") from None
@@ -336,14 +342,17 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         entries.append(ModelEntry(
             name=name, display=shown[name], task=tasks[i],
             mds=float(geo.mds[i]) if geo.mds is not None else None,
-            mean_hidden_sim=float(geo.mean_hidden_sim[i]) if geo.mean_hidden_sim is not None else None,
+            mean_hidden_sim=(float(geo.mean_hidden_sim[i]) if geo.mean_hidden_sim is not None
+                             else None),
             distortion_optimal=float(geo.optimal[i]), distortion_uniform=float(geo.uniform[i]),
             distortion_planned=float(planned[i]) if planned is not None else None,
             shift=float(anchored.shift[i]) if anchored is not None else None,
             retention=_finite(anchored.retention[i]) if anchored is not None else None,
-            relative_distortion=_finite(anchored.relative_distortion[i]) if anchored is not None else None,
+            relative_distortion=(_finite(anchored.relative_distortion[i]) if anchored is not None
+                                 else None),
         ))
-        score = getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields else None
+        score = (getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields
+                 else None)
         entries[-1].risk_score = score
         entries[-1].risk_band = cal.band(score)
     result, info = rehearsal or (None, None)
@@ -352,7 +361,8 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         info.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_token_agreement"
         if cal.rehearsal:
             info.direction = cal.rehearsal.direction
-            info.elevated, info.collapse = cal.rehearsal.bands.elevated, cal.rehearsal.bands.collapse
+            bands = cal.rehearsal.bands
+            info.elevated, info.collapse = bands.elevated, bands.collapse
         for e, m in zip(entries, cfg.models, strict=True):
             for k, x in result.models[str(m)].items():
                 setattr(e, k, x)
@@ -378,11 +388,13 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
         hidden_sim=geo.hidden_sim.tolist() if geo.hidden_sim is not None else None,
         hidden_sim_note=geo.hidden_sim_note,
         distances=Distances(mean=geo.distances.mean.tolist(), rms=geo.distances.rms.tolist()),
-        bounds=Bounds(diameter=geo.diameter, converse=geo.converse, jung=geo.jung, jung_n=geo.jung_n,
-                      jung_dim=g.jung_dim, exact=geo.exact, uniform=float(geo.uniform.max()),
+        bounds=Bounds(diameter=geo.diameter, converse=geo.converse, jung=geo.jung,
+                      jung_n=geo.jung_n, jung_dim=g.jung_dim, exact=geo.exact,
+                      uniform=float(geo.uniform.max()),
                       planned=float(planned.max()) if planned is not None else None),
         weights={n: float(a) for n, a in zip(names, geo.ball.weights, strict=True)},
-        planned_weights={n: float(x) for n, x in zip(names, w, strict=True)} if w is not None else None,
+        planned_weights=({n: float(x) for n, x in zip(names, w, strict=True)} if w is not None
+                         else None),
         budget=BudgetInfo(mode=bud.mode, value=bud.value, absolute=bud.absolute, scale=bud.scale,
                           scale_source=bud.scale_source, source=bud.source),
         risk=RiskInfo(score=cal.score, direction=cal.direction, elevated=cal.bands.elevated,

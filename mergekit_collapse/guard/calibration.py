@@ -9,9 +9,9 @@ From merge records (format: `mergekit_collapse.statistics`), with "collapsed" me
   see `statistics.auroc`), unless given.
 * **bands** — ``low`` / ``elevated`` / ``collapse`` edges on that score. The *collapse* edge
   maximises Youden's J = sensitivity + specificity − 1 over the ROC cuts (ties: the more specific
-  cut, leaving the sensitive side to *elevated*); the *elevated* edge is the least extreme cut that still flags at least ``sensitivity``
-  (default 0.9) of the collapsed rows, never beyond the collapse edge. Edges sit halfway between
-  the two observed values they separate.
+  cut, leaving the sensitive side to *elevated*); the *elevated* edge is the least extreme cut that
+  still flags at least ``sensitivity`` (default 0.9) of the collapsed rows, never beyond the
+  collapse edge. Edges sit halfway between the two observed values they separate.
 * **relative_budget** — when the records carry the guard's budget quantity (the ``exact_rel``
   column by default: the group's r*² over the base's probe spread, what a relative budget
   bounds), its Youden-J cut with higher = more risk; otherwise None (the guard keeps its own
@@ -52,7 +52,7 @@ DEFAULT_BUDGET_COLUMN = "exact_rel"
 
 
 class Bands(BaseModel):
-    """Band edges in the score's own units: `collapse` from this edge on, `elevated` from that one."""
+    """Band edges in the score's own units: `collapse` from this edge on, `elevated` from that one."""  # noqa: E501 - pydantic puts this docstring in the JSON Schema
 
     elevated: float
     collapse: float
@@ -128,7 +128,8 @@ class Calibration(BaseModel):
 
 
 def default_path() -> Path:
-    """Where `calibrate` writes and `load_calibration` looks first: cache_root()/calibration.json."""
+    """Where `calibrate` writes and `load_calibration` looks first:
+    cache_root()/calibration.json."""
     return cache_root() / CALIBRATION_FILE
 
 
@@ -156,7 +157,8 @@ def _parse(text: str, where: str) -> Calibration:
 
 
 def load_calibration(path: str | Path | None = None) -> Calibration:
-    """The calibration in use: `path`, else the user's `cache_root()/calibration.json`, else the default.
+    """The calibration in use: `path`, else the user's `cache_root()/calibration.json`, else the
+    default.
 
     Args:
         path: an explicit calibration JSON.
@@ -175,5 +177,6 @@ def load_calibration(path: str | Path | None = None) -> Calibration:
     user = default_path()
     if user.is_file():
         return _parse(user.read_text(encoding="utf-8"), str(user))
-    text = resources.files("mergekit_collapse.guard").joinpath(DEFAULT_RESOURCE).read_text(encoding="utf-8")
+    resource = resources.files("mergekit_collapse.guard").joinpath(DEFAULT_RESOURCE)
+    text = resource.read_text(encoding="utf-8")
     return _parse(text, f"packaged {DEFAULT_RESOURCE}")

@@ -1,4 +1,5 @@
-"""Read a mergekit YAML with mergekit's own `MergeConfiguration`, plus our top-level `guard:` section."""
+"""Read a mergekit YAML with mergekit's own `MergeConfiguration`, plus our top-level `guard:`
+section."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def action_names() -> list[str]:
     """The built-in actions, then those other installed packages register (entry points)."""
     from importlib.metadata import entry_points
 
-    extra = sorted({ep.name for ep in entry_points(group=ACTION_ENTRY_POINTS)} - set(BUILTIN_ACTIONS))
+    registered = {ep.name for ep in entry_points(group=ACTION_ENTRY_POINTS)}
+    extra = sorted(registered - set(BUILTIN_ACTIONS))
     return [*BUILTIN_ACTIONS, *extra]
 
 
@@ -95,7 +97,7 @@ class Budget(_Strict):
 
 
 class PlanSpace(_Strict):
-    """`guard.plan`: the search space of `mergekit-collapse plan` (the candidates are the models)."""
+    """`guard.plan`: the search space of `mergekit-collapse plan` (the candidates are the models)."""  # noqa: E501 - pydantic puts this docstring in the JSON Schema
 
     methods: list[str] | None = Field(default=None, min_length=1, description=(
         "merge methods to try (default: linear, task_arithmetic, ties, dare_ties, della, "
@@ -149,13 +151,16 @@ class GuardSettings(_Strict):
         "per constituent model, keyed by its reference exactly as written under models: its task, "
         "probes and evaluation"))
     k: int = Field(default=5, ge=1, description="probes per task")
-    seed: int = Field(default=0, description="seed of the probe sampling (per task) and the rehearsal")
+    seed: int = Field(default=0,
+                      description="seed of the probe sampling (per task) and the rehearsal")
     layer: int = Field(default=-1, description="hidden layer; -1 = last (final-norm output)")
     # benchmarks/RESULTS.md: last-token pooling predicted loss better
     pooling: Pooling = Field(default="last", description=(
-        "a probe's vector: its last token's hidden state (last) or the mean over its tokens (mean)"))
+        "a probe's vector: its last token's hidden state (last) or the mean over its "
+        "tokens (mean)"))
     chat_template: bool = Field(default=True, description=(
-        "wrap probes, and lm-eval's prompts in `evaluate`, in the tokenizer's chat template when it has one"))
+        "wrap probes, and lm-eval's prompts in `evaluate`, in the tokenizer's chat template when "
+        "it has one"))
     max_length: int = Field(default=256, ge=8, description="probe token limit")
     batch_size: int = Field(default=16, ge=1, description="probes per forward pass")
     budget: Budget = Field(default_factory=Budget, description=(
@@ -256,7 +261,8 @@ def parse_ref(value: Any) -> Any | None:
 def _is_member_tag(x: Any) -> bool:
     """pydantic names the union member an error belongs to in its loc (`ProbeFile`, `list[str]`,
     `function-after[...]`): a type's name, never a bare `[` a user may write as a key."""
-    return isinstance(x, str) and (x in _MODEL_NAMES or re.fullmatch(r"[\w-]+\[.*\]", x) is not None)
+    return isinstance(x, str) and (x in _MODEL_NAMES
+                                   or re.fullmatch(r"[\w-]+\[.*\]", x) is not None)
 
 
 def _loc(error: dict) -> tuple:
@@ -274,7 +280,8 @@ def _closest_member(errors: list[dict]) -> list[dict]:
     members: dict[tuple, list[dict]] = {}
     for e in errors:
         loc = tuple(e.get("loc", ()))
-        search = loc[:-1] if e.get("type") == "extra_forbidden" else loc  # the last is the user's key
+        # the last is the user's key
+        search = loc[:-1] if e.get("type") == "extra_forbidden" else loc
         cut = next((i for i, x in enumerate(search) if _is_member_tag(x)), None)
         members.setdefault(loc[: cut + 1] if cut is not None else (), []).append(e)
     if len(members) <= 1 or () in members:
@@ -321,7 +328,8 @@ def endpoint_base(method: str) -> bool:
 
 
 def ordered_models(merge: Any) -> list[Any]:
-    """Constituent models in the order the YAML lists them (mergekit's referenced_models() is a set).
+    """Constituent models in the order the YAML lists them (mergekit's referenced_models() is a
+    set).
 
     The base model is left out, except where it is an interpolation endpoint (`endpoint_base`).
     """
@@ -430,8 +438,8 @@ def _merge_groups(merge: Any) -> list[tuple[str, list[Any], Any, Any]]:
         slices = [from_models(module.models)] if module.models else module.slices or []
         for i, s in enumerate(slices):
             label = (f"{name}." if name else "") + ("models" if module.models else f"slices[{i}]")
-            groups.append((label, [src.model for src in s.sources], s.base_model or merge.base_model,
-                           reader.for_out_slice(s)))
+            groups.append((label, [src.model for src in s.sources],
+                           s.base_model or merge.base_model, reader.for_out_slice(s)))
     return groups
 
 
@@ -548,7 +556,8 @@ def read_text(path: str | Path, what: str) -> str:
     except FileNotFoundError:
         raise ModelNotFoundError(f"{what} file not found: {p}") from None
     except UnicodeDecodeError as e:
-        raise BadInputError(f"{what} {p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+        raise BadInputError(f"{what} {p} is not UTF-8 text (byte {e.start}): "
+                            "save it as UTF-8") from None
     except OSError as e:
         raise BadInputError(f"cannot read {what} {p}: {e}") from None
 

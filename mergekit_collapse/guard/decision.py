@@ -18,7 +18,7 @@ A model's band on a signal (`band_of`): "collapse" at or beyond the calibrated c
 "elevated" at or beyond the elevated edge, else "low"; "beyond" follows the signal's direction
 (higher is riskier for a risk score, lower for a retention such as the rehearsal's agreement).
 The enums are `str`-valued: reports store their plain values, so JSON and YAML are unchanged.
-"""
+"""  # noqa: E501 - Markdown table rows
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def at_or_above(band: str | None, floor: str) -> bool:
 
 
 def orientation(direction: str | None) -> float:
-    """+1 when higher values are riskier, −1 when lower are: `orientation * value` grows with risk."""
+    """+1 when higher values are riskier, −1 when lower are: `orientation * value` grows with
+    risk."""
     return -1.0 if direction == "lower" else 1.0
 
 

@@ -114,7 +114,8 @@ def shares(models: list[Any], n: int) -> list[list[Any]]:
 
 def extract_shared(state: Any, models: list[Any], texts: list[str] | tuple[str, ...],
                    settings: ExtractionSettings, *, cache_dir: Path | None = None,
-                   progress: bool = True, labels: Mapping[str, str] | None = None) -> dict[str, int]:
+                   progress: bool = True,
+                   labels: Mapping[str, str] | None = None) -> dict[str, int]:
     """Extract this process's share of `models` into the cache; wait for every process.
 
     Args:
@@ -131,7 +132,8 @@ def extract_shared(state: Any, models: list[Any], texts: list[str] | tuple[str, 
         else is an unexpected error naming the process), on every process alike.
     """
     if settings.device == "auto":
-        settings = replace(settings, device=str(state.device) if state.device.type == "cuda" else "cpu")
+        settings = replace(settings,
+                           device=str(state.device) if state.device.type == "cuda" else "cpu")
     with state.split_between_processes(shares(models, state.num_processes)) as mine:
         share = mine[0]
     from accelerate.utils import gather_object
@@ -179,8 +181,10 @@ def launch(argv: list[str], num_processes: int) -> int:
         raise BadInputError(f"--num-processes {num_processes} > the {gpus} GPU(s) here "
                             "(one GPU per process)")
     # the cores shared out (torchrun would give each process one thread)
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
-    if not is_verbose():  # the main process prints the error itself; torchrun's "failed" line is noise
+    threads = (os.environ.get("OMP_NUM_THREADS")
+               or str(max(1, (os.cpu_count() or 1) // num_processes)))
+    # the main process prints the error itself; torchrun's "failed" line is noise
+    if not is_verbose():
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = launch_command_parser().parse_args([
         "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",

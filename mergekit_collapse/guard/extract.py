@@ -2,7 +2,8 @@
 
 Full fine-tunes are loaded one at a time and freed; LoRA adapters are swapped on one loaded base
 (peft). The LM head is never run: for small models it costs more than the body. Vectors are cached
-per (model identity, settings) and per probe, so a re-run computes only missing (model, probe) pairs.
+per (model identity, settings) and per probe, so a re-run computes only missing (model, probe)
+pairs.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                         ids = encode(tok, [texts[i] for i in idx], settings)
                         vecs, tokens = run_forward(body, ids, settings, pad_id(tok))
                     except BadInputError as e:
-                        raise BadInputError(f"{names.get(str(job.ref), str(job.ref))}: {e}") from None
+                        raise BadInputError(f"{names.get(str(job.ref), str(job.ref))}: "
+                                            f"{e}") from None
                     job.cache.update(dict(zip(job.missing, vecs, strict=True)))
                     result.tokens_computed += tokens
                     result.tokens_saved += sum(map(len, ids)) - tokens
@@ -163,7 +165,8 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
                  result.tokens_computed, result.tokens_saved)
 
     for job in jobs:
-        result.vectors[str(job.ref)] = np.stack([job.cache.data[k] for k in keys]).astype(np.float32)
+        stacked = np.stack([job.cache.data[k] for k in keys])
+        result.vectors[str(job.ref)] = stacked.astype(np.float32)
         result.computed.setdefault(str(job.ref), 0)
     sizes = {v.shape[1] for v in result.vectors.values()}
     if len(sizes) > 1:

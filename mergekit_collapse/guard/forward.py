@@ -214,11 +214,14 @@ def _non_finite(body: Any) -> str:
     rerun = "rerun in float32 (--dtype float32, under mergekit-yaml --guard-dtype float32)"
     params = list(body.named_parameters())
     if (nan := next((n for n, p in params if torch.isnan(p).any()), None)) is not None:
-        return f"hidden states contain NaN or inf in {dtype}: the weights hold NaN ({nan}); check the checkpoint"
+        return (f"hidden states contain NaN or inf in {dtype}: the weights hold NaN ({nan}); "
+                "check the checkpoint")
     if (inf := next((n for n, p in params if torch.isinf(p).any()), None)) is not None:
         if dtype == "float32":
-            return f"hidden states contain NaN or inf in float32: the weights hold inf ({inf}); check the checkpoint"
-        return f"hidden states contain NaN or inf in {dtype}: weight {inf} overflows {dtype}; {rerun}"
+            return (f"hidden states contain NaN or inf in float32: the weights hold inf ({inf}); "
+                    "check the checkpoint")
+        return (f"hidden states contain NaN or inf in {dtype}: weight {inf} overflows {dtype}; "
+                f"{rerun}")
     if dtype == "float32":
         return ("hidden states contain NaN or inf in float32: the model overflows even in float32; "
                 "check the checkpoint")
@@ -241,7 +244,8 @@ def run_forward(body: Any, token_ids: list[list[int]], settings: ExtractionSetti
         for batch in _batches(token_ids, settings.batch_size):
             ids, mask = _padded([token_ids[i][start:] for i in batch], pad_id, device)
             if prefix is None:
-                hidden = _hidden(body, captured, input_ids=ids, attention_mask=mask, use_cache=False)
+                hidden = _hidden(body, captured, input_ids=ids, attention_mask=mask,
+                                 use_cache=False)
                 pooled = _pool(hidden, mask, settings.pooling)
             else:
                 pooled = prefix.pool(_hidden(body, captured, **prefix.inputs(ids, mask)), mask,

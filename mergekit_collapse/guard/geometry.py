@@ -32,7 +32,8 @@ def check_distances(sq: np.ndarray) -> np.ndarray:
     except (TypeError, ValueError):
         raise BadInputError("the distance matrix is not numeric") from None
     if d.ndim != 2 or d.shape[0] != d.shape[1] or d.shape[0] == 0:
-        raise BadInputError(f"the distance matrix must be square and non-empty, got shape {d.shape}")
+        raise BadInputError("the distance matrix must be square and non-empty, "
+                            f"got shape {d.shape}")
     if not np.isfinite(d).all():
         raise BadInputError("the distance matrix contains NaN or inf")
     tol = _MATRIX_RTOL * float(np.abs(d).max())
@@ -43,7 +44,8 @@ def check_distances(sq: np.ndarray) -> np.ndarray:
         raise BadInputError(f"the distance matrix is not symmetric: D[{i},{j}] = {d[i, j]:.6g} but "
                             f"D[{j},{i}] = {d[j, i]:.6g}")
     if np.abs(np.diag(d)).max() > tol:
-        raise BadInputError("the distance matrix has a non-zero diagonal (a model's distance to itself)")
+        raise BadInputError("the distance matrix has a non-zero diagonal (a model's distance "
+                            "to itself)")
     d = np.maximum((d + d.T) / 2, 0.0)
     np.fill_diagonal(d, 0.0)
     return d
@@ -113,7 +115,8 @@ def hidden_sim(dmean: np.ndarray) -> tuple[np.ndarray | None, str | None]:
 
 
 def mds(sim: np.ndarray) -> np.ndarray:
-    """Merging Difficulty Score (paper Eq. 3): MDS_i = 1 / mean_{j != i} HiddenSim(i,j); >= 1, inf at 0."""
+    """Merging Difficulty Score (paper Eq. 3): MDS_i = 1 / mean_{j != i} HiddenSim(i,j);
+    >= 1, inf at 0."""
     n = sim.shape[0]
     mean_sim = (sim.sum(axis=1) - np.diag(sim)) / (n - 1)
     with np.errstate(divide="ignore"):
@@ -149,14 +152,16 @@ def jung_dimension(n_models: int, ambient_dim: int, hidden_size: int, mode: str 
 
 
 def distortions(sq: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """||sum_j w_j p_j - p_i||^2 for every i, for affine weights w (sum 1): (D w)_i - 1/2 w^T D w."""
+    """||sum_j w_j p_j - p_i||^2 for every i, for affine weights w (sum 1):
+    (D w)_i - 1/2 w^T D w."""
     w = np.asarray(weights, dtype=np.float64)
     dw = sq @ w
     return np.maximum(dw - 0.5 * w @ dw, 0.0)
 
 
 def edm_min_eigenvalue(sq: np.ndarray) -> float:
-    """Smallest eigenvalue of -1/2 J D J (>= 0 iff D is a Euclidean distance matrix), scaled by max D."""
+    """Smallest eigenvalue of -1/2 J D J (>= 0 iff D is a Euclidean distance matrix),
+    scaled by max D."""
     n = sq.shape[0]
     if n < 2 or sq.max() == 0:
         return 0.0
@@ -264,7 +269,8 @@ class BaseAnchored:
 
 
 def base_anchored(sq_with_base: np.ndarray, task_weights: np.ndarray) -> BaseAnchored:
-    """Retention and distortion of each model under the planned merge p_m = p_0 + sum_j w_j (p_j - p_0).
+    """Retention and distortion of each model under the planned merge
+    p_m = p_0 + sum_j w_j (p_j - p_0).
 
     Args:
         sq_with_base: (N+1) x (N+1) squared distances, index 0 the base model.
@@ -326,7 +332,8 @@ class Geometry:
         return self.ball.radius_sq
 
 
-def analyse(hidden: np.ndarray, *, hidden_size: int | None = None, jung_dim: str = "affine") -> Geometry:
+def analyse(hidden: np.ndarray, *, hidden_size: int | None = None,
+            jung_dim: str = "affine") -> Geometry:
     """Compute the group geometry of DESIGN.md from pooled hidden states (N, P, d).
 
     Raises:
@@ -334,7 +341,8 @@ def analyse(hidden: np.ndarray, *, hidden_size: int | None = None, jung_dim: str
     """
     h = np.asarray(hidden, dtype=np.float64)
     if h.ndim != 3 or h.shape[0] == 0:
-        raise BadInputError("need hidden states of at least one model, shaped (models, probes, dim)")
+        raise BadInputError("need hidden states of at least one model, shaped (models, "
+                            "probes, dim)")
     n, _, d = h.shape
     dist = pairwise_distances(h)
     sq = dist.sq
@@ -348,7 +356,8 @@ def analyse(hidden: np.ndarray, *, hidden_size: int | None = None, jung_dim: str
         notes.append("a single model: nothing to merge, every distortion is 0")
     min_eig = edm_min_eigenvalue(sq)
     if min_eig < -1e-8:
-        notes.append(f"distance matrix is not Euclidean (min eigenvalue {min_eig:.2e}); r*² approximate")
+        notes.append(f"distance matrix is not Euclidean (min eigenvalue {min_eig:.2e}); "
+                     "r*² approximate")
     return Geometry(
         distances=dist,
         hidden_sim=sim,

@@ -32,7 +32,8 @@ def check_architectures(configs: Mapping[str, Any]) -> None:
         except (RuntimeError, TypeError):  # no or several `architectures`
             archs.append(None)
     if None not in archs and any(a != archs[0] for a in archs):
-        detail = ", ".join(f"{name}: {(c.architectures or ['?'])[0]}" for name, c in configs.items())
+        detail = ", ".join(f"{name}: {(c.architectures or ['?'])[0]}"
+                           for name, c in configs.items())
         raise BadInputError(f"mismatched models: architecture differs ({detail}); mergekit merges "
                             "models of one architecture")
 

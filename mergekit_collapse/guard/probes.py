@@ -54,8 +54,9 @@ def _read_file(spec: ProbeFile, cfg: LoadedConfig) -> list[str]:
         if not line.strip():
             continue
         if len(line) > MAX_PROBE_CHARS:
-            raise BadInputError(f"{path}:{n}: this line is {len(line.encode()) / 1e6:.1f} MB; a probe "
-                                f"is at most {MAX_PROBE_CHARS:,} characters: is it the right file?")
+            raise BadInputError(f"{path}:{n}: this line is {len(line.encode()) / 1e6:.1f} MB; a "
+                                f"probe is at most {MAX_PROBE_CHARS:,} characters: is it the "
+                                "right file?")
         if path.suffix in {".jsonl", ".json"}:
             try:
                 row = json.loads(line)
@@ -65,8 +66,8 @@ def _read_file(spec: ProbeFile, cfg: LoadedConfig) -> list[str]:
                 raise BadInputError(f"{path}:{n}: no field '{spec.field}'")
             value = row[spec.field]
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise BadInputError(f"{path}:{n}: field '{spec.field}' is {json.dumps(value)[:40]}, not a "
-                                    "string: a probe is text")
+                raise BadInputError(f"{path}:{n}: field '{spec.field}' is "
+                                    f"{json.dumps(value)[:40]}, not a string: a probe is text")
             out.append(str(value))
         else:
             out.append(line)
@@ -146,7 +147,8 @@ def build_probes(cfg: LoadedConfig, *, models: list[Any] | None = None) -> Probe
                     chat_template=g.chat_template)
 
 
-def format_probes(texts: tuple[str, ...] | list[str], tokenizer: Any, chat_template: bool) -> list[str]:
+def format_probes(texts: tuple[str, ...] | list[str], tokenizer: Any,
+                  chat_template: bool) -> list[str]:
     """Wrap each probe as a user turn of the tokenizer's chat template, when asked and available."""
     if not chat_template or not getattr(tokenizer, "chat_template", None):
         return list(texts)

@@ -375,16 +375,16 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
     dtype = resolve_dtype(settings.dtype, device)
     t0 = time.perf_counter()
     root = cache_dir or cache_root()
-    cache = RehearsalCache(merge, models, probes, settings, str(dtype).removeprefix("torch."), device,
-                           answer_tokens, seed, root)
+    cache = RehearsalCache(merge, models, probes, settings, str(dtype).removeprefix("torch."),
+                           device, answer_tokens, seed, root)
     if (hit := cache.get()) is not None:
         hit.seconds = {"cached": round(time.perf_counter() - t0, 2)}
         return hit
     bar = Progress("rehearsal", len(models) + 1, enabled=progress, labels=labels)
     refs = Answers(models, probes, settings, answer_tokens, root).references(bar)
     t1 = time.perf_counter()
-    layout = {str(m): forced_batches(refs[str(m)].prompts, refs[str(m)].answers, refs[str(m)].pad_id,
-                                     settings.batch_size) for m in models}
+    layout = {str(m): forced_batches(refs[str(m)].prompts, refs[str(m)].answers,
+                                     refs[str(m)].pad_id, settings.batch_size) for m in models}
     batches = [Batch(b.ids.to(device), b.mask.to(device), b.positions.to(device), b.keep)
                for m in models for _, b in layout[str(m)]]
     bar.start("merged model, a layer at a time")

@@ -1,4 +1,5 @@
-"""The guard's report: a versioned pydantic model, its Markdown summary and its HiddenSim heatmap."""
+"""The guard's report: a versioned pydantic model, its Markdown summary and its HiddenSim
+heatmap."""
 
 from __future__ import annotations
 
@@ -102,11 +103,14 @@ class ModelEntry(BaseModel):
     mean_hidden_sim: float | None
     distortion_optimal: float = Field(description="(Dα*)_i − ½α*ᵀDα*")
     distortion_uniform: float
-    distortion_planned: float | None = Field(default=None, description="under the merge's own weights")
+    distortion_planned: float | None = Field(default=None,
+                                             description="under the merge's own weights")
     shift: float | None = Field(default=None, description="||p_i − p_base||² (needs a base model)")
     retention: float | None = Field(default=None, description="<p_m−p_0, p_i−p_0>/||p_i−p_0||²")
-    relative_distortion: float | None = Field(default=None, description="||p_m − p_i||²/||p_i−p_0||²")
-    risk_score: float | None = Field(default=None, description="this model's value of the risk score")
+    relative_distortion: float | None = Field(default=None,
+                                              description="||p_m − p_i||²/||p_i−p_0||²")
+    risk_score: float | None = Field(default=None,
+                                     description="this model's value of the risk score")
     risk_band: BandName | None = None
     rehearsal_agreement: float | None = Field(default=None, description=(
         "share of its probes on which the in-memory merge's greedy answer equals this model's"))
@@ -141,7 +145,8 @@ class Bounds(BaseModel):
     jung_dim: Literal["affine", "hidden"]
     exact: float = Field(description="r*², squared radius of the minimum enclosing ball")
     uniform: float = Field(description="worst distortion of the uniform average")
-    planned: float | None = Field(default=None, description="worst distortion under the merge's weights")
+    planned: float | None = Field(default=None,
+                                  description="worst distortion under the merge's weights")
 
 
 class BudgetInfo(BaseModel):
@@ -160,7 +165,8 @@ class RiskInfo(BaseModel):
     direction: Direction
     elevated: float
     collapse: float
-    calibration: dict = Field(description="the calibration's source (records sha256, n, date) or note")
+    calibration: dict = Field(description=(
+        "the calibration's source (records sha256, n, date) or note"))
     auroc: float | None = Field(default=None, description="its validity when calibrated")
 
 
@@ -169,7 +175,8 @@ class RehearsalInfo(BaseModel):
 
     status: Literal["ran", "skipped", "off"]
     reason: str | None = Field(default=None, description="why it was skipped or off")
-    score: str | None = Field(default=None, description="the ModelEntry field banded as predicted_retention")
+    score: str | None = Field(default=None,
+                              description="the ModelEntry field banded as predicted_retention")
     direction: Direction | None = None
     elevated: float | None = None
     collapse: float | None = None
@@ -188,8 +195,8 @@ class RunInfo(BaseModel):
 
     def rehearsal_cost(self) -> str:
         """The rehearsal's steps and their seconds, e.g. "answers 1.2 s, merge 0.3 s"."""
-        return ", ".join(f"{k.removeprefix('rehearsal.')} {v:.1f} s" for k, v in self.seconds.items()
-                         if k.startswith("rehearsal."))
+        return ", ".join(f"{k.removeprefix('rehearsal.')} {v:.1f} s"
+                         for k, v in self.seconds.items() if k.startswith("rehearsal."))
 
 
 class ProbeInfo(BaseModel):
@@ -311,15 +318,15 @@ def to_markdown(r: GuardReport) -> str:
     if b.planned is not None:
         lines.append(f"| the config's own weights | {fmt(b.planned)} |")
     risk = f"risk ({r.risk.score})" if r.risk else "risk"
-    lines += ["", f"| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | retention | {risk} "
-              "| rehearsal |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | task | MDS | mean HiddenSim | distortion (α*) | weight α* | "
+              f"retention | {risk} | rehearsal |", "|---|---|---|---|---|---|---|---|---|"]
     for m in r.models:
         band = f"{m.risk_band} ({fmt(m.risk_score)})" if m.risk_band else "—"
         reh = (f"{m.rehearsal_band} ({fmt(m.predicted_retention)})" if m.rehearsal_band
                else fmt(m.predicted_retention))
         lines.append(f"| `{shown[m.name]}` | {m.task} | {fmt(m.mds)} | {fmt(m.mean_hidden_sim)} | "
-                     f"{fmt(m.distortion_optimal)} | {fmt(r.weights.get(m.name))} | {fmt(m.retention)} "
-                     f"| {band} | {reh} |")
+                     f"{fmt(m.distortion_optimal)} | {fmt(r.weights.get(m.name))} | "
+                     f"{fmt(m.retention)} | {band} | {reh} |")
     if r.rehearsal is not None:
         h = r.rehearsal
         cost = r.run_info.rehearsal_cost() if r.run_info else ""

@@ -17,7 +17,8 @@ import numpy as np
 
 @cache
 def task_family() -> frozenset[str]:
-    """The task-arithmetic merge methods: mergekit's registered `GeneralizedTaskArithmeticMerge`s."""
+    """The task-arithmetic merge methods: mergekit's registered
+    `GeneralizedTaskArithmeticMerge`s."""
     from mergekit.merge_methods import GeneralizedTaskArithmeticMerge, registered_methods
 
     return frozenset(m.spec.name for m in registered_methods()
@@ -41,13 +42,15 @@ def scalar(setting: Any, default: float | None = None) -> float | None:
 
     if isinstance(setting, ConditionalParameter):
         setting = [setting]
-    if isinstance(setting, list) and setting and all(isinstance(c, ConditionalParameter) for c in setting):
+    if isinstance(setting, list) and setting and all(isinstance(c, ConditionalParameter)
+                                                     for c in setting):
         setting = next((c for c in setting if c.filter in (None, "*")), setting[0]).value
     if setting is None:
         return default
     n = len(setting) if isinstance(setting, list) else 1
     try:  # a gradient's i-th point is its value at t = i / (n - 1)
-        values = [evaluate_setting("", setting, i / max(n - 1, 1), validate=float) for i in range(n)]
+        values = [evaluate_setting("", setting, i / max(n - 1, 1), validate=float)
+                  for i in range(n)]
     except (AttributeError, TypeError, ValueError, RuntimeError):  # not a number, or not a setting
         return default
     return float(np.mean(values)) if values else default

@@ -36,17 +36,19 @@ def folder_identity(folder: Path) -> str:
     before = len(memo)
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
-        if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES + _IDENTITY_FILES) and f.name != "README.md":
+        if (f.is_file() and f.name.endswith(WEIGHT_SUFFIXES + _IDENTITY_FILES)
+                and f.name != "README.md"):
             h.update(f"{f.name}:{_file_sha256(f, memo)}\n".encode())
     if len(memo) != before:
         with cache_lock(memo_path.parent):  # keep what other processes added since we read
-            atomic_write_bytes(memo_path, json.dumps({**_read_memo(memo_path, warn=False), **memo}).encode())
+            atomic_write_bytes(memo_path,
+                               json.dumps({**_read_memo(memo_path, warn=False), **memo}).encode())
     return h.hexdigest()
 
 
 def _read_memo(path: Path, *, warn: bool = True) -> dict[str, str]:
-    """file_hashes.json: file key -> sha256; an unreadable or malformed one is dropped (with a warning
-    unless `warn` is False: the re-read before a write)."""
+    """file_hashes.json: file key -> sha256; an unreadable or malformed one is dropped (with a
+    warning unless `warn` is False: the re-read before a write)."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

@@ -100,7 +100,8 @@ def local_dir(path: Any, *, what: str = "model", fetch: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path.path), revision=path.revision, local_files_only=not fetch,
+        return Path(snapshot_download(str(path.path), revision=path.revision,
+                                      local_files_only=not fetch,
                                       allow_patterns=["*.json", "*.safetensors", "*.jinja",
                                                       "*.model", "*.txt", "*.bin"]))
     except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo, network...
@@ -120,19 +121,19 @@ def _fetch_error(exc: Exception, named: str, fetch: bool) -> CollapseError:
 
     if not fetch:
         return ModelNotFoundError(f"{named} is not a local folder (and not in the HF cache)")
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES",
-                                                                                 "TRUE"}:
+    if (constants.HF_HUB_OFFLINE
+            or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}):
         return ModelNotFoundError(f"{named} is not a local folder nor in the HF cache, and "
                                   "HF_HUB_OFFLINE is set: check the path, or download it first")
     status = http_status(exc)
     if isinstance(exc, GatedRepoError):
-        return HubError(f"{named} is a gated Hub repository (HTTP {status}): accept its terms on the "
-                        "Hub and log in (`hf auth login` or HF_TOKEN)", status=status)
+        return HubError(f"{named} is a gated Hub repository (HTTP {status}): accept its terms on "
+                        "the Hub and log in (`hf auth login` or HF_TOKEN)", status=status)
     if isinstance(exc, RepositoryNotFoundError | RevisionNotFoundError):
         missing = "revision" if isinstance(exc, RevisionNotFoundError) else "repository"
-        return ModelNotFoundError(f"{named} is not a local folder, and the Hub has no such {missing} "
-                                  f"(HTTP {status}; a private one needs a login: `hf auth login` or "
-                                  "HF_TOKEN): check the path or id")
+        return ModelNotFoundError(f"{named} is not a local folder, and the Hub has no such "
+                                  f"{missing} (HTTP {status}; a private one needs a login: "
+                                  "`hf auth login` or HF_TOKEN): check the path or id")
     if status is not None:
         return HubError(f"{named}: the Hub answered HTTP {status} while fetching it: retry later",
                         status=status)
@@ -140,7 +141,8 @@ def _fetch_error(exc: Exception, named: str, fetch: bool) -> CollapseError:
     for _ in range(8):  # the transport error under the client's wrappers
         root = root.__cause__ or root.__context__ or root
     return HubError(f"{named} is not a local folder and the Hub cannot be reached "
-                    f"({type(root).__name__}): check the connection or HF_ENDPOINT, or download it first")
+                    f"({type(root).__name__}): check the connection or HF_ENDPOINT, or "
+                    "download it first")
 
 
 def check_weights(folder: Path, ref: str, *, allow_pickle: bool) -> None:
@@ -180,7 +182,8 @@ def read_model_config(folder: Path, ref: str, *, trust_remote_code: bool = False
         if "trust_remote_code" in str(e):
             raise BadInputError(f"'{ref}' needs custom code to load (config.json auto_map): pass "
                                 "--trust-remote-code if you trust it") from None
-        raise BadInputError(f"cannot read the config of '{ref}': {str(e).splitlines()[0]}") from None
+        raise BadInputError(f"cannot read the config of '{ref}': "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def load_causal_lm(folder: Path, settings: LoadSettings, device: str, dtype: Any) -> Any:
@@ -208,7 +211,8 @@ def load_causal_lm(folder: Path, settings: LoadSettings, device: str, dtype: Any
         raise BadInputError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from None
     except SafetensorError as e:
         raise BadInputError(f"cannot load model from {folder}: a .safetensors file is truncated or "
-                            f"not safetensors ({str(e).splitlines()[0]}); download it again") from None
+                            f"not safetensors ({str(e).splitlines()[0]}); "
+                            "download it again") from None
     return model.eval()
 
 
@@ -304,12 +308,13 @@ def load_tokenizer(folder: Path, settings: LoadSettings) -> Any:
     from transformers import AutoTokenizer
 
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise BadInputError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy its base "
-                            "model's tokenizer files into it")
+        raise BadInputError(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy its "
+                            "base model's tokenizer files into it")
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise BadInputError(f"cannot load the tokenizer of {folder}: {' '.join(str(e).split())[:300]}"
+        raise BadInputError(f"cannot load the tokenizer of {folder}: "
+                            f"{' '.join(str(e).split())[:300]}"
                             ) from None
     return tok
 
@@ -338,9 +343,11 @@ def swap_adapter(model: Any, peft_model: Any, lora_dir: Path) -> Any:
         return peft_model
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         if "size mismatch" in str(e):
-            raise BadInputError(f"LoRA adapter {lora_dir} does not fit its base model (size mismatch): "
-                                "it was trained on another base; pair it with that one") from None
-        raise BadInputError(f"cannot load LoRA adapter {lora_dir}: {str(e).splitlines()[0]}") from None
+            raise BadInputError(f"LoRA adapter {lora_dir} does not fit its base model "
+                                "(size mismatch): it was trained on another base; "
+                                "pair it with that one") from None
+        raise BadInputError(f"cannot load LoRA adapter {lora_dir}: "
+                            f"{str(e).splitlines()[0]}") from None
 
 
 def release(*alive: weakref.ref) -> None:

@@ -54,7 +54,8 @@ class LoraTensorLoader:
         self.base.flush()
 
 
-def lora_updates(adapter_dir: Path, base_names: set[str]) -> dict[str, tuple[Any, Any, float, bool]] | None:
+def lora_updates(adapter_dir: Path,
+                 base_names: set[str]) -> dict[str, tuple[Any, Any, float, bool]] | None:
     """Each targeted tensor's (A, B, scale, fan_in_fan_out) from a peft LoRA folder, or None where
     the adapter is not a plain LoRA on weights the base has (see the module docstring)."""
     from peft.utils.other import get_pattern_key

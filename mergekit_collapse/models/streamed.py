@@ -59,8 +59,8 @@ class MergePlan:
 
 
 #: mergekit methods whose output element depends only on the inputs' values at that element (no
-#: per-tensor choice: TIES, DARE and breadcrumbs sparsify by the tensor's magnitudes or a draw, SLERP
-#: and model stock use whole-tensor norms and angles)
+#: per-tensor choice: TIES, DARE and breadcrumbs sparsify by the tensor's magnitudes or a draw,
+#: SLERP and model stock use whole-tensor norms and angles)
 ELEMENTWISE_METHODS = ("linear", "task_arithmetic")
 
 
@@ -126,7 +126,8 @@ def _serve_loras(merge: Any, *, allow_cache: bool) -> None:
         if ref.lora is None:
             continue
         base = type(ref)(model=ref.model).lazy_loader(lazy_unpickle=False)
-        updates = lora_updates(local_dir(ref.lora, what="LoRA adapter"), set(base.index.tensor_paths))
+        updates = lora_updates(local_dir(ref.lora, what="LoRA adapter"),
+                               set(base.index.tensor_paths))
         if updates is None:
             if not allow_cache:
                 raise BadInputError(f"LoRA adapter {ref.lora} is not a plain LoRA (DoRA, saved "
@@ -189,13 +190,15 @@ def merged_logits(merge: Any, batches: list[Batch], *, dtype: Any, device: str =
     except BadInputError:  # ours, already one line (and a ValueError too)
         raise
     except (RuntimeError, ValueError) as e:
-        raise BadInputError(f"mergekit cannot merge these models: {str(e).splitlines()[0]}") from None
+        raise BadInputError("mergekit cannot merge these models: "
+                            f"{str(e).splitlines()[0]}") from None
     finally:
         _forget_loaders(merge)
 
 
 def _skeleton(config: Any, dtype: Any, device: str, trust_remote_code: bool) -> Any:
-    """The merged model's modules with every weight on the meta device (buffers real, on `device`)."""
+    """The merged model's modules with every weight on the meta device (buffers real, on
+    `device`)."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
@@ -231,8 +234,10 @@ def _stages(model: Any, plan: MergePlan) -> dict[Any, list[list[str]]]:
     if unknown := sorted(set(plan.tasks) - {n for g in groups for n in g}):
         raise BadInputError(f"mergekit produced tensor '{unknown[0]}', which the model has not")
     if missing := [g[0] for g in groups if not any(n in plan.tasks for n in g)]:
-        raise BadInputError(f"the in-memory merge left {len(missing)} tensors unset, e.g. {missing[0]}")
-    stages: dict[Any, list[list[str]]] = {"pre": [], "post": [], **{i: [] for i in range(len(layers))}}
+        raise BadInputError(f"the in-memory merge left {len(missing)} tensors unset, "
+                            f"e.g. {missing[0]}")
+    stages: dict[Any, list[list[str]]] = {"pre": [], "post": [],
+                                          **{i: [] for i in range(len(layers))}}
     for group in groups:
         layer = next((i for i, p in enumerate(prefixes) if group[0].startswith(p)), None)
         after = all(order[n.rpartition(".")[0]] > end for n in group)

@@ -30,13 +30,15 @@ class Finalist(BaseModel):
     density: float | None
     relative_distortion: dict[str, float] = Field(description="the geometry screen, by task")
     proxy: dict[str, float] = Field(description="the screen's retention proxy, by task")
-    rehearsal: dict[str, float] | None = Field(description="rehearsal agreement by task (None: not rehearsed)")
+    rehearsal: dict[str, float] | None = Field(description=(
+        "rehearsal agreement by task (None: not rehearsed)"))
     token_agreement: dict[str, float] | None = None
     expected_retention: dict[str, float] = Field(description=(
         "by task: at its rehearsal agreement (search.RETENTION_AT_LEVEL), else the screen's proxy"))
     objective: float
     rehearsal_seconds: float
-    observed: dict[str, float] | None = Field(default=None, description="--verify: lm-eval retention by task")
+    observed: dict[str, float] | None = Field(default=None,
+                                              description="--verify: lm-eval retention by task")
     verify_seconds: dict[str, float] = Field(default_factory=dict)
 
 
@@ -64,13 +66,14 @@ class PlanResult(BaseModel):
 
 def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
     c = j.candidate
-    return Finalist(rank=rank, origin=c.origin, method=c.method, models=[pool.refs[i] for i in c.members],
+    return Finalist(rank=rank, origin=c.origin, method=c.method,
+                    models=[pool.refs[i] for i in c.members],
                     tasks=[pool.tasks[i] for i in c.members],
                     weights=list(c.weights) if c.weights is not None else None, density=c.density,
                     relative_distortion=j.screen.relative_distortion, proxy=j.screen.proxy,
                     rehearsal=j.rehearsal, token_agreement=j.token_agreement,
-                    expected_retention={t: round(v, 3) for t, v in j.predicted.items()}, objective=j.value,
-                    rehearsal_seconds=round(j.seconds, 2), observed=j.observed,
+                    expected_retention={t: round(v, 3) for t, v in j.predicted.items()},
+                    objective=j.value, rehearsal_seconds=round(j.seconds, 2), observed=j.observed,
                     verify_seconds=j.verify_seconds)
 
 
@@ -78,7 +81,8 @@ def _why(pool: Pool, best: Judged, ranked: list[Judged], rule: str, floor: float
     def kept_mean(j: Judged) -> tuple[int, float, float]:
         score = j.rehearsal if j.rehearsal is not None else j.screen.proxy
         vals = [j.predicted.get(t, 0.0) for t in pool.tasks]
-        return (sum(score.get(t, 0.0) > floor for t in pool.tasks), sum(vals) / len(vals), min(vals))
+        return (sum(score.get(t, 0.0) > floor for t in pool.tasks), sum(vals) / len(vals),
+                min(vals))
 
     kept, mean, worst = kept_mean(best)
     source = "rehearsal" if best.rehearsal is not None else "geometry proxy"
@@ -89,7 +93,8 @@ def _why(pool: Pool, best: Judged, ranked: list[Judged], rule: str, floor: float
                     len(j.candidate.members) == len(pool.tasks) and j is not best), None)
     if uniform is not None:
         kept, mean, _ = kept_mean(uniform)
-        text += f"; the best all-in merge ({uniform.candidate.method}) keeps {kept}, mean {mean:.2f}"
+        text += (f"; the best all-in merge ({uniform.candidate.method}) keeps {kept}, "
+                 f"mean {mean:.2f}")
     return text
 
 
@@ -131,8 +136,9 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     p = load_pool(pool)
     if max_rehearsals is not None and refine is None:  # a smaller budget shrinks the refinement
         refine = min(p.space.refine, max_rehearsals)
-    update = {k: v for k, v in {"objective": objective, "floor": floor, "rehearsals": max_rehearsals,
-                                "refine": refine}.items() if v is not None}
+    update = {k: v for k, v in {"objective": objective, "floor": floor,
+                                "rehearsals": max_rehearsals, "refine": refine}.items()
+              if v is not None}
     if update:
         try:
             p.space = p.space.model_validate({**p.space.model_dump(), **update})
@@ -148,7 +154,8 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     own = own_candidate(p)
     if not cands and own is None:
         why = "; ".join(f"{m}: {w}" for m, w in rejected.items())
-        raise BadInputError(f"no candidate merge: mergekit accepts none of the methods for this pool ({why})")
+        raise BadInputError("no candidate merge: mergekit accepts none of the methods for this "
+                            f"pool ({why})")
     run = run_guard(p.cfg, device=device, dtype=dtype, cache_dir=cache_dir, progress=progress,
                     rehearse="off" if own is None or p.space.rehearsals == 0 else "on")
     settings = extraction_settings(p.cfg, device=device, dtype=dtype)
@@ -157,7 +164,8 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
                            refine_trials=p.space.refine, own=own, settings=settings,
                            cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
     seconds |= {k: round(v, 2) for k, v in stage.items()}
-    if own is not None and run.report.rehearsal is not None and run.report.rehearsal.status == "ran":
+    if (own is not None and run.report.rehearsal is not None
+            and run.report.rehearsal.status == "ran"):
         seconds["rehearse"] = round(seconds.get("rehearse", 0) + sum(
             v for k, v in run.report.run_info.seconds.items() if k.startswith("rehearsal.")), 2)
     best = ranked[0]
@@ -191,13 +199,14 @@ def _labelled_cost(measured: list[Judged], n: int) -> tuple[float | None, str]:
     full = [sum(j.verify_seconds.values()) for j in measured if j.verify_seconds]
     if full:
         per = sum(full) / len(full)
-        return round(n * per, 1), f"{n} candidates × {per:.1f} s (merge + lm-eval, measured by --verify)"
+        return round(n * per, 1), (f"{n} candidates × {per:.1f} s "
+                                   "(merge + lm-eval, measured by --verify)")
     merges = [j.seconds for j in measured if j.rehearsal is not None]
     if not merges:
         return None, "nothing rehearsed"
     per = sum(merges) / len(merges)
-    return round(n * per, 1), (f"{n} candidates × {per:.1f} s (the in-memory merge alone; lm-eval not "
-                               "measured: a lower bound, --verify measures it)")
+    return round(n * per, 1), (f"{n} candidates × {per:.1f} s (the in-memory merge alone; "
+                               "lm-eval not measured: a lower bound, --verify measures it)")
 
 
 def chosen_config(pool: Pool, best: Judged, summary: PlanSummary) -> dict[str, Any]:
@@ -258,7 +267,8 @@ def markdown(result: PlanResult) -> str:
 
 def _verify(pool: Pool, top: list[Judged], out: Path | None, limit: int | None, dtype: str,
             progress: bool) -> None:
-    """Merge each of `top` with mergekit and lm-eval it: observed retention (merged / constituent)."""
+    """Merge each of `top` with mergekit and lm-eval it:
+    observed retention (merged / constituent)."""
     import tempfile
 
     from mergekit.options import MergeOptions
@@ -283,12 +293,14 @@ def _verify(pool: Pool, top: list[Judged], out: Path | None, limit: int | None, 
                                                random_seed=pool.cfg.guard.seed,
                                                write_model_card=False))
         t1 = time.perf_counter()
-        ev = evaluate_merge(folder, parse_config(text, (root / f"rank{i}.yml").resolve()), limit=limit,
-                            progress=False, dtype="float32" if dtype == "auto" else dtype)
+        ev = evaluate_merge(folder, parse_config(text, (root / f"rank{i}.yml").resolve()),
+                            limit=limit, progress=False,
+                            dtype="float32" if dtype == "auto" else dtype)
         t2 = time.perf_counter()
         if any(t.constituent is None for t in ev.tasks):
             raise BadInputError(f"verify: rank {i} has tasks without a score")
-        j.observed = {t.task: (t.merged / t.constituent if t.constituent else 0.0) for t in ev.tasks}
+        j.observed = {t.task: (t.merged / t.constituent if t.constituent else 0.0)
+                      for t in ev.tasks}
         j.verify_seconds = {"merge": round(t1 - t0, 2), "evaluate": round(t2 - t1, 2)}
         bar.done(f"rank {i}", seconds=t2 - t0)
     bar.close()

@@ -39,7 +39,8 @@ RETENTION_AT_LEVEL = (0.109, 0.412, 0.714, 0.818, 0.877, 0.963)
 
 def expected_retention(agreement: dict[str, float]) -> dict[str, float]:
     """Each task's expected retention at its rehearsal agreement (`RETENTION_AT_LEVEL`)."""
-    return {t: float(np.interp(a, AGREEMENT_LEVELS, RETENTION_AT_LEVEL)) for t, a in agreement.items()}
+    return {t: float(np.interp(a, AGREEMENT_LEVELS, RETENTION_AT_LEVEL))
+            for t, a in agreement.items()}
 
 
 @dataclass
@@ -57,12 +58,15 @@ class Judged:
 
     @property
     def predicted(self) -> dict[str, float]:
-        """Expected retention by task: from the rehearsal when rehearsed, else the screen's proxy."""
-        return expected_retention(self.rehearsal) if self.rehearsal is not None else self.screen.proxy
+        """Expected retention by task: from the rehearsal when rehearsed, else the screen's
+        proxy."""
+        return (expected_retention(self.rehearsal) if self.rehearsal is not None
+                else self.screen.proxy)
 
 
 def objective(per_task: dict[str, float], tasks: list[str], rule: str, floor: float,
-              tie: dict[str, float] | None = None, retention: dict[str, float] | None = None) -> float:
+              tie: dict[str, float] | None = None,
+              retention: dict[str, float] | None = None) -> float:
     """One number to maximise: the rule over every pool task (a task left out counts 0).
 
     kept: tasks whose score (`per_task`) is above `floor`, then the mean retention (weighted below
@@ -148,7 +152,8 @@ def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, s
     lo, hi = min(weights) / 2, max(weights) * 1.5
     dist: dict[str, Any] = {}
     if "weight" in params and c.weights is not None:
-        dist |= {f"w{j}": optuna.distributions.FloatDistribution(lo, hi) for j in range(len(c.members))}
+        dist |= {f"w{j}": optuna.distributions.FloatDistribution(lo, hi)
+                 for j in range(len(c.members))}
     if sparsifies(c.method) and c.density is not None:
         dist["density"] = optuna.distributions.FloatDistribution(0.1, 1.0)
     if not dist or trials <= 0:
@@ -157,8 +162,8 @@ def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, s
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     start = {f"w{j}": min(max(w, lo), hi) for j, w in enumerate(c.weights or ())} | (
         {"density": c.density} if "density" in dist else {})
-    study.add_trial(optuna.trial.create_trial(params={k: start[k] for k in dist}, distributions=dist,
-                                              value=best.value))
+    study.add_trial(optuna.trial.create_trial(params={k: start[k] for k in dist},
+                                              distributions=dist, value=best.value))
     out = []
     for _ in range(trials):
         trial = study.ask(dist)
@@ -220,7 +225,8 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     def judge(c: Candidate) -> Judged:
         scores, tokens, dt = rehearser(c)
         return Judged(c, geo.screen(c), scores, tokens, dt,
-                      objective(scores, pool.tasks, rule, floor, tokens, expected_retention(scores)))
+                      objective(scores, pool.tasks, rule, floor, tokens,
+                                expected_retention(scores)))
 
     done: list[Judged] = []
     report = run.report
@@ -229,7 +235,8 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
         scores = {m.task: getattr(m, score) for m in report.models}
         tokens = {m.task: m.rehearsal_token_agreement for m in report.models}
         done.append(Judged(own, geo.screen(own), scores, tokens,
-                           sum(report.run_info.seconds.get(f"rehearsal.{k}", 0) for k in ("merge", "compare")),
+                           sum(report.run_info.seconds.get(f"rehearsal.{k}", 0)
+                               for k in ("merge", "compare")),
                            objective(scores, pool.tasks, rule, floor, tokens,
                                      expected_retention(scores))))
     budget = max(rehearsals - refine_trials - len(done), 0)

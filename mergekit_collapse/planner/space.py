@@ -48,8 +48,8 @@ class Candidate:
 
     def key(self) -> tuple:
         w = tuple(round(x, 4) for x in self.weights) if self.weights is not None else None
-        return (self.members, self.method, w, None if self.density is None else round(self.density, 4),
-                self.globals)
+        return (self.members, self.method, w,
+                None if self.density is None else round(self.density, 4), self.globals)
 
 
 @dataclass
@@ -106,12 +106,14 @@ def pool_of(cfg: LoadedConfig, *, own: bool = True, raw: dict | None = None) -> 
     if cfg.merge.models is None:
         raise ConfigError(f"{where}the pool lists its candidates under models: (not slices)")
     if len(cfg.models) < 2:
-        raise ConfigError(f"{where}the pool has {len(cfg.models)} model(s): a plan merges two or more")
+        raise ConfigError(f"{where}the pool has {len(cfg.models)} model(s): a plan merges "
+                          "two or more")
     if cfg.base is None:
         raise ConfigError(f"{where}the pool needs the common base (base_model, or guard.base): "
                           f"{cfg.base_source}")
     if not cfg.guard.tasks:
-        raise ConfigError(f"{where}the pool has no guard.tasks: each model needs a task with probes")
+        raise ConfigError(f"{where}the pool has no guard.tasks: each model needs a task "
+                          "with probes")
     from mergekit_collapse.guard.config import parse_ref
 
     refs, tasks = [], []
@@ -173,7 +175,8 @@ def uses_base(name: str) -> bool:
 
 
 def candidate_raw(pool: Pool, c: Candidate) -> dict[str, Any]:
-    """The mergekit YAML mapping of a candidate, with its `guard:` section (tasks of its members)."""
+    """The mergekit YAML mapping of a candidate, with its `guard:` section (tasks of its
+    members)."""
     models = []
     params = method_parameters(c.method)
     for j, i in enumerate(c.members):
@@ -321,7 +324,8 @@ class Geometry:
 
     def screen(self, c: Candidate) -> Screen:
         idx = [0, *[i + 1 for i in c.members]]
-        rd = geometry.base_anchored(self.sq[np.ix_(idx, idx)], self.task_weights(c)).relative_distortion
+        rd = geometry.base_anchored(self.sq[np.ix_(idx, idx)],
+                                    self.task_weights(c)).relative_distortion
         tasks = [self.pool.tasks[i] for i in c.members]
         proxy = np.clip(1 - rd / (2 * self.edge), 0.0, 1.0)
         return Screen(dict(zip(tasks, map(float, rd), strict=True)),

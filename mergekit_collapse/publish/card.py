@@ -1,10 +1,11 @@
 """The mergeability card: a Hugging Face model card (README.md) for a merged model.
 
-It is rendered with `huggingface_hub.ModelCard` from a Jinja template. The default template ships inside
-the package (`mergekit_collapse/publish/templates/`, shipped as package data); `hub_cards/` at the repository
-root links to that same file, so there is one source of truth. The YAML metadata carries `base_model`,
-`base_model_relation: merge`, tags, a `model-index` from the evaluation, and a `mergeability:` block with
-the guard's numbers, so the Hub (and `ModelCard.load`) can read them back.
+It is rendered with `huggingface_hub.ModelCard` from a Jinja template. The default template ships
+inside the package (`mergekit_collapse/publish/templates/`, shipped as package data); `hub_cards/`
+at the repository root links to that same file, so there is one source of truth. The YAML metadata
+carries `base_model`, `base_model_relation: merge`, tags, a `model-index` from the evaluation, and a
+`mergeability:` block with the guard's numbers, so the Hub (and `ModelCard.load`) can read them
+back.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def local_hub_ids(folder: Path) -> list[str]:
 
 
 def _ref_hub_ids(ref: str) -> list[str]:
-    """Hub ids for a reference (`model` or `model+lora`): its Hub ids, or what its local folders record."""
+    """Hub ids for a reference (`model` or `model+lora`): its Hub ids, or what its local folders
+    record."""
     ids: list[str] = []
     for part in ref.split("+"):
         path = part.strip().partition("@")[0]
@@ -103,7 +105,8 @@ def _ref_hub_ids(ref: str) -> list[str]:
 
 
 def hub_base_models(report: GuardReport) -> list[str]:
-    """The Hub ids this merge derives from: the constituents (both parts of `model+lora`), else the base.
+    """The Hub ids this merge derives from: the constituents (both parts of `model+lora`), else the
+    base.
 
     Local folders stand for the Hub ids their own metadata records (`local_hub_ids`), so a merge of
     downloaded models still links to its parents; local paths themselves never appear.
@@ -131,7 +134,8 @@ def public_text(report: GuardReport, root: Path | None = None) -> Callable[[str]
     shown = report.displays()
     root = root or (Path(report.config).parent if report.config else None)
     refs = sorted((r for r in shown if _ABS_PATH.search(r)), key=len, reverse=True)
-    known = re.compile("|".join(f"(?<![\\w/.-]){re.escape(r)}(?![\\w.-])" for r in refs)) if refs else None
+    pattern = "|".join(f"(?<![\\w/.-]){re.escape(r)}(?![\\w.-])" for r in refs)
+    known = re.compile(pattern) if refs else None
 
     def short(m: re.Match) -> str:
         rel = relative_inside(m.group(0), root) if root is not None else None
@@ -192,7 +196,8 @@ def read_evaluation(path: Path) -> Evaluation | None:
     try:
         return Evaluation.model_validate_json(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}): not a valid evaluation.json") from None
+        raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}): "
+                            "not a valid evaluation.json") from None
     except ValidationError as e:
         raise BadInputError(f"{path}: not a valid evaluation.json ({e.error_count()} errors: "
                             f"{e.errors()[0]['msg']})") from None
@@ -209,8 +214,9 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
 
     Returns:
         A dict with the budget, bounds, verdict, per-model scores, probes, layer, pooling, actions,
-        the tool version, the risk score when the report has one, and the observed losses if evaluated.
-        Models go by their display names; no absolute local path is left in it (`public_text`).
+        the tool version, the risk score when the report has one, and the observed losses if
+        evaluated. Models go by their display names; no absolute local path is left in it
+        (`public_text`).
     """
     from mergekit_collapse._version import __version__
 
@@ -226,19 +232,21 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
         "budget": {"mode": report.budget.mode, "value": _num(report.budget.value),
                    "absolute": _num(report.budget.absolute), "scale": _num(report.budget.scale),
                    "scale_source": report.budget.scale_source},
-        "bounds": {"diameter": _num(b.diameter), "converse": _num(b.converse), "exact": _num(b.exact),
-                   "jung": _num(b.jung), "jung_n": b.jung_n, "jung_dim": b.jung_dim,
-                   "uniform": _num(b.uniform), "planned": _num(b.planned)},
+        "bounds": {"diameter": _num(b.diameter), "converse": _num(b.converse),
+                   "exact": _num(b.exact), "jung": _num(b.jung), "jung_n": b.jung_n,
+                   "jung_dim": b.jung_dim, "uniform": _num(b.uniform), "planned": _num(b.planned)},
         "models": [{"name": shown[m.name], "task": m.task, "mds": _num(m.mds),
                     "distortion": _num(m.distortion_optimal),
                     "distortion_planned": _num(m.distortion_planned),
                     "retention": _num(m.retention), "weight": _num(report.weights.get(m.name))}
                    for m in report.models],
-        "probes": {"sha256": report.probes.sha256, "count": report.probes.count, "k": report.probes.k,
-                   "seed": report.probes.seed, "chat_template": report.probes.chat_template},
+        "probes": {"sha256": report.probes.sha256, "count": report.probes.count,
+                   "k": report.probes.k, "seed": report.probes.seed,
+                   "chat_template": report.probes.chat_template},
         "layer": report.layer,
         "pooling": report.pooling,
-        "actions": [{"action": a.action, "changed": a.changed, "reason": a.reason} for a in report.actions],
+        "actions": [{"action": a.action, "changed": a.changed, "reason": a.reason}
+                    for a in report.actions],
     }
     if report.risk is not None:
         block["risk"] = report.risk.model_dump(mode="json")
@@ -328,11 +336,13 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
 
     Args:
         out_dir: the merged model directory (mergekit's output) with `mergeability/report.json`,
-            and optionally `mergeability/evaluation.json`, `hidden_sim.png`, `predicted_vs_observed.png`
-            and `mergeability/shipped/` (the guard's report on the config an action re-organised:
-            it heads the card, and the config as written follows as its history).
+            and optionally `mergeability/evaluation.json`, `hidden_sim.png`,
+            `predicted_vs_observed.png` and `mergeability/shipped/` (the guard's report on the
+            config an action re-organised: it heads the card, and the config as written follows as
+            its history).
         template: a Jinja template of your own (same context as the default; see its header).
-        config_path: the mergekit YAML to show; defaults to `out_dir/mergekit_config.yml` if present.
+        config_path: the mergekit YAML to show; defaults to `out_dir/mergekit_config.yml` if
+            present.
         model_name: the card's title and `model-index` name; defaults to the directory's name.
 
     Returns:
@@ -391,8 +401,9 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
     except yaml.YAMLError as e:  # the rendered front matter
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 2}" if mark else ""  # +1: 1-based, +1: the opening ---
-        raise BadInputError(f"card template {tpl}: its front matter (the --- block) is not valid YAML"
-                            f"{at}: {getattr(e, 'problem', None) or type(e).__name__}") from None
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise BadInputError(f"card template {tpl}: its front matter (the --- block) is not valid "
+                            f"YAML{at}: {problem}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadInputError(f"card template {tpl}: {' '.join(str(e).split())}") from None
     # a custom template may leave metadata out: put ours back, without overriding what it set
@@ -410,14 +421,16 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
 def _heatmap(mdir: Path, shipped: bool) -> str | None:
     """The repo-relative path of the heatmap of the merge the card describes, or None."""
     folder = f"{REPORT_DIR}/{SHIPPED_DIR}" if shipped else REPORT_DIR
-    return f"{folder}/hidden_sim.png" if (mdir.parent / folder / "hidden_sim.png").is_file() else None
+    return (f"{folder}/hidden_sim.png" if (mdir.parent / folder / "hidden_sim.png").is_file()
+            else None)
 
 
 def _read_report(folder: Path) -> GuardReport:
     try:
         return GuardReport.read(folder)
     except (ValidationError, ValueError) as e:
-        raise BadInputError(f"{folder / 'report.json'}: not a valid guard report ({_first_error(e)})"
+        raise BadInputError(f"{folder / 'report.json'}: not a valid guard report "
+                            f"({_first_error(e)})"
                             ) from None
 
 
@@ -431,10 +444,10 @@ def planned_summary(mergekit_config: str | None) -> dict[str, Any] | None:
     return planned if isinstance(planned, dict) else None
 
 
-def write_card(out_dir: str | Path, *, template: Path | None = None, config_path: Path | None = None,
-               model_name: str | None = None) -> Path:
-    """Render the mergeability card and write it as `out_dir/README.md` (replacing mergekit's README),
-    with the evaluation also as `.eval_results/*.yaml` (see `publish.eval_results`).
+def write_card(out_dir: str | Path, *, template: Path | None = None,
+               config_path: Path | None = None, model_name: str | None = None) -> Path:
+    """Render the mergeability card and write it as `out_dir/README.md` (replacing mergekit's
+    README), with the evaluation also as `.eval_results/*.yaml` (see `publish.eval_results`).
 
     Args:
         out_dir: the merged model directory.
@@ -452,13 +465,14 @@ def write_card(out_dir: str | Path, *, template: Path | None = None, config_path
 
     card = render_card(out_dir, template=template, config_path=config_path, model_name=model_name)
     path = Path(out_dir) / "README.md"
-    changes = plan_eval_results(out_dir, read_evaluation(Path(out_dir) / REPORT_DIR / "evaluation.json"))
+    changes = plan_eval_results(out_dir,
+                                read_evaluation(Path(out_dir) / REPORT_DIR / "evaluation.json"))
     changes[path] = str(card).encode("utf-8")  # what ModelCard.save writes
     try:
         write_all(changes)  # the card and its .eval_results files: all or nothing
     except OSError as e:
-        raise BadInputError(f"cannot write the card in {one_line(str(out_dir))}: {e.strerror or e}; "
-                            "nothing was changed") from None
+        raise BadInputError(f"cannot write the card in {one_line(str(out_dir))}: "
+                            f"{e.strerror or e}; nothing was changed") from None
     tidy_eval_results(out_dir)
     return path
 

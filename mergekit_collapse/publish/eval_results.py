@@ -8,11 +8,12 @@ benchmark's leaderboard. The entries are built with huggingface_hub's `EvalResul
 What an entry holds, per lm-eval task of `evaluation.json`:
 
 - `dataset.id` is the lm-eval task name, as the card's `model-index` has it (`dataset.type`);
-- `dataset.task_id` is that same lm-eval task name: the merged model's score depends only on the task, so
-  two constituents evaluated on one task give one entry (the guard's task names stay in the card);
-- `value` is the MERGED model's headline score. The constituents' scores and the merging loss (Eq. 1) are
-  not entries: the Hub credits every entry of this repository to this model, so they stay in the card
-  (`model-index` metric names and the `mergeability.observed` block);
+- `dataset.task_id` is that same lm-eval task name: the merged model's score depends only on the
+  task, so two constituents evaluated on one task give one entry (the guard's task names stay in the
+  card);
+- `value` is the MERGED model's headline score. The constituents' scores and the merging loss
+  (Eq. 1) are not entries: the Hub credits every entry of this repository to this model, so they
+  stay in the card (`model-index` metric names and the `mergeability.observed` block);
 - `notes` is the setup: the metric, the lm-eval document limit and the dtype.
 
 One file per task, `.eval_results/<task>.yaml`, starting with a marker comment; rewriting the card
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 #: the folder the Hub reads evaluation results from
 EVAL_RESULTS_DIR = ".eval_results"
 #: first line of every file written here: marks the files `write_eval_results` may replace
-MARKER = f"# written by mergekit-collapse from {REPORT_DIR}/evaluation.json; rewritten with the card"
+MARKER = (f"# written by mergekit-collapse from {REPORT_DIR}/evaluation.json; "
+          "rewritten with the card")
 
 
 def eval_result_entries(evaluation: Evaluation) -> list[EvalResultEntry]:
@@ -47,8 +49,8 @@ def eval_result_entries(evaluation: Evaluation) -> list[EvalResultEntry]:
         evaluation: the evaluation (evaluation.json).
 
     Returns:
-        One entry per distinct lm-eval task, in evaluation order; tasks whose merged score is missing
-        or NaN are left out.
+        One entry per distinct lm-eval task, in evaluation order; tasks whose merged score is
+        missing or NaN are left out.
     """
     from huggingface_hub import EvalResultEntry
 
@@ -81,7 +83,8 @@ def _ours(path: Path) -> bool:
         return f.readline().rstrip(b"\r\n") == MARKER.encode()
 
 
-def plan_eval_results(out_dir: str | Path, evaluation: Evaluation | None) -> dict[Path, bytes | None]:
+def plan_eval_results(out_dir: str | Path,
+                      evaluation: Evaluation | None) -> dict[Path, bytes | None]:
     """What `write_eval_results` changes: file -> its new bytes, or None for a file to remove (the
     files written before). Nothing is written; `_io.write_all` applies it as one unit.
 
@@ -93,19 +96,21 @@ def plan_eval_results(out_dir: str | Path, evaluation: Evaluation | None) -> dic
     from huggingface_hub import eval_result_entries_to_yaml
 
     folder = Path(out_dir) / EVAL_RESULTS_DIR
-    changes: dict[Path, bytes | None] = {old: None for old in sorted(folder.glob("*.yaml")) if _ours(old)}
+    changes: dict[Path, bytes | None] = {old: None for old in sorted(folder.glob("*.yaml"))
+                                         if _ours(old)}
     groups: dict[str, list[EvalResultEntry]] = {}
     for entry in eval_result_entries(evaluation) if evaluation is not None else []:
         groups.setdefault(_file_name(entry.dataset_id), []).append(entry)
     for name, entries in groups.items():
-        text = yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False, allow_unicode=True)
+        text = yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False,
+                              allow_unicode=True)
         changes[folder / name] = f"{MARKER}\n{text}".encode()
     return changes
 
 
 def write_eval_results(out_dir: str | Path, evaluation: Evaluation | None) -> list[Path]:
-    """Write the evaluation as `out_dir/.eval_results/<task>.yaml`, replacing the files written before
-    (all or nothing: `_io.write_all`).
+    """Write the evaluation as `out_dir/.eval_results/<task>.yaml`, replacing the files written
+    before (all or nothing: `_io.write_all`).
 
     Args:
         out_dir: the merged model folder.

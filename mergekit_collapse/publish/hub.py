@@ -1,9 +1,10 @@
-"""Publish a merged model folder (weights, tokenizer, mergeability card and report) to the Hugging Face Hub.
+"""Publish a merged model folder (weights, tokenizer, mergeability card and report) to the Hugging
+Face Hub.
 
 Everything goes in ONE `HfApi.create_commit`: the Hub applies a commit all or nothing, so a failure
-(401, 403, 5xx, a lost connection) leaves the repository as it was. Large files take the client's normal
-LFS (or Xet) path. The token comes from the argument, `HF_TOKEN` or the stored login; it is never printed,
-logged or written, and errors name the repository and the HTTP status only.
+(401, 403, 5xx, a lost connection) leaves the repository as it was. Large files take the client's
+normal LFS (or Xet) path. The token comes from the argument, `HF_TOKEN` or the stored login; it is
+never printed, logged or written, and errors name the repository and the HTTP status only.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from mergekit_collapse.errors import BadInputError, HubError, http_status
 
 logger = logging.getLogger(__name__)
 
-#: the Hub stores a file with LFS when it is at least this big (or binary, or matches .gitattributes)
+#: the Hub stores a file with LFS when it is at least this big
+#: (or binary, or matches .gitattributes)
 LFS_THRESHOLD_BYTES = 10 * 1024 * 1024
 #: suffixes the Hub's default .gitattributes of a model repo sends to LFS
 LFS_SUFFIXES = (
     ".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".ftz", ".gguf", ".gz", ".h5", ".joblib", ".mlmodel",
-    ".model", ".msgpack", ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb", ".pickle", ".pkl", ".pt",
-    ".pth", ".rar", ".safetensors", ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip", ".zst",
+    ".model", ".msgpack", ".npy", ".npz", ".onnx", ".ot", ".parquet", ".pb", ".pickle", ".pkl",
+    ".pt", ".pth", ".rar", ".safetensors", ".tar", ".tflite", ".tgz", ".wasm", ".xz", ".zip",
+    ".zst",
 )
 #: folders never pushed (git metadata, huggingface_hub's local upload cache)
 SKIP_DIRS = {".git", ".cache", "__pycache__"}
@@ -66,16 +69,18 @@ class PushResult:
 
     def to_text(self) -> str:
         """A human-readable plan (dry run) or summary (after the push)."""
-        target = f"{self.repo_id}@{self.revision or 'main'}" + (" (as a pull request)" if self.create_pr else "")
+        target = (f"{self.repo_id}@{self.revision or 'main'}"
+                  + (" (as a pull request)" if self.create_pr else ""))
         n_lfs = sum(f.lfs for f in self.files)
-        head = (f"commit plan for {target} on {self.endpoint} (dry run, nothing sent)" if self.dry_run
-                else f"pushed to {target}")
+        head = (f"commit plan for {target} on {self.endpoint} (dry run, nothing sent)"
+                if self.dry_run else f"pushed to {target}")
         lines = [head, f"{len(self.files)} files, {_human(self.total_bytes)}, {n_lfs} via LFS "
                        "(predicted; the Hub decides at pre-upload)" if self.dry_run else
                  f"{len(self.files)} files, {_human(self.total_bytes)}, {n_lfs} via LFS"]
         if self.dry_run:
             width = max((len(f.path_in_repo) for f in self.files), default=0)
-            lines += [f"  {f.path_in_repo:<{width}}  {_human(f.size):>10}  {'LFS' if f.lfs else 'regular'}"
+            lines += [f"  {f.path_in_repo:<{width}}  {_human(f.size):>10}  "
+                      f"{'LFS' if f.lfs else 'regular'}"
                       for f in self.files]
         for label, value in (("commit", self.commit_url), ("pull request", self.pr_url)):
             if value:
@@ -101,12 +106,14 @@ def _is_binary(path: Path) -> bool:
     try:
         sample.decode("utf-8")
     except UnicodeDecodeError as e:
-        return e.start < len(sample) - 3  # a multi-byte character cut at the sample's end is still text
+        # a multi-byte character cut at the sample's end is still text
+        return e.start < len(sample) - 3
     return False
 
 
 def predict_lfs(path: Path, size: int) -> bool:
-    """Whether the Hub will store a file with LFS: big, binary, or an LFS suffix of the default .gitattributes.
+    """Whether the Hub will store a file with LFS: big, binary, or an LFS suffix of the default
+    .gitattributes.
 
     Args:
         path: the local file.
@@ -145,16 +152,18 @@ def plan_files(out_dir: str | Path) -> list[tuple[Path, PlannedFile]]:
             p = Path(dirpath) / name
             if p.is_symlink() and p.exists() and not p.resolve().is_relative_to(real):
                 raise BadInputError(f"refusing to push {p.relative_to(root).as_posix()}: "
-                                    "it is a symlink to outside the folder; remove it or copy the file in")
+                                    "it is a symlink to outside the folder; remove it or copy "
+                                    "the file in")
         for name in filenames:
             p = Path(dirpath) / name
             if p.is_symlink() and not p.exists():
                 continue
             rel = p.relative_to(root).as_posix()
             st = p.stat()
-            if not stat.S_ISREG(st.st_mode):  # reading a named pipe or a device would hang or never end
-                raise BadInputError(f"refusing to push {rel}: not a regular file (a named pipe, socket "
-                                    "or device); remove it from the folder")
+            # reading a named pipe or a device would hang or never end
+            if not stat.S_ISREG(st.st_mode):
+                raise BadInputError(f"refusing to push {rel}: not a regular file (a named pipe, "
+                                    "socket or device); remove it from the folder")
             size = st.st_size
             planned.append((p, PlannedFile(rel, size, predict_lfs(p, size))))
     if not planned:
@@ -170,17 +179,18 @@ def _scrub(text: str, token: str | None) -> str:
 
 def _refuse_files_with_token(files: Iterable[tuple[Path, PlannedFile]], token: str | None,
                              repo_id: str) -> None:
-    """Never publish the credentials: refuse if a file's name, or a (small) file's content, holds the
-    token (the refusal names the file with the token redacted)."""
+    """Never publish the credentials: refuse if a file's name, or a (small) file's content, holds
+    the token (the refusal names the file with the token redacted)."""
     if not token:
         return
     needle = token.encode()
     for path, pf in files:
         if token in pf.path_in_repo:
-            raise HubError(f"refusing to push {pf.path_in_repo.replace(token, '***')}: a file name holds "
-                           "the Hub token; rename the file", repo_id=repo_id)
+            raise HubError(f"refusing to push {pf.path_in_repo.replace(token, '***')}: a file name "
+                           "holds the Hub token; rename the file", repo_id=repo_id)
         if pf.size <= _SCAN_LIMIT_BYTES and needle in path.read_bytes():
-            raise HubError(f"refusing to push: {pf.path_in_repo} contains the Hub token", repo_id=repo_id)
+            raise HubError(f"refusing to push: {pf.path_in_repo} contains the Hub token",
+                           repo_id=repo_id)
 
 
 _STATUS_TEXT = {
@@ -190,7 +200,8 @@ _STATUS_TEXT = {
 }
 
 
-def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str | None, step: str) -> HubError:
+def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str | None,
+               step: str) -> HubError:
     """Map any client error to one line naming the repo and the status, never the token.
 
     The HubError carries `status` (the HTTP status, None when the Hub never answered) and `repo_id`.
@@ -217,7 +228,8 @@ def _hub_error(exc: BaseException, repo_id: str, endpoint: str, token: str | Non
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Network errors of whichever HTTP library this huggingface_hub uses (httpx2 in 2.x, httpx in 1.x)."""
+    """Network errors of whichever HTTP library this huggingface_hub uses (httpx2 in 2.x, httpx in
+    1.x)."""
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError, OSError]
     for module in ("httpx2", "httpx", "requests"):
         try:
@@ -231,10 +243,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
-    """The Hub to talk to: the argument, else `HF_ENDPOINT` read now, else huggingface_hub's default.
+    """The Hub to talk to: the argument, else `HF_ENDPOINT` read now, else huggingface_hub's
+    default.
 
-    huggingface_hub reads `HF_ENDPOINT` once, when it is imported; reading it again here lets a caller
-    set it later (tests, notebooks).
+    huggingface_hub reads `HF_ENDPOINT` once, when it is imported; reading it again here lets a
+    caller set it later (tests, notebooks).
 
     Args:
         endpoint: an explicit endpoint, or None.
@@ -279,7 +292,8 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
     """Push a merged model folder to a Hub model repository in one atomic commit.
 
     Args:
-        out_dir: the merged model folder (run `write_card` first so README.md is the mergeability card).
+        out_dir: the merged model folder (run `write_card` first so README.md is the mergeability
+            card).
         repo_id: the target repository, `namespace/name`.
         private: create the repository private (ignored when it already exists).
         revision: the branch to commit to (created from main when missing); default main.
@@ -297,9 +311,9 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
         BadInputError: `out_dir` is not a folder or is empty, holds a file that is not a regular one
             (a named pipe), or `repo_id` is malformed.
         HubError: no token; a file name or small file holds the token; the repository exists and
-            `exist_ok` is False; any HTTP error (401, 403, 404, 5xx) or network error, as one line with the repository and the status (also as its
-            `status` and `repo_id` attributes; `status` is None when the Hub never answered). Nothing
-            is committed when it is raised.
+            `exist_ok` is False; any HTTP error (401, 403, 404, 5xx) or network error, as one line
+            with the repository and the status (also as its `status` and `repo_id` attributes;
+            `status` is None when the Hub never answered). Nothing is committed when it is raised.
     """
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -322,16 +336,16 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
     files = [(p, PlannedFile(pf.path_in_repo, len(public[p]), pf.lfs) if p in public else pf)
              for p, pf in files]
     url = resolve_endpoint(endpoint)
-    result = PushResult(repo_id=repo_id, endpoint=url, files=[pf for _, pf in files], dry_run=dry_run,
-                        revision=revision, create_pr=create_pr, private=private)
+    result = PushResult(repo_id=repo_id, endpoint=url, files=[pf for _, pf in files],
+                        dry_run=dry_run, revision=revision, create_pr=create_pr, private=private)
     if dry_run:
         logger.info("dry run: %d files for %s, nothing sent", len(files), repo_id)
         return result
     if not token:
         raise HubError(f"push to {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`)",
                        repo_id=repo_id)
-    return _push(files, public, result, token=token, exist_ok=exist_ok,
-                 commit_message=commit_message or f"Upload merged model ({len(files)} files) with mergekit-collapse")
+    message = commit_message or f"Upload merged model ({len(files)} files) with mergekit-collapse"
+    return _push(files, public, result, token=token, exist_ok=exist_ok, commit_message=message)
 
 
 def _stored_token() -> str | None:
@@ -381,14 +395,16 @@ def _push(files: list[tuple[Path, PlannedFile]], public: dict[Path, bytes], resu
     result.pr_url = info.pr_url
     # the plan's LFS column becomes what the Hub actually decided at pre-upload
     modes = {op.path_in_repo: op._upload_mode for op in operations}
-    result.files = [PlannedFile(pf.path_in_repo, pf.size, modes.get(pf.path_in_repo, "lfs" if pf.lfs else None)
-                                == "lfs") for pf in result.files]
+    result.files = [PlannedFile(pf.path_in_repo, pf.size,
+                                modes.get(pf.path_in_repo, "lfs" if pf.lfs else None) == "lfs")
+                    for pf in result.files]
     logger.info("pushed %d files to %s", len(files), repo_id)
     return result
 
 
 def _delete_created_repo(api, repo_id: str, token: str) -> None:
-    """Best effort: a repository this call created and could not fill is removed again (nothing half-pushed)."""
+    """Best effort: a repository this call created and could not fill is removed again (nothing
+    half-pushed)."""
     try:
         api.delete_repo(repo_id, token=token, missing_ok=True)
     except Exception as e:  # noqa: BLE001 - cleanup must not hide the real error

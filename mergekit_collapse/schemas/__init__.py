@@ -147,7 +147,8 @@ def _loader_rules(guard: dict[str, Any], defs: dict[str, Any]) -> None:
     guard["properties"]["tasks"]["minProperties"] = 1
     guard["required"] = ["tasks"]
     defs["Budget"]["not"] = {"required": ["relative", "absolute"],
-                             "properties": {"relative": {"type": "number"}, "absolute": {"type": "number"}}}
+                             "properties": {"relative": {"type": "number"},
+                                            "absolute": {"type": "number"}}}
 
 
 def _guard() -> dict[str, Any]:
@@ -161,7 +162,8 @@ def _guard() -> dict[str, Any]:
         "description": "A mergekit YAML (its own keys are validated by mergekit) plus the optional "
                        "`guard:` section of mergekit-collapse.",
         "type": "object",
-        "properties": {"merge_method": {"type": "string"}, "guard": {"$ref": "#/$defs/GuardSettings"}},
+        "properties": {"merge_method": {"type": "string"},
+                       "guard": {"$ref": "#/$defs/GuardSettings"}},
         "required": ["merge_method"],
         "additionalProperties": True,
         "$defs": {**defs, "GuardSettings": guard},
