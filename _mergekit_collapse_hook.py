@@ -1,10 +1,11 @@
-"""Import hook that adds `--guard` to mergekit's own `mergekit-yaml` (loaded by mergekit_collapse_hook.pth).
+"""Import hook that adds `--guard` to mergekit's own `mergekit-yaml` (loaded by
+mergekit_collapse_hook.pth).
 
 MergeKit has no plugin entry point, so this module, imported at interpreter start-up by a `.pth`
 file, puts one tiny finder at the front of `sys.meta_path`. It answers only for
 `mergekit.scripts.run_yaml`: it lets the normal machinery find and run that module, then hands the
-module to `mergekit_collapse.cli.mergekit_yaml.install_guard`, which adds the guard options to its click
-command. Nothing else is imported at start-up (only `sys` and `os`, which are already loaded).
+module to `mergekit_collapse.cli.mergekit_yaml.install_guard`, which adds the guard options to its
+click command. Nothing else is imported at start-up (only `sys` and `os`, which are already loaded).
 
 Fail-safe: any exception while finding, wrapping or installing is logged at debug level and plain
 mergekit carries on. Setting MERGEKIT_COLLAPSE_DISABLE=1 installs nothing at all.
@@ -15,7 +16,8 @@ import os
 import sys
 
 TARGET = "mergekit.scripts.run_yaml"
-#: the same variable as mergekit_collapse.constants.ENV_DISABLE (not imported: start-up must stay cheap)
+#: the same variable as mergekit_collapse.constants.ENV_DISABLE (not imported: start-up must stay
+#: cheap)
 ENV_DISABLE = "MERGEKIT_COLLAPSE_DISABLE"
 
 

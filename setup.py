@@ -1,4 +1,5 @@
-"""Only here to ship mergekit_collapse_hook.pth (the `mergekit-yaml --guard` hook); metadata is in pyproject.toml.
+"""Only here to ship mergekit_collapse_hook.pth (the `mergekit-yaml --guard` hook); metadata is in
+pyproject.toml.
 
 setuptools has no declarative way to put a file at the top level of site-packages, so build_py
 copies the .pth into the build tree (regular wheels) or straight into the editable wheel

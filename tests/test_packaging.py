@@ -1,5 +1,6 @@
-"""What ships where: the runtime wheel holds the runtime; the zoos' data is a distribution of its own
-(`zoo/`, `mergekit-collapse-zoo`), and without it the commands that need it say so in one line."""
+"""What ships where: the runtime wheel holds the runtime; the zoos' data is a distribution of its
+own (`zoo/`, `mergekit-collapse-zoo`), and without it the commands that need it say so in one
+line."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def _shipped() -> list[Path]:
     data that pyproject.toml names."""
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["mergekit_collapse"]
-    tracked = subprocess.run(["git", "ls-files", "mergekit_collapse"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "mergekit_collapse"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
     package = ROOT / "mergekit_collapse"
     return [ROOT / f for f in tracked if f.endswith(".py")
             or any((ROOT / f).relative_to(package).match(p.removeprefix("**/")) for p in patterns)]
