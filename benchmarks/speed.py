@@ -12,7 +12,7 @@ One run, side by side, every measurement in its own subprocess (clean peak RSS, 
     (`lora_merge_cache` cold, output in /dev/shm), for 8 adapters and for 4 full fine-tunes.
 (c) peak RSS of the guard at N = 2, 8 vs one model's safetensors size; Python+torch baseline apart.
 (d) scaling in N (random r=8 q/k/v/o LoRAs) at a fixed probe set: seconds per model, linear fit.
-(e) conflict metrics streamed vs benchmarks/naive_conflicts.py: time and peak RSS.
+(e) conflict metrics streamed vs tests/naive_conflicts.py: time and peak RSS.
 (f) extraction FLOP/s (2 x body parameters per real token) vs this machine's dense matmul
     throughput, float32 and bfloat16; the bf16 error in drms and r*^2 vs float32.
 (g) the knobs behind (a)/(f): batch size, threads, merged vs unmerged LoRA, dtype.
@@ -193,7 +193,7 @@ def w_conflicts(spec: dict[str, Any]) -> dict[str, Any]:
         mats = {m: rep.metric(m) for m in ("magnitude_change_ratio", "sign_change_ratio",
                                            "conflicting_magnitude_ratio", "cosine_similarity")}
     else:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
+        sys.path.insert(0, str(ROOT / "tests"))  # the test oracle is the naive baseline
         from naive_conflicts import naive_conflict_metrics
 
         mats = naive_conflict_metrics(spec["models"], spec["base"])

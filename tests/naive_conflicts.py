@@ -1,8 +1,9 @@
 """The straightforward parameter-conflict metrics a user would write: load whole models, loop over
 pairs.
 
-Kept ONLY as the benchmark baseline for `mergekit_collapse.conflicts.conflict_metrics` (which
-streams one tensor block at a time and reads each tensor once for all pairs) and as its test oracle.
+Kept ONLY as the test oracle of `mergekit_collapse.analysis.conflicts.conflict_metrics` (which
+streams one tensor block at a time and reads each tensor once for all pairs) and as its benchmark
+baseline (`benchmarks/speed.py`, section e).
 For each pair it loads the base and both models whole (`safetensors.torch.load_file`), builds both
 task vectors as dicts, and evaluates Eqs. 4–7 with numpy on the flattened union of their tensors —
 N² full reads and three whole models in memory. Same conventions as the package (see its module
@@ -10,7 +11,7 @@ docstring): sign(0) = 0, Eq. 7 averaged per tensor, a LoRA's τ = scaling · B @
 
 Run as a script to time both on a mergekit config:
 
-    python benchmarks/naive_conflicts.py merge_configs/demo.yml
+    python tests/naive_conflicts.py merge_configs/demo.yml
 """
 
 from __future__ import annotations
