@@ -1,5 +1,5 @@
 """Tiny real models for tests: a byte-level tokenizer, random Llamas, perturbed fine-tunes, peft
-LoRAs."""
+LoRAs; a guarded config over them (`tiny_config`); hand-computable calibration records."""
 
 from __future__ import annotations
 
@@ -129,3 +129,44 @@ def merge_with_mergekit(config_path: Path, out: Path, cache: Path) -> Path:
               options=MergeOptions(lora_merge_cache=str(cache), copy_tokenizer=True, quiet=True),
               config_source=source)
     return Path(out)
+
+
+PROBES = ["alpha beta", "gamma delta epsilon", "zeta eta", "one two three", "four five", "x y z",
+          "merge the models", "what is the capital"]
+
+
+def tiny_config(tmp_path, zoo, models=("ft1", "ft2", "ft3"), **guard):
+    """A guarded task_arithmetic config over tiny-zoo models (two probes each), written to
+    `tmp_path/config.yml`; `guard` keys go into its `guard:` section."""
+    import yaml
+
+    refs = [str(zoo[m]) if "lora" not in m else f"{zoo['base']}+{zoo[m]}" for m in models]
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo["base"]),
+        "models": [{"model": r, "parameters": {"weight": 0.5}} for r in refs],
+        "dtype": "float32",
+        "guard": {"tasks": {r: {"name": m, "probes": PROBES[2 * i: 2 * i + 2]}
+                            for i, (r, m) in enumerate(zip(refs, models, strict=True))},
+                  "k": 2, **guard},
+    }
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# collapsed (loss < −30) rows have x ∈ {.3, .5, .6, .8}; the others x ∈ {.1, .2, .4, .7}
+X = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+LOSS = [-5, -10, -40, -8, -50, -60, -20, -70]
+NOISE = [1, 2, 1, 2, 1, 2, 1, 2]  # AUROC exactly .5
+
+
+def calibration_csv(path: Path | None = None) -> str:
+    """Hand-computable calibration records (CSV): 8 rows, x against loss (see X, LOSS)."""
+    lines = ["group,task,method,model,loss,x,exact_rel,noise"]
+    for i, (x, loss, n) in enumerate(zip(X, LOSS, NOISE, strict=True)):
+        lines.append(f"g{i // 2},t{i % 4},linear,m{i},{loss},{x},{2 * x},{n}")
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        path.write_text(text)
+    return text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from click.testing import CliRunner
-from test_check_cli import tiny_config
+from common import tiny_config
 
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import (

@@ -202,3 +202,15 @@ def test_public_api_is_importable_without_torch():
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # every name resolves; torch loads only when a model does
+
+
+def test_the_tests_mirror_the_package():
+    """A folder of tests per part of the package (the root modules' tests at the top); helpers and
+    data at the top too, or under the part that uses them."""
+    tests = Path(__file__).parent
+    parts = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and p.name not in
+               ("__pycache__", "mergekit_suite", ".hypothesis")}
+    assert folders <= parts, f"tests/{sorted(folders - parts)} names no part of the package"
+    tested = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert parts - tested <= {"schemas"}, f"no tests/ folder for {sorted(parts - tested)}"

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from common import calibration_csv, tiny_config
 from hub_server import TOKEN, FakeHub
-from test_calibration import _csv
-from test_check_cli import tiny_config
 
 from mergekit_collapse.cli import COMMANDS, main
 from mergekit_collapse.errors import CollapseError
@@ -50,7 +49,7 @@ def test_the_token_never_leaks_from_any_command(
     monkeypatch.setenv("GITHUB_OUTPUT", str(tmp_path / "github_output"))
     cfg = tiny_config(tmp_path, tiny_zoo, models=("ft1", "ft2"), rehearse="off")
     records = tmp_path / "records.csv"
-    _csv(records)
+    calibration_csv(records)
     out, ran = tmp_path / "merged", tmp_path / "ran"
     ok = ["--guard-absolute-budget", "1e9", "--quiet"]
     stop = ["--guard-absolute-budget", "1e-9", "--guard-action", "abort", "--quiet"]
@@ -107,7 +106,7 @@ def test_the_token_never_leaks_from_any_command(
     texts += [data.decode(errors="replace") for data in published.values()]
     assert [t[:200] for t in texts if any(n in t for n in NEEDLES)] == []
     # published: no absolute local path
-    # (tests/test_hub.py checks a hand-made folder; these are real)
+    # (tests/publish/test_hub.py checks a hand-made folder; these are real)
     local = (str(tmp_path).encode(), str(tmp_path.resolve()).encode(),
              str(tiny_zoo["base"]).encode())
     assert [name for name, data in published.items() if any(p in data for p in local)] == []

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_check_cli import tiny_config
+from common import tiny_config
 
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import BadInputError

@@ -113,7 +113,7 @@ def test_check_writes_the_reports_of_the_configs_that_ran(tiny_zoo, tmp_path, mo
 
 
 def test_card_files_respect_the_umask(tmp_path):
-    from test_card import make_merged_dir
+    from reports import make_merged_dir
 
     out = make_merged_dir(tmp_path)
     old = os.umask(0o022)
@@ -213,7 +213,7 @@ def test_a_warm_read_only_cache_still_serves(tiny_zoo, tmp_path, monkeypatch):
 def test_card_is_written_all_or_nothing(tmp_path):
     """One .eval_results file that cannot be written (a folder of the user's in its place): the
     README and every other file stay as they were, and the error is one line."""
-    from test_card import make_merged_dir
+    from reports import make_merged_dir
 
     from mergekit_collapse.publish.card import read_evaluation
     from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR, plan_eval_results

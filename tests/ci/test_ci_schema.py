@@ -15,7 +15,7 @@ from ci_common import CALM, cli
 
 from mergekit_collapse.schemas import NAMES, build, shipped_path
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "merge_configs").rglob("*.yml"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_card import MODELS, make_report
+from reports import MODELS, make_report
 
 from mergekit_collapse.ci.results import (
     ConfigResult,

@@ -19,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 from common import make_lora, make_tiny_llama, make_tiny_tasks
 from hub_server import TOKEN, FakeHub
-from test_card import make_merged_dir
+from reports import make_merged_dir
 
 from mergekit_collapse.cli import main
 
@@ -289,7 +289,7 @@ def _card_with(env: Env, name: str, data: bytes | None, *, folder: bool = False)
 
 def _card_long_task(env: Env) -> list[str]:
     """`card` where an lm-eval task name is 300 characters (the .eval_results file it names)."""
-    from test_card import EVALUATION
+    from reports import EVALUATION
 
     out = make_merged_dir(env.tmp)
     evaluation = json.loads(json.dumps(EVALUATION))
@@ -721,6 +721,6 @@ def test_bad_input(case: Case, tiny_zoo, odd_zoo, tmp_path, monkeypatch, caplog,
 def test_the_corpus_is_large_and_documented():
     ids = [c.id for c in CASES]
     assert len(ids) >= 40 and len(set(ids)) == len(ids)
-    docs = (Path(__file__).parent.parent / "docs" / "bad-inputs.md").read_text()
+    docs = (Path(__file__).parents[2] / "docs" / "bad-inputs.md").read_text()
     missing = [i for i in ids if f"`{i}`" not in docs]
     assert not missing, f"docs/bad-inputs.md lacks {missing}"

@@ -8,28 +8,9 @@ import sys
 from datetime import datetime
 
 import pytest
-import yaml
+from common import tiny_config
 
 from mergekit_collapse import check
-
-PROBES = ["alpha beta", "gamma delta epsilon", "zeta eta", "one two three", "four five", "x y z",
-          "merge the models", "what is the capital"]
-
-
-def tiny_config(tmp_path, zoo, models=("ft1", "ft2", "ft3"), **guard):
-    refs = [str(zoo[m]) if "lora" not in m else f"{zoo['base']}+{zoo[m]}" for m in models]
-    cfg = {
-        "merge_method": "task_arithmetic",
-        "base_model": str(zoo["base"]),
-        "models": [{"model": r, "parameters": {"weight": 0.5}} for r in refs],
-        "dtype": "float32",
-        "guard": {"tasks": {r: {"name": m, "probes": PROBES[2 * i: 2 * i + 2]}
-                            for i, (r, m) in enumerate(zip(refs, models, strict=True))},
-                  "k": 2, **guard},
-    }
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run_cli(*args):

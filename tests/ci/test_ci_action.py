@@ -15,7 +15,7 @@ import pytest
 import yaml
 from ci_common import RISKY_LINES, init_repo, make_repo, project_copy
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 EXPR = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
 
 

@@ -11,7 +11,7 @@ import typing
 import click
 import pytest
 from click.testing import CliRunner
-from test_check_cli import tiny_config
+from common import tiny_config
 
 from mergekit_collapse.cli import main
 from mergekit_collapse.cli.options import GUARD_FLAGS, PREFIX, RuntimeOptions

@@ -15,7 +15,7 @@ from mergekit_collapse.demo.zoo.taskfiles import N_TEST, N_TRAIN, SEED, read_jso
 from mergekit_collapse.demo.zoo.tasks import ALL_TASKS, GEMMA_TASKS, TASKS, TASKS_DEF, generate
 from mergekit_collapse.errors import BadInputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # --- independent answer checks: each recomputes the answer from the input text ------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hub_server import TOKEN, FakeHub
-from test_card import EVALUATION, make_merged_dir
+from reports import EVALUATION, make_merged_dir
 
 from mergekit_collapse.evaluate.observed import Evaluation
 from mergekit_collapse.publish.card import load_card_metadata, read_evaluation, write_card

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from test_card import make_report
+from reports import make_report
 
 from mergekit_collapse.guard.decision import (
     BOUNDS,

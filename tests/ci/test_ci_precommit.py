@@ -30,7 +30,7 @@ from ci_common import (
     write_files,
 )
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 PRE_COMMIT = Path(sys.executable).parent / "pre-commit"
 
 

@@ -9,33 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from common import calibration_csv
 
 from mergekit_collapse.analysis.fitting import fit_calibration, fit_calibration_file, roc_cuts
 from mergekit_collapse.analysis.statistics import parse_records
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.calibration import Bands, Calibration, default_path, load_calibration
 
-# collapsed (loss < −30) rows have x ∈ {.3, .5, .6, .8}; the others x ∈ {.1, .2, .4, .7}
-X = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-LOSS = [-5, -10, -40, -8, -50, -60, -20, -70]
-NOISE = [1, 2, 1, 2, 1, 2, 1, 2]  # AUROC exactly .5
-
-
-def _csv(path: Path | None = None) -> str:
-    lines = ["group,task,method,model,loss,x,exact_rel,noise"]
-    for i, (x, loss, n) in enumerate(zip(X, LOSS, NOISE, strict=True)):
-        lines.append(f"g{i // 2},t{i % 4},linear,m{i},{loss},{x},{2 * x},{n}")
-    text = "\n".join(lines) + "\n"
-    if path is not None:
-        path.write_text(text)
-    return text
-
 
 def test_fit_hand_computed() -> None:
     # cuts (descending): TPR .25 .25 .5 .75 .75 1 1 1, FPR 0 .25 .25 .25 .5 .5 .75 1
     # J max .5 at x ≥ .5 and x ≥ .3: the more specific, .5 -> edge (.5+.4)/2 = .45;
     # TPR ≥ .9 first at x ≥ .3 -> elevated edge (.3+.2)/2 = .25
-    cal = fit_calibration(parse_records(_csv()), score="x")
+    cal = fit_calibration(parse_records(calibration_csv()), score="x")
     assert cal.direction == "higher"
     assert cal.bands.collapse == pytest.approx(0.45) and cal.bands.elevated == pytest.approx(0.25)
     v = cal.validity
@@ -61,7 +47,7 @@ def test_roc_cuts_infinite_and_tied_scores() -> None:
 
 
 def test_fit_lower_direction_and_auto_score() -> None:
-    text = _csv().replace(",x,", ",sim,")
+    text = calibration_csv().replace(",x,", ",sim,")
     rows = text.splitlines()
     flipped = [rows[0]] + [",".join(c if j != 5 else str(-float(c))
                                     for j, c in enumerate(r.split(",")))
@@ -70,14 +56,15 @@ def test_fit_lower_direction_and_auto_score() -> None:
     assert cal.direction == "lower"
     assert cal.bands.collapse == pytest.approx(-0.45) and cal.bands.elevated == pytest.approx(-0.25)
     assert cal.band(-0.5) == "collapse" and cal.band(-0.3) == "elevated" and cal.band(0.0) == "low"
-    auto = fit_calibration(parse_records(_csv()))  # x and exact_rel tie (AUROC .75) > noise
+    # x and exact_rel tie (AUROC .75) > noise
+    auto = fit_calibration(parse_records(calibration_csv()))
     assert auto.score == "x"
-    forced = fit_calibration(parse_records(_csv()), score="x", direction="lower")
+    forced = fit_calibration(parse_records(calibration_csv()), score="x", direction="lower")
     assert forced.direction == "lower" and forced.validity.auroc == pytest.approx(0.25)
 
 
 def test_fit_bad_inputs() -> None:
-    rec = parse_records(_csv())
+    rec = parse_records(calibration_csv())
     with pytest.raises(BadInputError, match="no score column"):
         fit_calibration(rec, score="nope")
     with pytest.raises(BadInputError, match="collapsed and non-collapsed"):
@@ -95,10 +82,10 @@ def test_file_round_trip_and_default(tmp_path: Path) -> None:
     assert packaged.source["bases"] == ["HuggingFaceTB/SmolLM2-135M-Instruct",
                                         "google/gemma-3-270m"]
     for name, digest in packaged.source["files"].items():  # records of both bases, committed
-        assert hashlib.sha256((Path(__file__).parents[1] / name).read_bytes()).hexdigest() == digest
+        assert hashlib.sha256((Path(__file__).parents[2] / name).read_bytes()).hexdigest() == digest
     assert packaged.band(2.0) == "collapse" and packaged.relative_budget > 0
     records = tmp_path / "records.csv"
-    _csv(records)
+    calibration_csv(records)
     cal, path = fit_calibration_file(records, score="x")
     assert path == default_path() and path.is_file()
     assert cal.source["sha256"] == hashlib.sha256(records.read_bytes()).hexdigest()
@@ -115,7 +102,7 @@ def test_calibrate_cli(tmp_path: Path) -> None:
     from mergekit_collapse.cli import main
 
     records = tmp_path / "records.csv"
-    _csv(records)
+    calibration_csv(records)
     out = tmp_path / "cal.json"
     res = CliRunner().invoke(main, ["calibrate", str(records), "--score", "x", "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from hub_server import TOKEN, FakeHub
-from test_card import make_merged_dir
+from reports import make_merged_dir
 
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import EXIT_HUB, HubError
