@@ -187,6 +187,56 @@ class Predictors:
         return out
 
 
+def standardised(work: Path, family: str, k: int, threshold: float) -> str:
+    """The relative distortion with each hidden dimension divided by the base's spread over the
+    probes in it, beside the raw one, on the merges of <work>/records.jsonl (AUROC, no fitting).
+
+    Gemma 3's last hidden states carry a few massive dimensions (norms near 2e4) that dominate
+    every squared distance; scaled by the base's own spread, each dimension counts by how much
+    the probes move it. At the guard's default setting (last token, last layer), from the cache.
+    """
+    from mergekit_collapse.analysis.statistics import auroc, markdown_table
+    from mergekit_collapse.demo.zoo import FAMILY_TASKS, export_zoo
+
+    zoo = export_zoo(work / "zoo", family=family)
+    tasks = [t for t in FAMILY_TASKS[family] if (zoo / "adapters" / t).is_dir()]
+    pooling, layer = "last", -1
+    full = parse_config(json.dumps(guard_config(zoo, tasks, "linear", k, pooling, layer)))
+    texts = build_probes(full).texts
+    settings = extraction_settings(full, device="cpu", dtype="float32")
+    ext = extract([full.base, *full.models], texts, settings, progress=True)
+    position = {t: i for i, t in enumerate(texts)}
+    rows = at_setting(read_records(work), DEFAULT_SETTING)
+    scaled: dict[tuple[str, str], float] = {}
+    for gid in dict.fromkeys(r["group"] for r in rows):
+        method, _, names = gid.partition(":")
+        cfg = parse_config(json.dumps(guard_config(zoo, names.split("+"), method, k, pooling,
+                                                   layer)))
+        probes = build_probes(cfg)
+        idx = np.array([position[t] for t in probes.texts])
+        base = ext.vectors[str(cfg.base)][idx]
+        spread = base.std(axis=0)
+        spread = spread + 1e-3 * spread.mean()  # a dimension the probes do not move: not a 1/0
+        hidden = np.stack([ext.vectors[str(m)][idx] for m in cfg.models]) / spread
+        rep = assess(cfg, hidden, base / spread, probes=probes, hidden_size=ext.hidden_size,
+                     dtype="float32")
+        for task, m in zip(names.split("+"), rep.models, strict=True):
+            scaled[(gid, task)] = m.relative_distortion
+    table = []
+    for sub, pick in SIZE_SUBSETS:
+        sel = [r for r in rows if pick(r) and r["loss"] is not None]
+        y = np.array([r["loss"] < threshold for r in sel])
+        raw = np.array([r["relative_distortion"] if r["relative_distortion"] is not None
+                        else np.nan for r in sel], dtype=float)
+        std = np.array([scaled.get((r["group"], r["task"])) or np.nan for r in sel], dtype=float)
+        table.append([sub, len(sel), int(y.sum()), _f(auroc(raw, y).auroc),
+                      _f(auroc(std, y).auroc)])
+    return (f"{family}: relative distortion, raw and with each dimension scaled by the base's "
+            f"spread over the probes ({DEFAULT_SETTING}); AUROC, collapsed = loss < "
+            f"{threshold:g}%.\n\n" + markdown_table(
+                ["subset", "n", "collapsed", "AUROC raw", "AUROC scaled"], table) + "\n")
+
+
 def conflict_rows(zoo: Path, group: tuple[str, ...], cache: dict) -> dict[str, dict[str, float]]:
     """The conflict metrics (Eqs. 4-7), pairwise; a model's value is its mean over its pairs."""
     from mergekit_collapse.analysis.conflicts import METRICS, conflict_metrics
@@ -854,6 +904,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reverse", action="store_true", help="--rehearse from the end of the plan")
     p.add_argument("--max-merges", type=int, default=None,
                    help="--rehearse only the first N merges of --records")
+    p.add_argument("--standardised", action="store_true",
+                   help="only compare the relative distortion raw and with each hidden dimension "
+                        "scaled by the base's probe spread (<work>/standardised.md)")
     p.add_argument("--same-as", metavar="REHEARSAL_JSONL", default=None,
                    help="only compare <work>/rehearsal.jsonl with another run's, row by row")
     p.add_argument("--calibrate-rehearsal", metavar="SCORE", default=None,
@@ -873,6 +926,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.rehearse:
         rehearse_records(args)
+        return 0
+    if args.standardised:
+        md = standardised(work, args.family, args.k, args.threshold)
+        (work / "standardised.md").write_text(md)
+        print(md)
         return 0
     if args.same_as:
         print(same_rehearsal(work / "rehearsal.jsonl", Path(args.same_as)))
