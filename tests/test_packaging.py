@@ -45,8 +45,8 @@ def test_without_the_zoo_data_the_zoo_commands_say_how_to_install_it(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2, run.stderr
-    assert lines == ["error: the task zoo's data is not installed: pip install -e ./zoo-data (from a "
-                     "checkout of mergekit-collapse; the README's install line does it)"]
+    assert lines == ["error: the task zoo's data is not installed: pip install -e ./zoo-data "
+                     "(from a checkout of mergekit-collapse; the README's install line does it)"]
     assert not (tmp_path / "out").exists()
 
 

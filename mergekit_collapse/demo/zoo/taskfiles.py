@@ -1,9 +1,10 @@
 """The zoo's data files (train/test JSONL) and lm-eval task YAMLs over them.
 
-The JSONL files ship in the zoo's data distribution (`mergekit-collapse-zoo`, the repository's
-`zoo/` folder: `mergekit_collapse_zoo/data/<task>/`), not in the runtime wheel. lm-eval needs the
-data paths inside its YAMLs, and those must be valid wherever the package is installed, so the
-YAMLs are written at run time (`write_task_yamls`) with absolute paths.
+The JSONL files ship in the zoo's data distribution (`mergekit-collapse-zoo`, the
+repository's `zoo-data/` folder: `mergekit_collapse_zoo/data/<task>/`), not in the runtime
+wheel. lm-eval needs the data paths inside its YAMLs, and those must be valid wherever the
+package is installed, so the YAMLs are written at run time (`write_task_yamls`) with absolute
+paths.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ try:
 except ImportError:
     ZOO_ROOT = None
 #: what to install when it is not
-ZOO_MISSING = ("the task zoo's data is not installed: pip install -e ./zoo (from a checkout of "
-               "mergekit-collapse; the README's install line does it)")
+ZOO_MISSING = ("the task zoo's data is not installed: pip install -e ./zoo-data (from a checkout "
+               "of mergekit-collapse; the README's install line does it)")
 #: Shipped data: <DATA_DIR>/<task>/{train,test}.jsonl
 DATA_DIR = (ZOO_ROOT or Path(__file__).parent / "missing-zoo") / "data"
 #: Sizes and seed of the shipped data (`write_data` regenerates it bit for bit).
