@@ -121,26 +121,59 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
             non-empty folder that is not a merged model (never replaced).
         GuardStoppedError: over budget and the action stopped the merge (exit 3).
     """
-    from mergekit_collapse.actions import ActionContext, get_action
     from mergekit_collapse.guard.assess import run_guard
-    from mergekit_collapse.guard.config import check_writable, load_config
 
     out = Path(out_path)
+    cfg = _load_checked(config_path, out, report_dir)
+    overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
+                                   **settings}.items() if v is not None}
+    cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
+    options = _guard_options(merge_options, cache_dir, progress, budget, absolute_budget,
+                             overrides)
+    run = run_guard(cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())), **options)
+    ctx, outcome = _decide(cfg, run, candidate_refs, merge_all)
+    report, settings = ctx.report, run.cfg.guard
+    if outcome.stop:
+        _stop(outcome.stop, report, report_dir)
+    result = GuardedMerge(report=report)
+    report.actions.extend(_weights(outcome, ctx, settings.weights, out))
+    jobs = _write_configs(outcome, cfg.source, out, settings.action, result)
+    result.shipped = _recheck(cfg, jobs, ctx, options)
+    _merge_and_report(out, jobs, outcome, merge_options, result)
+    _copy_reports(report_dir, out, result)
+    return result
+
+
+def _load_checked(config_path: str | Path, out: Path,
+                  report_dir: str | Path | None) -> LoadedConfig:
+    """Load the config and check the output (and report) folders before the guard runs."""
+    from mergekit_collapse.guard.config import check_writable, load_config
+
     cfg = load_config(config_path)
     check_writable(out, "OUT")
     if report_dir:
         check_writable(report_dir, "--guard-report")
     _check_out(out)
-    overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
-                                   **settings}.items() if v is not None}
-    cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
-    options = {"device": getattr(merge_options, "device", None) or "auto", "dtype": "auto",
-               "cache_dir": cache_dir,
-               "trust_remote_code": bool(getattr(merge_options, "trust_remote_code", False)),
-               "progress": ((not getattr(merge_options, "quiet", False)) if progress is None
-                            else progress),
-               "budget": budget, "absolute_budget": absolute_budget, **overrides}
-    run = run_guard(cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())), **options)
+    return cfg
+
+
+def _guard_options(merge_options: Any, cache_dir: str | Path | None, progress: bool | None,
+                   budget: float | None, absolute_budget: float | None,
+                   overrides: dict[str, Any]) -> dict[str, Any]:
+    """The guard's run options: mergekit's device and flags, the budget, the overrides."""
+    return {"device": getattr(merge_options, "device", None) or "auto", "dtype": "auto",
+            "cache_dir": cache_dir,
+            "trust_remote_code": bool(getattr(merge_options, "trust_remote_code", False)),
+            "progress": ((not getattr(merge_options, "quiet", False)) if progress is None
+                         else progress),
+            "budget": budget, "absolute_budget": absolute_budget, **overrides}
+
+
+def _decide(cfg: LoadedConfig, run: Any, candidate_refs: dict[str, Any],
+            merge_all: bool) -> tuple[ActionContext, Reorganisation]:
+    """Apply the guard's action to its report; the records join the report's actions."""
+    from mergekit_collapse.actions import ActionContext, get_action
+
     report, settings = run.report, run.cfg.guard
     ctx = ActionContext(
         report=report, raw=_raw(cfg.source), refs=list(run.cfg.models),
@@ -153,67 +186,78 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     except ValueError as e:  # e.g. too many replacement combinations to try
         raise BadInputError(f"guard action '{settings.action}': {e}") from None
     report.actions.extend(outcome.records)
-    result = GuardedMerge(report=report)
-    if outcome.stop:
-        if report_dir:
-            result.report_paths += list(report.write(report_dir).values())
-            raise GuardStoppedError(f"{outcome.stop}; report: {Path(report_dir) / 'report.md'}",
-                                    report)
-        raise GuardStoppedError(f"{outcome.stop} (--guard-report DIR keeps the report)", report)
+    return ctx, outcome
 
-    report.actions.extend(_weights(outcome, ctx, settings.weights, out))
+
+def _stop(why: str, report: GuardReport, report_dir: str | Path | None) -> None:
+    """The action stopped the merge: write the report to `report_dir` (if given) and raise."""
+    if report_dir:
+        report.write(report_dir)
+        raise GuardStoppedError(f"{why}; report: {Path(report_dir) / 'report.md'}", report)
+    raise GuardStoppedError(f"{why} (--guard-report DIR keeps the report)", report)
+
+
+def _write_configs(outcome: Reorganisation, source: str, out: Path, action: str,
+                   result: GuardedMerge) -> list[tuple[Any, ...]]:
+    """Write the configs the actions changed beside `out`; return the merge jobs to run."""
+    report = result.report
     jobs = []
     for pm in outcome.merges:
         target = out / pm.name if pm.name else out
-        source = cfg.source
-        path = None
+        text, path = source, None
         if pm.changed:
             path = _sibling(out, pm.suffix)
-            source = _write_config(path, pm.raw)
+            text = _write_config(path, pm.raw)
             result.configs.append(path)
             for rec in report.actions:
-                if _belongs(rec, pm, settings.action):
+                if _belongs(rec, pm, action):
                     rec.configs.append(str(path))
         if pm.merge:
-            jobs.append((pm, target, source, path))
+            jobs.append((pm, target, text, path))
     if outcome.multi_stage is not None:
         path = _sibling(out, "order")
         atomic_write_text(path, outcome.multi_stage)
         result.configs.append(path)
         for rec in report.actions:
             rec.configs.append(str(path))
+    return jobs
 
-    result.shipped = _recheck(cfg, jobs, ctx, options)
 
+def _merge_and_report(out: Path, jobs: list[tuple[Any, ...]], outcome: Reorganisation,
+                      merge_options: Any, result: GuardedMerge) -> None:
+    """Merge the jobs into a staged `out` with the reports; with nothing to merge, the report."""
+    report = result.report
     if not jobs and outcome.multi_stage is None:  # nothing merged: only the report goes to OUT
         result.report_paths += list(report.write(out / REPORT_DIR).values())
-    else:
-        with staged_folder(out) as staged:
-            for pm, target, source, path in jobs:
-                t0 = time.perf_counter()
-                merge_config(pm.raw, staged / target.relative_to(out), merge_options,
-                             config_source=source)
-                result.merge_seconds += time.perf_counter() - t0
-                result.outputs.append(target)
-                result.sources.append(path)
-            if outcome.multi_stage is not None:
-                # absolute: mergekit takes a/b for a Hub id
-                stages = _sibling(out.resolve(), "stages", ext="")
-                merge_multi_stage(outcome.multi_stage, staged, stages, merge_options)
-                result.outputs.append(out)
-                result.sources.append(None)  # the final stage merges the config's own constituents
-            for target, rep in result.shipped.items():
-                if target != out:  # a split group's card reads the config as written there too
-                    report.write(staged / target.relative_to(out) / REPORT_DIR)
-                rep.write(staged / target.relative_to(out) / REPORT_DIR / SHIPPED_DIR)
-            written = report.write(staged / REPORT_DIR).values()
-        result.report_paths += [out / REPORT_DIR / p.name for p in written]
+        return
+    with staged_folder(out) as staged:
+        for pm, target, source, path in jobs:
+            t0 = time.perf_counter()
+            merge_config(pm.raw, staged / target.relative_to(out), merge_options,
+                         config_source=source)
+            result.merge_seconds += time.perf_counter() - t0
+            result.outputs.append(target)
+            result.sources.append(path)
+        if outcome.multi_stage is not None:
+            # absolute: mergekit takes a/b for a Hub id
+            stages = _sibling(out.resolve(), "stages", ext="")
+            merge_multi_stage(outcome.multi_stage, staged, stages, merge_options)
+            result.outputs.append(out)
+            result.sources.append(None)  # the final stage merges the config's own constituents
+        for target, rep in result.shipped.items():
+            if target != out:  # a split group's card reads the config as written there too
+                report.write(staged / target.relative_to(out) / REPORT_DIR)
+            rep.write(staged / target.relative_to(out) / REPORT_DIR / SHIPPED_DIR)
+        written = report.write(staged / REPORT_DIR).values()
+    result.report_paths += [out / REPORT_DIR / p.name for p in written]
+
+
+def _copy_reports(report_dir: str | Path | None, out: Path, result: GuardedMerge) -> None:
+    """`--guard-report DIR`: the report there too, and each re-check under its folder's name."""
     if report_dir:
-        result.report_paths += list(report.write(report_dir).values())
+        result.report_paths += list(result.report.write(report_dir).values())
         for target, rep in result.shipped.items():
             rep.write(Path(report_dir) / target.relative_to(out) / SHIPPED_DIR)
-    return result
-
 
 def _recheck(cfg: LoadedConfig, jobs: list[tuple[Any, ...]], ctx: ActionContext,
              options: dict[str, Any]) -> dict[Path, GuardReport]:

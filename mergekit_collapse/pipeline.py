@@ -122,27 +122,55 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         BadInputError: bad config or inputs. GuardStoppedError: the guard stopped the merge.
         HubError: the push failed (nothing half-pushed).
     """
-    from mergekit_collapse.guard.config import load_config
+    out, config = Path(out), Path(config)
+    result = PipelineResult(out=out)
+    state = StageState(out)
+    opts = merge_options or default_merge_options()
+    stage = _stage_echo(echo)
+    t0 = time.time()
+    guard = {"action": action, "budget": budget, "absolute_budget": absolute_budget,
+             "weights": weights, "merge_all": merge_all}
+    merged = _merge_stage(config, out, opts, guard, settings, progress, state, result, stage, echo)
+    result.seconds["merge"] = time.time() - t0
+    t0 = time.time()
+    if evaluate:
+        _evaluate_stage(out, merged, limit, with_base, progress, state, result, stage)
+    result.seconds["evaluate"] = time.time() - t0
+    _card_stage(merged, template, result, stage)  # cheap: always re-rendered from the disk
+    if push_repo:
+        _push_stage(out, push_repo, private, exist_ok, dry_run, result, stage)
+    return result
+
+
+_STAGES = ("guard + merge", "evaluate", "card", "push")
+
+#: the merged folders, and the config merged in each
+_Merged = tuple[list[Path], list[Path]]
+
+
+def _stage_echo(echo: Callable[[str], None]) -> Callable[..., None]:
+    """`stage(i, note)`: echo the line that starts (or skips) stage i."""
+
+    def stage(i: int, note: str = "") -> None:
+        echo(f"[{i + 1}/{len(_STAGES)}] {_STAGES[i]}{' — ' + note if note else ''}")
+
+    return stage
+
+
+def _merge_stage(config: Path, out: Path, opts: Any, guard: dict[str, Any],
+                 settings: dict[str, Any], progress: bool, state: StageState,
+                 result: PipelineResult, stage: Callable[..., None],
+                 echo: Callable[[str], None]) -> _Merged:
+    """1. guard + merge, unless an earlier run's merge has the same inputs and intact outputs."""
     from mergekit_collapse.guard.report import GuardReport
     from mergekit_collapse.merge import guarded_merge
 
-    out = Path(out)
-    config = Path(config)
-    result = PipelineResult(out=out)
-    state = StageState(out)
-    stages = ["guard + merge", "evaluate", "card", "push"]
-    opts = merge_options or default_merge_options()
-
-    def stage(i: int, note: str = "") -> None:
-        echo(f"[{i + 1}/{len(stages)}] {stages[i]}{' — ' + note if note else ''}")
-
-    # 1. guard + merge
-    t0 = time.time()
     try:
         text = config.read_text(encoding="utf-8")
     except OSError:
         raise ModelNotFoundError(f"config file not found: {config}") from None
-    inputs = _sha(text, action, budget, absolute_budget, weights, merge_all,
+    inputs = _sha(text, guard["action"], guard["budget"], guard["absolute_budget"],
+                  guard["weights"], guard["merge_all"],
                   opts.model_dump(mode="json") if hasattr(opts, "model_dump") else str(opts),
                   *([settings] if settings else []))  # none given: earlier runs keep their hash
     rec = state.get("merge")
@@ -156,9 +184,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         merged_configs = [Path(c) if c else config for c in rec["configs"]]
     else:
         stage(0)
-        done = guarded_merge(config, out, opts, action=action, budget=budget,
-                             absolute_budget=absolute_budget, weights=weights, merge_all=merge_all,
-                             progress=progress, **settings)
+        done = guarded_merge(config, out, opts, **guard, progress=progress, **settings)
         echo(done.summary())
         result.report = done.report
         outputs = done.outputs
@@ -166,43 +192,48 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         state.record("merge", inputs, outputs={str(o): _files(o) for o in outputs},
                      configs=[str(c) for c in merged_configs])
     result.configs = [c for c in merged_configs if c != config]
-    result.seconds["merge"] = time.time() - t0
+    return outputs, merged_configs
 
-    # 2. evaluate
-    t0 = time.time()
-    if evaluate:
-        from mergekit_collapse.evaluate.observed import Evaluation, evaluate_merge, write_evaluation
 
-        for folder, cfg_path in zip(outputs, merged_configs, strict=True):
-            key = _sha(state.get("merge").get("outputs", {}).get(str(folder)), str(cfg_path), limit,
-                       with_base)
-            target = folder / REPORT_DIR / "evaluation.json"
-            if state.done(f"evaluate:{folder}", key) and target.exists():
-                stage(1, f"{folder.name}: finished earlier: skipped")
-                result.evaluations[str(folder)] = Evaluation.model_validate_json(target.read_text())
-                continue
-            stage(1, f"{folder.name} (limit {limit or 'all'})")
-            report = result.report if folder == out else None
-            ev = evaluate_merge(folder, load_config(cfg_path), limit=limit, with_base=with_base,
-                                report=report, progress=progress)
-            write_evaluation(ev, folder / REPORT_DIR, report)
-            result.evaluations[str(folder)] = ev
-            state.record(f"evaluate:{folder}", key)
-    result.seconds["evaluate"] = time.time() - t0
+def _evaluate_stage(out: Path, merged: _Merged, limit: int | None, with_base: bool,
+                    progress: bool, state: StageState, result: PipelineResult,
+                    stage: Callable[..., None]) -> None:
+    """2. evaluate each merged folder, unless an earlier run evaluated the same merge."""
+    from mergekit_collapse.evaluate.observed import Evaluation, evaluate_merge, write_evaluation
+    from mergekit_collapse.guard.config import load_config
 
-    # 3. card (cheap: always re-rendered from what is on disk)
+    for folder, cfg_path in zip(*merged, strict=True):
+        key = _sha(state.get("merge").get("outputs", {}).get(str(folder)), str(cfg_path), limit,
+                   with_base)
+        target = folder / REPORT_DIR / "evaluation.json"
+        if state.done(f"evaluate:{folder}", key) and target.exists():
+            stage(1, f"{folder.name}: finished earlier: skipped")
+            result.evaluations[str(folder)] = Evaluation.model_validate_json(target.read_text())
+            continue
+        stage(1, f"{folder.name} (limit {limit or 'all'})")
+        report = result.report if folder == out else None
+        ev = evaluate_merge(folder, load_config(cfg_path), limit=limit, with_base=with_base,
+                            report=report, progress=progress)
+        write_evaluation(ev, folder / REPORT_DIR, report)
+        result.evaluations[str(folder)] = ev
+        state.record(f"evaluate:{folder}", key)
+
+
+def _card_stage(merged: _Merged, template: Path | None, result: PipelineResult,
+                stage: Callable[..., None]) -> None:
+    """3. the card of each merged folder that has a report."""
     from mergekit_collapse.publish.card import write_card
 
     stage(2)
-    for folder, cfg_path in zip(outputs, merged_configs, strict=True):
+    for folder, cfg_path in zip(*merged, strict=True):
         if (folder / REPORT_DIR / "report.json").exists():
             result.cards.append(write_card(folder, template=template, config_path=cfg_path))
 
-    # 4. push
-    if push_repo:
-        from mergekit_collapse.publish.hub import push
 
-        stage(3, f"{push_repo}{' (dry run)' if dry_run else ''}")
-        result.push = push(out, push_repo, private=private, exist_ok=exist_ok, dry_run=dry_run)
-    return result
+def _push_stage(out: Path, repo: str, private: bool, exist_ok: bool, dry_run: bool,
+                result: PipelineResult, stage: Callable[..., None]) -> None:
+    """4. push the (main) merged folder to the Hub."""
+    from mergekit_collapse.publish.hub import push
 
+    stage(3, f"{repo}{' (dry run)' if dry_run else ''}")
+    result.push = push(out, repo, private=private, exist_ok=exist_ok, dry_run=dry_run)

@@ -426,18 +426,7 @@ def resolve_sources(models: Sequence[Any], base: Any, *, allow_pickle: bool = Fa
     """
     refs = [_as_reference(m) for m in models]
     notes: list[str] = []
-    if base is None:
-        bases = {r.model.path for r in refs}
-        if len(bases) == 1 and all(r.lora is not None for r in refs):
-            base_ref = _as_reference(next(iter(bases)))
-            notes.append(f"no base given; using the LoRAs' shared model {base_ref} as base")
-        else:
-            raise BadInputError("conflict metrics need a base model (task vectors are θ − θ_base): "
-                                "set base_model in the config or pass base=")
-    else:
-        base_ref = _as_reference(base)
-    if base_ref.lora is not None:
-        raise BadInputError(f"the base model '{base_ref}' cannot carry a LoRA")
+    base_ref = _base_reference(refs, base, notes)
     base_dir = _local_dir(base_ref.model.path, "base model")
     base_w: WeightDir | None = None
 
@@ -454,30 +443,13 @@ def resolve_sources(models: Sequence[Any], base: Any, *, allow_pickle: bool = Fa
         names: set[str] = set()
         if model_dir.resolve() != base_dir.resolve():
             full = WeightDir(model_dir, allow_pickle=allow_pickle)
-            bw = base_weights()
-            mine, theirs = full.float_names(), bw.float_names()
-            if mine != theirs:
-                diff = sorted(mine ^ theirs)
-                raise BadInputError(f"model '{ref}' and base '{base_ref}' have different tensors "
-                                    f"(e.g. '{diff[0]}'; {len(diff)} differ)")
-            for n in mine:
-                if full.shape(n) != bw.shape(n):
-                    raise BadInputError(f"tensor '{n}': shape {full.shape(n)} in '{ref}' but "
-                                        f"{bw.shape(n)} in the base")
-            names |= mine
+            names |= _check_full(full, base_weights(), ref, base_ref)
         lora = None
         if ref.lora is not None:
             lora = LoraAdapter(_local_dir(ref.lora.path, "LoRA adapter"), allow_pickle=allow_pickle)
             names |= set(lora.modules)
             # the base's header (not its weights) checks that the adapter targets its tensors
-            header = base_weights()
-            for target, mod in lora.modules.items():
-                if not header.has(target):
-                    raise BadInputError(f"adapter '{ref.lora}' targets '{target}', which the base "
-                                        f"'{base_ref}' does not have")
-                if header.shape(target) != mod.shape:
-                    raise BadInputError(f"adapter '{ref.lora}': τ of '{target}' is {mod.shape}, "
-                                        f"the base tensor is {header.shape(target)}")
+            _check_targets(lora, base_weights(), ref, base_ref)
             if lora.replaced:
                 bw = base_weights()
                 missing = [n for n in lora.replaced if not bw.has(n)]
@@ -487,6 +459,48 @@ def resolve_sources(models: Sequence[Any], base: Any, *, allow_pickle: bool = Fa
                 names |= set(lora.replaced)
         sources.append(TaskVectorSource(str(ref), full, lora, names))
     return sources, base_w, str(base_ref), notes
+
+
+def _base_reference(refs: list[Any], base: Any, notes: list[str]) -> Any:
+    """The base reference: the given one, else the one model every LoRA shares (noted)."""
+    if base is None:
+        bases = {r.model.path for r in refs}
+        if len(bases) == 1 and all(r.lora is not None for r in refs):
+            base_ref = _as_reference(next(iter(bases)))
+            notes.append(f"no base given; using the LoRAs' shared model {base_ref} as base")
+        else:
+            raise BadInputError("conflict metrics need a base model (task vectors are θ − θ_base): "
+                                "set base_model in the config or pass base=")
+    else:
+        base_ref = _as_reference(base)
+    if base_ref.lora is not None:
+        raise BadInputError(f"the base model '{base_ref}' cannot carry a LoRA")
+    return base_ref
+
+
+def _check_full(full: WeightDir, bw: WeightDir, ref: Any, base_ref: Any) -> set[str]:
+    """A full model's float tensors, which must match the base's in names and shapes."""
+    mine, theirs = full.float_names(), bw.float_names()
+    if mine != theirs:
+        diff = sorted(mine ^ theirs)
+        raise BadInputError(f"model '{ref}' and base '{base_ref}' have different tensors "
+                            f"(e.g. '{diff[0]}'; {len(diff)} differ)")
+    for n in mine:
+        if full.shape(n) != bw.shape(n):
+            raise BadInputError(f"tensor '{n}': shape {full.shape(n)} in '{ref}' but "
+                                f"{bw.shape(n)} in the base")
+    return mine
+
+
+def _check_targets(lora: LoraAdapter, header: WeightDir, ref: Any, base_ref: Any) -> None:
+    """Every module the adapter targets is a base tensor of the shape of its τ."""
+    for target, mod in lora.modules.items():
+        if not header.has(target):
+            raise BadInputError(f"adapter '{ref.lora}' targets '{target}', which the base "
+                                f"'{base_ref}' does not have")
+        if header.shape(target) != mod.shape:
+            raise BadInputError(f"adapter '{ref.lora}': τ of '{target}' is {mod.shape}, "
+                                f"the base tensor is {header.shape(target)}")
 
 
 def _shape_of(tensor: str, sources: list[TaskVectorSource],

@@ -141,20 +141,27 @@ def fit_calibration(records: Records, *, score: str | None = None,
                         sensitivity_collapse=cut_c.sensitivity,
                         specificity_collapse=cut_c.specificity,
                         sensitivity_elevated=cut_e.sensitivity)
-    budget = None
-    if budget_column in records.metrics:
-        b = records.column(budget_column)
-        ok = keep & np.isfinite(b)
-        if (ok.sum() >= 3 and labels[ok].any() and not labels[ok].all()
-                and np.unique(b[ok]).size > 1):
-            cut_b, _ = roc_cuts(b[ok], labels[ok], sensitivity=sensitivity)
-            budget = cut_b.edge if cut_b.edge > 0 else None
+    budget = _budget_edge(records, labels, keep, budget_column, sensitivity)
     src = dict(source or {})
     src.setdefault("n", int(records.n))
     src.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return Calibration(score=score, direction=direction,
                        bands=Bands(elevated=sign * cut_e.edge, collapse=sign * cut_c.edge),
                        relative_budget=budget, threshold=threshold, source=src, validity=validity)
+
+
+def _budget_edge(records: Records, labels: np.ndarray, keep: np.ndarray, budget_column: str,
+                 sensitivity: float) -> float | None:
+    """The default relative budget: the collapse edge of the budget column (None: not fittable)."""
+    if budget_column not in records.metrics:
+        return None
+    b = records.column(budget_column)
+    ok = keep & np.isfinite(b)
+    if (ok.sum() >= 3 and labels[ok].any() and not labels[ok].all()
+            and np.unique(b[ok]).size > 1):
+        cut_b, _ = roc_cuts(b[ok], labels[ok], sensitivity=sensitivity)
+        return cut_b.edge if cut_b.edge > 0 else None
+    return None
 
 
 

@@ -107,11 +107,7 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if include_defaults is None:
         include_defaults = include_path is None
-    paths = str(include_path) if include_path is not None else None
-    if paths is not None and not Path(paths).exists():
-        raise BadInputError(f"lm-eval include path not found: {paths}")
-    if paths is not None and Path(paths).is_file():  # lm-eval indexes folders, not single files
-        paths = str(Path(paths).parent)
+    paths = _include_folder(include_path)
     manager = TaskManager(include_path=paths, include_defaults=include_defaults)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -119,8 +115,7 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
     device = str(getattr(model, "device", "cpu"))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     if not is_verbose():  # lm-eval's own switch for its per-request bars
-        for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-            setattr(lm, request_type, partial(getattr(lm, request_type), disable_tqdm=True))
+        _quiet_requests(lm)
     try:
         with _no_git_probe():
             out = lm_eval.simple_evaluate(
@@ -133,3 +128,19 @@ def run_tasks(model: Any, tokenizer: Any, tasks: list[str], *,
     if out is None:  # non-zero rank in a distributed run
         return {}
     return {name: _clean_metrics(metrics) for name, metrics in out["results"].items()}
+
+
+def _include_folder(include_path: str | Path | None) -> str | None:
+    """The folder lm-eval indexes for `include_path` (a YAML file stands for its folder)."""
+    paths = str(include_path) if include_path is not None else None
+    if paths is not None and not Path(paths).exists():
+        raise BadInputError(f"lm-eval include path not found: {paths}")
+    if paths is not None and Path(paths).is_file():  # lm-eval indexes folders, not single files
+        paths = str(Path(paths).parent)
+    return paths
+
+
+def _quiet_requests(lm: Any) -> None:
+    """Turn off the progress bar of each of lm-eval's request types on `lm`."""
+    for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, request_type, partial(getattr(lm, request_type), disable_tqdm=True))

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -23,6 +23,10 @@ from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import LoadedConfig, TaskSpec
 from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD
 from mergekit_collapse.guard.report import GuardReport, display_names
+
+if TYPE_CHECKING:
+    from mergekit_collapse._console import Progress
+    from mergekit_collapse.guard.forward import ExtractionSettings
 
 log = logging.getLogger(__name__)
 
@@ -196,81 +200,141 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
     """
     from mergekit_collapse._console import Progress
     from mergekit_collapse.guard.forward import ExtractionSettings
-    from mergekit_collapse.models.identity import folder_identity, model_identity
-    from mergekit_collapse.models.loading import (
-        check_weights,
-        load_causal_lm,
-        load_tokenizer,
-        local_dir,
-        resolve_dtype,
-        swap_adapter,
-    )
+    from mergekit_collapse.models.loading import resolve_dtype
 
     merged = Path(merged_dir)
     if not merged.is_dir():
         raise BadInputError(f"merged model folder not found: {merged}")
     settings = ExtractionSettings(dtype=dtype, device="cpu")
     torch_dtype = resolve_dtype(dtype, "cpu")
-    tasks = {str(m): resolve_eval(cfg.task_of(m), cfg) for m in cfg.models}
-    evaluated = [m for m in cfg.models if tasks[str(m)] is not None]
-    if not evaluated:
-        raise BadInputError("no model has a guard.tasks.<ref>.eval task to evaluate on")
+    tasks, evaluated = _eval_tasks(cfg)
     all_tasks = list({t.name: t for t in (tasks[str(m)] for m in evaluated)}.values())
-    cache = ScoreCache(chat=cfg.guard.chat_template)
+    sc = _Scoring(settings, torch_dtype, ScoreCache(chat=cfg.guard.chat_template), limit,
+                  batch_size, dtype)
     base_ref = [str(cfg.base)] if with_base and cfg.base is not None else []
     refs = [str(m) for m in evaluated] + base_ref
     steps = Progress("evaluate", 2 + len(evaluated) + int(with_base), enabled=progress,
                      labels=display_names(refs, cfg.path.parent if cfg.path else None))
 
+    merged_scores = _score_merged(merged, all_tasks, sc, steps)
+    own = _score_constituents(evaluated, tasks, sc, steps)
+    base_scores: dict[str, dict[str, float]] = {}
+    if with_base and cfg.base is not None:
+        base_scores = _score_base(cfg.base, all_tasks, sc, steps)
+
+    with steps.step("observed retention"):
+        retention = observed_retention(merged, cfg, report.dtype if report is not None else "auto")
+    steps.close()
+    outcomes = _outcomes(cfg, evaluated, tasks, own, merged_scores, base_scores, retention)
+    losses = [o.loss for o in outcomes if o.loss is not None]
+    return Evaluation(limit=limit, dtype=dtype, tasks=outcomes,
+                      mean_loss=float(np.mean(losses)) if losses else None)
+
+
+def _eval_tasks(cfg: LoadedConfig) -> tuple[dict[str, EvalTask | None], list[Any]]:
+    """Each model's eval task, and the models that have one (none: BadInputError)."""
+    tasks = {str(m): resolve_eval(cfg.task_of(m), cfg) for m in cfg.models}
+    evaluated = [m for m in cfg.models if tasks[str(m)] is not None]
+    if not evaluated:
+        raise BadInputError("no model has a guard.tasks.<ref>.eval task to evaluate on")
+    return tasks, evaluated
+
+
+@dataclass
+class _Scoring:
+    """What every scoring pass of `evaluate_merge` shares: settings, dtype, cache, lm-eval's."""
+
+    settings: ExtractionSettings
+    torch_dtype: Any
+    cache: ScoreCache
+    limit: int | None
+    batch_size: int
+    dtype: str
+
+    def load(self, folder: Path) -> Any:
+        """The causal LM in `folder`, on CPU in the evaluation dtype."""
+        from mergekit_collapse.models.loading import load_causal_lm
+
+        return load_causal_lm(folder, self.settings, "cpu", self.torch_dtype)
+
+    def score(self, model: Any, tok: Any, identity: str,
+              tasks: list[EvalTask]) -> dict[str, dict[str, float]]:
+        """`_score` with the shared limit, batch size, cache and dtype."""
+        return _score(model, tok, identity, tasks, limit=self.limit, batch_size=self.batch_size,
+                      cache=self.cache, dtype=self.dtype)
+
+
+def _score_merged(merged: Path, all_tasks: list[EvalTask], sc: _Scoring,
+                  steps: Progress) -> dict[str, dict[str, float]]:
+    """Score the merged model on every constituent's task."""
+    from mergekit_collapse.models.identity import folder_identity
+    from mergekit_collapse.models.loading import check_weights, load_tokenizer
+
     check_weights(merged, str(merged), allow_pickle=False)
     with steps.step("merged"):
-        model = load_causal_lm(merged, settings, "cpu", torch_dtype)
-        tok = load_tokenizer(merged, settings)
-        merged_scores = _score(model, tok, folder_identity(merged), all_tasks, limit=limit,
-                               batch_size=batch_size, cache=cache, dtype=dtype)
+        model = sc.load(merged)
+        tok = load_tokenizer(merged, sc.settings)
+        merged_scores = sc.score(model, tok, folder_identity(merged), all_tasks)
         del model
         gc.collect()
+    return merged_scores
+
+
+def _score_constituents(evaluated: list[Any], tasks: dict[str, EvalTask | None], sc: _Scoring,
+                        steps: Progress) -> dict[str, dict[str, float]]:
+    """Score each constituent on its own task: one load per base, LoRAs by adapter swap."""
+    from mergekit_collapse.models.identity import model_identity
+    from mergekit_collapse.models.loading import load_tokenizer, local_dir, swap_adapter
 
     own: dict[str, dict[str, float]] = {}
     by_base: dict[Path, list[Any]] = {}
     for m in evaluated:
         by_base.setdefault(local_dir(m.model).resolve(), []).append(m)
-    base_scores: dict[str, dict[str, float]] = {}
     for base_dir, group in by_base.items():
         loaded = peft_model = None
-        tok = load_tokenizer(base_dir, settings)
+        tok = load_tokenizer(base_dir, sc.settings)
         for m in group:
             t = tasks[str(m)]
             ident = model_identity(m)
-            hit = cache.get(ident, t, limit, dtype)
+            hit = sc.cache.get(ident, t, sc.limit, sc.dtype)
             with steps.step(steps.label(str(m)), note="cached" if hit is not None else ""):
                 if hit is not None:
                     own[str(m)] = hit
                 else:
                     if loaded is None:
-                        loaded = load_causal_lm(base_dir, settings, "cpu", torch_dtype)
+                        loaded = sc.load(base_dir)
                     if m.lora is None:
                         target = loaded
                     else:
                         peft_model = swap_adapter(loaded, peft_model, local_dir(m.lora))
                         target = peft_model.get_base_model()
-                    own[str(m)] = _score(target, tok, ident, [t], limit=limit,
-                                         batch_size=batch_size, cache=cache, dtype=dtype)[t.name]
+                    own[str(m)] = sc.score(target, tok, ident, [t])[t.name]
         del loaded, peft_model
         gc.collect()
-    if with_base and cfg.base is not None:
-        with steps.step(f"{steps.label(str(cfg.base))} (base)"):
-            base_dir = local_dir(cfg.base.model)
-            base_model = load_causal_lm(base_dir, settings, "cpu", torch_dtype)
-            base_scores = _score(base_model, load_tokenizer(base_dir, settings),
-                                 model_identity(cfg.base), all_tasks, limit=limit,
-                                 batch_size=batch_size, cache=cache, dtype=dtype)
-            del base_model
-            gc.collect()
+    return own
 
-    with steps.step("observed retention"):
-        retention = observed_retention(merged, cfg, report.dtype if report is not None else "auto")
-    steps.close()
+
+def _score_base(base: Any, all_tasks: list[EvalTask], sc: _Scoring,
+                steps: Progress) -> dict[str, dict[str, float]]:
+    """Score the base model on every task (for reference)."""
+    from mergekit_collapse.models.identity import model_identity
+    from mergekit_collapse.models.loading import load_tokenizer, local_dir
+
+    with steps.step(f"{steps.label(str(base))} (base)"):
+        base_dir = local_dir(base.model)
+        base_model = sc.load(base_dir)
+        base_scores = sc.score(base_model, load_tokenizer(base_dir, sc.settings),
+                               model_identity(base), all_tasks)
+        del base_model
+        gc.collect()
+    return base_scores
+
+
+def _outcomes(cfg: LoadedConfig, evaluated: list[Any], tasks: dict[str, EvalTask | None],
+              own: dict[str, dict[str, float]], merged_scores: dict[str, dict[str, float]],
+              base_scores: dict[str, dict[str, float]],
+              retention: dict[str, float]) -> list[TaskOutcome]:
+    """Each constituent's task outcome: its own score, the merge's, the merging loss (Eq. 1)."""
     outcomes = []
     for m in evaluated:
         t = tasks[str(m)]
@@ -281,10 +345,7 @@ def evaluate_merge(merged_dir: str | Path, cfg: LoadedConfig, *, limit: int | No
         outcomes.append(TaskOutcome(model=str(m), task=cfg.task_of(m).name, eval=t.name,
                                     metric=metric, constituent=theirs, merged=ours, base=base,
                                     loss=loss, observed_retention=retention.get(str(m))))
-    losses = [o.loss for o in outcomes if o.loss is not None]
-    return Evaluation(limit=limit, dtype=dtype, tasks=outcomes,
-                      mean_loss=float(np.mean(losses)) if losses else None)
-
+    return outcomes
 
 def observed_retention(merged_dir: Path, cfg: LoadedConfig,
                        dtype: str = "auto") -> dict[str, float]:

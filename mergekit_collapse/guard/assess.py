@@ -17,8 +17,15 @@ from mergekit_collapse._version import __version__
 from mergekit_collapse.errors import BadInputError, CollapseError
 from mergekit_collapse.guard import geometry
 from mergekit_collapse.guard.calibration import Calibration, load_calibration
-from mergekit_collapse.guard.config import LoadedConfig, load_config, with_guard
-from mergekit_collapse.guard.decision import decide, resolve_budget, verdict
+from mergekit_collapse.guard.config import Budget, LoadedConfig, load_config, with_guard
+from mergekit_collapse.guard.decision import (
+    DecidedBy,
+    ResolvedBudget,
+    Verdict,
+    decide,
+    resolve_budget,
+    verdict,
+)
 from mergekit_collapse.guard.distributed import extract_shared, world
 from mergekit_collapse.guard.extract import Extraction, extract
 from mergekit_collapse.guard.forward import ExtractionSettings
@@ -109,11 +116,7 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     t0 = time.perf_counter()
     cfg = config if isinstance(config, LoadedConfig) else load_config(config)
     cfg = apply_overrides(cfg, **overrides)
-    if not cfg.models:
-        raise BadInputError("the config merges no models")
-    if len(cfg.models) == 1:
-        raise BadInputError(f"the config merges only one model ({cfg.models[0]}): the guard "
-                            "compares two or more; add the others under models:")
+    _check_models(cfg)
     probes = build_probes(cfg, models=[*cfg.models, *extra_models])
     refs = ([cfg.base] if cfg.base is not None else []) + list(cfg.models) + list(extra_models)
     settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
@@ -147,16 +150,35 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     report = assess(cfg, hidden, base, probes=probes, hidden_size=ext.hidden_size, dtype=ext.dtype,
                     rehearsal=rehearsal)
     t3 = time.perf_counter()
-    answered = answers.seconds if answers else 0.0  # answers made on the extraction's loads
+    report.run_info = _run_info((t0, t1, t2, t3), answers.seconds if answers else 0.0,
+                                rehearsal[0])
+    return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
+
+
+def _check_models(cfg: LoadedConfig) -> None:
+    """Refuse a config that merges fewer than two models: there is nothing to compare."""
+    if not cfg.models:
+        raise BadInputError("the config merges no models")
+    if len(cfg.models) == 1:
+        raise BadInputError(f"the config merges only one model ({cfg.models[0]}): the guard "
+                            "compares two or more; add the others under models:")
+
+
+def _run_info(times: tuple[float, float, float, float], answered: float,
+              rehearsed: Any) -> RunInfo:
+    """The run's date and the seconds of each stage (start, extracted, rehearsed, assessed).
+
+    `answered`: seconds of rehearsal answers made on the extraction's loads (moved from extract).
+    """
+    t0, t1, t2, t3 = times
     seconds = {"extract": t1 - t0 - answered}
-    if rehearsal[0] is not None:
-        seconds |= {f"rehearsal.{k}": v for k, v in rehearsal[0].seconds.items()}
+    if rehearsed is not None:
+        seconds |= {f"rehearsal.{k}": v for k, v in rehearsed.seconds.items()}
         if answered:
             seconds["rehearsal.answers"] = seconds.get("rehearsal.answers", 0.0) + answered
     seconds |= {"assess": t3 - t2, "total": t3 - t0}
-    report.run_info = RunInfo(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              seconds={k: round(v, 3) for k, v in seconds.items()})
-    return GuardRun(cfg=cfg, probes=probes, extraction=ext, report=report)
+    return RunInfo(date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   seconds={k: round(v, 3) for k, v in seconds.items()})
 
 
 def _root(cfg: LoadedConfig) -> Path | None:
@@ -309,76 +331,13 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
     shown = display_names([*names, *([str(cfg.base)] if cfg.base is not None else [])], _root(cfg))
     tasks = [cfg.task_of(m).name for m in cfg.models]
     geo = geometry.analyse(hidden, hidden_size=hidden_size, jung_dim=g.jung_dim)
-    scale, source = _budget_scale(base, hidden)
-    try:
-        bud = resolve_budget(g.budget, scale, source,
-                             cal.relative_budget or DEFAULT_RELATIVE_BUDGET)
-    except ValueError:
-        raise BadInputError("relative budget needs a non-degenerate probe spread; "
-                            "use an absolute budget") from None
+    bud = _budget(g.budget, cal, base, hidden)
     bounds = verdict(jung=geo.jung, converse=geo.converse, exact=geo.exact, budget=bud.absolute)
-    notes = list(geo.notes)
-    if cfg.base_note:
-        notes.append(cfg.base_note)
-    if base is None:
-        notes.append(f"risk score unavailable: {cfg.base_source or 'no base model'}")
-
-    w, why = planned_weights(cfg)
-    planned = anchored = None
-    if why:
-        notes.append(f"planned weights: {why}")
-    if base is not None:
-        sq_ext = geometry.pairwise_distances(np.concatenate([base[None], hidden])).sq
-        if w is not None:
-            anchored = geometry.base_anchored(sq_ext, w)
-            planned = geometry.distortions(sq_ext, np.concatenate([[1 - w.sum()], w]))[1:]
-        else:
-            anchored = geometry.base_anchored(sq_ext, np.full(len(names), 1.0 / len(names)))
-    elif w is not None and np.all(w >= 0) and np.isclose(w.sum(), 1):
-        planned = geometry.distortions(geo.distances.sq, w)
-
-    entries = []
-    for i, name in enumerate(names):
-        entries.append(ModelEntry(
-            name=name, display=shown[name], task=tasks[i],
-            mds=float(geo.mds[i]) if geo.mds is not None else None,
-            mean_hidden_sim=(float(geo.mean_hidden_sim[i]) if geo.mean_hidden_sim is not None
-                             else None),
-            distortion_optimal=float(geo.optimal[i]), distortion_uniform=float(geo.uniform[i]),
-            distortion_planned=float(planned[i]) if planned is not None else None,
-            shift=float(anchored.shift[i]) if anchored is not None else None,
-            retention=_finite(anchored.retention[i]) if anchored is not None else None,
-            relative_distortion=(_finite(anchored.relative_distortion[i]) if anchored is not None
-                                 else None),
-        ))
-        score = (getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields
-                 else None)
-        entries[-1].risk_score = score
-        entries[-1].risk_band = cal.band(score)
-    result, info = rehearsal or (None, None)
-    info = info.model_copy() if info is not None else None
-    if result is not None:
-        info.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_token_agreement"
-        if cal.rehearsal:
-            info.direction = cal.rehearsal.direction
-            bands = cal.rehearsal.bands
-            info.elevated, info.collapse = bands.elevated, bands.collapse
-        for e, m in zip(entries, cfg.models, strict=True):
-            for k, x in result.models[str(m)].items():
-                setattr(e, k, x)
-            e.predicted_retention = getattr(e, info.score)
-            e.rehearsal_band = cal.rehearsal.band(e.predicted_retention) if cal.rehearsal else None
-    elif info is not None and info.reason:
-        notes.append(f"rehearsal {info.status}: {info.reason}")
-    v, by, why = decide(bounds=bounds, budget_source=bud.source, prefer=cal.decides, signals={
-        "risk": [e.risk_band for e in entries], "rehearsal": [e.rehearsal_band for e in entries]})
-    if why:
-        notes.append(why)
-    score = cal.score if by == "risk" else info.score if by == "rehearsal" else None
-    flagged = [f"{e.task} ({score} {e.signal(by)[1]:.3g})" for e in entries
-               if score and e.signal(by)[0] == "collapse"]
-    if flagged:
-        notes.append(f"the calibrated {by} signal puts {', '.join(flagged)} in the collapse band")
+    notes = _geometry_notes(cfg, geo, base)
+    w, planned, anchored = _planned(cfg, geo, hidden, base, len(names), notes)
+    entries = _entries(names, shown, tasks, geo, planned, anchored, cal)
+    info = _rehearsal_info(rehearsal, entries, cfg, cal, notes)
+    v, by = _decide(bounds, bud.source, cal, entries, info, notes)
     return GuardReport(
         tool_version=__version__,
         config=str(cfg.path) if cfg.path else None,
@@ -406,3 +365,113 @@ def assess(cfg: LoadedConfig, hidden: np.ndarray, base: np.ndarray | None, *, pr
                          chat_template=probes.chat_template),
         layer=g.layer, pooling=g.pooling, dtype=dtype, hidden_size=hidden_size, notes=notes,
     )
+
+
+def _budget(setting: Budget, cal: Calibration, base: np.ndarray | None,
+            hidden: np.ndarray) -> ResolvedBudget:
+    """The absolute budget: the setting, else the calibration's relative one, on the spread."""
+    scale, source = _budget_scale(base, hidden)
+    try:
+        return resolve_budget(setting, scale, source,
+                              cal.relative_budget or DEFAULT_RELATIVE_BUDGET)
+    except ValueError:
+        raise BadInputError("relative budget needs a non-degenerate probe spread; "
+                            "use an absolute budget") from None
+
+
+def _geometry_notes(cfg: LoadedConfig, geo: geometry.Geometry,
+                    base: np.ndarray | None) -> list[str]:
+    """The report's first notes: the geometry's, the base model's, a missing risk score."""
+    notes = list(geo.notes)
+    if cfg.base_note:
+        notes.append(cfg.base_note)
+    if base is None:
+        notes.append(f"risk score unavailable: {cfg.base_source or 'no base model'}")
+    return notes
+
+
+def _planned(cfg: LoadedConfig, geo: geometry.Geometry, hidden: np.ndarray,
+             base: np.ndarray | None, n: int, notes: list[str],
+             ) -> tuple[np.ndarray | None, np.ndarray | None, geometry.BaseAnchored | None]:
+    """The config's planned weights, their distortions, and the base-anchored shifts.
+
+    Returns:
+        (planned weights or None, planned distortions or None, `base_anchored` or None).
+    """
+    w, why = planned_weights(cfg)
+    planned = anchored = None
+    if why:
+        notes.append(f"planned weights: {why}")
+    if base is not None:
+        sq_ext = geometry.pairwise_distances(np.concatenate([base[None], hidden])).sq
+        if w is not None:
+            anchored = geometry.base_anchored(sq_ext, w)
+            planned = geometry.distortions(sq_ext, np.concatenate([[1 - w.sum()], w]))[1:]
+        else:
+            anchored = geometry.base_anchored(sq_ext, np.full(n, 1.0 / n))
+    elif w is not None and np.all(w >= 0) and np.isclose(w.sum(), 1):
+        planned = geometry.distortions(geo.distances.sq, w)
+    return w, planned, anchored
+
+
+def _entries(names: list[str], shown: dict[str, str], tasks: list[str], geo: geometry.Geometry,
+             planned: np.ndarray | None, anchored: geometry.BaseAnchored | None,
+             cal: Calibration) -> list[ModelEntry]:
+    """One report entry per model: its geometry, distortions and calibrated risk band."""
+    entries = []
+    for i, name in enumerate(names):
+        entries.append(ModelEntry(
+            name=name, display=shown[name], task=tasks[i],
+            mds=float(geo.mds[i]) if geo.mds is not None else None,
+            mean_hidden_sim=(float(geo.mean_hidden_sim[i]) if geo.mean_hidden_sim is not None
+                             else None),
+            distortion_optimal=float(geo.optimal[i]), distortion_uniform=float(geo.uniform[i]),
+            distortion_planned=float(planned[i]) if planned is not None else None,
+            shift=float(anchored.shift[i]) if anchored is not None else None,
+            retention=_finite(anchored.retention[i]) if anchored is not None else None,
+            relative_distortion=(_finite(anchored.relative_distortion[i]) if anchored is not None
+                                 else None),
+        ))
+        score = (getattr(entries[-1], cal.score, None) if cal.score in ModelEntry.model_fields
+                 else None)
+        entries[-1].risk_score = score
+        entries[-1].risk_band = cal.band(score)
+    return entries
+
+
+def _rehearsal_info(rehearsal: tuple[Any, RehearsalInfo] | None, entries: list[ModelEntry],
+                    cfg: LoadedConfig, cal: Calibration,
+                    notes: list[str]) -> RehearsalInfo | None:
+    """Put the rehearsal's scores and bands on the entries; return the report's rehearsal part."""
+    result, info = rehearsal or (None, None)
+    info = info.model_copy() if info is not None else None
+    if result is not None:
+        info.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_token_agreement"
+        if cal.rehearsal:
+            info.direction = cal.rehearsal.direction
+            bands = cal.rehearsal.bands
+            info.elevated, info.collapse = bands.elevated, bands.collapse
+        for e, m in zip(entries, cfg.models, strict=True):
+            for k, x in result.models[str(m)].items():
+                setattr(e, k, x)
+            e.predicted_retention = getattr(e, info.score)
+            e.rehearsal_band = cal.rehearsal.band(e.predicted_retention) if cal.rehearsal else None
+    elif info is not None and info.reason:
+        notes.append(f"rehearsal {info.status}: {info.reason}")
+    return info
+
+
+def _decide(bounds: tuple[str, str], budget_source: str, cal: Calibration,
+            entries: list[ModelEntry], info: RehearsalInfo | None,
+            notes: list[str]) -> tuple[Verdict, DecidedBy]:
+    """The verdict and the signal that decided it; notes why, and the models it flags."""
+    v, by, why = decide(bounds=bounds, budget_source=budget_source, prefer=cal.decides, signals={
+        "risk": [e.risk_band for e in entries], "rehearsal": [e.rehearsal_band for e in entries]})
+    if why:
+        notes.append(why)
+    score = cal.score if by == "risk" else info.score if by == "rehearsal" else None
+    flagged = [f"{e.task} ({score} {e.signal(by)[1]:.3g})" for e in entries
+               if score and e.signal(by)[0] == "collapse"]
+    if flagged:
+        notes.append(f"the calibrated {by} signal puts {', '.join(flagged)} in the collapse band")
+    return v, by

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from mergekit_collapse.models.loading import (
     resolve_dtype,
     swap_adapter,
 )
+
+if TYPE_CHECKING:
+    from mergekit_collapse._console import Progress
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,6 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     dtype = resolve_dtype(settings.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     keys = [probe_key(t, settings.chat_template) for t in texts]
-    position = {k: i for i, k in enumerate(keys)}
     jobs = _jobs(models, keys, settings, dtype_name, cache_dir or cache_root())
 
     result = Extraction(vectors={}, dtype=dtype_name)
@@ -124,46 +126,78 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
     for job in todo:
         groups.setdefault(job.base_dir.resolve(), []).append(job)
     names = labels or display_names([str(m) for m in models])
+    run = _Pass(texts, {k: i for i, k in enumerate(keys)}, settings, device, dtype, names, result,
+                on_model, visit, visit_models)
     bar = Progress("hidden states", len(todo), enabled=progress, labels=names)
     for base_dir, group in groups.items():
-        tok = load_tokenizer(group[0].base_dir, settings)
-        model = load_causal_lm(base_dir, settings, device, dtype)
-        peft_model = body = None
-        try:
-            # the plain base first, before any adapter is injected
-            for job in sorted(group, key=lambda j: j.lora_dir is not None):
-                if on_model:
-                    on_model(str(job.ref))
-                with bar.step(bar.label(str(job.ref)), note=f"{len(job.missing)} probes"):
-                    if job.lora_dir is None:
-                        body = model.get_decoder()
-                    else:
-                        peft_model = swap_adapter(model, peft_model, job.lora_dir)
-                        body = peft_model.get_base_model().get_decoder()
-                    if visit and str(job.ref) in visit_models:
-                        visit(job.ref, model if job.lora_dir is None else peft_model, tok)
-                    if not job.missing:
-                        continue
-                    idx = [position[k] for k in job.missing]
-                    try:
-                        ids = encode(tok, [texts[i] for i in idx], settings)
-                        vecs, tokens = run_forward(body, ids, settings, pad_id(tok))
-                    except BadInputError as e:
-                        raise BadInputError(f"{names.get(str(job.ref), str(job.ref))}: "
-                                            f"{e}") from None
-                    job.cache.update(dict(zip(job.missing, vecs, strict=True)))
-                    result.tokens_computed += tokens
-                    result.tokens_saved += sum(map(len, ids)) - tokens
-                    result.computed[str(job.ref)] = len(job.missing)
-        finally:
-            gone = [weakref.ref(model)]
-            del model, peft_model, body  # all of it, before the next model loads
-            release(*gone)
+        _extract_group(base_dir, group, run, bar)
     bar.close()
     if result.tokens_computed:
         log.info("hidden states: %d probe tokens computed, %d saved by the shared prefix",
                  result.tokens_computed, result.tokens_saved)
+    _stack(jobs, keys, result)
+    return result
 
+
+@dataclass
+class _Pass:
+    """What one `extract` call shares between its models: probes, loading, hooks, the result."""
+
+    texts: list[str] | tuple[str, ...]
+    position: dict[str, int]  # probe key -> index in texts
+    settings: ExtractionSettings
+    device: Any
+    dtype: Any
+    names: Mapping[str, str]
+    result: Extraction
+    on_model: Callable[[str], None] | None
+    visit: Callable[[Any, Any, Any], None] | None
+    visit_models: Collection[str]
+
+
+def _extract_group(base_dir: Path, group: list[_Job], run: _Pass, bar: Progress) -> None:
+    """Load one base once and extract it and its adapters; release it all before the next."""
+    settings, visit = run.settings, run.visit
+    tok = load_tokenizer(group[0].base_dir, settings)
+    model = load_causal_lm(base_dir, settings, run.device, run.dtype)
+    peft_model = body = None
+    try:
+        # the plain base first, before any adapter is injected
+        for job in sorted(group, key=lambda j: j.lora_dir is not None):
+            if run.on_model:
+                run.on_model(str(job.ref))
+            with bar.step(bar.label(str(job.ref)), note=f"{len(job.missing)} probes"):
+                if job.lora_dir is None:
+                    body = model.get_decoder()
+                else:
+                    peft_model = swap_adapter(model, peft_model, job.lora_dir)
+                    body = peft_model.get_base_model().get_decoder()
+                if visit and str(job.ref) in run.visit_models:
+                    visit(job.ref, model if job.lora_dir is None else peft_model, tok)
+                if job.missing:
+                    _compute(job, body, tok, run)
+    finally:
+        gone = [weakref.ref(model)]
+        del model, peft_model, body  # all of it, before the next model loads
+        release(*gone)
+
+
+def _compute(job: _Job, body: Any, tok: Any, run: _Pass) -> None:
+    """Run the probes one model lacks through its decoder, into its cache and the counts."""
+    idx = [run.position[k] for k in job.missing]
+    try:
+        ids = encode(tok, [run.texts[i] for i in idx], run.settings)
+        vecs, tokens = run_forward(body, ids, run.settings, pad_id(tok))
+    except BadInputError as e:
+        raise BadInputError(f"{run.names.get(str(job.ref), str(job.ref))}: {e}") from None
+    job.cache.update(dict(zip(job.missing, vecs, strict=True)))
+    run.result.tokens_computed += tokens
+    run.result.tokens_saved += sum(map(len, ids)) - tokens
+    run.result.computed[str(job.ref)] = len(job.missing)
+
+
+def _stack(jobs: list[_Job], keys: list[str], result: Extraction) -> None:
+    """Every model's (P, d) vectors in probe order into `result`; their hidden sizes must agree."""
     for job in jobs:
         stacked = np.stack([job.cache.data[k] for k in keys])
         result.vectors[str(job.ref)] = stacked.astype(np.float32)
@@ -173,4 +207,3 @@ def extract(models: list[Any], texts: list[str] | tuple[str, ...], settings: Ext
         detail = ", ".join(f"{k}: {v.shape[1]}" for k, v in result.vectors.items())
         raise BadInputError(f"mismatched models: hidden sizes differ ({detail})")
     result.hidden_size = sizes.pop()
-    return result

@@ -393,14 +393,7 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
                            trust_remote_code=settings.trust_remote_code,
                            lora_cache=root / "lora_merged", seconds=seconds,
                            on_stage=lambda stage: bar.start(f"merged model: {stage}"))
-    result: dict[str, dict[str, float]] = {}
-    for ref in models:
-        own, mine = refs[str(ref)], logits[: len(layout[str(ref)])]
-        logits = logits[len(mine):]
-        merged = read_forced(layout[str(ref)], mine, own.answers)
-        result[str(ref)] = compare((own.argmax, own.first_logp), merged).summary()
-        if not all(math.isfinite(v) for v in result[str(ref)].values()):
-            raise BadInputError(f"the rehearsal of {ref} produced NaN or inf (try --dtype float32)")
+    result = _compare_models(models, refs, layout, logits)
     t2 = time.perf_counter()
     bar.done("merged model, a layer at a time", seconds=t2 - t1)
     bar.close()
@@ -411,6 +404,21 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
                              "compare": round(t2 - t1 - merge_s, 2)})
     cache.put(out)
     return out
+
+
+def _compare_models(models: list[Any], refs: dict[str, Reference],
+                    layout: dict[str, list[tuple[list[int], Batch]]],
+                    logits: list[Any]) -> dict[str, dict[str, float]]:
+    """Each constituent's answers against the merged model's logits on its own probes."""
+    result: dict[str, dict[str, float]] = {}
+    for ref in models:
+        own, mine = refs[str(ref)], logits[: len(layout[str(ref)])]
+        logits = logits[len(mine):]
+        merged = read_forced(layout[str(ref)], mine, own.answers)
+        result[str(ref)] = compare((own.argmax, own.first_logp), merged).summary()
+        if not all(math.isfinite(v) for v in result[str(ref)].values()):
+            raise BadInputError(f"the rehearsal of {ref} produced NaN or inf (try --dtype float32)")
+    return result
 
 
 def rehearsal_memory(merge: Any, settings: ExtractionSettings, *, n_sequences: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -15,7 +15,17 @@ from mergekit_collapse._version import __version__
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import PlanObjective, PlanSummary, check_writable, parse_config
 from mergekit_collapse.planner.search import Judged, check_floor, own_candidate, search
-from mergekit_collapse.planner.space import Pool, candidate_raw, candidates, check_space, load_pool
+from mergekit_collapse.planner.space import (
+    Candidate,
+    Pool,
+    candidate_raw,
+    candidates,
+    check_space,
+    load_pool,
+)
+
+if TYPE_CHECKING:
+    from mergekit_collapse.guard.report import GuardReport
 
 
 class Finalist(BaseModel):
@@ -134,6 +144,39 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
 
     t0 = time.perf_counter()
     p = load_pool(pool)
+    _override_space(p, objective, floor, max_rehearsals, refine)
+    if out is not None:
+        check_writable(out, "plan folder")
+    names = check_space(p, methods)
+    rule, floor_ = p.space.objective, check_floor(p.space.floor)
+    cands, rejected, own = _candidates(p, names)
+    run = run_guard(p.cfg, device=device, dtype=dtype, cache_dir=cache_dir, progress=progress,
+                    rehearse="off" if own is None or p.space.rehearsals == 0 else "on")
+    settings = extraction_settings(p.cfg, device=device, dtype=dtype)
+    seconds = {"hidden states": round(time.perf_counter() - t0, 2)}
+    ranked, stage = search(p, run, cands, rule=rule, floor=floor_, rehearsals=p.space.rehearsals,
+                           refine_trials=p.space.refine, own=own, settings=settings,
+                           cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+    seconds |= {k: round(v, 2) for k, v in stage.items()}
+    _add_own_rehearsal(seconds, own, run.report)
+    best = ranked[0]
+    rehearsed = [j for j in ranked if j.rehearsal is not None]
+    finalists = rehearsed or ranked[:10]
+    if verify:
+        _verify(p, finalists[:verify], Path(out) if out else None, verify_limit, dtype, progress)
+    seconds["total"] = round(time.perf_counter() - t0, 2)
+    summary = _summary(p, names, cands, own, ranked, rule, floor_, len(rehearsed),
+                       seconds["total"])
+    result = _plan_result(str(pool), p, names, rejected, seconds, summary, finalists,
+                          finalists[:verify] if verify else rehearsed)
+    if out is not None:
+        write_plan(result, p, best, Path(out))
+    return result
+
+
+def _override_space(p: Pool, objective: PlanObjective | None, floor: float | None,
+                    max_rehearsals: int | None, refine: int | None) -> None:
+    """Apply the options that override `guard.plan` to the pool's search space."""
     if max_rehearsals is not None and refine is None:  # a smaller budget shrinks the refinement
         refine = min(p.space.refine, max_rehearsals)
     update = {k: v for k, v in {"objective": objective, "floor": floor,
@@ -146,52 +189,58 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
             err = e.errors()[0]
             raise BadInputError(f"invalid plan option {err['loc'][0]}={err.get('input')!r}: "
                                 f"{err['msg']}") from None
-    if out is not None:
-        check_writable(out, "plan folder")
-    names = check_space(p, methods)
-    rule, floor_ = p.space.objective, check_floor(p.space.floor)
+
+
+def _candidates(p: Pool,
+                names: list[str]) -> tuple[list[Candidate], dict[str, str], Candidate | None]:
+    """(the candidate merges, the methods mergekit rejected and why, the pool's own config).
+
+    Raises:
+        BadInputError: no candidate at all.
+    """
     cands, rejected = candidates(p, names)
     own = own_candidate(p)
     if not cands and own is None:
         why = "; ".join(f"{m}: {w}" for m, w in rejected.items())
         raise BadInputError("no candidate merge: mergekit accepts none of the methods for this "
                             f"pool ({why})")
-    run = run_guard(p.cfg, device=device, dtype=dtype, cache_dir=cache_dir, progress=progress,
-                    rehearse="off" if own is None or p.space.rehearsals == 0 else "on")
-    settings = extraction_settings(p.cfg, device=device, dtype=dtype)
-    seconds = {"hidden states": round(time.perf_counter() - t0, 2)}
-    ranked, stage = search(p, run, cands, rule=rule, floor=floor_, rehearsals=p.space.rehearsals,
-                           refine_trials=p.space.refine, own=own, settings=settings,
-                           cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
-    seconds |= {k: round(v, 2) for k, v in stage.items()}
-    if (own is not None and run.report.rehearsal is not None
-            and run.report.rehearsal.status == "ran"):
+    return cands, rejected, own
+
+
+def _add_own_rehearsal(seconds: dict[str, float], own: Candidate | None,
+                       report: GuardReport) -> None:
+    """The guard rehearsed the pool's own config: count its seconds in the rehearse stage."""
+    if own is not None and report.rehearsal is not None and report.rehearsal.status == "ran":
         seconds["rehearse"] = round(seconds.get("rehearse", 0) + sum(
-            v for k, v in run.report.run_info.seconds.items() if k.startswith("rehearsal.")), 2)
+            v for k, v in report.run_info.seconds.items() if k.startswith("rehearsal.")), 2)
+
+
+def _summary(p: Pool, names: list[str], cands: list[Candidate], own: Candidate | None,
+             ranked: list[Judged], rule: PlanObjective, floor: float, rehearsed: int,
+             seconds: float) -> PlanSummary:
+    """`guard.planned`: the search space, what was screened and rehearsed, why the best won."""
     best = ranked[0]
-    rehearsed = [j for j in ranked if j.rehearsal is not None]
-    finalists = rehearsed or ranked[:10]
-    if verify:
-        _verify(p, finalists[:verify], Path(out) if out else None, verify_limit, dtype, progress)
-    kept_apart = [t for i, t in enumerate(p.tasks) if i not in best.candidate.members]
     subsets = len({c.members for c in cands})
     screened = len({c.key() for c in cands} | ({own.key()} if own is not None else set()))
-    seconds["total"] = round(time.perf_counter() - t0, 2)
-    summary = PlanSummary(objective=rule, floor=floor_, space=_space(p, names, subsets),
-                          screened=screened, rehearsed=len(rehearsed),
-                          why=_why(p, best, ranked, rule, floor_),
-                          predicted={t: round(v, 3) for t, v in best.predicted.items()},
-                          kept_apart=kept_apart, seconds=seconds["total"])
-    cost, basis = _labelled_cost(finalists[:verify] if verify else rehearsed,
-                                 len(rehearsed) or screened)
-    result = PlanResult(pool=str(pool), tasks=p.tasks, objective=rule, floor=floor_, methods=names,
-                        rejected_methods=rejected, screened=screened, rehearsed=len(rehearsed),
-                        seconds=seconds, labelled_search_seconds=cost, labelled_search_basis=basis,
-                        kept_apart=kept_apart, summary=summary,
-                        finalists=[_finalist(p, i + 1, j) for i, j in enumerate(finalists)])
-    if out is not None:
-        write_plan(result, p, best, Path(out))
-    return result
+    return PlanSummary(objective=rule, floor=floor, space=_space(p, names, subsets),
+                       screened=screened, rehearsed=rehearsed,
+                       why=_why(p, best, ranked, rule, floor),
+                       predicted={t: round(v, 3) for t, v in best.predicted.items()},
+                       kept_apart=[t for i, t in enumerate(p.tasks)
+                                   if i not in best.candidate.members],
+                       seconds=seconds)
+
+
+def _plan_result(pool: str, p: Pool, names: list[str], rejected: dict[str, str],
+                 seconds: dict[str, float], summary: PlanSummary, finalists: list[Judged],
+                 measured: list[Judged]) -> PlanResult:
+    """plan.json: the search, what a labelled search would have cost, the ranked finalists."""
+    cost, basis = _labelled_cost(measured, summary.rehearsed or summary.screened)
+    return PlanResult(pool=pool, tasks=p.tasks, objective=summary.objective, floor=summary.floor,
+                      methods=names, rejected_methods=rejected, screened=summary.screened,
+                      rehearsed=summary.rehearsed, seconds=seconds, labelled_search_seconds=cost,
+                      labelled_search_basis=basis, kept_apart=summary.kept_apart, summary=summary,
+                      finalists=[_finalist(p, i + 1, j) for i, j in enumerate(finalists)])
 
 
 def _labelled_cost(measured: list[Judged], n: int) -> tuple[float | None, str]:

@@ -205,15 +205,7 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     edge = cal.bands.collapse if cal.score == "relative_distortion" else 0.35
     geo = Geometry(pool, run.extraction.vectors, edge)
     t0 = time.perf_counter()
-    judged = []
-    seen: set[tuple] = set()
-    for c in cands:
-        if c.key() in seen:
-            continue
-        seen.add(c.key())
-        s = geo.screen(c)
-        judged.append(Judged(c, s, value=objective(s.proxy, pool.tasks, rule, floor)))
-    judged.sort(key=lambda j: -j.value)
+    judged = _screen(geo, cands, pool.tasks, rule, floor)
     seconds = {"screen": time.perf_counter() - t0}
     bar = Progress("screen", 1, enabled=progress)
     bar.done(f"{len(judged)} candidates by the geometry", seconds=seconds["screen"])
@@ -228,17 +220,7 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
                       objective(scores, pool.tasks, rule, floor, tokens,
                                 expected_retention(scores)))
 
-    done: list[Judged] = []
-    report = run.report
-    if own is not None and report.rehearsal is not None and report.rehearsal.status == "ran":
-        score = rehearser.score
-        scores = {m.task: getattr(m, score) for m in report.models}
-        tokens = {m.task: m.rehearsal_token_agreement for m in report.models}
-        done.append(Judged(own, geo.screen(own), scores, tokens,
-                           sum(report.run_info.seconds.get(f"rehearsal.{k}", 0)
-                               for k in ("merge", "compare")),
-                           objective(scores, pool.tasks, rule, floor, tokens,
-                                     expected_retention(scores))))
+    done = _judge_own(own, run.report, rehearser.score, geo, pool.tasks, rule, floor)
     budget = max(rehearsals - refine_trials - len(done), 0)
     ranked = [j for j in judged if own is None or j.candidate.key() != own.key()]
     picks = pick_for_rehearsal(ranked, budget, len(pool.refs) if not done else 0)
@@ -262,6 +244,36 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     keys = {j.candidate.key() for j in done}
     rest = [j for j in judged if j.candidate.key() not in keys]
     return done + rest, seconds
+
+
+def _screen(geo: Geometry, cands: list[Candidate], tasks: list[str], rule: str,
+            floor: float) -> list[Judged]:
+    """Judge every distinct candidate by the geometry alone, best first."""
+    judged = []
+    seen: set[tuple] = set()
+    for c in cands:
+        if c.key() in seen:
+            continue
+        seen.add(c.key())
+        s = geo.screen(c)
+        judged.append(Judged(c, s, value=objective(s.proxy, tasks, rule, floor)))
+    judged.sort(key=lambda j: -j.value)
+    return judged
+
+
+def _judge_own(own: Candidate | None, report: Any, score: str, geo: Geometry, tasks: list[str],
+               rule: str, floor: float) -> list[Judged]:
+    """The config as written, judged by the guard's own rehearsal of it (when that ran)."""
+    done: list[Judged] = []
+    if own is not None and report.rehearsal is not None and report.rehearsal.status == "ran":
+        scores = {m.task: getattr(m, score) for m in report.models}
+        tokens = {m.task: m.rehearsal_token_agreement for m in report.models}
+        done.append(Judged(own, geo.screen(own), scores, tokens,
+                           sum(report.run_info.seconds.get(f"rehearsal.{k}", 0)
+                               for k in ("merge", "compare")),
+                           objective(scores, tasks, rule, floor, tokens,
+                                     expected_retention(scores))))
+    return done
 
 
 def own_candidate(pool: Pool) -> Candidate | None:

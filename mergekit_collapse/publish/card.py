@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from mergekit_collapse.evaluate.observed import Evaluation
 from mergekit_collapse.guard.report import GuardReport, fmt, is_hub_id, relative_inside
 
 if TYPE_CHECKING:
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
 #: folder (relative to the merged model) holding the guard's outputs
 DEFAULT_TEMPLATE = "mergeability_card.md.j2"
@@ -235,11 +236,7 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
         "bounds": {"diameter": _num(b.diameter), "converse": _num(b.converse),
                    "exact": _num(b.exact), "jung": _num(b.jung), "jung_n": b.jung_n,
                    "jung_dim": b.jung_dim, "uniform": _num(b.uniform), "planned": _num(b.planned)},
-        "models": [{"name": shown[m.name], "task": m.task, "mds": _num(m.mds),
-                    "distortion": _num(m.distortion_optimal),
-                    "distortion_planned": _num(m.distortion_planned),
-                    "retention": _num(m.retention), "weight": _num(report.weights.get(m.name))}
-                   for m in report.models],
+        "models": _models_block(report, shown),
         "probes": {"sha256": report.probes.sha256, "count": report.probes.count,
                    "k": report.probes.k, "seed": report.probes.seed,
                    "chat_template": report.probes.chat_template},
@@ -252,28 +249,41 @@ def mergeability_metadata(report: GuardReport, evaluation: Evaluation | None = N
         block["risk"] = report.risk.model_dump(mode="json")
     if report.rehearsal is not None:
         block["rehearsal"] = report.rehearsal.model_dump(mode="json")
-    for entry, model in zip(block["models"], report.models, strict=True):
-        entry["risk_score"], entry["risk_band"] = _num(model.risk_score), model.risk_band
-        entry["predicted_retention"] = _num(model.predicted_retention)
-        entry["rehearsal_band"] = model.rehearsal_band
     if evaluation is not None:
-        block["observed"] = {
-            "limit": evaluation.limit,
-            "dtype": evaluation.dtype,
-            "mean_loss": _num(evaluation.mean_loss),
-            "tasks": [{"model": shown.get(t.model, t.model), "task": t.task, "eval": t.eval,
-                       "metric": t.metric,
-                       "constituent": _num(t.constituent), "merged": _num(t.merged),
-                       "base": _num(t.base), "loss": _num(t.loss),
-                       **({"observed_retention": _num(t.observed_retention)}
-                          if t.observed_retention is not None else {})}
-                      for t in evaluation.tasks],
-        }
+        block["observed"] = _observed_block(evaluation, shown)
     if history is not None:
         names = history.displays()
         block["history"] = {"verdict": history.verdict, "decided_by": history.decided_by,
                             "models": [names[m.name] for m in history.models]}
     return _public(block, public_text(report))
+
+
+def _models_block(report: GuardReport, shown: dict[str, str]) -> list[dict[str, Any]]:
+    """The block's per-model scores: geometry, weight, risk and rehearsal."""
+    return [{"name": shown[m.name], "task": m.task, "mds": _num(m.mds),
+             "distortion": _num(m.distortion_optimal),
+             "distortion_planned": _num(m.distortion_planned),
+             "retention": _num(m.retention), "weight": _num(report.weights.get(m.name)),
+             "risk_score": _num(m.risk_score), "risk_band": m.risk_band,
+             "predicted_retention": _num(m.predicted_retention),
+             "rehearsal_band": m.rehearsal_band}
+            for m in report.models]
+
+
+def _observed_block(evaluation: Evaluation, shown: dict[str, str]) -> dict[str, Any]:
+    """The block's `observed:` part: the evaluation's merging losses, task by task."""
+    return {
+        "limit": evaluation.limit,
+        "dtype": evaluation.dtype,
+        "mean_loss": _num(evaluation.mean_loss),
+        "tasks": [{"model": shown.get(t.model, t.model), "task": t.task, "eval": t.eval,
+                   "metric": t.metric,
+                   "constituent": _num(t.constituent), "merged": _num(t.merged),
+                   "base": _num(t.base), "loss": _num(t.loss),
+                   **({"observed_retention": _num(t.observed_retention)}
+                      if t.observed_retention is not None else {})}
+                  for t in evaluation.tasks],
+    }
 
 
 def card_data(report: GuardReport, evaluation: Evaluation | None, *, model_name: str,
@@ -357,30 +367,18 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
 
     out = Path(out_dir)
     mdir = out / REPORT_DIR
-    if not (mdir / "report.json").is_file():
-        raise BadInputError(f"{out}: no {REPORT_DIR}/report.json (run `mergekit-collapse check` "
-                            "with this output folder first)")
-    written = _read_report(mdir)
-    has_shipped = (mdir / SHIPPED_DIR / "report.json").is_file()
-    shipped = _read_report(mdir / SHIPPED_DIR) if has_shipped else None
-    report, history = (shipped, written) if shipped is not None else (written, None)
+    report, history = _card_reports(out, mdir)
     evaluation = read_evaluation(mdir / "evaluation.json")
     name = model_name or out.resolve().name
 
-    config_file = Path(config_path) if config_path is not None else out / "mergekit_config.yml"
-    if config_path is not None and not config_file.is_file():
-        raise BadInputError(f"mergekit config not found: {config_file}")
-    mergekit_config = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
-
+    config_file, mergekit_config = _card_config(out, config_path)
     tpl = Path(template) if template is not None else default_template_path()
     if not tpl.is_file():
         raise BadInputError(f"card template not found: {tpl}")
     data = card_data(report, evaluation, model_name=name, history=history)
     clean = public_text(report, None if report.config else config_file.resolve().parent)
 
-    import jinja2
-
-    try:
+    with _template_errors(tpl):
         card = ModelCard.from_template(
             data, template_str=tpl.read_text(encoding="utf-8"),
             model_name=name, report=_public(report.model_dump(mode="json"), clean),
@@ -389,13 +387,47 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
                      if history else None),
             evaluation=_public(evaluation.model_dump(mode="json"), clean) if evaluation else None,
             rows=_public(_rows(report, evaluation), clean),
-            heatmap=_heatmap(mdir, shipped is not None),
+            heatmap=_heatmap(mdir, history is not None),
             scatter=(f"{REPORT_DIR}/predicted_vs_observed.png"
                      if (mdir / "predicted_vs_observed.png").is_file() else None),
             mergekit_config=clean(mergekit_config) if mergekit_config else None, fmt=fmt,
             planned=_public(planned_summary(mergekit_config), clean),
             tool_version=__version__,
         )
+    _restore_metadata(card, data)
+    return card
+
+
+def _card_reports(out: Path, mdir: Path) -> tuple[GuardReport, GuardReport | None]:
+    """(the report the card heads with, the report on the config as written or None).
+
+    The shipped re-check heads the card when there is one; the config as written is its history.
+    """
+    if not (mdir / "report.json").is_file():
+        raise BadInputError(f"{out}: no {REPORT_DIR}/report.json (run `mergekit-collapse check` "
+                            "with this output folder first)")
+    written = _read_report(mdir)
+    has_shipped = (mdir / SHIPPED_DIR / "report.json").is_file()
+    shipped = _read_report(mdir / SHIPPED_DIR) if has_shipped else None
+    return (shipped, written) if shipped is not None else (written, None)
+
+
+def _card_config(out: Path, config_path: Path | None) -> tuple[Path, str | None]:
+    """The mergekit config the card shows: its path and text (None: no such file in `out`)."""
+    config_file = Path(config_path) if config_path is not None else out / "mergekit_config.yml"
+    if config_path is not None and not config_file.is_file():
+        raise BadInputError(f"mergekit config not found: {config_file}")
+    return config_file, (config_file.read_text(encoding="utf-8") if config_file.is_file()
+                         else None)
+
+
+@contextmanager
+def _template_errors(tpl: Path) -> Iterator[None]:
+    """Turn a template's Jinja, front-matter YAML or decoding error into one BadInputError."""
+    import jinja2
+
+    try:
+        yield
     except jinja2.TemplateError as e:
         raise BadInputError(f"card template {tpl}: {type(e).__name__}: {e}") from None
     except yaml.YAMLError as e:  # the rendered front matter
@@ -406,7 +438,10 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
                             f"YAML{at}: {problem}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadInputError(f"card template {tpl}: {' '.join(str(e).split())}") from None
-    # a custom template may leave metadata out: put ours back, without overriding what it set
+
+
+def _restore_metadata(card: ModelCard, data: ModelCardData) -> None:
+    """A custom template may leave metadata out: put ours back, without overriding what it set."""
     present = card.data.to_dict()
     for key, value in data.to_dict().items():
         if key in present:
@@ -415,7 +450,6 @@ def render_card(out_dir: str | Path, *, template: Path | None = None,
             card.data.eval_results, card.data.model_name = data.eval_results, data.model_name
         else:
             card.data[key] = value
-    return card
 
 
 def _heatmap(mdir: Path, shipped: bool) -> str | None:

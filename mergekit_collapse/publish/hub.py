@@ -315,15 +315,7 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
             with the repository and the status (also as its `status` and `repo_id` attributes;
             `status` is None when the Hub never answered). Nothing is committed when it is raised.
     """
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise BadInputError(f"bad repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
-    if "/" not in repo_id:
-        raise BadInputError(f"bad repo id {repo_id!r}: use namespace/name")
+    _check_repo_id(repo_id)
     from mergekit_collapse.publish.card import public_text_for
 
     token = token or _stored_token()
@@ -346,6 +338,19 @@ def push(out_dir: str | Path, repo_id: str, *, private: bool = False, revision: 
                        repo_id=repo_id)
     message = commit_message or f"Upload merged model ({len(files)} files) with mergekit-collapse"
     return _push(files, public, result, token=token, exist_ok=exist_ok, commit_message=message)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    """Refuse a malformed repo id, or one without a namespace."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise BadInputError(f"bad repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise BadInputError(f"bad repo id {repo_id!r}: use namespace/name")
 
 
 def _stored_token() -> str | None:

@@ -71,7 +71,6 @@ def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size
     from mergekit_collapse.demo.base_model import ensure_base
     from mergekit_collapse.demo.base_model import family as base_family
     from mergekit_collapse.demo.zoo import adapter_path, task_yamls
-    from mergekit_collapse.evaluate.harness import run_tasks
 
     if threads:
         torch.set_num_threads(threads)
@@ -79,7 +78,29 @@ def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size
     spec = base_family(family)
     base = Path(base) if base else ensure_base(spec)
     yamls = task_yamls()
-    result: dict[str, Any] = {"base_model": spec.hub_id, "limit": limit,
+    result = _previous_scores(out_file, limit, spec.hub_id)
+
+    missing = [t for t in tasks if t not in result["base"]]
+    if missing:
+        start = time.time()
+        scores = _evaluate(base, None, [eval_name(t) for t in missing], yamls, limit, batch_size)
+        for t in missing:
+            result["base"][t] = scores[eval_name(t)][metric_of(t)]
+        log(f"base scored on {len(missing)} tasks ({time.time() - start:.0f}s)")
+        _save(result, out_file)
+    for task, path in paths.items():
+        entry = _adapter_entry(task, path, result["base"], base, yamls, limit, batch_size)
+        result["tasks"][task] = entry
+        log(f"{task}: base {entry['base']:.3f} adapter {entry['adapter']:.3f} "
+            f"({entry['metric']})")
+        _save(result, out_file)
+    return result
+
+
+def _previous_scores(out_file: str | Path | None, limit: int | None,
+                     hub_id: str) -> dict[str, Any]:
+    """The scores dict, with the scores already in `out_file` when they have the same limit."""
+    result: dict[str, Any] = {"base_model": hub_id, "limit": limit,
                               "apply_chat_template": True, "dtype": "float32", "base": {},
                               "tasks": {}}
     if out_file and Path(out_file).is_file():
@@ -87,34 +108,34 @@ def score_zoo(tasks: list[str], *, limit: int | None = DEFAULT_LIMIT, batch_size
         if previous.get("limit") == limit:
             result["base"] = previous.get("base", {})
             result["tasks"] = previous.get("tasks", {})
-
-    def save() -> None:
-        if out_file:  # tasks no longer in the zoo are dropped
-            result["base"] = {t: v for t, v in sorted(result["base"].items()) if t in TASKS_DEF}
-            result["tasks"] = {t: v for t, v in result["tasks"].items() if t in TASKS_DEF}
-            Path(out_file).write_text(json.dumps(result, indent=1) + "\n")
-
-    missing = [t for t in tasks if t not in result["base"]]
-    if missing:
-        start = time.time()
-        model, tok = load_adapted(base, None)
-        scores = run_tasks(model, tok, [eval_name(t) for t in missing], include_path=yamls,
-                           limit=limit, batch_size=batch_size)
-        for t in missing:
-            result["base"][t] = scores[eval_name(t)][metric_of(t)]
-        log(f"base scored on {len(missing)} tasks ({time.time() - start:.0f}s)")
-        save()
-    for task, path in paths.items():
-        metric = metric_of(task)
-        model, tok = load_adapted(base, path)
-        own = run_tasks(model, tok, [eval_name(task)], include_path=yamls, limit=limit,
-                        batch_size=batch_size)
-        entry = {"eval": eval_name(task), "metric": metric, "base": result["base"][task],
-                 "adapter": own[eval_name(task)][metric]}
-        training = path / "training.json"
-        if training.is_file():
-            entry["train_steps"] = json.loads(training.read_text())["steps"]
-        result["tasks"][task] = entry
-        log(f"{task}: base {entry['base']:.3f} adapter {entry['adapter']:.3f} ({metric})")
-        save()
     return result
+
+
+def _save(result: dict[str, Any], out_file: str | Path | None) -> None:
+    """Write the scores to `out_file` (if any); tasks no longer in the zoo are dropped."""
+    if out_file:
+        result["base"] = {t: v for t, v in sorted(result["base"].items()) if t in TASKS_DEF}
+        result["tasks"] = {t: v for t, v in result["tasks"].items() if t in TASKS_DEF}
+        Path(out_file).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _adapter_entry(task: str, path: Path, base_scores: dict[str, float], base: Path, yamls: Path,
+                   limit: int | None, batch_size: int) -> dict[str, Any]:
+    """One task's entry: its adapter's score beside the base's, and its training steps."""
+    metric = metric_of(task)
+    own = _evaluate(base, path, [eval_name(task)], yamls, limit, batch_size)
+    entry = {"eval": eval_name(task), "metric": metric, "base": base_scores[task],
+             "adapter": own[eval_name(task)][metric]}
+    training = path / "training.json"
+    if training.is_file():
+        entry["train_steps"] = json.loads(training.read_text())["steps"]
+    return entry
+
+
+def _evaluate(base: Path, adapter: Path | None, names: list[str], yamls: Path,
+              limit: int | None, batch_size: int) -> dict[str, dict[str, float]]:
+    """lm-eval scores of the base (with `adapter` merged in, if any) on the named tasks."""
+    from mergekit_collapse.evaluate.harness import run_tasks
+
+    model, tok = load_adapted(base, adapter)
+    return run_tasks(model, tok, names, include_path=yamls, limit=limit, batch_size=batch_size)

@@ -170,34 +170,15 @@ def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
         BadInputError: unknown task or missing data.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = settings or TrainSettings()
-    if task not in ALL_TASKS:
-        raise BadInputError(f"unknown zoo task '{task}'; choose from {', '.join(ALL_TASKS)}")
-    path = Path(data_dir) / task / "train.jsonl"
-    if not path.is_file():
-        raise BadInputError(f"missing training data {path}")
+    path = _train_file(task, data_dir)
     torch.set_num_threads(s.threads)
     random.seed(s.seed)
     torch.manual_seed(s.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-              else tokenizer.eos_token_id)
-    end = end_of_turn(tokenizer)
-    rows = [encode(tokenizer, r["prompt"], r["answer"], end) for r in read_jsonl(path)]
-    train_rows, val_rows = rows[: -s.n_val], rows[-s.n_val:]
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=list(TARGET_MODULES),
-                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup))
-
+    pad_id, train_rows, val_rows = _training_rows(base, path, s.n_val)
+    model, params, opt, sched = _lora_model(base, s)
     order_rng = random.Random(s.seed)
     order: list[int] = []
     history: list[dict[str, float]] = []
@@ -209,22 +190,12 @@ def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
             order_rng.shuffle(more)
             order += more
         batch, order = [train_rows[i] for i in order[: s.batch_size]], order[s.batch_size:]
-        ids, mask, labels = _batch(batch, pad_id)
-        model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
-            loss = _loss(model, ids, mask, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _train_step(model, batch, pad_id, params, opt, sched, s.bf16)
         step += 1
         if not math.isfinite(loss.item()):
             raise BadInputError(f"{task}: loss became {loss.item()} at step {step}")
         if step >= s.min_steps and (step % s.check_every == 0 or step == s.max_steps):
-            model.eval()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
-                val_em = teacher_forced_exact_match(model, val_rows, pad_id)
+            val_em = _validate(model, val_rows, pad_id, s.bf16)
             history.append({"step": step, "loss": loss.item(), "val_exact_match": val_em,
                             "seconds": time.time() - start})
             log(f"{task} step {step} loss {loss.item():.4f} val_em {val_em:.3f} "
@@ -238,6 +209,70 @@ def train_adapter(task: str, base: str | Path, out_dir: str | Path, *,
     (Path(out_dir) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     return result
 
+
+def _train_file(task: str, data_dir: str | Path) -> Path:
+    """`<data_dir>/<task>/train.jsonl`, for a zoo task that has one (else BadInputError)."""
+    if task not in ALL_TASKS:
+        raise BadInputError(f"unknown zoo task '{task}'; choose from {', '.join(ALL_TASKS)}")
+    path = Path(data_dir) / task / "train.jsonl"
+    if not path.is_file():
+        raise BadInputError(f"missing training data {path}")
+    return path
+
+
+def _training_rows(base: str | Path, path: Path, n_val: int
+                   ) -> tuple[int, list[tuple[list[int], int]], list[tuple[list[int], int]]]:
+    """(pad id, training rows, the last `n_val` rows held aside), by the base's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
+    end = end_of_turn(tokenizer)
+    rows = [encode(tokenizer, r["prompt"], r["answer"], end) for r in read_jsonl(path)]
+    return pad_id, rows[: -n_val], rows[-n_val:]
+
+
+def _lora_model(base: str | Path, s: TrainSettings) -> tuple[Any, list[Any], Any, Any]:
+    """The base in fp32 with fresh LoRA layers: (model, trainable params, AdamW, warm-up)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=list(TARGET_MODULES),
+                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup))
+    return model, params, opt, sched
+
+
+def _train_step(model: Any, batch: list[tuple[list[int], int]], pad_id: int, params: list[Any],
+                opt: Any, sched: Any, bf16: bool) -> Any:
+    """One optimiser step on a batch (gradients clipped to norm 1); returns the loss tensor."""
+    import torch
+
+    ids, mask, labels = _batch(batch, pad_id)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = _loss(model, ids, mask, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _validate(model: Any, rows: list[tuple[list[int], int]], pad_id: int, bf16: bool) -> float:
+    """Teacher-forced exact match on the held-out rows, in eval mode."""
+    import torch
+
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return teacher_forced_exact_match(model, rows, pad_id)
 
 def save_adapter(peft_model: Any, out_dir: str | Path, hub_id: str = HUB_ID) -> Path:
     """Save a peft model's adapter as fp16 safetensors, its base recorded as `hub_id`."""
