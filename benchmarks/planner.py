@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from mergekit_collapse.runtime import Runtime
+
 sys.path.insert(0, str(Path(__file__).parent))
 from validity import guard_config  # noqa: E402
 
@@ -102,7 +104,7 @@ def random_search(pool: Any, run: Any, n: int, seed: int, rule: str,
     t0 = time.perf_counter()
     cands, _ = candidates(pool, list(pool.space.methods))
     picks = random.Random(seed).sample(cands, min(n, len(cands)))
-    reh = Rehearser(pool, run.probes, extraction_settings(pool.cfg, dtype="float32"), None)
+    reh = Rehearser(pool, run.probes, extraction_settings(pool.cfg, Runtime(dtype="float32")), None)
     best, best_v = None, float("-inf")
     for c in picks:
         s, tok, _ = reh(c)
@@ -132,7 +134,7 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     path.write_text(yaml.safe_dump(pool_yaml(zoo, tasks, args), sort_keys=False))
     row: dict[str, Any] = {"pool": tasks, "load_start": load()}
     t0 = time.perf_counter()
-    result = plan(path, out=work / "plan", dtype="float32")
+    result = plan(path, out=work / "plan", runtime=Runtime(dtype="float32"))
     row["planner_seconds"] = round(time.perf_counter() - t0, 1)
     row["planner_load"] = load()
     pick_dump = result.finalists[0].model_dump(exclude={"relative_distortion", "proxy"})
@@ -148,7 +150,7 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     ret, sec = evaluate(pool, pick, work / "merges" / "planner", args)
     row["planner"] |= {"observed": ret, "eval_seconds": round(sec, 1), "name": describe(pool, pick),
                        **score(ret, tasks)}
-    run = run_guard(pool.cfg, dtype="float32", progress=False, rehearse="off")
+    run = run_guard(pool.cfg, runtime=Runtime(dtype="float32", progress=False), rehearse="off")
     rnd, rsec = random_search(pool, run, result.rehearsed, args.seed, args.objective,
                               check_floor(pool.space.floor))
     ret, sec = evaluate(pool, rnd, work / "merges" / "random", args)

@@ -154,9 +154,11 @@ def w_check(spec: dict[str, Any]) -> dict[str, Any]:
     import peft  # noqa: F401
 
     from mergekit_collapse.guard.assess import check
+    from mergekit_collapse.runtime import Runtime
 
+    runtime = Runtime(device=DEVICE["value"], cache_dir=spec["cache"], progress=False)
     t0 = time.perf_counter()
-    rep = check(spec["config"], cache_dir=spec["cache"], progress=False, device=DEVICE["value"],
+    rep = check(spec["config"], runtime=runtime,
                 **({"rehearse": spec["rehearse"]} if spec.get("rehearse") else {}))
     out = {"seconds": time.perf_counter() - t0, "verdict": str(rep.verdict),
            "rehearsal": rep.rehearsal.status if rep.rehearsal else None}

@@ -41,6 +41,7 @@ from mergekit_collapse.guard.assess import assess, extraction_settings
 from mergekit_collapse.guard.config import parse_config
 from mergekit_collapse.guard.extract import extract
 from mergekit_collapse.guard.probes import build_probes
+from mergekit_collapse.runtime import Runtime
 
 METHODS = {
     # linear: the average; task_arithmetic: the sum (lambda 1); ties: density 0.5, sign election
@@ -142,7 +143,7 @@ class Predictors:
         self.global_sim: dict[tuple[str, int], np.ndarray] = {}
         for pooling, layer in SETTINGS:
             cfg = parse_config(json.dumps(guard_config(zoo, tasks, "linear", k, pooling, layer)))
-            settings = extraction_settings(cfg, device="cpu", dtype="float32")
+            settings = extraction_settings(cfg, Runtime(device="cpu", dtype="float32"))
             ext = extract([cfg.base, *cfg.models], self.probes.texts, settings, progress=True)
             self.vectors[(pooling, layer)] = ext.vectors
             self.hidden_size = ext.hidden_size
@@ -203,7 +204,7 @@ def standardised(work: Path, family: str, k: int, threshold: float) -> str:
     pooling, layer = "last", -1
     full = parse_config(json.dumps(guard_config(zoo, tasks, "linear", k, pooling, layer)))
     texts = build_probes(full).texts
-    settings = extraction_settings(full, device="cpu", dtype="float32")
+    settings = extraction_settings(full, Runtime(device="cpu", dtype="float32"))
     ext = extract([full.base, *full.models], texts, settings, progress=True)
     position = {t: i for i, t in enumerate(texts)}
     rows = at_setting(read_records(work), DEFAULT_SETTING)
@@ -355,7 +356,7 @@ def rehearse_one(zoo: Path, work: Path, method: str, group: tuple[str, ...],
                          if task == cfg.task_of(m).name] for m in cfg.models}
     merge_cfg = MergeConfiguration.model_validate(mergekit_config(raw, method))
     r = rehearse(merge_cfg, cfg.models, by_model,
-                 extraction_settings(cfg, dtype=args.rehearse_dtype),
+                 extraction_settings(cfg, Runtime(dtype=args.rehearse_dtype)),
                  answer_tokens=args.answer_tokens, seed=args.seed)
     with (work / "rehearsal.jsonl").open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

@@ -6,9 +6,9 @@
 
 The public API: `check` (the guard on one config), `run_pipeline` (guard -> merge -> evaluate ->
 card -> push), `plan` (the best config of a pool of fine-tunes, without labels), `GuardReport`,
-`push`, and the errors. The stages live in sub-packages named for
-them: guard/, actions/, merge, evaluate/, publish/, pipeline, with analysis/, ci/, demo/ and cli/
-beside them (README, "Layout").
+`push`, `Runtime` (device, dtype, cache, ...: how each of them runs), and the errors. The stages
+live in sub-packages named for them: guard/, actions/, merge, evaluate/, publish/, pipeline, with
+analysis/, ci/, demo/ and cli/ beside them (README, "Layout").
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from mergekit_collapse.pipeline import run_pipeline
     from mergekit_collapse.planner.api import plan
     from mergekit_collapse.publish.hub import push
+    from mergekit_collapse.runtime import Runtime
 
 #: lazy: `import mergekit_collapse` must not import torch
 _LAZY = {
@@ -40,10 +41,12 @@ _LAZY = {
     "GuardReport": "mergekit_collapse.guard.report",
     "push": "mergekit_collapse.publish.hub",
     "plan": "mergekit_collapse.planner.api",
+    "Runtime": "mergekit_collapse.runtime",
 }
 
 __all__ = ["BadInputError", "CollapseError", "ConfigError", "GuardReport", "GuardStoppedError",
-           "HubError", "ModelNotFoundError", "__version__", "check", "plan", "push", "run_pipeline"]
+           "HubError", "ModelNotFoundError", "Runtime", "__version__", "check", "plan", "push",
+           "run_pipeline"]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from mergekit_collapse._constants import REPORT_DIR, SHIPPED_DIR
 from mergekit_collapse._io import atomic_write_text, staged_folder
 from mergekit_collapse.errors import BadInputError, CollapseError, GuardStoppedError
 from mergekit_collapse.models.lora import fresh_lora_cache
+from mergekit_collapse.runtime import Runtime
 
 if TYPE_CHECKING:
     from mergekit_collapse.actions.base import ActionContext, MergeJob, Reorganisation
@@ -86,8 +87,7 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
                   action: str | None = None, budget: float | None = None,
                   absolute_budget: float | None = None, weights: str | None = None,
                   rehearse: str | None = None, report_dir: str | Path | None = None,
-                  merge_all: bool = False,
-                  cache_dir: str | Path | None = None, progress: bool | None = None,
+                  merge_all: bool = False, runtime: Runtime | None = None,
                   **settings: Any) -> GuardedMerge:
     """Run the guard on a mergekit config, apply its action, and merge with mergekit's run_merge.
 
@@ -109,8 +109,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
         rehearse: overrides guard.rehearse (auto, on, off).
         report_dir: also write the report here (written even when the merge is stopped).
         merge_all: split: merge every group into `<OUT>/group-<k>`.
-        cache_dir: hidden-state cache root.
-        progress: progress bars (default: unless mergekit's --quiet).
+        runtime: the guard's device, dtype, cache, ... (default: `merge_runtime(merge_options)`,
+            mergekit's device and flags).
         **settings: other guard settings to override (layer, pooling, k, seed, jung_dim, base).
 
     Returns:
@@ -128,8 +128,8 @@ def guarded_merge(config_path: str | Path, out_path: str | Path, merge_options: 
     overrides = {k: v for k, v in {"action": action, "weights": weights, "rehearse": rehearse,
                                    **settings}.items() if v is not None}
     cfg, candidate_refs = _with_candidates(cfg, (action or cfg.guard.action) == "replace")
-    options = _guard_options(merge_options, cache_dir, progress, budget, absolute_budget,
-                             overrides)
+    options = {"runtime": runtime or merge_runtime(merge_options), "budget": budget,
+               "absolute_budget": absolute_budget, **overrides}
     run = run_guard(cfg, extra_models=tuple(dict.fromkeys(candidate_refs.values())), **options)
     ctx, outcome = _decide(cfg, run, candidate_refs, merge_all)
     report, settings = ctx.report, run.cfg.guard
@@ -157,16 +157,12 @@ def _load_checked(config_path: str | Path, out: Path,
     return cfg
 
 
-def _guard_options(merge_options: Any, cache_dir: str | Path | None, progress: bool | None,
-                   budget: float | None, absolute_budget: float | None,
-                   overrides: dict[str, Any]) -> dict[str, Any]:
-    """The guard's run options: mergekit's device and flags, the budget, the overrides."""
-    return {"device": getattr(merge_options, "device", None) or "auto", "dtype": "auto",
-            "cache_dir": cache_dir,
-            "trust_remote_code": bool(getattr(merge_options, "trust_remote_code", False)),
-            "progress": ((not getattr(merge_options, "quiet", False)) if progress is None
-                         else progress),
-            "budget": budget, "absolute_budget": absolute_budget, **overrides}
+def merge_runtime(merge_options: Any, **fields: Any) -> Runtime:
+    """The guard's runtime beside a mergekit merge: mergekit's device, its trust_remote_code,
+    progress unless its --quiet; `fields` set the rest (cache_dir, ...) or override these."""
+    return Runtime(**{"device": getattr(merge_options, "device", None) or "auto",
+                      "trust_remote_code": bool(getattr(merge_options, "trust_remote_code", False)),
+                      "progress": not getattr(merge_options, "quiet", False), **fields})
 
 
 def _decide(cfg: LoadedConfig, run: Any, candidate_refs: dict[str, Any],

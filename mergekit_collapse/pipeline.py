@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 from mergekit_collapse._constants import REPORT_DIR, cache_root
 from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.errors import ModelNotFoundError
+from mergekit_collapse.merge import merge_runtime
 from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR
 
 if TYPE_CHECKING:
     from mergekit_collapse.evaluate.observed import Evaluation
     from mergekit_collapse.guard.report import GuardReport
     from mergekit_collapse.publish.hub import PushResult
+    from mergekit_collapse.runtime import Runtime
 
 STATE_FILE = "pipeline.json"
 
@@ -95,7 +97,7 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
                  merge_all: bool = False, evaluate: bool = True, limit: int | None = None,
                  with_base: bool = False, push_repo: str | None = None, dry_run: bool = False,
                  private: bool = False, exist_ok: bool = False, template: Path | None = None,
-                 progress: bool = True, echo: Callable[[str], None] = print,
+                 runtime: Runtime | None = None, echo: Callable[[str], None] = print,
                  **settings: Any) -> PipelineResult:
     """Guard, merge with mergekit, evaluate with lm-eval, write the card, push to the Hub.
 
@@ -111,7 +113,8 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         dry_run: plan the push, contact nothing.
         private, exist_ok: push options.
         template: a card template of the user's.
-        progress: progress bars.
+        runtime: the guard's device, dtype, cache, ... (default: `merge_runtime(merge_options)`
+            with progress bars); its `progress` also drives the evaluation's.
         echo: where stage lines go.
         **settings: other guard settings to override (rehearse, layer, k, ...; see `guarded_merge`).
 
@@ -126,15 +129,16 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
     result = PipelineResult(out=out)
     state = StageState(out)
     opts = merge_options or default_merge_options()
+    runtime = runtime or merge_runtime(opts, progress=True)
     stage = _stage_echo(echo)
     t0 = time.time()
     guard = {"action": action, "budget": budget, "absolute_budget": absolute_budget,
              "weights": weights, "merge_all": merge_all}
-    merged = _merge_stage(config, out, opts, guard, settings, progress, state, result, stage, echo)
+    merged = _merge_stage(config, out, opts, guard, settings, runtime, state, result, stage, echo)
     result.seconds["merge"] = time.time() - t0
     t0 = time.time()
     if evaluate:
-        _evaluate_stage(out, merged, limit, with_base, progress, state, result, stage)
+        _evaluate_stage(out, merged, limit, with_base, runtime.progress, state, result, stage)
     result.seconds["evaluate"] = time.time() - t0
     _card_stage(merged, template, result, stage)  # cheap: always re-rendered from the disk
     if push_repo:
@@ -158,7 +162,7 @@ def _stage_echo(echo: Callable[[str], None]) -> Callable[..., None]:
 
 
 def _merge_stage(config: Path, out: Path, opts: Any, guard: dict[str, Any],
-                 settings: dict[str, Any], progress: bool, state: StageState,
+                 settings: dict[str, Any], runtime: Runtime, state: StageState,
                  result: PipelineResult, stage: Callable[..., None],
                  echo: Callable[[str], None]) -> _Merged:
     """1. guard + merge, unless an earlier run's merge has the same inputs and intact outputs."""
@@ -184,7 +188,7 @@ def _merge_stage(config: Path, out: Path, opts: Any, guard: dict[str, Any],
         merged_configs = [Path(c) if c else config for c in rec["configs"]]
     else:
         stage(0)
-        done = guarded_merge(config, out, opts, **guard, progress=progress, **settings)
+        done = guarded_merge(config, out, opts, **guard, runtime=runtime, **settings)
         echo(done.summary())
         result.report = done.report
         outputs = done.outputs

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mergekit_collapse.runtime import Runtime
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -130,6 +132,10 @@ def merge_with_mergekit(config_path: Path, out: Path, cache: Path) -> Path:
               config_source=source)
     return Path(out)
 
+
+#: the runtime of most tests: no progress bars (float32: exact comparisons)
+QUIET = Runtime(progress=False)
+QUIET32 = Runtime(dtype="float32", progress=False)
 
 PROBES = ["alpha beta", "gamma delta epsilon", "zeta eta", "one two three", "four five", "x y z",
           "merge the models", "what is the capital"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from click.testing import CliRunner
-from common import tiny_config
+from common import QUIET, tiny_config
 
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import (
@@ -45,7 +45,7 @@ def _missing_model_config(tmp_path, zoo):
 def test_a_missing_local_model_is_a_file_not_found_error(tiny_zoo, tmp_path):
     path, missing = _missing_model_config(tmp_path, tiny_zoo)
     with pytest.raises(FileNotFoundError) as info:
-        check(path, progress=False, rehearse="off")
+        check(path, runtime=QUIET, rehearse="off")
     assert isinstance(info.value, BadInputError) and isinstance(info.value, ModelNotFoundError)
     assert missing in str(info.value)
     res = CliRunner().invoke(main, ["check", str(path), "--rehearse", "off", "--no-progress"])
@@ -65,7 +65,7 @@ def test_a_missing_config_file_is_a_file_not_found_error(tmp_path):
 def test_a_malformed_guard_section_is_a_value_error(tiny_zoo, tmp_path, guard):
     path = tiny_config(tmp_path, tiny_zoo, **guard)
     with pytest.raises(ValueError, match="guard") as info:
-        check(path, progress=False)
+        check(path, runtime=QUIET)
     assert isinstance(info.value, ConfigError) and info.value.exit_code == 2
     res = CliRunner().invoke(main, ["check", str(path)])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1

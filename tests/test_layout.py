@@ -11,7 +11,7 @@ PACKAGE = Path(mergekit_collapse.__file__).parent
 
 #: top-level parts of the package, lowest first: a module may import its own part or a lower one
 LAYERS = [
-    ("errors", "_constants", "_console", "_io", "_version"),
+    ("errors", "_constants", "_console", "_io", "_version", "runtime"),
     ("models",),
     ("guard",),
     ("actions",),

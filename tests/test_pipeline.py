@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
-from common import make_tiny_tasks
+from common import QUIET, make_tiny_tasks
 from hub_server import TOKEN
 
 from mergekit_collapse import merge
@@ -77,5 +77,5 @@ def test_run_end_to_end_with_push_then_resume(config, tmp_path, hub, monkeypatch
 def test_abort_leaves_no_output(config, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(GuardStoppedError):
-        run_pipeline(config, out, absolute_budget=1e-9, progress=False, echo=lambda s: None)
+        run_pipeline(config, out, absolute_budget=1e-9, runtime=QUIET, echo=lambda s: None)
     assert not out.exists()

@@ -170,7 +170,7 @@ def check_config(path: Path, *, fail_on: FailOn = "collapse", debug: bool = Fals
         fail_on: what fails the check (see `fails`).
         debug: re-raise errors instead of recording them.
         display: the path annotations name (default: `display_path(path)`).
-        **guard_kwargs: `guard.run_guard` options (budget, device, cache_dir, ...).
+        **guard_kwargs: `guard.run_guard` options (budget, runtime, overrides).
 
     Returns:
         The result; `exit_code` is 0, 3 (fails), or the error's code (2 bad input, 4 Hub, 1 other).

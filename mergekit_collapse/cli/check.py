@@ -164,10 +164,11 @@ def check(configs: tuple[str, ...], out_dir: str | None, fmt: str, fail_on: str,
     selected, note = _select(configs, changed_since, only_guarded)
     if note and main:
         click.echo(one_line(note), err=True)
-    kwargs = guard_overrides(params) | runtime.run_guard_kwargs()
+    kwargs = guard_overrides(params) | {"runtime": runtime.runtime()}
     debug = bool(click.get_current_context().find_root().params.get("debug"))
     if launched() and len(selected) > 1:  # the configs' rehearsals, spread over the processes
-        prefill_rehearsals([c.path for c in selected], **{**kwargs, "progress": False})
+        prefill_rehearsals([c.path for c in selected], **{
+            **kwargs, "runtime": kwargs["runtime"].model_copy(update={"progress": False})})
     results = [check_config(c.path, fail_on=fail_on, debug=debug, **kwargs) for c in selected]
     if not main:  # another process of a multi-process run: it extracted its share; the main reports
         sys.exit(0)

@@ -148,14 +148,15 @@ def run_guarded_cli(config_file: str, out_path: str, merge_options: Any, guard: 
     Raises:
         CollapseError: from `mergekit-collapse merge` (its CLI group maps it to an exit code).
     """
-    from mergekit_collapse.merge import guarded_merge
+    from mergekit_collapse.merge import guarded_merge, merge_runtime
 
     merge_options.apply_global_options()
     runtime = runtime_options(guard, PREFIX)
     try:
         result = guarded_merge(
             config_file, out_path, merge_options, report_dir=runtime.report,
-            merge_all=runtime.merge_all, cache_dir=runtime.cache_dir,
+            merge_all=runtime.merge_all,
+            runtime=merge_runtime(merge_options, cache_dir=runtime.cache_dir),
             **guard_overrides(guard, PREFIX))
     except CollapseError as e:
         if not switch:

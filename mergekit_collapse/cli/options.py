@@ -20,6 +20,7 @@ import click
 from pydantic import BaseModel, Field, ValidationError
 
 from mergekit_collapse.guard.config import Budget, GuardSettings, action_names
+from mergekit_collapse.runtime import Runtime
 
 #: the `guard:` settings a flag overrides: option key -> (model, field). The keys are the keyword
 #: arguments of `guard.assess.apply_overrides` (the budget's two fields have keys of their own).
@@ -44,18 +45,10 @@ PREFIX = "guard-"
 Spec = tuple[list[str], dict[str, Any]]
 
 
-class RuntimeOptions(BaseModel):
-    """How and where the guard runs: the flags that are not `guard:` settings."""
+class RuntimeOptions(Runtime):
+    """The runtime flags: `Runtime`'s fields (but `progress`, which is `--no-progress` here) and
+    the flags that are neither `guard:` settings nor the runtime."""
 
-    device: str = Field(default="auto", description=(
-        "auto (accelerate over GPUs, else CPU), cpu, cuda, cuda:1, ..."))
-    dtype: str = Field(default="auto", description=(
-        "auto (bfloat16 on CUDA and on CPUs that compute in it, else float32), float32, "
-        "bfloat16, float16"))
-    cache_dir: Path | None = Field(default=None, description=(
-        "hidden-state cache (default $MERGEKIT_COLLAPSE_CACHE)"))
-    allow_pickle: bool = Field(default=False, description="allow .bin/.pt weights (unsafe)")
-    trust_remote_code: bool = Field(default=False, description="allow custom model code")
     no_progress: bool = Field(default=False, description="no progress bars")
     report: Path | None = Field(default=None, description=(
         "also write report.json, report.md and hidden_sim.png here (always written to "
@@ -66,11 +59,10 @@ class RuntimeOptions(BaseModel):
         "extract hidden states on N processes (accelerate launch: one GPU each, else CPU "
         "processes); the first reports"))
 
-    def run_guard_kwargs(self) -> dict[str, Any]:
-        """The `guard.run_guard` keyword arguments these options set."""
-        return {"device": self.device, "dtype": self.dtype, "cache_dir": self.cache_dir,
-                "allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code,
-                "progress": not self.no_progress}
+    def runtime(self) -> Runtime:
+        """The `Runtime` these flags set."""
+        fields = self.model_dump(include=set(Runtime.model_fields) - {"progress"})
+        return Runtime(**fields, progress=not self.no_progress)
 
 
 def _click_type(model: type[BaseModel], name: str) -> Any:

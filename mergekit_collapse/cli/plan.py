@@ -3,7 +3,11 @@ labels."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+
+from mergekit_collapse.cli.options import options, runtime_options, runtime_specs
 
 
 @click.command("plan")
@@ -28,15 +32,10 @@ import click
               help="Merge and lm-eval the top N finalists: predicted vs observed.")
 @click.option("--verify-limit", type=click.IntRange(min=1), default=24, show_default=True,
               help="lm-eval documents per task for --verify.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default="auto", show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--no-progress", is_flag=True)
+@options(runtime_specs("device", "dtype", "cache_dir", "no_progress"))
 def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | None,
          max_rehearsals: int | None, refine: int | None, methods: str | None, verify: int,
-         verify_limit: int, device: str, dtype: str, cache_dir: str | None,
-         no_progress: bool) -> None:
+         verify_limit: int, **params: Any) -> None:
     """Search POOL's subsets, methods and weights for the config predicted to keep the most tasks.
 
     The geometry screens every candidate, the rehearsal judges the most promising, optuna refines
@@ -49,8 +48,7 @@ def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | N
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = run_plan(pool, out=out_dir, objective=objective, floor=floor,
                       max_rehearsals=max_rehearsals, refine=refine, methods=names, verify=verify,
-                      verify_limit=verify_limit, device=device, dtype=dtype, cache_dir=cache_dir,
-                      progress=not no_progress)
+                      verify_limit=verify_limit, runtime=runtime_options(params).runtime())
     rows = []
     for f in result.finalists[:10]:
         rows.append([f.rank, f.method, ",".join(f.tasks),

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from mergekit_collapse.runtime import Runtime
+
 #: the default group: three classification tasks, plus an unusual-format task and a letter-sequence
 #: task that collapsed in every merge of the validity run (benchmarks/RESULTS.md)
 DEMO_TASKS = ["sentiment", "topic", "animal", "json_record", "next_letter"]
@@ -97,7 +99,8 @@ def run_demo(out: str | Path, *, fast: bool = False, config: str | Path | None =
     echo(f"== guard -> {action} -> merge -> evaluate -> card -> push (dry run): {config}")
     result = run_pipeline(config, out / "merged", action=action,
                           limit=limit if limit is not None else (8 if fast else 40),
-                          push_repo=DEMO_REPO, dry_run=True, progress=progress, echo=echo)
+                          push_repo=DEMO_REPO, dry_run=True,
+                          runtime=Runtime(progress=progress), echo=echo)
     timings.update(result.seconds)
     timings["total"] = time.time() - start
     return {"result": result, "config": Path(config), "timings": timings}

@@ -23,6 +23,7 @@ from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import LoadedConfig, TaskSpec
 from mergekit_collapse.guard.decision import COLLAPSE_THRESHOLD
 from mergekit_collapse.guard.report import GuardReport, display_names
+from mergekit_collapse.runtime import Runtime
 
 if TYPE_CHECKING:
     from mergekit_collapse._console import Progress
@@ -364,7 +365,7 @@ def observed_retention(merged_dir: Path, cfg: LoadedConfig,
     if cfg.base is None:
         return {}
     probes = build_probes(cfg)
-    settings = extraction_settings(cfg, device="cpu", dtype=dtype)
+    settings = extraction_settings(cfg, Runtime(device="cpu", dtype=dtype))
     merged_ref = ModelReference.model_validate(str(Path(merged_dir).resolve()))
     ext = extract([cfg.base, *cfg.models, merged_ref], probes.texts, settings, progress=False)
     values = geometry.observed_retention(

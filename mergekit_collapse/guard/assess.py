@@ -45,6 +45,7 @@ from mergekit_collapse.guard.report import (
     display_names,
 )
 from mergekit_collapse.guard.weights import planned_weights
+from mergekit_collapse.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +89,18 @@ def apply_overrides(cfg: LoadedConfig, *, budget: float | None = None,
     return with_guard(cfg, guard)
 
 
-def extraction_settings(cfg: LoadedConfig, *, device: str = "auto", dtype: str = "auto",
-                        allow_pickle: bool = False,
-                        trust_remote_code: bool = False) -> ExtractionSettings:
-    g = cfg.guard
-    return ExtractionSettings(layer=g.layer, pooling=g.pooling, dtype=dtype, device=device,
+def extraction_settings(cfg: LoadedConfig, runtime: Runtime | None = None) -> ExtractionSettings:
+    """What extraction (and the rehearsal) needs: the config's `guard:` settings and the run's
+    device, dtype and what it may load."""
+    g, rt = cfg.guard, runtime or Runtime()
+    return ExtractionSettings(layer=g.layer, pooling=g.pooling, dtype=rt.dtype, device=rt.device,
                               batch_size=g.batch_size, max_length=g.max_length,
-                              chat_template=g.chat_template, allow_pickle=allow_pickle,
-                              trust_remote_code=trust_remote_code)
+                              chat_template=g.chat_template, allow_pickle=rt.allow_pickle,
+                              trust_remote_code=rt.trust_remote_code)
 
 
 def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...] = (),
-              device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None,
-              allow_pickle: bool = False, trust_remote_code: bool = False,
-              progress: bool = True, **overrides: Any) -> GuardRun | None:
+              runtime: Runtime | None = None, **overrides: Any) -> GuardRun | None:
     """Run the guard and keep its inputs (see `check` for the arguments).
 
     Under `accelerate launch` on several processes, each extracts a share of the models into the
@@ -119,12 +118,12 @@ def run_guard(config: str | Path | LoadedConfig, *, extra_models: tuple[Any, ...
     _check_models(cfg)
     probes = build_probes(cfg, models=[*cfg.models, *extra_models])
     refs = ([cfg.base] if cfg.base is not None else []) + list(cfg.models) + list(extra_models)
-    settings = extraction_settings(cfg, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   trust_remote_code=trust_remote_code)
+    rt = runtime or Runtime()
+    settings = extraction_settings(cfg, rt)
     refs = list(dict.fromkeys(refs))
     labels = display_names([str(r) for r in refs], _root(cfg))
-    preflight(cfg, refs, labels, trust_remote_code=trust_remote_code)
-    cache = Path(cache_dir) if cache_dir else None
+    preflight(cfg, refs, labels, trust_remote_code=rt.trust_remote_code)
+    cache, progress = rt.cache_dir, rt.progress
     state = world()
     if state is not None:
         computed = extract_shared(state, refs, probes.texts, settings, cache_dir=cache,
@@ -186,9 +185,7 @@ def _root(cfg: LoadedConfig) -> Path | None:
     return cfg.path.parent if cfg.path is not None else None
 
 
-def prefill_rehearsals(configs: list[Path], *, device: str = "auto", dtype: str = "auto",
-                       cache_dir: str | Path | None = None, allow_pickle: bool = False,
-                       trust_remote_code: bool = False, progress: bool = True,
+def prefill_rehearsals(configs: list[Path], *, runtime: Runtime | None = None,
                        **overrides: Any) -> None:
     """On the processes of a multi-process run: process r rehearses configs r, r + n, ... into the
     rehearsal cache, then every process waits for the others; the checks that follow read the
@@ -205,20 +202,19 @@ def prefill_rehearsals(configs: list[Path], *, device: str = "auto", dtype: str 
         try:
             cfg = apply_overrides(load_config(path), **overrides)
             probes = build_probes(cfg)
-            settings = extraction_settings(cfg, device=device, dtype=dtype,
-                                           allow_pickle=allow_pickle,
-                                           trust_remote_code=trust_remote_code)
+            settings = extraction_settings(cfg, runtime)
             if settings.device == "auto" and state.device.type == "cuda":
                 settings = replace(settings, device=str(state.device))  # this process's GPU
             if len(cfg.models) > 1 and rehearsal_gate(cfg, probes, settings) is None:
                 run_rehearsal(cfg, probes, settings, progress=False,
-                              cache_dir=Path(cache_dir) if cache_dir else None)
+                              cache_dir=runtime.cache_dir if runtime else None)
         except CollapseError as e:
             log.debug("prefilling the rehearsal of %s: %s", path, e)
     state.wait_for_everyone()
 
 
-def rehearsal_gate(cfg: LoadedConfig, probes: ProbeSet, settings: Any) -> RehearsalInfo | None:
+def rehearsal_gate(cfg: LoadedConfig, probes: ProbeSet,
+                   settings: ExtractionSettings) -> RehearsalInfo | None:
     """None when the rehearsal is to run; else why not: `guard.rehearse: off`, or under "auto" a
     streamed pass whose estimated peak memory (`rehearsal_memory`) does not fit."""
     from mergekit_collapse.guard.rehearsal import rehearsal_memory
@@ -243,7 +239,7 @@ def probes_by_model(cfg: LoadedConfig, probes: ProbeSet) -> dict[str, list[str]]
                      if task == cfg.task_of(m).name] for m in cfg.models}
 
 
-def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
+def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: ExtractionSettings, *,
                   cache_dir: Path | None = None, progress: bool = True,
                   labels: dict[str, str] | None = None) -> tuple[Any, RehearsalInfo]:
     """The rehearsal, once `rehearsal_gate` let it run: (Rehearsal or None, what happened and why).
@@ -265,9 +261,7 @@ def run_rehearsal(cfg: LoadedConfig, probes: ProbeSet, settings: Any, *,
 
 
 def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
-          absolute_budget: float | None = None, device: str = "auto", dtype: str = "auto",
-          cache_dir: str | Path | None = None, allow_pickle: bool = False,
-          trust_remote_code: bool = False, progress: bool = True,
+          absolute_budget: float | None = None, runtime: Runtime | None = None,
           **overrides: Any) -> GuardReport | None:
     """Predict whether a mergekit config's models merge within a distortion budget.
 
@@ -275,12 +269,8 @@ def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
         config: path to a mergekit YAML with a `guard:` section, or a LoadedConfig.
         budget: relative budget (overrides `guard.budget`), a multiple of the base's probe spread.
         absolute_budget: budget in squared hidden-state units.
-        device: "auto" (accelerate over GPUs, else CPU), "cpu", "cuda", "cuda:1", ...
-        dtype: "auto" (bfloat16), "float32", "float32", "bfloat16", "float16".
-        cache_dir: hidden-state cache root (default $MERGEKIT_COLLAPSE_CACHE).
-        allow_pickle: allow .bin/.pt weights (unsafe for untrusted files).
-        trust_remote_code: allow custom model code from the model folders.
-        progress: show progress bars.
+        runtime: device, dtype, cache, what may be loaded, progress (default: `Runtime()`:
+            auto device and dtype, $MERGEKIT_COLLAPSE_CACHE, safetensors only, no remote code).
         **overrides: any `guard:` setting (k, seed, layer, pooling, chat_template, jung_dim, ...).
 
     Returns:
@@ -291,9 +281,8 @@ def check(config: str | Path | LoadedConfig, *, budget: float | None = None,
         BadInputError: invalid config, missing/mismatched models, empty probes, NaNs, unsafe
             weights.
     """
-    run = run_guard(config, budget=budget, absolute_budget=absolute_budget, device=device,
-                    dtype=dtype, cache_dir=cache_dir, allow_pickle=allow_pickle,
-                    trust_remote_code=trust_remote_code, progress=progress, **overrides)
+    run = run_guard(config, budget=budget, absolute_budget=absolute_budget, runtime=runtime,
+                    **overrides)
     return run.report if run is not None else None
 
 

@@ -23,6 +23,7 @@ from mergekit_collapse.planner.space import (
     check_space,
     load_pool,
 )
+from mergekit_collapse.runtime import Runtime
 
 if TYPE_CHECKING:
     from mergekit_collapse.guard.report import GuardReport
@@ -119,8 +120,7 @@ def _space(pool: Pool, methods: list[str], n_subsets: int) -> str:
 def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObjective | None = None,
          floor: float | None = None, max_rehearsals: int | None = None, refine: int | None = None,
          methods: list[str] | None = None, verify: int = 0, verify_limit: int | None = 24,
-         device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None,
-         progress: bool = True) -> PlanResult:
+         runtime: Runtime | None = None) -> PlanResult:
     """Find the mergekit config of a pool predicted to keep the most of its tasks, without labels.
 
     Args:
@@ -131,7 +131,7 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
         objective, floor, max_rehearsals, refine, methods: override `guard.plan`'s.
         verify: merge and lm-eval the top `verify` finalists (needs each task's `eval`).
         verify_limit: lm-eval documents per task for `verify`.
-        device, dtype, cache_dir, progress: as for `check`.
+        runtime: device, dtype, cache, progress (as for `check`).
 
     Returns:
         The PlanResult (finalists best first; `summary` is what plan.yml's `guard.planned` carries).
@@ -150,20 +150,22 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     names = check_space(p, methods)
     rule, floor_ = p.space.objective, check_floor(p.space.floor)
     cands, rejected, own = _candidates(p, names)
-    run = run_guard(p.cfg, device=device, dtype=dtype, cache_dir=cache_dir, progress=progress,
+    rt = runtime or Runtime()
+    run = run_guard(p.cfg, runtime=rt,
                     rehearse="off" if own is None or p.space.rehearsals == 0 else "on")
-    settings = extraction_settings(p.cfg, device=device, dtype=dtype)
+    settings = extraction_settings(p.cfg, rt)
     seconds = {"hidden states": round(time.perf_counter() - t0, 2)}
     ranked, stage = search(p, run, cands, rule=rule, floor=floor_, rehearsals=p.space.rehearsals,
                            refine_trials=p.space.refine, own=own, settings=settings,
-                           cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+                           cache_dir=rt.cache_dir, progress=rt.progress)
     seconds |= {k: round(v, 2) for k, v in stage.items()}
     _add_own_rehearsal(seconds, own, run.report)
     best = ranked[0]
     rehearsed = [j for j in ranked if j.rehearsal is not None]
     finalists = rehearsed or ranked[:10]
     if verify:
-        _verify(p, finalists[:verify], Path(out) if out else None, verify_limit, dtype, progress)
+        _verify(p, finalists[:verify], Path(out) if out else None, verify_limit, rt.dtype,
+                rt.progress)
     seconds["total"] = round(time.perf_counter() - t0, 2)
     summary = _summary(p, names, cands, own, ranked, rule, floor_, len(rehearsed),
                        seconds["total"])

@@ -22,6 +22,7 @@ from hub_server import TOKEN, FakeHub
 from reports import make_merged_dir
 
 from mergekit_collapse.cli import main
+from mergekit_collapse.runtime import Runtime
 
 PROBES = ["alpha beta", "gamma delta epsilon", "zeta eta", "one two three", "four five", "x y z"]
 #: what every `check` run of the corpus adds: cheap, quiet, deterministic
@@ -95,7 +96,7 @@ def _fill_cache(env: Env) -> str:
     from mergekit_collapse import check as api_check
 
     cfg = env.config()
-    api_check(cfg, progress=False, device="cpu", dtype="float32", rehearse="off")
+    api_check(cfg, runtime=Runtime(device="cpu", dtype="float32", progress=False), rehearse="off")
     return cfg
 
 

@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 
 import pytest
-from common import tiny_config
+from common import QUIET, tiny_config
 
 from mergekit_collapse import check
 
@@ -51,16 +51,16 @@ def test_exit_3_when_over_budget(tiny_zoo, tmp_path):
 
 def test_exact_decides_between_the_bounds(tiny_zoo, tmp_path):
     cfg = tiny_config(tmp_path, tiny_zoo)
-    r = check(cfg, progress=False, absolute_budget=1.0)
+    r = check(cfg, runtime=QUIET, absolute_budget=1.0)
     b = r.bounds
     for budget, verdict in (((b.converse + b.exact) / 2, "collapse"),
                             ((b.exact + b.jung) / 2, "mergeable")):
-        r = check(cfg, progress=False, absolute_budget=budget)  # cached: no model is reloaded
+        r = check(cfg, runtime=QUIET, absolute_budget=budget)  # cached: no model is reloaded
         assert (r.verdict, r.decided_by) == (verdict, "exact")
 
 
 def test_relative_budget_uses_base_spread(tiny_zoo, tmp_path):
-    r = check(tiny_config(tmp_path, tiny_zoo), progress=False, budget=0.5)
+    r = check(tiny_config(tmp_path, tiny_zoo), runtime=QUIET, budget=0.5)
     assert r.budget.mode == "relative" and r.budget.scale > 0
     assert r.budget.absolute == pytest.approx(0.5 * r.budget.scale)
     assert all(m.retention is not None for m in r.models)

@@ -73,6 +73,30 @@ def test_runtime_flags_come_from_one_model():
         assert option.help == RuntimeOptions.model_fields[key].description
     assert check["--device"].default == "auto" and check["--allow-pickle"].is_flag
     assert _params("demo")["--action"].default == "drop"
+    plan = _params("plan")
+    assert plan["--dtype"].help == RuntimeOptions.model_fields["dtype"].description
+
+
+def test_one_runtime_object_through_the_api():
+    """`check`, `run_guard`, `prefill_rehearsals`, `guarded_merge`, `run_pipeline` and `plan` take
+    one `Runtime`, none of its fields one by one; the flags build it, mergekit's options too."""
+    import inspect
+
+    from mergekit.options import MergeOptions
+
+    from mergekit_collapse import Runtime, check, plan, run_pipeline
+    from mergekit_collapse.guard.assess import prefill_rehearsals, run_guard
+    from mergekit_collapse.merge import guarded_merge, merge_runtime
+
+    fields = set(Runtime.model_fields)
+    for fn in (check, run_guard, prefill_rehearsals, guarded_merge, run_pipeline, plan):
+        params = set(inspect.signature(fn).parameters)
+        assert "runtime" in params and not params & fields, fn.__name__
+    flags = RuntimeOptions(device="cpu", dtype="float32", cache_dir="c", no_progress=True)
+    assert flags.runtime() == Runtime(device="cpu", dtype="float32", cache_dir="c", progress=False)
+    merged = merge_runtime(MergeOptions(device="cuda", trust_remote_code=True, quiet=True),
+                           cache_dir="c")
+    assert merged == Runtime(device="cuda", trust_remote_code=True, progress=False, cache_dir="c")
 
 
 def test_a_flag_overrides_the_yaml(tiny_zoo, tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from common import make_tiny_tasks, merge_with_mergekit
+from common import QUIET, make_tiny_tasks, merge_with_mergekit
 
 from mergekit_collapse.evaluate import harness
 from mergekit_collapse.evaluate.observed import evaluate_merge, write_evaluation
@@ -33,7 +33,7 @@ def merged(tiny_zoo, tmp_path):
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(cfg))
     out = merge_with_mergekit(path, tmp_path / "merged", tmp_path / "lora-cache")
-    report = check(path, progress=False, absolute_budget=1e9)
+    report = check(path, runtime=QUIET, absolute_budget=1e9)
     report.write(out / "mergeability")
     return path, out, report
 

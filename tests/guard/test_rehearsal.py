@@ -6,12 +6,14 @@ from __future__ import annotations
 import shutil
 
 import yaml
+from common import QUIET32
 
 from mergekit_collapse.guard.assess import check, extraction_settings
 from mergekit_collapse.guard.config import parse_config
 from mergekit_collapse.guard.decision import decide
 from mergekit_collapse.guard.probes import build_probes
 from mergekit_collapse.guard.rehearsal import rehearse
+from mergekit_collapse.runtime import Runtime
 
 PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green"]
 
@@ -42,7 +44,7 @@ def parsed(raw):
 def test_linear_of_loras_infers_the_shared_base(tiny_zoo):
     cfg = parsed(config(tiny_zoo, ["lora1", "lora2"], base_model=False))
     assert str(cfg.base) == str(tiny_zoo["base"]) and "base+lora" in cfg.base_source
-    report = check(cfg, progress=False, rehearse="off", dtype="float32")
+    report = check(cfg, runtime=QUIET32, rehearse="off")
     assert all(m.relative_distortion is not None and m.risk_band is not None for m in report.models)
 
 
@@ -50,19 +52,18 @@ def test_guard_base_anchors_full_finetunes(tiny_zoo):
     raw = config(tiny_zoo, ["ft1", "ft2"], base_model=False, base=str(tiny_zoo["base"]))
     cfg = parsed(raw)
     assert cfg.base_source == "guard.base" and str(cfg.base) == str(tiny_zoo["base"])
-    assert check(cfg, progress=False, rehearse="off",
-                 dtype="float32").models[0].risk_score is not None
+    assert check(cfg, runtime=QUIET32, rehearse="off").models[0].risk_score is not None
 
 
 def test_no_base_is_said_and_is_not_mergeable(tiny_zoo):
     cfg = parsed(config(tiny_zoo, ["ft1", "ft2"], base_model=False))
     assert cfg.base is None and "guard.base" in cfg.base_source
-    report = check(cfg, progress=False, rehearse="off", dtype="float32")
+    report = check(cfg, runtime=QUIET32, rehearse="off")
     assert all(m.risk_score is None for m in report.models)
     assert report.verdict in ("unassessed", "collapse")
     assert any(n.startswith("risk score unavailable") for n in report.notes)
     # the geometric test, asked for explicitly, still gives a bounds verdict
-    explicit = check(cfg, progress=False, rehearse="off", dtype="float32", absolute_budget=1e9)
+    explicit = check(cfg, runtime=QUIET32, rehearse="off", absolute_budget=1e9)
     assert (explicit.verdict, explicit.decided_by) == ("mergeable", "jung")
 
 
@@ -74,7 +75,7 @@ def test_slerp_with_its_base_among_the_sources_is_a_merge_of_both(tiny_zoo):
            "guard": {"k": 2, "base": str(tiny_zoo["base"]),
                      "tasks": {a: {"name": "A", "probes": PROBES[:2]},
                                b: {"name": "B", "probes": PROBES[2:4]}}}}
-    report = check(parsed(raw), progress=False, dtype="float32")
+    report = check(parsed(raw), runtime=QUIET32)
     assert [m.task for m in report.models] == ["A", "B"]
     assert all(m.risk_score is not None and m.predicted_retention is not None
                for m in report.models)
@@ -89,8 +90,8 @@ def _rehearse(zoo, models, method="linear", base_model=True):
     probes = build_probes(cfg)
     by = {str(m): [t for t, task in zip(probes.texts, probes.tasks, strict=True)
                    if task == cfg.task_of(m).name] for m in cfg.models}
-    return cfg, rehearse(cfg.merge, cfg.models, by, extraction_settings(cfg, dtype="float32"),
-                         answer_tokens=8)
+    settings = extraction_settings(cfg, Runtime(dtype="float32"))
+    return cfg, rehearse(cfg.merge, cfg.models, by, settings, answer_tokens=8)
 
 
 def test_a_merge_of_one_model_reproduces_it_exactly(tiny_zoo):
@@ -124,7 +125,7 @@ def test_lora_merge_cache_follows_adapter_content(tiny_zoo, tmp_path):
 
 def test_auto_skips_a_merge_above_the_size_gate_and_says_so(tiny_zoo):
     cfg = parsed(config(tiny_zoo, ["ft1", "ft2"], base_model=False, rehearse_max_gb=1e-9))
-    report = check(cfg, progress=False, dtype="float32")
+    report = check(cfg, runtime=QUIET32)
     assert report.rehearsal.status == "skipped" and "rehearse_max_gb" in report.rehearsal.reason
     assert all(m.predicted_retention is None for m in report.models)
 
@@ -227,16 +228,16 @@ def test_one_load_per_model_for_hidden_states_and_answers(tiny_zoo, monkeypatch)
         monkeypatch.setattr(mod, "load_causal_lm", lambda *a, _real=real, **k: loads.append(a[0])
                             or _real(*a, **k))
     cfg = parsed(config(tiny_zoo, ["ft1", "ft2", "lora1"], method="task_arithmetic"))
-    report = check(cfg, progress=False, rehearse="on", dtype="float32")
+    report = check(cfg, runtime=QUIET32, rehearse="on")
     assert report.rehearsal.status == "ran"
     assert sorted(map(str, loads)) == sorted(str(tiny_zoo[m]) for m in ("base", "ft1", "ft2"))
     loads.clear()
-    again = check(cfg, progress=False, rehearse="on", dtype="float32")
+    again = check(cfg, runtime=QUIET32, rehearse="on")
     assert loads == [] and [m.rehearsal_agreement for m in again.models] == \
         [m.rehearsal_agreement for m in report.models]
 
 
 def test_a_guard_base_other_than_base_model_is_noted_in_the_report(tiny_zoo):
     raw = config(tiny_zoo, ["ft1", "ft2"], method="task_arithmetic", base=str(tiny_zoo["ft3"]))
-    report = check(parsed(raw), progress=False, rehearse="off", dtype="float32")
+    report = check(parsed(raw), runtime=QUIET32, rehearse="off")
     assert any("not the config's base_model" in n and "ft3" in n for n in report.notes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from common import QUIET32
 
 from mergekit_collapse.guard.assess import check
 from mergekit_collapse.guard.config import parse_config
@@ -43,7 +44,7 @@ def shape(zoo, name):
 @pytest.mark.parametrize("name", ["linear-loras", "linear-full", "task_arithmetic", "ties",
                                   "dare_ties", "slerp"])
 def test_every_shape_gets_both_signals(tiny_zoo, name):
-    report = check(shape(tiny_zoo, name), progress=False, dtype="float32")
+    report = check(shape(tiny_zoo, name), runtime=QUIET32)
     assert report.base_model is not None
     assert report.rehearsal.status == "ran", report.rehearsal.reason
     for m in report.models:
@@ -55,7 +56,7 @@ def test_every_shape_gets_both_signals(tiny_zoo, name):
 def test_without_base_or_rehearsal_the_verdict_says_why(tiny_zoo):
     cfg = shape(tiny_zoo, "linear-full")
     cfg = parse_config(cfg.source.replace(f"base: {tiny_zoo['base']}", "rehearse: 'off'"))
-    report = check(cfg, progress=False, dtype="float32")
+    report = check(cfg, runtime=QUIET32)
     assert report.base_model is None and report.rehearsal.status == "off"
     assert report.verdict != "mergeable"
     assert any("guard.base" in n for n in report.notes)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from common import QUIET
 from reports import MODELS, make_merged_dir, make_report
 
 from mergekit_collapse.cli import main
@@ -232,7 +233,7 @@ def test_card_of_a_merge_of_local_folders_publishes_no_local_path(tmp_path: Path
     for name in ("ft", "sentiment"):
         (tmp_path / f"{name}.txt").write_text("one probe\nanother probe\n")
     (tmp_path / "merge.yml").write_text(source)
-    report = check(tmp_path / "merge.yml", absolute_budget=1e9, progress=False)
+    report = check(tmp_path / "merge.yml", absolute_budget=1e9, runtime=QUIET)
     report.notes.append(f"an adapter was read from {lora}")  # free text names local paths too
     out = tmp_path / "merged"
     out.mkdir()
