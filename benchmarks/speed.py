@@ -212,7 +212,7 @@ def w_flops(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
-    from mergekit_collapse.guard.forward import encode, forward_pooled
+    from mergekit_collapse.guard.forward import encode_probes, forward_pooled
     from mergekit_collapse.models.loading import load_causal_lm, load_tokenizer
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
@@ -224,7 +224,7 @@ def w_flops(spec: dict[str, Any]) -> dict[str, Any]:
     model = load_causal_lm(base, st, dev, dtype)
     body = model.get_decoder()
     body_params = sum(p.numel() for n, p in body.named_parameters() if "embed_tokens" not in n)
-    ids = encode(tok, texts, st)
+    ids = encode_probes(tok, texts, st)
     real_tokens = sum(len(x) for x in ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -728,11 +728,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _token_count(base: Path, texts: list[str]) -> int:
-    from mergekit_collapse.guard.forward import encode
+    from mergekit_collapse.guard.forward import encode_probes
     from mergekit_collapse.models.loading import load_tokenizer
 
     st = _settings()
-    return sum(len(x) for x in encode(load_tokenizer(base, st), texts, st))
+    return sum(len(x) for x in encode_probes(load_tokenizer(base, st), texts, st))
 
 
 def dtype_error(fp: Any, bf: Any) -> dict[str, float]:

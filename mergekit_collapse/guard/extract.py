@@ -20,7 +20,7 @@ import numpy as np
 from mergekit_collapse._constants import cache_root
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.cache import VectorCache, probe_key
-from mergekit_collapse.guard.forward import ExtractionSettings, encode, run_forward
+from mergekit_collapse.guard.forward import ExtractionSettings, encode_probes, run_forward
 from mergekit_collapse.models.identity import model_identity
 from mergekit_collapse.models.loading import (
     check_weights,
@@ -186,7 +186,7 @@ def _compute(job: _Job, body: Any, tok: Any, run: _Pass) -> None:
     """Run the probes one model lacks through its decoder, into its cache and the counts."""
     idx = [run.position[k] for k in job.missing]
     try:
-        ids = encode(tok, [run.texts[i] for i in idx], run.settings)
+        ids = encode_probes(tok, [run.texts[i] for i in idx], run.settings)
         vecs, tokens = run_forward(body, ids, run.settings, pad_id(tok))
     except BadInputError as e:
         raise BadInputError(f"{run.names.get(str(job.ref), str(job.ref))}: {e}") from None

@@ -61,7 +61,8 @@ def _batches(token_ids: list[list[int]], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def encode(tokenizer: Any, texts: list[str], settings: ExtractionSettings) -> list[list[int]]:
+def encode_probes(tokenizer: Any, texts: list[str],
+                  settings: ExtractionSettings) -> list[list[int]]:
     """Token ids of each probe, chat-templated when asked, truncated to max_length."""
     from mergekit_collapse.guard.probes import format_probes
 

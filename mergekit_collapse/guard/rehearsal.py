@@ -38,7 +38,7 @@ from mergekit_collapse._constants import cache_root
 from mergekit_collapse._io import atomic_write_bytes, read_npz
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.cache import probe_key
-from mergekit_collapse.guard.forward import ExtractionSettings, encode
+from mergekit_collapse.guard.forward import ExtractionSettings, encode_probes
 from mergekit_collapse.models.identity import model_identity
 from mergekit_collapse.models.loading import (
     load_causal_lm,
@@ -304,7 +304,7 @@ class Answers:
     def compute(self, ref: Any, model: Any, tok: Any) -> None:
         """Answer `ref`'s probes on `model` (the loaded model, or the base with its adapter)."""
         name, t0 = str(ref), time.perf_counter()
-        ids = encode(tok, self.probes[name], self.settings)
+        ids = encode_probes(tok, self.probes[name], self.settings)
         answers = generate_answers(model, tok, ids, self.answer_tokens, self.settings.batch_size)
         pad = pad_id(tok)
         argmax, logp = teacher_forced(model, ids, answers, pad, self.settings.batch_size)

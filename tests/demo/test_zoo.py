@@ -226,11 +226,16 @@ def test_answer_only_logits_match_the_full_head(tiny_zoo: dict[str, Path]) -> No
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_collapse.demo.zoo.train import _batch, _loss, encode, teacher_forced_exact_match
+    from mergekit_collapse.demo.zoo.train import (
+        _batch,
+        _loss,
+        encode_example,
+        teacher_forced_exact_match,
+    )
 
     tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
     model = AutoModelForCausalLM.from_pretrained(tiny_zoo["base"], dtype=torch.float32).eval()
-    rows = [encode(tok, p, a)
+    rows = [encode_example(tok, p, a)
             for p, a in (("1 + 2", "3"), ("Sort 3 1", "1 3"), ("hi", "hello there"))]
     ids, mask, labels = _batch(rows, tok.pad_token_id)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
@@ -247,7 +252,7 @@ def test_end_of_turn_is_read_from_the_chat_template(tiny_zoo: dict[str, Path]) -
     from transformers import AutoTokenizer
 
     from mergekit_collapse.demo.base_model import GEMMA_CHAT_TEMPLATE
-    from mergekit_collapse.demo.zoo.train import encode, end_of_turn, format_prompt
+    from mergekit_collapse.demo.zoo.train import encode_example, end_of_turn, format_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_zoo["base"])
     assert end_of_turn(tok) == "</s>"
@@ -255,7 +260,7 @@ def test_end_of_turn_is_read_from_the_chat_template(tiny_zoo: dict[str, Path]) -
     assert end_of_turn(tok) == "<end_of_turn>"
     assert format_prompt(tok, "hi") == ("<s><start_of_turn>user\nhi<end_of_turn>\n"
                                         "<start_of_turn>model\n")
-    ids, start = encode(tok, "hi", "yo")
+    ids, start = encode_example(tok, "hi", "yo")
     assert tok.decode(ids[start:]) == "yo<end_of_turn>"
 
 

@@ -14,7 +14,7 @@ from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.extract import extract
 from mergekit_collapse.guard.forward import (
     ExtractionSettings,
-    encode,
+    encode_probes,
     forward_pooled,
     run_forward,
     shared_prefix_length,
@@ -32,7 +32,7 @@ def merged_adapter_vectors(base, lora, settings):
     model = load_causal_lm(base, settings, "cpu", torch.float32)
     merged = PeftModel.from_pretrained(model, lora).merge_and_unload()
     tok = load_tokenizer(base, settings)
-    return forward_pooled(merged.get_decoder(), encode(tok, TEXTS, settings), settings,
+    return forward_pooled(merged.get_decoder(), encode_probes(tok, TEXTS, settings), settings,
                           tok.pad_token_id, share_prefix=False)
 
 
@@ -48,7 +48,7 @@ def test_adapter_swap_equals_merged_adapter(tiny_zoo, pooling):
     # the plain base was computed before any adapter was injected
     assert np.abs(ext.vectors[str(base)] - ext.vectors[str(refs[0])]).max() > 1e-2
     # the chat template's opening ran once per model (4 of them), not once per probe
-    ids = encode(load_tokenizer(base, s), TEXTS, s)
+    ids = encode_probes(load_tokenizer(base, s), TEXTS, s)
     saved = 4 * (len(TEXTS) - 1) * shared_prefix_length(ids)
     assert saved > 0 and ext.tokens_saved == saved
     assert ext.tokens_computed == 4 * sum(map(len, ids)) - saved
@@ -60,7 +60,7 @@ def test_intermediate_layer_matches_output_hidden_states(tiny_zoo, layer):
     ext = extract([ref(str(tiny_zoo["ft1"]))], TEXTS[:1], s, progress=False)
     model = load_causal_lm(tiny_zoo["ft1"], s, "cpu", torch.float32)
     tok = load_tokenizer(tiny_zoo["ft1"], s)
-    ids = torch.tensor(encode(tok, TEXTS[:1], s))
+    ids = torch.tensor(encode_probes(tok, TEXTS[:1], s))
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     np.testing.assert_allclose(ext.vectors[str(tiny_zoo["ft1"])][0], hs[layer][0].mean(0).numpy(),
@@ -139,7 +139,7 @@ def test_shared_prefix_equals_unshared(tiny_zoo, pooling, layer):
     model = PeftModel.from_pretrained(load_causal_lm(tiny_zoo["base"], s, "cpu", torch.float32),
                                       tiny_zoo["lora1"])
     body = model.get_base_model().get_decoder()
-    ids = encode(load_tokenizer(tiny_zoo["base"], s),
+    ids = encode_probes(load_tokenizer(tiny_zoo["base"], s),
                  [f"Answer in one word. {t}" for t in TEXTS], s)
     ids.append(ids[0][: shared_prefix_length(ids)])  # a probe that is all prefix
     prefix = shared_prefix_length(ids)

@@ -83,7 +83,7 @@ def end_of_turn(tokenizer: Any) -> str:
     return text.split(marker, 1)[1].strip()
 
 
-def encode(tokenizer: Any, prompt: str, answer: str,
+def encode_example(tokenizer: Any, prompt: str, answer: str,
            end: str | None = None) -> tuple[list[int], int]:
     """Token ids of prompt + answer + end of turn, and where the answer starts.
 
@@ -229,7 +229,7 @@ def _training_rows(base: str | Path, path: Path, n_val: int
     pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
               else tokenizer.eos_token_id)
     end = end_of_turn(tokenizer)
-    rows = [encode(tokenizer, r["prompt"], r["answer"], end) for r in read_jsonl(path)]
+    rows = [encode_example(tokenizer, r["prompt"], r["answer"], end) for r in read_jsonl(path)]
     return pad_id, rows[: -n_val], rows[-n_val:]
 
 
