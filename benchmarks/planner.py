@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,24 +73,35 @@ def pool_yaml(zoo: Path, tasks: list[str], args: argparse.Namespace) -> dict[str
 def evaluate(pool: Any, cand: Any, folder: Path,
              args: argparse.Namespace) -> tuple[dict[str, float], float]:
     """Merge a candidate with mergekit and lm-eval it: (retention by task, seconds)."""
+    from mergekit_collapse.planner.space import candidate_raw
+
+    return evaluate_raw(candidate_raw(pool, cand), folder, args)
+
+
+def evaluate_raw(raw: dict[str, Any], folder: Path, args: argparse.Namespace,
+                 evals: dict[str, str] | None = None) -> tuple[dict[str, float], float]:
+    """Merge a mergekit config (once) and lm-eval it: (retention by task, seconds). `evals`
+    replaces the tasks' lm-eval YAMLs (by model reference): the labelled search's dev split."""
     from mergekit.options import MergeOptions
 
     from mergekit_collapse.evaluate.observed import evaluate_merge
     from mergekit_collapse.guard.config import parse_config
     from mergekit_collapse.merge import merge_config
-    from mergekit_collapse.planner.space import candidate_raw
 
     t0 = time.perf_counter()
-    raw = candidate_raw(pool, cand)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(raw, sort_keys=False)
-    (folder.parent / f"{folder.name}.yml").write_text(text)
+    scored = json.loads(json.dumps(raw))
+    for ref, yaml_path in (evals or {}).items():
+        scored["guard"]["tasks"][ref]["eval"] = yaml_path
+    text = yaml.safe_dump(scored, sort_keys=False)
+    path = folder.parent / f"{folder.name}{'-dev' if evals else ''}.yml"
+    path.write_text(text)
     if not (folder / "config.json").is_file():
         merge_config(raw, folder, MergeOptions(lora_merge_cache=str(args.work / "lora_cache"),
                                                copy_tokenizer=True, quiet=True, lazy_unpickle=False,
                                                random_seed=0))
-    ev = evaluate_merge(folder, parse_config(text, folder.parent / f"{folder.name}.yml"),
-                        limit=args.limit, progress=False, dtype=args.eval_dtype)
+    ev = evaluate_merge(folder, parse_config(text, path), limit=args.limit, progress=False,
+                        dtype=args.eval_dtype)
     ret = {t.task: (t.merged / t.constituent if t.constituent else 1.0) for t in ev.tasks}
     return ret, time.perf_counter() - t0
 
@@ -112,6 +124,73 @@ def random_search(pool: Any, run: Any, n: int, seed: int, rule: str,
         if v > best_v:
             best, best_v = c, v
     return best, time.perf_counter() - t0
+
+
+def dev_split(zoo: Path, work: Path) -> Path:
+    """lm-eval YAMLs over a dev split the held-out scoring never reads: each task's test documents
+    from #100 on (the scoring reads the first `--limit`, at most 100)."""
+    from mergekit_collapse.demo.zoo.taskfiles import ALL_TASKS, read_jsonl, write_task_yamls
+
+    data = work / "dev-data"
+    for task in ALL_TASKS:
+        src = zoo / "tasks" / task
+        if not (src / "test.jsonl").is_file():
+            continue
+        (data / task).mkdir(parents=True, exist_ok=True)
+        rows = read_jsonl(src / "test.jsonl")[100:]
+        (data / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        shutil.copy(src / "train.jsonl", data / task / "train.jsonl")
+    return write_task_yamls(work / "dev-tasks", data)
+
+
+def labelled_search(pool: Any, tasks: list[str], zoo: Path, work: Path, wall: float,
+                    args: argparse.Namespace) -> dict[str, Any]:
+    """A labelled search in mergekit-evolve's manner: CMA-ES (`cma`, as mergekit-evolve) over
+    the all-in TIES merge's per-model weight and density (mergekit-evolve's genotype: x0 weight
+    1/n and density 1, sigma0 1/6, |weight|, density clamped to [0, 1]), each candidate merged
+    with mergekit and lm-evaluated on the dev split (`dev_split`). Each new best is also scored
+    on the held-out documents (outside its clock), so the curve says when it reaches a quality.
+    `wall`: the planner's wall time, for the best found within it."""
+    import cma
+
+    from mergekit_collapse.planner.space import Candidate, candidate_raw
+
+    n = len(tasks)
+    dev = dev_split(zoo, work)
+    evals = {str(ref): str(dev / f"zoo_{t}.yaml") for ref, t in zip(pool.cfg.models, tasks,
+                                                                     strict=True)}
+    base_raw = candidate_raw(pool, Candidate(tuple(range(n)), "ties", (1.0,) * n, 1.0))
+    es = cma.CMAEvolutionStrategy([1 / n] * n + [1.0] * n, 1 / 6,
+                                  {"seed": args.seed + 1, "popsize": args.cma_popsize,
+                                   "maxfevals": args.cma_evals, "verbose": -9})
+    clock, history, best = 0.0, [], None
+    while not es.stop():
+        xs = es.ask()
+        fitness = []
+        for x in xs:
+            w = [round(abs(float(v)), 4) for v in x[:n]]
+            d = [round(min(max(abs(float(v)), 0.0), 1.0), 4) for v in x[n:]]
+            raw = json.loads(json.dumps(base_raw))
+            for m, wi, di in zip(raw["models"], w, d, strict=True):
+                m["parameters"] = {"weight": wi, "density": di}
+            folder = work / "merges" / f"cma-{len(history)}"
+            ret, sec = evaluate_raw(raw, folder, args, evals)
+            clock += sec
+            value = sum(ret.get(t, 0.0) for t in tasks) / n
+            row = {"eval": len(history), "seconds": round(clock, 1), "dev_mean": round(value, 4),
+                   "weights": w, "densities": d, "load": load()}
+            if best is None or value > best["dev_mean"]:
+                test, _ = evaluate_raw(raw, folder, args)  # held out: not on the search's clock
+                row["test"] = score(test, tasks) | {"observed": test}
+                best = row
+            history.append(row)
+            shutil.rmtree(folder, ignore_errors=True)
+            fitness.append(-value)
+        es.tell(xs, fitness)
+    within = [r for r in history if "test" in r and r["seconds"] <= wall]
+    return {"evals": len(history), "seconds": round(clock, 1), "history": history,
+            "best": best, "best_within_planner_wall": within[-1] if within else None,
+            "popsize": args.cma_popsize}
 
 
 def describe(pool: Any, c: Any) -> str:
@@ -167,6 +246,41 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     return row
 
 
+def labelled_pool(zoo: Path, row: dict[str, Any], i: int, args: argparse.Namespace) -> dict:
+    """The labelled search on a pool of `planner.json`, against the planner's measured pick."""
+    from mergekit_collapse.planner.space import load_pool
+
+    tasks = row["pool"]
+    work = args.work / f"labelled{i}"
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "pool.yml"
+    path.write_text(yaml.safe_dump(pool_yaml(zoo, tasks, args), sort_keys=False))
+    out = labelled_search(load_pool(path), tasks, zoo, work, row["planner_seconds"], args)
+    return {"pool": tasks, "planner": {k: row["planner"][k] for k in ("name", "mean", "kept")}
+            | {"seconds": row["planner_seconds"]}, "labelled": out}
+
+
+def labelled_table(rows: list[dict[str, Any]]) -> str:
+    out = ["| pool | planner: mean / kept / wall s | labelled (CMA-ES) within the planner's wall | "
+           "labelled best after N evals: mean / kept / wall s | first labelled best ≥ planner's "
+           "mean: wall s (planner's share) |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        p, lab = r["planner"], r["labelled"]
+        w = lab["best_within_planner_wall"]
+        within = (f"{w['test']['mean']:.3f} / {w['test']['kept']} (eval {w['eval']}, "
+                  f"{w['seconds']:.0f} s)" if w else "none: its first evaluation ends later")
+        b = lab["best"]
+        reach = next((h for h in lab["history"] if "test" in h
+                      and h["test"]["mean"] >= p["mean"]), None)
+        share = (f"{reach['seconds']:.0f} s ({p['seconds'] / reach['seconds']:.0%})" if reach
+                 else f"not reached in {lab['evals']} evals ({lab['seconds']:.0f} s)")
+        out.append(f"| {len(r['pool'])}: {'+'.join(r['pool'])} | {p['mean']:.3f} / {p['kept']} / "
+                   f"{p['seconds']:.0f} | {within} | {b['test']['mean']:.3f} / {b['test']['kept']} "
+                   f"/ {lab['seconds']:.0f} (N = {lab['evals']}) | {share} |")
+    return "\n".join(out)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     out = ["| pool | strategy | merge | mean retention | kept (≥ 0.7) | "
            "wall s | load (1/5/15 min) |",
@@ -219,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "planner.json")
+    p.add_argument("--labelled", type=Path, default=None, metavar="OUT_JSON",
+                   help="run the labelled CMA-ES search on the pools of --out (planner.json) and "
+                        "write it here")
+    p.add_argument("--cma-evals", type=int, default=16, help="labelled search: evaluations")
+    p.add_argument("--cma-popsize", type=int, default=8, help="labelled search: population")
     p.add_argument("--fit-retention", action="store_true",
                    help="print the agreement -> retention table the planner ships, and exit")
     args = p.parse_args(argv)
@@ -229,6 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         from mergekit_collapse.demo.zoo import export_zoo
 
         export_zoo(args.zoo)
+    if args.labelled is not None:
+        done = []
+        for i, row in enumerate(json.loads(args.out.read_text())):
+            done.append(labelled_pool(args.zoo.resolve(), row, i, args))
+            args.labelled.write_text(json.dumps(done, indent=2) + "\n")
+            print(labelled_table(done), flush=True)
+        return 0
     measured = records()
     rows = []
     for i, pool in enumerate(args.pools.split(",")):
