@@ -22,6 +22,9 @@ from mergekit_collapse.cli.options import options, runtime_options, runtime_spec
                    "rehearsal collapse edge).")
 @click.option("--max-rehearsals", type=click.IntRange(min=0), default=None,
               help="Most candidates rehearsed, refinement included (0: the geometry alone).")
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=None,
+              help="Time budget: no rehearsal starts after this many seconds (default: "
+                   "guard.plan.seconds, else none).")
 @click.option("--refine", type=click.IntRange(min=0), default=None,
               help="Rehearsals spent refining the best candidate's weights (optuna TPE).")
 @click.option("--methods", default=None,
@@ -34,7 +37,8 @@ from mergekit_collapse.cli.options import options, runtime_options, runtime_spec
               help="lm-eval documents per task for --verify.")
 @options(runtime_specs("device", "dtype", "cache_dir", "no_progress"))
 def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | None,
-         max_rehearsals: int | None, refine: int | None, methods: str | None, verify: int,
+         max_rehearsals: int | None, max_seconds: float | None, refine: int | None,
+         methods: str | None, verify: int,
          verify_limit: int, **params: Any) -> None:
     """Search POOL's subsets, methods and weights for the config predicted to keep the most tasks.
 
@@ -47,7 +51,8 @@ def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | N
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = run_plan(pool, out=out_dir, objective=objective, floor=floor,
-                      max_rehearsals=max_rehearsals, refine=refine, methods=names, verify=verify,
+                      max_rehearsals=max_rehearsals, max_seconds=max_seconds, refine=refine,
+                      methods=names, verify=verify,
                       verify_limit=verify_limit, runtime=runtime_options(params).runtime())
     rows = []
     for f in result.finalists[:10]:

@@ -113,6 +113,9 @@ class PlanSpace(_Strict):
         "most candidates rehearsed, refinement included (0: rank by the geometry alone)"))
     refine: int = Field(default=3, ge=0, description=(
         "of those, rehearsals spent refining the best candidate's weights with optuna's TPE"))
+    seconds: float | None = Field(default=None, ge=0, description=(
+        "time budget: no rehearsal starts once the plan has run this long (the geometry screen "
+        "always completes; the best judged so far wins)"))
     objective: PlanObjective = Field(default="kept", description=(
         "kept: most tasks above the floor (then mean); mean: best mean retention; worst: best "
         "worst task. A task left out of the merge counts as lost (retention 0)"))

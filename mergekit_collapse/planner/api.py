@@ -119,6 +119,7 @@ def _space(pool: Pool, methods: list[str], n_subsets: int) -> str:
 
 def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObjective | None = None,
          floor: float | None = None, max_rehearsals: int | None = None, refine: int | None = None,
+         max_seconds: float | None = None,
          methods: list[str] | None = None, verify: int = 0, verify_limit: int | None = 24,
          runtime: Runtime | None = None) -> PlanResult:
     """Find the mergekit config of a pool predicted to keep the most of its tasks, without labels.
@@ -128,7 +129,8 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
             probes, `guard.plan` the search space (`PlanSpace`); its own method and weights, if
             any, are one candidate.
         out: where to write plan.yml, plan.json and plan.md (None: write nothing).
-        objective, floor, max_rehearsals, refine, methods: override `guard.plan`'s.
+        objective, floor, max_rehearsals, refine, methods: override `guard.plan`'s;
+            max_seconds overrides `guard.plan.seconds` (the time budget).
         verify: merge and lm-eval the top `verify` finalists (needs each task's `eval`).
         verify_limit: lm-eval documents per task for `verify`.
         runtime: device, dtype, cache, progress (as for `check`).
@@ -144,7 +146,7 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
 
     t0 = time.perf_counter()
     p = load_pool(pool)
-    _override_space(p, objective, floor, max_rehearsals, refine)
+    _override_space(p, objective, floor, max_rehearsals, refine, max_seconds)
     if out is not None:
         check_writable(out, "plan folder")
     names = check_space(p, methods)
@@ -157,7 +159,9 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     seconds = {"hidden states": round(time.perf_counter() - t0, 2)}
     ranked, stage = search(p, run, cands, rule=rule, floor=floor_, rehearsals=p.space.rehearsals,
                            refine_trials=p.space.refine, own=own, settings=settings,
-                           cache_dir=rt.cache_dir, progress=rt.progress)
+                           cache_dir=rt.cache_dir, progress=rt.progress,
+                           deadline=t0 + (p.space.seconds if p.space.seconds is not None
+                                          else float("inf")))
     seconds |= {k: round(v, 2) for k, v in stage.items()}
     _add_own_rehearsal(seconds, own, run.report)
     best = ranked[0]
@@ -177,12 +181,14 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
 
 
 def _override_space(p: Pool, objective: PlanObjective | None, floor: float | None,
-                    max_rehearsals: int | None, refine: int | None) -> None:
+                    max_rehearsals: int | None, refine: int | None,
+                    seconds: float | None = None) -> None:
     """Apply the options that override `guard.plan` to the pool's search space."""
     if max_rehearsals is not None and refine is None:  # a smaller budget shrinks the refinement
         refine = min(p.space.refine, max_rehearsals)
     update = {k: v for k, v in {"objective": objective, "floor": floor,
-                                "rehearsals": max_rehearsals, "refine": refine}.items()
+                                "rehearsals": max_rehearsals, "refine": refine,
+                                "seconds": seconds}.items()
               if v is not None}
     if update:
         try:

@@ -142,9 +142,11 @@ class Rehearser:
 
 
 def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, seed: int,
-           weights: list[float], progress: Progress) -> list[Judged]:
+           weights: list[float], progress: Progress,
+           deadline: float = float("inf")) -> list[Judged]:
     """optuna's seeded TPE over the best candidate's per-model weights (and density), `trials`
-    rehearsals; the best candidate is told to the study first, so TPE starts from it."""
+    rehearsals (none starts after `deadline`, a `time.perf_counter()` value); the best candidate
+    is told to the study first, so TPE starts from it."""
     import optuna
 
     c = best.candidate
@@ -166,6 +168,8 @@ def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, s
                                               distributions=dist, value=best.value))
     out = []
     for _ in range(trials):
+        if time.perf_counter() > deadline:
+            break
         trial = study.ask(dist)
         cand = Candidate(c.members, c.method,
                          tuple(round(trial.params[f"w{j}"], 3) for j in range(len(c.members)))
@@ -189,8 +193,10 @@ def _describe(c: Candidate) -> str:
 
 def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: float,
            rehearsals: int, refine_trials: int, own: Candidate | None, settings: Any,
-           cache_dir: Path | None, progress: bool = True) -> tuple[list[Judged], dict[str, float]]:
-    """Screen all, rehearse the best picks, refine the winner.
+           cache_dir: Path | None, progress: bool = True,
+           deadline: float = float("inf")) -> tuple[list[Judged], dict[str, float]]:
+    """Screen all, rehearse the best picks, refine the winner; no rehearsal starts after
+    `deadline` (a `time.perf_counter()` value: the time budget).
 
     Args:
         pool: the pool. run: the guard's run on it (hidden states; its rehearsal of the config as
@@ -228,6 +234,8 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     bar = Progress("rehearse", total, enabled=progress)
     t1 = time.perf_counter()
     for j in picks:
+        if time.perf_counter() > deadline:
+            break
         label = _describe(j.candidate)
         bar.start(label)
         done.append(judge(j.candidate))
@@ -237,7 +245,7 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     if done and refine_trials:
         t2 = time.perf_counter()
         done += refine(done[0], judge, refine_trials, seed=pool.cfg.guard.seed,
-                       weights=pool.space.weights, progress=bar)
+                       weights=pool.space.weights, progress=bar, deadline=deadline)
         seconds["refine"] = time.perf_counter() - t2
     bar.close()
     done.sort(key=lambda j: -j.value)

@@ -90,6 +90,19 @@ def test_the_config_as_written_is_a_candidate_and_refinement_runs(pool_zoo, tmp_
     assert {"as written", "refine"} <= origins and result.rehearsed == 3
 
 
+def test_a_spent_time_budget_rehearses_nothing_and_still_plans(pool_zoo, tmp_path):
+    """`--max-seconds 0`: the geometry screen completes, no rehearsal starts, plan.yml is
+    written; the same pool with no budget rehearses."""
+    res = CliRunner().invoke(main, ["plan", str(write_pool(pool_zoo, tmp_path)), "--out",
+                                    str(tmp_path / "out"), "--max-seconds", "0", "--dtype",
+                                    "float32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    written = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert written["rehearsed"] == 0 and written["screened"] > 0
+    assert (tmp_path / "out" / "plan.yml").is_file()
+    assert plan(write_pool(pool_zoo, tmp_path, rehearsals=1), runtime=QUIET32).rehearsed == 1
+
+
 def test_cli_plan_and_the_card_says_how_the_config_was_chosen(pool_zoo, tmp_path):
     from mergekit.options import MergeOptions
 
