@@ -66,7 +66,10 @@ def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | N
                                        "predicted retention", "observed", "objective"]))
     s = result.summary
     click.echo(f"chosen: {result.finalists[0].method} of {', '.join(result.finalists[0].tasks)}"
-               + (f"; keep apart: {', '.join(s.kept_apart)}" if s.kept_apart else ""))
+               + (f"; keep apart: {', '.join(result.kept_apart)}" if result.kept_apart else ""))
+    for f in result.further:
+        click.echo(f"then: {f.finalist.method} of {', '.join(f.finalist.tasks)} ({f.file}; "
+                   f"{f.summary.why})")
     click.echo(f"why: {s.why}")
     click.echo(f"cost: screened {s.screened}, rehearsed {s.rehearsed}, "
                + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
@@ -74,4 +77,5 @@ def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | N
         click.echo(f"a merge-and-evaluate search: {result.labelled_search_seconds:.0f} s "
                    f"({result.labelled_search_basis})")
     if out_dir:
-        click.echo(f"wrote {out_dir}/plan.yml, plan.json, plan.md", err=True)
+        more = "".join(f", {f.file}" for f in result.further)
+        click.echo(f"wrote {out_dir}/plan.yml{more}, plan.json, plan.md", err=True)

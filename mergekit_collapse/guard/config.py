@@ -113,6 +113,10 @@ class PlanSpace(_Strict):
         "most candidates rehearsed, refinement included (0: rank by the geometry alone)"))
     refine: int = Field(default=3, ge=0, description=(
         "of those, rehearsals spent refining the best candidate's weights with optuna's TPE"))
+    max_merges: int = Field(default=1, ge=1, description=(
+        "at most this many merges: when the best merge keeps tasks apart, the next merge is "
+        "planned over those (greedily, with the rehearsals left) and kept when it is predicted "
+        "to keep two of its tasks or more"))
     seconds: float | None = Field(default=None, ge=0, description=(
         "time budget: no rehearsal starts once the plan has run this long (the geometry screen "
         "always completes; the best judged so far wins)"))
@@ -143,7 +147,10 @@ class PlanSummary(_Strict):
     predicted: dict[str, float] = Field(default_factory=dict, description=(
         "expected retention per task (at its rehearsal agreement; else the geometry's proxy)"))
     kept_apart: list[str] = Field(default_factory=list, description=(
-        "tasks of the pool this merge leaves out (serve their fine-tunes as they are)"))
+        "tasks of the pool this merge leaves out (another merge of the plan, or served as their "
+        "fine-tunes)"))
+    other_merges: list[str] = Field(default_factory=list, description=(
+        "the plan's other merges (guard.plan.max_merges > 1): their files and tasks"))
     seconds: float = Field(description="the planner's wall time")
 
 

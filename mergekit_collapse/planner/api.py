@@ -4,6 +4,7 @@ labels; writes plan.yml (the chosen config, with `guard.planned`), plan.json and
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,14 @@ from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse._version import __version__
 from mergekit_collapse.errors import BadInputError
 from mergekit_collapse.guard.config import PlanObjective, PlanSummary, check_writable, parse_config
-from mergekit_collapse.planner.search import Judged, check_floor, own_candidate, search
+from mergekit_collapse.planner.search import (
+    Judged,
+    check_floor,
+    expected_retention,
+    objective,
+    own_candidate,
+    search,
+)
 from mergekit_collapse.planner.space import (
     Candidate,
     Pool,
@@ -22,6 +30,7 @@ from mergekit_collapse.planner.space import (
     candidates,
     check_space,
     load_pool,
+    sub_pool,
 )
 from mergekit_collapse.runtime import Runtime
 
@@ -53,6 +62,14 @@ class Finalist(BaseModel):
     verify_seconds: dict[str, float] = Field(default_factory=dict)
 
 
+class FurtherMerge(BaseModel):
+    """A further merge of a partition (`guard.plan.max_merges` > 1), written as plan-<n>.yml."""
+
+    file: str
+    summary: PlanSummary
+    finalist: Finalist
+
+
 class PlanResult(BaseModel):
     """plan.json: the search, its cost and the ranked finalists."""
 
@@ -70,9 +87,11 @@ class PlanResult(BaseModel):
         "what merging and lm-evaluating the rehearsed candidates would have cost (measured per "
         "merge with --verify; else the merges alone, a lower bound)"))
     labelled_search_basis: str
-    kept_apart: list[str]
+    kept_apart: list[str] = Field(description="tasks in none of the plan's merges")
     summary: PlanSummary
     finalists: list[Finalist]
+    further: list[FurtherMerge] = Field(default_factory=list, description=(
+        "the partition's other merges, in the order they were planned"))
 
 
 def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
@@ -153,31 +172,78 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     rule, floor_ = p.space.objective, check_floor(p.space.floor)
     cands, rejected, own = _candidates(p, names)
     rt = runtime or Runtime()
+    deadline = t0 + (p.space.seconds if p.space.seconds is not None else float("inf"))
     run = run_guard(p.cfg, runtime=rt,
                     rehearse="off" if own is None or p.space.rehearsals == 0 else "on")
     settings = extraction_settings(p.cfg, rt)
     seconds = {"hidden states": round(time.perf_counter() - t0, 2)}
     ranked, stage = search(p, run, cands, rule=rule, floor=floor_, rehearsals=p.space.rehearsals,
                            refine_trials=p.space.refine, own=own, settings=settings,
-                           cache_dir=rt.cache_dir, progress=rt.progress,
-                           deadline=t0 + (p.space.seconds if p.space.seconds is not None
-                                          else float("inf")))
+                           cache_dir=rt.cache_dir, progress=rt.progress, deadline=deadline)
     seconds |= {k: round(v, 2) for k, v in stage.items()}
     _add_own_rehearsal(seconds, own, run.report)
-    best = ranked[0]
     rehearsed = [j for j in ranked if j.rehearsal is not None]
     finalists = rehearsed or ranked[:10]
     if verify:
         _verify(p, finalists[:verify], Path(out) if out else None, verify_limit, rt.dtype,
                 rt.progress)
+    further = _partition(p, run, names, ranked, len(rehearsed), settings, rt, deadline)
     seconds["total"] = round(time.perf_counter() - t0, 2)
     summary = _summary(p, names, cands, own, ranked, rule, floor_, len(rehearsed),
                        seconds["total"])
     result = _plan_result(str(pool), p, names, rejected, seconds, summary, finalists,
-                          finalists[:verify] if verify else rehearsed)
+                          finalists[:verify] if verify else rehearsed, [f for *_, f in further])
     if out is not None:
-        write_plan(result, p, best, Path(out))
+        write_plan(result, p, ranked[0], Path(out), [(sub, j) for sub, j, _ in further])
     return result
+
+
+def _partition(p: Pool, run: Any, names: list[str], ranked: list[Judged], rehearsed: int,
+               settings: Any, rt: Runtime,
+               deadline: float) -> list[tuple[Pool, Judged, FurtherMerge]]:
+    """Up to `max_merges` − 1 further merges, greedily: each searches the tasks the merges so
+    far leave apart, with the rehearsals left (those already made on such candidates count), and
+    is kept when it is predicted to keep two of its tasks or more above the floor (a merge that
+    keeps fewer saves no model to serve)."""
+    sp, out, floor = p.space, [], check_floor(p.space.floor)
+    left = max(sp.rehearsals - rehearsed, 0)
+    apart = tuple(i for i in range(len(p.tasks)) if i not in ranked[0].candidate.members)
+    while len(out) + 1 < sp.max_merges and len(apart) >= max(2, sp.min_models):
+        sub = sub_pool(p, apart)
+        cands, _ = candidates(sub, names)
+        if not cands:
+            break
+        found, _ = search(sub, run, cands, rule=sp.objective, floor=floor, rehearsals=left,
+                          refine_trials=min(sp.refine, left), own=None, settings=settings,
+                          cache_dir=rt.cache_dir, progress=rt.progress, deadline=deadline)
+        left = max(left - sum(j.rehearsal is not None for j in found), 0)
+        judged = [j for j in [*_carried(p, sub, ranked, floor), *found] if j.rehearsal is not None]
+        nxt = max(judged, key=lambda j: j.value) if judged else found[0]
+        score = nxt.rehearsal if nxt.rehearsal is not None else nxt.screen.proxy
+        if sum(v > floor for v in score.values()) < 2:
+            break
+        summary = _summary(sub, names, cands, None, [nxt, *found], sp.objective, floor,
+                           len(judged), 0.0)
+        out.append((sub, nxt, FurtherMerge(file=f"plan-{len(out) + 2}.yml", summary=summary,
+                                           finalist=_finalist(sub, 1, nxt))))
+        apart = tuple(i for i in apart if p.refs[i] not in
+                      {sub.refs[k] for k in nxt.candidate.members})
+    return out
+
+
+def _carried(p: Pool, sub: Pool, ranked: list[Judged], floor: float) -> list[Judged]:
+    """The rehearsals of `p`'s search whose candidates lie inside `sub`: re-indexed on `sub` and
+    re-scored on its tasks."""
+    out = []
+    for j in ranked:
+        refs = [p.refs[i] for i in j.candidate.members]
+        if j.rehearsal is None or not set(refs) <= set(sub.refs):
+            continue
+        c = replace(j.candidate, members=tuple(sub.refs.index(r) for r in refs))
+        out.append(replace(j, candidate=c, value=objective(
+            j.rehearsal, sub.tasks, sub.space.objective, floor, j.token_agreement,
+            expected_retention(j.rehearsal))))
+    return out
 
 
 def _override_space(p: Pool, objective: PlanObjective | None, floor: float | None,
@@ -241,13 +307,19 @@ def _summary(p: Pool, names: list[str], cands: list[Candidate], own: Candidate |
 
 def _plan_result(pool: str, p: Pool, names: list[str], rejected: dict[str, str],
                  seconds: dict[str, float], summary: PlanSummary, finalists: list[Judged],
-                 measured: list[Judged]) -> PlanResult:
-    """plan.json: the search, what a labelled search would have cost, the ranked finalists."""
+                 measured: list[Judged], further: list[FurtherMerge]) -> PlanResult:
+    """plan.json: the search, what a labelled search would have cost, the ranked finalists and
+    the partition's further merges (named in the summary too)."""
     cost, basis = _labelled_cost(measured, summary.rehearsed or summary.screened)
+    summary.other_merges = [f"{f.file}: {f.finalist.method} of {', '.join(f.finalist.tasks)}"
+                            for f in further]
+    merged = ({p.tasks[i] for i in finalists[0].candidate.members}
+              | {t for f in further for t in f.finalist.tasks})
     return PlanResult(pool=pool, tasks=p.tasks, objective=summary.objective, floor=summary.floor,
                       methods=names, rejected_methods=rejected, screened=summary.screened,
                       rehearsed=summary.rehearsed, seconds=seconds, labelled_search_seconds=cost,
-                      labelled_search_basis=basis, kept_apart=summary.kept_apart, summary=summary,
+                      labelled_search_basis=basis, summary=summary, further=further,
+                      kept_apart=[t for t in p.tasks if t not in merged],
                       finalists=[_finalist(p, i + 1, j) for i, j in enumerate(finalists)])
 
 
@@ -273,15 +345,21 @@ def chosen_config(pool: Pool, best: Judged, summary: PlanSummary) -> dict[str, A
     return raw
 
 
-def write_plan(result: PlanResult, pool: Pool, best: Judged, out: Path) -> dict[str, Path]:
+def write_plan(result: PlanResult, pool: Pool, best: Judged, out: Path,
+               further: list[tuple[Pool, Judged]] = ()) -> dict[str, Path]:
     """Write plan.yml (validated by our parser, i.e. mergekit's own schema and method rules),
-    plan.json and plan.md into `out`."""
+    plan-2.yml, ... (the partition's further merges), plan.json and plan.md into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    raw = chosen_config(pool, best, result.summary)
-    text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
-    parse_config(text, (out / "plan.yml").resolve())  # what mergekit-yaml --guard will read
+    configs = {"plan.yml": chosen_config(pool, best, result.summary)}
+    for (sub, j), f in zip(further, result.further, strict=True):
+        configs[f.file] = chosen_config(sub, j, f.summary)
+    texts = {name: yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+             for name, raw in configs.items()}
+    for name, text in texts.items():
+        parse_config(text, (out / name).resolve())  # what mergekit-yaml --guard will read
     paths = {"yml": out / "plan.yml", "json": out / "plan.json", "md": out / "plan.md"}
-    atomic_write_text(paths["yml"], text)
+    for name, text in texts.items():
+        atomic_write_text(out / name, text)
     atomic_write_text(paths["json"], result.model_dump_json(indent=2) + "\n")
     atomic_write_text(paths["md"], markdown(result))
     return paths
@@ -298,6 +376,8 @@ def markdown(result: PlanResult) -> str:
     s = result.summary
     lines = [f"# Merge plan for `{Path(result.pool).name}`", "",
              f"**Chosen**: {result.finalists[0].method} of {', '.join(result.finalists[0].tasks)}"
+             + "".join(f"; then {f.finalist.method} of {', '.join(f.finalist.tasks)} ({f.file})"
+                       for f in result.further)
              + (f"; keep apart: {', '.join(result.kept_apart)}" if result.kept_apart else ""), "",
              f"- objective: {s.objective} (floor {s.floor:g}); {s.why}",
              f"- search space: {s.space}",

@@ -250,8 +250,7 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     bar.close()
     done.sort(key=lambda j: -j.value)
     keys = {j.candidate.key() for j in done}
-    rest = [j for j in judged if j.candidate.key() not in keys]
-    return done + rest, seconds
+    return done + [j for j in judged if j.candidate.key() not in keys], seconds
 
 
 def _screen(geo: Geometry, cands: list[Candidate], tasks: list[str], rule: str,

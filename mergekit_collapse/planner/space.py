@@ -174,6 +174,15 @@ def uses_base(name: str) -> bool:
     return known_method(name).spec.contract.base.value != "ignored"
 
 
+def sub_pool(pool: Pool, members: tuple[int, ...]) -> Pool:
+    """The pool of some of `pool`'s models (a further merge of a partition): the same search
+    space but for `must_include`, which binds the first merge only."""
+    raw = candidate_raw(pool, Candidate(members, "linear", None, None))
+    raw["guard"]["plan"] = pool.space.model_dump(mode="json") | {"must_include": []}
+    cfg = parse_config(yaml.safe_dump(raw, sort_keys=False), pool.cfg.path)
+    return pool_of(cfg, own=False, raw=raw)
+
+
 def candidate_raw(pool: Pool, c: Candidate) -> dict[str, Any]:
     """The mergekit YAML mapping of a candidate, with its `guard:` section (tasks of its
     members)."""

@@ -15,7 +15,8 @@ from mergekit_collapse import plan
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import BadInputError, ConfigError
 
-PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green"]
+PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green",
+          "blue sky", "five six seven"]
 NAMES = ("near1", "near2", "far")
 
 
@@ -67,6 +68,31 @@ def test_drops_the_outlier_and_writes_a_config_mergekit_merges(pool_zoo, tmp_pat
     saved = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert saved["finalists"][0]["tasks"] == best.tasks and "keep apart: far" in \
         (tmp_path / "out" / "plan.md").read_text()
+
+
+def test_two_merges_when_one_keeps_tasks_apart(pool_zoo, tmp_path):
+    """Two pairs far from each other (each model with a close twin): one merge keeps one pair;
+    with `max_merges: 2` the plan adds a merge of the other pair, plan-2.yml, which mergekit
+    accepts; with the default (one merge) the other pair is kept apart."""
+    from mergekit.config import MergeConfiguration
+
+    zoo = {**pool_zoo, **{f"{n}_twin": make_finetune(pool_zoo[n], tmp_path / f"{n}_twin", seed=4,
+                                                     scale=0.0001) for n in ("near1", "far")}}
+    names = ("near1", "near1_twin", "far", "far_twin")
+    result = plan(write_pool(zoo, tmp_path, names=names, rehearsals=12, max_merges=2),
+                  out=tmp_path / "out", runtime=QUIET32)
+    first, (second,) = result.finalists[0], result.further
+    assert sorted([sorted(first.tasks), sorted(second.finalist.tasks)]) == [
+        ["far", "far_twin"], ["near1", "near1_twin"]]
+    assert result.kept_apart == [] and second.file == "plan-2.yml"
+    raw = yaml.safe_load((tmp_path / "out" / "plan-2.yml").read_text())
+    MergeConfiguration.model_validate({k: v for k, v in raw.items() if k != "guard"})
+    planned = yaml.safe_load((tmp_path / "out" / "plan.yml").read_text())["guard"]["planned"]
+    assert planned["other_merges"] == [f"plan-2.yml: {second.finalist.method} of "
+                                       f"{', '.join(second.finalist.tasks)}"]
+    assert "then " in (tmp_path / "out" / "plan.md").read_text()
+    one = plan(write_pool(zoo, tmp_path, names=names, rehearsals=12), runtime=QUIET32)
+    assert one.further == [] and len(one.kept_apart) == 2
 
 
 def test_must_include_keeps_the_outlier(pool_zoo, tmp_path):
