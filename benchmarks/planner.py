@@ -41,10 +41,10 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def records() -> dict[tuple[str, frozenset[str]], dict[str, float]]:
+def records(path: Path = RECORDS) -> dict[tuple[str, frozenset[str]], dict[str, float]]:
     """Measured retention (1 + loss/100) by task, per (method, task set)."""
     out: dict[tuple[str, frozenset[str]], dict[str, float]] = {}
-    for line in RECORDS.read_text().splitlines():
+    for line in path.read_text().splitlines():
         r = json.loads(line)
         if r["loss"] is None:
             continue
@@ -205,7 +205,7 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     from mergekit_collapse.guard.assess import run_guard
     from mergekit_collapse.planner.api import plan
     from mergekit_collapse.planner.search import check_floor
-    from mergekit_collapse.planner.space import load_pool
+    from mergekit_collapse.planner.space import Candidate, load_pool
 
     work = args.work / f"pool{i}"
     work.mkdir(parents=True, exist_ok=True)
@@ -221,8 +221,6 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
                       "rehearsed": result.rehearsed, "screened": result.screened,
                       "seconds": result.seconds}
     pool = load_pool(path)
-    from mergekit_collapse.planner.space import Candidate
-
     f = result.finalists[0]
     pick = Candidate(tuple(pool.tasks.index(t) for t in f.tasks), f.method,
                      tuple(f.weights) if f.weights else None, f.density)
@@ -239,6 +237,12 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     row["uniform"] = {m: score(measured[(m, frozenset(tasks))], tasks)
                       for m in ("linear", "task_arithmetic", "ties")
                       if (m, frozenset(tasks)) in measured}
+    if args.measure_uniform:  # the all-in merges the records lack, merged and scored now
+        for m in set(args.methods.split(",")) - set(row["uniform"]):
+            c = Candidate(tuple(range(len(tasks))), m, (1.0,) * len(tasks),
+                          0.5 if m in ("ties", "dare_ties") else None)
+            ret, _ = evaluate(pool, c, work / "merges" / f"uniform-{m}", args)
+            row["uniform"][m] = score(ret, tasks) | {"measured_now": True}
     inside = [(k, score(v, tasks)) for k, v in measured.items() if k[1] <= pool_set]
     (m, group), best = max(inside, key=lambda kv: (kv[1]["mean"], kv[1]["kept"]))
     row["oracle"] = {"name": f"{m}: {'+'.join(sorted(group))}", "candidates": len(inside), **best}
@@ -295,7 +299,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| | random search ({p['rehearsed']} rehearsals) | {q['name']} | "
                    f"{q['mean']:.3f} | {q['kept']} | {q['seconds']:.0f} | {q['load']} |")
         for m, s in r["uniform"].items():
-            out.append(f"| | uniform all-in (records) | {m} | {s['mean']:.3f} | "
+            where = "measured now" if s.get("measured_now") else "records"
+            out.append(f"| | uniform all-in ({where}) | {m} | {s['mean']:.3f} | "
                        f"{s['kept']} | — | — |")
         o = r["oracle"]
         out.append(f"| | oracle: best of {o['candidates']} measured (records) | {o['name']} | "
@@ -333,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "planner.json")
+    p.add_argument("--records", type=Path, default=RECORDS,
+                   help="the validity run's records (the uniform merges and the oracle)")
+    p.add_argument("--measure-uniform", action="store_true",
+                   help="merge and score the all-in merges the records lack")
     p.add_argument("--labelled", type=Path, default=None, metavar="OUT_JSON",
                    help="run the labelled CMA-ES search on the pools of --out (planner.json) and "
                         "write it here")
@@ -355,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             args.labelled.write_text(json.dumps(done, indent=2) + "\n")
             print(labelled_table(done), flush=True)
         return 0
-    measured = records()
+    measured = records(args.records)
     rows = []
     for i, pool in enumerate(args.pools.split(",")):
         rows.append(one_pool(args.zoo.resolve(), pool.split("+"), i, args, measured))
