@@ -9,6 +9,9 @@ as retention 0 (it is not in the merged model); a task is kept when its retentio
 above −30 %, the validity run's collapse threshold).
 
     python benchmarks/planner.py --zoo /tmp/zoo --out benchmarks/results/planner.json
+    pip install -e '.[bench]'   # cma, for the labelled search:
+    python benchmarks/planner.py --zoo /tmp/zoo --out benchmarks/results/planner.json \
+        --labelled benchmarks/results/planner-labelled.json
 """
 
 from __future__ import annotations
