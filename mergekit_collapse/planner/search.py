@@ -87,15 +87,19 @@ def objective(per_task: dict[str, float], tasks: list[str], rule: str, floor: fl
 
 
 def pick_for_rehearsal(ranked: list[Judged], n: int, pool_size: int) -> list[Judged]:
-    """`n` candidates from the screen's ranking: the best all-in merge first (the baseline a plan
-    must beat), then alternately the best with a subset and the best with a method not picked yet
-    (the geometry ranks subsets far better than methods)."""
+    """`n` candidates from the screen's ranking: first the all-in merge of each method (the
+    baselines a plan must beat; the screen's best of each, best first, at most n − 1 of them so
+    that a subset is tried too), then alternately the best with a subset and the best with a
+    method not picked yet (the geometry ranks subsets far better than methods)."""
     picked: list[Judged] = []
     keys: set[tuple] = set()
-    all_in = next((j for j in ranked if len(j.candidate.members) == pool_size), None)
-    if all_in is not None and n > 0:
-        picked.append(all_in)
-        keys.add(all_in.candidate.key())
+    all_in: dict[str, Judged] = {}
+    for j in ranked:
+        if len(j.candidate.members) == pool_size:
+            all_in.setdefault(j.candidate.method, j)
+    for j in list(all_in.values())[:max(n - 1, 1) if n > 0 else 0]:
+        picked.append(j)
+        keys.add(j.candidate.key())
     for turn in range(n - len(picked)):
         seen = {j.candidate.members for j in picked} if turn % 2 == 0 else \
             {j.candidate.method for j in picked}
