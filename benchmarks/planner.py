@@ -17,6 +17,7 @@ above −30 %, the validity run's collapse threshold).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -93,7 +94,7 @@ def evaluate_raw(raw: dict[str, Any], folder: Path, args: argparse.Namespace,
 
     t0 = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    scored = json.loads(json.dumps(raw))
+    scored = copy.deepcopy(raw)
     for ref, yaml_path in (evals or {}).items():
         scored["guard"]["tasks"][ref]["eval"] = yaml_path
     text = yaml.safe_dump(scored, sort_keys=False)
@@ -173,7 +174,7 @@ def labelled_search(pool: Any, tasks: list[str], zoo: Path, work: Path, wall: fl
         for x in xs:
             w = [round(abs(float(v)), 4) for v in x[:n]]
             d = [round(min(max(abs(float(v)), 0.0), 1.0), 4) for v in x[n:]]
-            raw = json.loads(json.dumps(base_raw))
+            raw = copy.deepcopy(base_raw)
             for m, wi, di in zip(raw["models"], w, d, strict=True):
                 m["parameters"] = {"weight": wi, "density": di}
             folder = work / "merges" / f"cma-{len(history)}"

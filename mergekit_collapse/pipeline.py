@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from mergekit_collapse._constants import REPORT_DIR, cache_root
 from mergekit_collapse._io import atomic_write_text
 from mergekit_collapse.errors import ModelNotFoundError
-from mergekit_collapse.merge import merge_runtime
 from mergekit_collapse.publish.eval_results import EVAL_RESULTS_DIR
 
 if TYPE_CHECKING:
@@ -125,6 +124,8 @@ def run_pipeline(config: str | Path, out: str | Path, *, merge_options: Any = No
         BadInputError: bad config or inputs. GuardStoppedError: the guard stopped the merge.
         HubError: the push failed (nothing half-pushed).
     """
+    from mergekit_collapse.merge import merge_runtime
+
     out, config = Path(out), Path(config)
     result = PipelineResult(out=out)
     state = StageState(out)

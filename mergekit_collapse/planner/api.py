@@ -187,7 +187,7 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     if verify:
         _verify(p, finalists[:verify], Path(out) if out else None, verify_limit, rt.dtype,
                 rt.progress)
-    further = _partition(p, run, names, ranked, len(rehearsed), settings, rt, deadline)
+    further = _partition(p, run, names, ranked, len(rehearsed), floor_, settings, rt, deadline)
     seconds["total"] = round(time.perf_counter() - t0, 2)
     summary = _summary(p, names, cands, own, ranked, rule, floor_, len(rehearsed),
                        seconds["total"])
@@ -199,13 +199,13 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
 
 
 def _partition(p: Pool, run: Any, names: list[str], ranked: list[Judged], rehearsed: int,
-               settings: Any, rt: Runtime,
+               floor: float, settings: Any, rt: Runtime,
                deadline: float) -> list[tuple[Pool, Judged, FurtherMerge]]:
     """Up to `max_merges` − 1 further merges, greedily: each searches the tasks the merges so
     far leave apart, with the rehearsals left (those already made on such candidates count), and
     is kept when it is predicted to keep two of its tasks or more above the floor (a merge that
     keeps fewer saves no model to serve)."""
-    sp, out, floor = p.space, [], check_floor(p.space.floor)
+    sp, out = p.space, []
     left = max(sp.rehearsals - rehearsed, 0)
     apart = tuple(i for i in range(len(p.tasks)) if i not in ranked[0].candidate.members)
     while len(out) + 1 < sp.max_merges and len(apart) >= max(2, sp.min_models):
