@@ -197,6 +197,20 @@ def labelled_search(pool: Any, tasks: list[str], zoo: Path, work: Path, wall: fl
             "popsize": args.cma_popsize}
 
 
+def random_pools(zoo: Path, n: int, sizes: str, seed: int) -> list[str]:
+    """`n` distinct random task sets of the zoo's trained tasks, of sizes in `LO-HI` (seeded)."""
+    from mergekit_collapse.demo.zoo import TASKS
+
+    tasks = [t for t in TASKS if (zoo / "adapters" / t).is_dir()]
+    lo, hi = (int(x) for x in sizes.split("-"))
+    rng, out = random.Random(f"pools:{seed}"), []
+    while len(out) < n:
+        pick = "+".join(sorted(rng.sample(tasks, rng.randint(lo, min(hi, len(tasks))))))
+        if pick not in out:
+            out.append(pick)
+    return out
+
+
 def describe(pool: Any, c: Any) -> str:
     w = ("" if c.weights is None or c.method == "linear"
          else " w" + "/".join(f"{x:g}" for x in c.weights))
@@ -227,7 +241,8 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     pool = load_pool(path)
     f = result.finalists[0]
     pick = Candidate(tuple(pool.tasks.index(t) for t in f.tasks), f.method,
-                     tuple(f.weights) if f.weights else None, f.density)
+                     tuple(f.weights) if f.weights else None, f.density,
+                     ramp=tuple(f.ramp) if f.ramp else None)
     ret, sec = evaluate(pool, pick, work / "merges" / "planner", args)
     row["planner"] |= {"observed": ret, "eval_seconds": round(sec, 1), "name": describe(pool, pick),
                        **score(ret, tasks)}
@@ -333,7 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoo", type=Path, default=Path("/tmp/zoo"),
                    help="the exported zoo (exported if absent)")
     p.add_argument("--work", type=Path, default=Path("/tmp/planner-bench"))
-    p.add_argument("--pools", default=",".join(POOLS), help="comma-separated task sets (a+b+c)")
+    p.add_argument("--pools", default=",".join(POOLS),
+                   help="comma-separated task sets (a+b+c); '' for none")
+    p.add_argument("--random-pools", type=int, default=0, metavar="N",
+                   help="also N random task sets of the zoo (seeded by --seed)")
+    p.add_argument("--pool-sizes", default="4-8", metavar="LO-HI",
+                   help="sizes of the random task sets")
     p.add_argument("--methods", default="linear,task_arithmetic,ties")
     p.add_argument("--rehearsals", type=int, default=6)
     p.add_argument("--refine", type=int, default=2)
@@ -370,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     measured = records(args.records)
     rows = []
-    for i, pool in enumerate(args.pools.split(",")):
+    pools = args.pools.split(",") if args.pools else []
+    if args.random_pools:
+        pools += random_pools(args.zoo, args.random_pools, args.pool_sizes, args.seed)
+    for i, pool in enumerate(pools):
         rows.append(one_pool(args.zoo.resolve(), pool.split("+"), i, args, measured))
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
         print(table(rows), flush=True)

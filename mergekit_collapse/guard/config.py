@@ -106,6 +106,11 @@ class PlanSpace(_Strict):
         "grid of the per-model `weight` (one value for every model of a candidate)"))
     densities: list[float] = Field(default_factory=lambda: [0.5], min_length=1, description=(
         "grid of `density` for the methods that take one (TIES, DARE, DELLA, breadcrumbs)"))
+    ramps: list[list[float]] = Field(default_factory=list, description=(
+        "per-layer ramps of the weights, each a list of factors from the first layer to the last "
+        "(e.g. [0.5, 1.0]): a candidate's weight w is written as mergekit's gradient "
+        "[w·0.5, w·1.0], interpolated over the layers; tried beside the flat weights for the "
+        "methods whose weights are not normalised (a common ramp changes nothing under linear)"))
     must_include: list[str] = Field(default_factory=list, description=(
         "model references (as written under models:) every candidate keeps"))
     min_models: int = Field(default=2, ge=2, description="fewest models a candidate merges")
@@ -133,6 +138,14 @@ class PlanSpace(_Strict):
         if any(not (v > 0) or v != v or v == float("inf") for v in values):
             raise ValueError("every grid value must be a finite number > 0")
         return values
+
+    @field_validator("ramps")
+    @classmethod
+    def _ramps(cls, ramps: list[list[float]]) -> list[list[float]]:
+        for r in ramps:
+            if len(r) < 2 or any(not (v >= 0) or v == float("inf") for v in r) or not any(r):
+                raise ValueError(f"ramp {r}: give two or more finite factors >= 0, not all 0")
+        return ramps
 
 
 class PlanSummary(_Strict):

@@ -47,6 +47,8 @@ class Finalist(BaseModel):
     models: list[str]
     tasks: list[str]
     weights: list[float] | None
+    ramp: list[float] | None = Field(default=None, description=(
+        "per-layer factors of the weights (mergekit's gradient: weight × each factor)"))
     density: float | None
     relative_distortion: dict[str, float] = Field(description="the geometry screen, by task")
     proxy: dict[str, float] = Field(description="the screen's retention proxy, by task")
@@ -99,7 +101,8 @@ def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
     return Finalist(rank=rank, origin=c.origin, method=c.method,
                     models=[pool.refs[i] for i in c.members],
                     tasks=[pool.tasks[i] for i in c.members],
-                    weights=list(c.weights) if c.weights is not None else None, density=c.density,
+                    weights=list(c.weights) if c.weights is not None else None,
+                    ramp=list(c.ramp) if c.ramp else None, density=c.density,
                     relative_distortion=j.screen.relative_distortion, proxy=j.screen.proxy,
                     rehearsal=j.rehearsal, token_agreement=j.token_agreement,
                     expected_retention={t: round(v, 3) for t, v in j.predicted.items()},
@@ -132,8 +135,9 @@ def _space(pool: Pool, methods: list[str], n_subsets: int) -> str:
     sp = pool.space
     must = f", must include {', '.join(sp.must_include)}" if sp.must_include else ""
     return (f"{n_subsets} subsets of {len(pool.refs)} models (≥ {sp.min_models}{must}) × "
-            f"{len(methods)} methods ({', '.join(methods)}) × weights {sp.weights} × densities "
-            f"{sp.densities}")
+            f"{len(methods)} methods ({', '.join(methods)}) × weights {sp.weights}"
+            + (f" (flat and ramped {sp.ramps})" if sp.ramps else "")
+            + f" × densities {sp.densities}")
 
 
 def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObjective | None = None,
@@ -394,6 +398,7 @@ def markdown(result: PlanResult) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in result.finalists:
         w = "/".join(f"{x:g}" for x in f.weights) if f.weights else "—"
+        w += f" × ramp {'→'.join(f'{x:g}' for x in f.ramp)}" if f.ramp else ""
         lines.append(f"| {f.rank} | {f.origin} | {f.method} | {', '.join(f.tasks)} | {w} | "
                      f"{'—' if f.density is None else f'{f.density:g}'} | "
                      f"{_cell(f.relative_distortion, f.tasks)} | {_cell(f.rehearsal, f.tasks)} | "

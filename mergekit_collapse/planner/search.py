@@ -179,7 +179,7 @@ def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, s
                          tuple(round(trial.params[f"w{j}"], 3) for j in range(len(c.members)))
                          if "w0" in dist else c.weights,
                          round(trial.params["density"], 3) if "density" in dist else c.density,
-                         origin="refine", globals=c.globals)
+                         origin="refine", globals=c.globals, ramp=c.ramp)
         label = f"refine {_describe(cand)}"
         progress.start(label)
         j = judge(cand)
@@ -191,6 +191,7 @@ def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, s
 
 def _describe(c: Candidate) -> str:
     w = "" if c.weights is None else " w " + "/".join(f"{x:g}" for x in c.weights)
+    w += "" if c.ramp is None else " ramp " + "→".join(f"{x:g}" for x in c.ramp)
     d = "" if c.density is None else f" d {c.density:g}"
     return f"{c.method} [{','.join(map(str, c.members))}]{w}{d}"
 
@@ -287,6 +288,9 @@ def _judge_own(own: Candidate | None, report: Any, score: str, geo: Geometry, ta
     return done
 
 
+Ramp = tuple[float, ...]
+
+
 def own_candidate(pool: Pool) -> Candidate | None:
     """The pool's config as written, as a candidate (None when it names no method, or when its
     parameters are not one weight and density per model)."""
@@ -304,15 +308,29 @@ def own_candidate(pool: Pool) -> Candidate | None:
                         and isinstance(v, (int, float, bool))))
     if len(kept) < len(top) - len({"weight", "density"} & set(top)):
         return None  # a global parameter that is not a number (a gradient, conditions)
-    w = [scalar(params[m].get("weight", top.get("weight"))) for m in pool.cfg.models]
+    written = [params[m].get("weight", top.get("weight")) for m in pool.cfg.models]
+    weights, ramp = None, None
+    if "weight" in method_parameters(merge.merge_method) and None not in written:
+        if (parsed := _written_weights(written)) is None:
+            return None  # conditions, or gradients that are not one ramp
+        weights, ramp = parsed
     d = {scalar(params[m].get("density", top.get("density"))) for m in pool.cfg.models}
     if len(d) > 1 or (d != {None} and not sparsifies(merge.merge_method)):
         return None
-    c = Candidate(members, merge.merge_method,
-                  tuple(w) if all(x is not None for x in w) and "weight" in
-                  method_parameters(merge.merge_method) else None, d.pop(), origin="as written",
-                  globals=kept)
+    c = Candidate(members, merge.merge_method, weights, d.pop(), origin="as written",
+                  globals=kept, ramp=ramp)
     return c if rejection(pool, c) is None else None
+
+
+def _written_weights(values: list[Any]) -> tuple[tuple[float, ...], Ramp | None] | None:
+    """(weights, ramp) of the members' `weight` values as written: numbers, or one gradient that
+    every member shares; None for anything else (conditions, different gradients)."""
+    if all(isinstance(v, (int, float)) for v in values):
+        return tuple(float(v) for v in values), None
+    if all(isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)
+           for v in values) and len({tuple(v) for v in values}) == 1:
+        return (1.0,) * len(values), tuple(float(x) for x in values[0])
+    return None
 
 
 def check_floor(floor: float | None) -> float:

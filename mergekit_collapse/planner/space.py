@@ -45,11 +45,18 @@ class Candidate:
     density: float | None = None
     origin: str = "grid"  # grid | as written | refine
     globals: tuple[tuple[str, Any], ...] = ()  # top-level `parameters:` (the config as written)
+    ramp: tuple[float, ...] | None = None  # per-layer factors of every weight (a gradient)
 
     def key(self) -> tuple:
         w = tuple(round(x, 4) for x in self.weights) if self.weights is not None else None
         return (self.members, self.method, w,
-                None if self.density is None else round(self.density, 4), self.globals)
+                None if self.density is None else round(self.density, 4), self.globals,
+                self.ramp)
+
+    def weight(self, j: int) -> float | list[float]:
+        """Member j's `weight` as mergekit reads it: a number, or a gradient over the layers."""
+        w = float(self.weights[j]) if self.weights is not None else 1.0
+        return [round(w * f, 6) for f in self.ramp] if self.ramp else w
 
 
 @dataclass
@@ -191,7 +198,7 @@ def candidate_raw(pool: Pool, c: Candidate) -> dict[str, Any]:
     for j, i in enumerate(c.members):
         p: dict[str, Any] = {}
         if "weight" in params:
-            p["weight"] = float(c.weights[j]) if c.weights is not None else 1.0
+            p["weight"] = c.weight(j)
         if sparsifies(c.method) and c.density is not None:
             p["density"] = float(c.density)
         models.append({"model": pool.refs[i], **({"parameters": p} if p else {})})
@@ -264,7 +271,8 @@ def subsets(n: int, must: set[int], min_size: int) -> list[tuple[int, ...]]:
 
 
 def candidates(pool: Pool, methods: list[str]) -> tuple[list[Candidate], dict[str, str]]:
-    """The grid: subsets × methods × weights × densities, each accepted by mergekit's rules.
+    """The grid: subsets × methods × weights (flat, and each ramp where weights are not
+    normalised) × densities, each accepted by mergekit's rules.
 
     Returns:
         (candidates, {method: why mergekit rejects it} for methods no subset may use).
@@ -276,13 +284,16 @@ def candidates(pool: Pool, methods: list[str]) -> tuple[list[Candidate], dict[st
     for method in methods:
         params = method_parameters(method)
         weights = sorted(set(sp.weights)) if "weight" in params else [None]
+        ramps: list[tuple[float, ...] | None] = [None]
         if method == "linear" or ("normalize" in params and _default(method, "normalize")):
-            weights = weights[-1:]  # normalised: a common weight changes nothing
+            weights = weights[-1:]  # normalised: a common weight (or ramp) changes nothing
+        elif "weight" in params:
+            ramps += list(dict.fromkeys(tuple(r) for r in sp.ramps))
         densities = sorted(set(sp.densities)) if sparsifies(method) else [None]
         used = False
         for s in subs:
-            for w, d in itertools.product(weights, densities):
-                c = Candidate(s, method, None if w is None else (w,) * len(s), d)
+            for w, d, r in itertools.product(weights, densities, ramps):
+                c = Candidate(s, method, None if w is None else (w,) * len(s), d, ramp=r)
                 why = rejection(pool, c)
                 if why is None:
                     out.append(c)
@@ -322,7 +333,7 @@ class Geometry:
     def task_weights(self, c: Candidate) -> np.ndarray:
         """The candidate's task-space weights (`guard.weights.planned_weights`; uniform where the
         method has no linear weights)."""
-        key = (c.method, len(c.members), c.weights, c.density, c.globals)
+        key = (c.method, len(c.members), c.weights, c.density, c.globals, c.ramp)
         if key not in self._w:
             raw = candidate_raw(self.pool, c)
             cfg = LoadedConfig(path=None, source="", merge=merge_of(raw), guard=self.pool.cfg.guard,

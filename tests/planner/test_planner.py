@@ -95,6 +95,54 @@ def test_two_merges_when_one_keeps_tasks_apart(pool_zoo, tmp_path):
     assert one.further == [] and len(one.kept_apart) == 2
 
 
+def test_ramped_weights_are_mergekit_gradients_and_rehearsed(pool_zoo, tmp_path):
+    """`ramps: [[0, 1]]`: task arithmetic gets a ramped twin of each flat candidate (linear, whose
+    weights are normalised, does not), written as mergekit's gradient; mergekit merges it as a
+    ramp (the first layer stays the base's, the last moves by the full task vector) and the
+    rehearsal judges it like any candidate."""
+    import torch
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    from mergekit_collapse.merge import merge_config
+    from mergekit_collapse.planner.space import candidate_raw, candidates, load_pool
+
+    path = write_pool(pool_zoo, tmp_path, ramps=[[0.0, 1.0]], rehearsals=12)
+    pool = load_pool(path)
+    grid, _ = candidates(pool, ["linear", "task_arithmetic"])
+    ramped = [c for c in grid if c.ramp]
+    assert ramped and {c.method for c in ramped} == {"task_arithmetic"}
+    assert len(ramped) == len([c for c in grid if c.method == "task_arithmetic"]) // 2
+    one = next(c for c in ramped if len(c.members) == 2)
+    raw = candidate_raw(pool, one)
+    assert [m["parameters"]["weight"] for m in raw["models"]] == [[0.0, 1.0]] * 2
+    merge_config(raw, tmp_path / "merged", MergeOptions(quiet=True))
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    base = load_file(pool_zoo["base"] / "model.safetensors")
+    a, b = (load_file(pool_zoo[pool.tasks[i]] / "model.safetensors") for i in one.members)
+    first, last = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[first], base[first])
+    torch.testing.assert_close(merged[last], a[last] + b[last] - base[last])
+    result = plan(path, runtime=QUIET32)
+    assert any(f.ramp == [0.0, 1.0] and f.rehearsal is not None for f in result.finalists)
+
+
+def test_a_config_with_one_gradient_is_its_own_ramped_candidate(pool_zoo, tmp_path):
+    from mergekit_collapse.planner.search import own_candidate
+    from mergekit_collapse.planner.space import load_pool
+
+    path = write_pool(pool_zoo, tmp_path, method="task_arithmetic")
+    raw = yaml.safe_load(path.read_text())
+    for m in raw["models"]:
+        m["parameters"]["weight"] = [0.2, 0.8]
+    path.write_text(yaml.safe_dump(raw))
+    own = own_candidate(load_pool(path))
+    assert own is not None and own.ramp == (0.2, 0.8) and own.weights == (1.0, 1.0, 1.0)
+    raw["models"][0]["parameters"]["weight"] = [0.5, 0.5]  # not one shared ramp: not representable
+    path.write_text(yaml.safe_dump(raw))
+    assert own_candidate(load_pool(path)) is None
+
+
 def test_must_include_keeps_the_outlier(pool_zoo, tmp_path):
     result = plan(write_pool(pool_zoo, tmp_path, must_include=[str(pool_zoo["far"])]),
                   runtime=QUIET32, max_rehearsals=2)
