@@ -72,6 +72,11 @@ def ref(zoo: Path, task: str) -> str:
     return f"{base_dir(zoo)}+{zoo / 'adapters' / task}"
 
 
+def task_of(name: str) -> str:
+    """The task a zoo model is trained on: `date_iso@1`, another seed's adapter, is `date_iso`."""
+    return name.partition("@")[0]
+
+
 def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str = "mean",
                  layer: int = -1) -> dict[str, Any]:
     """The config as the guard sees it (always with the base, for the anchored predictors).
@@ -87,8 +92,9 @@ def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str 
         "models": [{"model": ref(zoo, t), "parameters": dict(spec["params"])} for t in tasks],
         "dtype": "float32",
         "guard": {"k": k, "pooling": pooling, "layer": layer, "tasks": {ref(zoo, t): {
-            "name": t, "probes": {"file": str(zoo / "tasks" / t / "test.jsonl"), "field": "prompt"},
-            "eval": str(zoo / "tasks" / f"zoo_{t}.yaml")} for t in tasks}},
+            "name": t, "probes": {"file": str(zoo / "tasks" / task_of(t) / "test.jsonl"),
+                                  "field": "prompt"},
+            "eval": str(zoo / "tasks" / f"zoo_{task_of(t)}.yaml")} for t in tasks}},
     }
     if spec["global"]:
         cfg["parameters"] = dict(spec["global"])
@@ -127,6 +133,27 @@ def experiments(tasks: list[str], n_groups: int, seed: int) -> list[tuple[str, t
     first += early
     rng.shuffle(first)
     return first + second[len(early):]
+
+
+#: the methods every soup (two seeds' adapters of one task) is merged with
+SOUP_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+
+
+def add_soups(zoo: Path, seed_dir: Path, tasks: list[str]) -> list[str]:
+    """Copy another seed's adapters (`python -m mergekit_collapse.demo.zoo.train --seed 1 --out
+    SEED_DIR`) into the zoo as `<task>@1`; their names."""
+    soups = []
+    for t in tasks:
+        if (seed_dir / t / "adapter_config.json").is_file():
+            shutil.copytree(seed_dir / t, zoo / "adapters" / f"{t}@1", dirs_exist_ok=True)
+            soups.append(f"{t}@1")
+    return soups
+
+
+def soup_experiments(soups: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """Model soups: each task's two seeds merged with every method (merges that rarely collapse:
+    the merge-level specificity needs them where task pairs nearly always collapse)."""
+    return [(m, (task_of(s), s)) for s in soups for m in SOUP_METHODS]
 
 
 def exp_id(method: str, group: tuple[str, ...]) -> str:
@@ -226,6 +253,8 @@ def standardised(work: Path, family: str, k: int, threshold: float) -> str:
     table = []
     for sub, pick in SIZE_SUBSETS:
         sel = [r for r in rows if pick(r) and r["loss"] is not None]
+        if not sel or (sub != "all" and len(sel) == len(rows)):
+            continue
         y = np.array([r["loss"] < threshold for r in sel])
         raw = np.array([r["relative_distortion"] if r["relative_distortion"] is not None
                         else np.nan for r in sel], dtype=float)
@@ -266,7 +295,13 @@ def run(args: argparse.Namespace) -> None:
     done = set()
     if records_path.exists():
         done = {json.loads(line)["group"] for line in records_path.read_text().splitlines() if line}
-    plan = [(m, g) for m, g in experiments(tasks, args.groups, args.seed)
+    if args.soups:
+        soups = add_soups(zoo, Path(args.soups), tasks)
+        plan = soup_experiments(soups)
+        tasks = [*tasks, *soups]
+    else:
+        plan = experiments(tasks, args.groups, args.seed)
+    plan = [(m, g) for m, g in plan
             if (not args.only or m in args.only.split(",")) and len(g) <= args.max_size]
     shard, shards = (int(x) for x in args.shard.split("/"))
     print(f"{len(plan)} experiments, {len(done)} done; {len(tasks)} tasks; shard {shard}/{shards}",
@@ -526,8 +561,14 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
 
 
 #: the merges every out-of-sample table is split into
-SIZE_SUBSETS = [("all", lambda r: True), ("pairs", lambda r: r["size"] == 2),
-                ("groups", lambda r: r["size"] > 2)]
+def is_soup(r: dict[str, Any]) -> bool:
+    """A merge of one task's adapters of two seeds (`--soups`)."""
+    return "@" in r["group"]
+
+
+SIZE_SUBSETS = [("all", lambda r: True), ("all but soups", lambda r: not is_soup(r)),
+                ("pairs", lambda r: r["size"] == 2 and not is_soup(r)),
+                ("groups", lambda r: r["size"] > 2), ("soups", is_soup)]
 #: per-model predictors judged out of sample: (column, riskier direction)
 OOS_PREDICTORS = [("relative_distortion", "higher"), ("rehearsal_token_agreement", "lower"),
                   ("rehearsal_agreement", "lower"), ("rehearsal_partial", "lower"),
@@ -601,7 +642,7 @@ def leave_one_task_out(rows: list[dict[str, Any]], column: str, direction: str, 
     x = np.array([r.get(column) if r.get(column) is not None else np.nan for r in rows],
                  dtype=float)
     y = np.array([r["loss"] < threshold for r in rows])
-    task = np.array([r["task"] for r in rows])
+    task = np.array([task_of(r["task"]) for r in rows])  # a task's seeds leave together
     method = np.array([r["method"] for r in rows])
     flags = np.zeros(len(rows), dtype=bool)
     for t in np.unique(task):
@@ -671,7 +712,7 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
     for name, column, direction, flags in variants:
         for sub, pick in subsets:
             idx = [i for i, r in enumerate(rows) if pick(r)]
-            if len(idx) < 10:
+            if len(idx) < 10 or (sub != "all" and len(idx) == len(rows)):
                 continue
             sel = [rows[i] for i in idx]
             y = np.array([r["loss"] < threshold for r in sel])
@@ -729,7 +770,7 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]],
                 x = np.array([r.get(column) if r.get(column) is not None else np.nan
                               for r in sel], dtype=float)
                 y = np.array([r["loss"] < threshold for r in sel])
-                if len(sel) < 10 or np.isnan(x).all():
+                if len(sel) < 10 or np.isnan(x).all() or (sub != "all" and len(sel) == len(tgt)):
                     continue
                 a = auroc(x if direction == "higher" else -x, y).auroc
                 sens, spec = _rates(_flags(x, edge, direction), y)
@@ -880,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-dtype", default="bfloat16",
                    help="lm-eval dtype of the merges and their constituents (both alike)")
     p.add_argument("--groups", type=int, default=20)
+    p.add_argument("--soups", metavar="SEED_DIR", default=None,
+                   help="merge each task's adapter with another seed's (trained into SEED_DIR) "
+                        "with every method, instead of the plan of task pairs and groups")
     p.add_argument("--only", default=None, metavar="METHOD[,METHOD]",
                    help="run only these methods' experiments (in the plan's order)")
     p.add_argument("--max-size", type=int, default=99,

@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--max-steps", type=int, default=TrainSettings.max_steps)
     ap.add_argument("--threads", type=int, default=TrainSettings.threads)
+    ap.add_argument("--seed", type=int, default=TrainSettings.seed,
+                    help="another seed trains another adapter of the same task (model soups)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     spec = FAMILIES[args.family]
@@ -314,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks or FAMILY_TASKS[spec.name]:
         res = train_adapter(task, base, out / task, hub_id=spec.hub_id, log=print,
                             settings=TrainSettings.for_family(spec.name, max_steps=args.max_steps,
-                                                              threads=args.threads))
+                                                              threads=args.threads,
+                                                              seed=args.seed))
         print(f"DONE {task} steps={res.steps} val_em={res.val_exact_match:.3f} "
               f"time={res.seconds:.0f}s", flush=True)
 
