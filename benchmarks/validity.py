@@ -41,6 +41,7 @@ from mergekit_collapse.guard.assess import assess, extraction_settings
 from mergekit_collapse.guard.config import parse_config
 from mergekit_collapse.guard.extract import extract
 from mergekit_collapse.guard.probes import build_probes
+from mergekit_collapse.guard.rehearsal import partial_credit
 from mergekit_collapse.runtime import Runtime
 
 METHODS = {
@@ -163,12 +164,13 @@ def exp_id(method: str, group: tuple[str, ...]) -> str:
 class Predictors:
     """Hidden states of base + every adapter at every setting, extracted once (then cached)."""
 
-    def __init__(self, zoo: Path, tasks: list[str], k: int):
-        self.zoo, self.tasks, self.k = zoo, tasks, k
+    def __init__(self, zoo: Path, tasks: list[str], k: int,
+                 settings: list[tuple[str, int]] = SETTINGS):
+        self.zoo, self.tasks, self.k, self.settings = zoo, tasks, k, settings
         self.probes = build_probes(parse_config(json.dumps(guard_config(zoo, tasks, "linear", k))))
         self.vectors: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.global_sim: dict[tuple[str, int], np.ndarray] = {}
-        for pooling, layer in SETTINGS:
+        for pooling, layer in settings:
             cfg = parse_config(json.dumps(guard_config(zoo, tasks, "linear", k, pooling, layer)))
             settings = extraction_settings(cfg, Runtime(device="cpu", dtype="float32"))
             ext = extract([cfg.base, *cfg.models], self.probes.texts, settings, progress=True)
@@ -198,7 +200,7 @@ class Predictors:
 
     def rows(self, method: str, group: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
         out: dict[str, dict[str, float | None]] = {t: {} for t in group}
-        for pooling, layer in SETTINGS:
+        for pooling, layer in self.settings:
             suffix = "" if (pooling, layer) == SETTINGS[0] else f"@{pooling}{layer}"
             rep = self.report(method, group, pooling, layer)
             idx = [self.tasks.index(t) for t in group]
@@ -307,7 +309,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"{len(plan)} experiments, {len(done)} done; {len(tasks)} tasks; shard {shard}/{shards}",
           flush=True)
     t0 = time.time()
-    preds = Predictors(zoo, tasks, args.k)
+    settings = [s for s in SETTINGS if f"{s[0]}{s[1]}" in args.settings.split(",")]
+    preds = Predictors(zoo, tasks, args.k, settings)
     print(f"predictors ready in {time.time() - t0:.0f}s", flush=True)
     conflicts: dict = {}
     merged_root = Path(args.scratch)
@@ -570,6 +573,9 @@ SIZE_SUBSETS = [("all", lambda r: True), ("all but soups", lambda r: not is_soup
                 ("pairs", lambda r: r["size"] == 2 and not is_soup(r)),
                 ("groups", lambda r: r["size"] > 2), ("soups", is_soup)]
 #: per-model predictors judged out of sample: (column, riskier direction)
+#: the merge-level operating point of issue 22's target (sensitivity at specificity ≥ 0.75), fitted
+#: with a margin on the training tasks
+TARGET_SPECIFICITY = 0.8
 OOS_PREDICTORS = [("relative_distortion", "higher"), ("rehearsal_token_agreement", "lower"),
                   ("rehearsal_agreement", "lower"), ("rehearsal_partial", "lower"),
                   ("rehearsal_kl", "higher"), ("mds", "higher"),
@@ -586,16 +592,18 @@ def joined(records: Path, work: Path) -> list[dict[str, Any]]:
     out = [{**r, **{k: v for k, v in reh[(r["group"], r["task"])].items()
                     if k.startswith("rehearsal")}}
            for r in rows if (r["group"], r["task"]) in reh and r["loss"] is not None]
-    for r in out:
+    for r in out:  # the records' rehearsals ran 5 probes per task (the guard's default k)
         r["rehearsal_partial"] = partial_credit(r["rehearsal_agreement"],
-                                                r["rehearsal_token_agreement"])
+                                                r["rehearsal_token_agreement"], 5)
     return out
 
 
-def partial_credit(agreement: float, token_agreement: float) -> float:
-    """Agreement first, token agreement as the tie-break: agreement moves in steps of 1/probes
-    (0.2 at 5 probes), the token agreement adds less than one step."""
-    return agreement + 0.1 * token_agreement
+def both_bases(records: Path, work: Path, lobo: Path | None) -> dict[str, list[dict[str, Any]]]:
+    """The joined rows by base (SmolLM2's, and with `lobo` Gemma's), each tagged with its base."""
+    bases = {"smollm2": joined(records, work)}
+    if lobo is not None:
+        bases["gemma3"] = joined(lobo / "records.jsonl", lobo)
+    return {b: [{**r, "base": b} for r in rows] for b, rows in bases.items()}
 
 
 def read_rehearsal(work: Path) -> list[dict[str, Any]]:
@@ -619,23 +627,28 @@ def _flags(x: np.ndarray, edge: float, direction: str) -> np.ndarray:
 
 
 def merge_edge(rows: list[dict[str, Any]], x: np.ndarray, direction: str,
-               threshold: float) -> float:
+               threshold: float, min_specificity: float | None = None) -> float:
     """The collapse edge that maximises the merge-level Youden J (a merge is stopped when any of
     its models is flagged), ties to the more specific edge; edges halfway between observed
-    values."""
+    values. With `min_specificity`: the most sensitive edge whose merge-level specificity is at
+    least that (the operating point of a sensitivity-at-specificity target), else the J edge."""
     values = np.unique(x[~np.isnan(x)])
     cuts = (values[:-1] + values[1:]) / 2 if len(values) > 1 else values
-    best, best_j = float(cuts[0]), -2.0
-    for edge in (cuts if direction == "lower" else cuts[::-1]):
+    best, best_j, best_sens = float(cuts[0]), -2.0, -1.0
+    for edge in (cuts if direction == "lower" else cuts[::-1]):  # most specific first
         sens, spec, _, _ = merge_level(rows, _flags(x, edge, direction), threshold)
-        j = (0 if np.isnan(sens) else sens) + (0 if np.isnan(spec) else spec) - 1
-        if j > best_j + 1e-12:
-            best, best_j = float(edge), j
+        sens, spec = (0 if np.isnan(sens) else sens), (0 if np.isnan(spec) else spec)
+        if min_specificity is not None:
+            if spec >= min_specificity and sens > best_sens + 1e-12:
+                best, best_sens = float(edge), sens
+        elif sens + spec - 1 > best_j + 1e-12:
+            best, best_j = float(edge), sens + spec - 1
     return best
 
 
 def leave_one_task_out(rows: list[dict[str, Any]], column: str, direction: str, threshold: float,
-                       by_method: bool = False, merge_fit: bool = False) -> np.ndarray:
+                       by_method: bool = False, merge_fit: bool = False,
+                       min_specificity: float | None = None) -> np.ndarray:
     """Each row's collapse flag from an edge fitted on the other tasks' rows only (and, with
     `by_method`, on the rows of the same merge method); the edge maximises the model-level Youden
     J, or with `merge_fit` the merge-level one (`merge_edge`)."""
@@ -653,7 +666,8 @@ def leave_one_task_out(rows: list[dict[str, Any]], column: str, direction: str, 
                 continue
             if merge_fit:
                 keep = np.flatnonzero(train)
-                edge = merge_edge([rows[i] for i in keep], x[keep], direction, threshold)
+                edge = merge_edge([rows[i] for i in keep], x[keep], direction, threshold,
+                                  min_specificity)
             else:
                 edge = _edge(x[train], y[train], direction)
             flags[test] = _flags(x[test], edge, direction)
@@ -683,7 +697,9 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
     for all merges, pairs, groups and each method. Returns (markdown, the headline numbers)."""
     from mergekit_collapse.analysis.statistics import auroc, markdown_table
 
-    subsets = [*SIZE_SUBSETS, *((m, lambda r, m=m: r["method"] == m) for m in METHODS)]
+    subsets = [*SIZE_SUBSETS, *((m, lambda r, m=m: r["method"] == m) for m in METHODS),
+               *((f"base {b}", lambda r, b=b: r.get("base") == b)
+                 for b in sorted({r.get("base") for r in rows} - {None}))]
     n_merges = len({r["group"] for r in rows})
     lines = [f"{len(rows)} constituent losses from {n_merges} merges that were also rehearsed; "
              f"collapsed = loss < {threshold:g}%. AUROC needs no fitting; the sensitivity and "
@@ -702,6 +718,10 @@ def out_of_sample(rows: list[dict[str, Any]], threshold: float) -> tuple[str, di
     for c, flags in merge_fit.items():
         d = dict(OOS_PREDICTORS)[c]
         variants.append((f"{c}, edge fitted for the merge verdict", c, d, flags))
+    for c in ("rehearsal_agreement", "rehearsal_partial"):  # the target's operating point
+        variants.append((f"{c}, edge at merge spec. ≥ {TARGET_SPECIFICITY:g}", c, "lower",
+                         leave_one_task_out(rows, c, "lower", threshold, merge_fit=True,
+                                            min_specificity=TARGET_SPECIFICITY)))
     for c in ("rehearsal_agreement", "rehearsal_token_agreement"):
         variants.append((f"either ({c} or relative_distortion)", None, None,
                          loto[(c, False)] | loto[("relative_distortion", False)]))
@@ -750,7 +770,9 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]],
                        threshold: float) -> tuple[str, dict[str, Any]]:
     """Each predictor's edges fitted on one base's merges and judged on the other base's: AUROC on
     the held-out base (no fitting), model-level sensitivity/specificity at the fitted base's Youden
-    edge, merge-level ones at its merge-level edge (`merge_edge`). Returns (markdown, headline)."""
+    edge, merge-level ones at its merge-level edge (`merge_edge`) and at its operating point (the
+    most sensitive edge at merge specificity ≥ `TARGET_SPECIFICITY`). Returns (markdown,
+    headline)."""
     from mergekit_collapse.analysis.statistics import auroc, markdown_table
 
     table, headline = [], {}
@@ -765,6 +787,8 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]],
             edge = _edge(xs[ok], ys[ok], direction)
             keep = np.flatnonzero(ok)
             medge = merge_edge([src[i] for i in keep], xs[keep], direction, threshold)
+            oedge = merge_edge([src[i] for i in keep], xs[keep], direction, threshold,
+                               TARGET_SPECIFICITY)
             for sub, pick in SIZE_SUBSETS:
                 sel = [r for r in tgt if pick(r)]
                 x = np.array([r.get(column) if r.get(column) is not None else np.nan
@@ -775,22 +799,29 @@ def leave_one_base_out(bases: dict[str, list[dict[str, Any]]],
                 a = auroc(x if direction == "higher" else -x, y).auroc
                 sens, spec = _rates(_flags(x, edge, direction), y)
                 ms, mp, nb, ng = merge_level(sel, _flags(x, medge, direction), threshold)
+                os_, op, _, _ = merge_level(sel, _flags(x, oedge, direction), threshold)
                 table.append([column, f"{fit_on} → {judged}", sub, len(sel), int(y.sum()), _f(a),
-                              _f(sens), _f(spec), f"{nb}+{ng}", _f(ms), _f(mp)])
+                              _f(sens), _f(spec), f"{nb}+{ng}", _f(ms), _f(mp), _f(os_), _f(op)])
                 headline[f"{column}|{fit_on}->{judged}|{sub}"] = {
                     "n": len(sel), "auroc": a, "sensitivity": sens, "specificity": spec,
                     "merge_sensitivity": ms, "merge_specificity": mp, "merges_collapsed": nb,
-                    "merges_fine": ng, "edge": edge, "merge_edge": medge}
+                    "merges_fine": ng, "edge": edge, "merge_edge": medge,
+                    "operating_point": {"edge": oedge, "merge_sensitivity": os_,
+                                        "merge_specificity": op}}
     md = ("Leave one base out: every edge is fitted on the first base's merges only and judged on "
           "the second's (AUROC needs no fitting). Merge level: a merge is stopped when any of its "
-          "models is flagged at the merge-level edge.\n\n" + markdown_table(
+          "models is flagged at the merge-level edge (Youden's J over merges), or at the operating "
+          f"point (the most sensitive edge at merge specificity ≥ {TARGET_SPECIFICITY:g} on the "
+          "fitted base).\n\n" + markdown_table(
               ["predictor", "fitted → judged", "subset", "n", "collapsed", "AUROC", "sens.",
-               "spec.", "merges", "merge sens.", "merge spec."], table))
+               "spec.", "merges", "merge sens.", "merge spec.",
+               f"merge sens. at spec. ≥ {TARGET_SPECIFICITY:g}", "its merge spec."], table))
     return md + "\n", headline
 
 
 def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
-                        decides: str | None, lobo: Path | None = None) -> Path:
+                        decides: str | None, lobo: Path | None = None,
+                        min_specificity: float | None = None) -> Path:
     """Add the rehearsal's bands (fitted on every rehearsed record), the deciding signal and the
     out-of-sample numbers (`out_of_sample`) to the packaged default calibration; write it to
     <work>/calibration.json (copy it over mergekit_collapse/guard/calibration_default.json to ship
@@ -801,17 +832,15 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
     numbers go beside the leave-one-task-out ones.
 
     `decides` None: the signal whose leave-one-task-out merge-level verdict has the larger
-    sensitivity + specificity over all merges.
+    sensitivity + specificity over all merges. `min_specificity`: the collapse edge is the most
+    sensitive one at that merge-level specificity (`merge_edge`), else the merge-level J edge.
     """
     from mergekit_collapse.analysis.fitting import fit_calibration
     from mergekit_collapse.analysis.statistics import parse_records
     from mergekit_collapse.guard.calibration import SignalBands, load_calibration
 
-    rows = joined(records, work)
-    bases = {"smollm2": rows}
-    if lobo is not None:
-        bases["gemma3"] = joined(lobo / "records.jsonl", lobo)
-        rows = [r for b in bases.values() for r in b]
+    bases = both_bases(records, work, lobo)
+    rows = [r for b in bases.values() for r in b]
     text = "".join(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}) + "\n"
                    for r in rows)
     fit = fit_calibration(parse_records(text, "jsonl"), score=score, direction="lower",
@@ -824,10 +853,11 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
         decides = "rehearsal" if j(score) >= j("relative_distortion") else "risk"
     cal = load_calibration(Path(__file__).parent.parent / "mergekit_collapse" / "guard"
                            / "calibration_default.json")
-    # the verdict is about merges: its collapse edge maximises the merge-level J (the model-level
-    # fit's Youden edge is kept in validity.youden_j); elevated stays the high-sensitivity edge
+    # the verdict is about merges: its collapse edge maximises the merge-level J, or the
+    # sensitivity at a specificity (the model-level fit's Youden edge is kept in
+    # validity.youden_j); elevated stays the high-sensitivity edge
     x = np.array([r[score] for r in rows], dtype=float)
-    collapse = merge_edge(rows, x, "lower", threshold)
+    collapse = merge_edge(rows, x, "lower", threshold, min_specificity)
     bands = fit.bands.model_copy(update={"collapse": collapse,
                                          "elevated": max(fit.bands.elevated, collapse)})
     cal.rehearsal = SignalBands(score=score, direction="lower", bands=bands, validity=fit.validity)
@@ -851,7 +881,8 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
                      "merged with linear / task_arithmetic / ties (and dare_ties, slerp on "
                      "pairs), scored with lm-eval; every merge also rehearsed in memory"),
             "command": ("python benchmarks/validity.py --oos --lobo <gemma3 work> "
-                        f"--calibrate-rehearsal {score}")}
+                        f"--calibrate-rehearsal {score}"
+                        + (" --operating-point" if min_specificity is not None else ""))}
     if lobo is not None:
         _, lobo_headline = leave_one_base_out(bases, threshold)
         headline.update({f"lobo|{k}": v for k, v in lobo_headline.items()
@@ -867,6 +898,8 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
                          "headline": {k: v for k, v in headline.items()
                                       if k.split("|")[0] in (
                                           score, f"{score}, edge fitted for the merge verdict",
+                                          f"{score}, edge at merge spec. ≥ "
+                                          f"{TARGET_SPECIFICITY:g}",
                                           "relative_distortion", "lobo")}}
     out = work / "calibration.json"
     out.write_text(cal.model_dump_json(indent=2) + "\n")
@@ -921,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-dtype", default="bfloat16",
                    help="lm-eval dtype of the merges and their constituents (both alike)")
     p.add_argument("--groups", type=int, default=20)
+    p.add_argument("--settings", default=",".join(f"{p}{layer}" for p, layer in SETTINGS),
+                   help="the (pooling, layer) settings the predictors are computed at "
+                        "(each costs a pass over every model)")
     p.add_argument("--soups", metavar="SEED_DIR", default=None,
                    help="merge each task's adapter with another seed's (trained into SEED_DIR) "
                         "with every method, instead of the plan of task pairs and groups")
@@ -957,6 +993,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-rehearsal", metavar="SCORE", default=None,
                    help="with --oos: add the rehearsal's bands on SCORE (e.g. "
                         "rehearsal_token_agreement) to the default calibration")
+    p.add_argument("--operating-point", action="store_true",
+                   help="--calibrate-rehearsal's collapse edge: the most sensitive one at merge "
+                        f"specificity ≥ {TARGET_SPECIFICITY:g} (else the merge-level J edge)")
     p.add_argument("--decides", choices=["risk", "rehearsal"], default=None,
                    help="with --calibrate-rehearsal: the deciding signal (default: the better one "
                         "out of sample)")
@@ -987,15 +1026,19 @@ def main(argv: list[str] | None = None) -> int:
         print(md)
         lobo = Path(args.lobo) if args.lobo else None
         if lobo is not None:
-            bases = {"smollm2": joined(Path(args.records), work),
-                     "gemma3": joined(lobo / "records.jsonl", lobo)}
+            bases = both_bases(Path(args.records), work, lobo)
             md, headline = leave_one_base_out(bases, args.threshold)
             (work / "lobo.md").write_text(md)
             (work / "lobo.json").write_text(json.dumps(headline, indent=1))
             print(md)
+            # both bases pooled (as the shipped calibration is fitted), judged per base
+            md, headline = out_of_sample([r for b in bases.values() for r in b], args.threshold)
+            (work / "oos-both.md").write_text(md)
+            (work / "oos-both.json").write_text(json.dumps(headline, indent=1))
         if args.calibrate_rehearsal:
-            print("calibration:", calibrate_rehearsal(work, Path(args.records), args.threshold,
-                                                      args.calibrate_rehearsal, args.decides, lobo))
+            print("calibration:", calibrate_rehearsal(
+                work, Path(args.records), args.threshold, args.calibrate_rehearsal, args.decides,
+                lobo, TARGET_SPECIFICITY if args.operating_point else None))
         return 0
     if not (args.analyse or args.mergelens):
         run(args)

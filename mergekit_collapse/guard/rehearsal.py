@@ -9,6 +9,8 @@ followed by its constituent's answer. Per probe:
   argmax matches at every answer position, end-of-answer token included: exactly when greedy
   decoding would reproduce the answer);
 * *token agreement* — the fraction of answer positions whose argmax matches;
+* *partial agreement* — the agreement, its ties broken by the token agreement
+  (`partial_credit`): as coarse a score as the agreement where it is 0 or 1, finer between;
 * *first-token KL* — KL(constituent ‖ merged) of the first answer token's distribution.
 
 The merge is mergekit's own (its planner's task per tensor, run by its `Executor`), so every
@@ -57,7 +59,14 @@ log = logging.getLogger(__name__)
 #: bump when what a cached answer means changes
 ANSWER_CACHE_VERSION = "2"
 #: bump when what a cached rehearsal result means changes
-REHEARSAL_CACHE_VERSION = "1"
+REHEARSAL_CACHE_VERSION = "2"
+
+
+def partial_credit(agreement: float, token_agreement: float, probes: int) -> float:
+    """The agreement with partial credit from the token agreement: the agreement moves in steps
+    of 1/probes, the token agreement adds less than one step (at most half of one), so it only
+    orders merges of equal agreement. Same pass, no extra cost."""
+    return agreement + token_agreement / (2 * probes)
 
 
 @dataclass
@@ -69,8 +78,9 @@ class ProbeComparison:
     first_token_kl: list[float]
 
     def summary(self) -> dict[str, float]:
-        return {"rehearsal_agreement": float(np.mean(self.agreement)),
-                "rehearsal_token_agreement": float(np.mean(self.token_agreement)),
+        agreement, tokens = float(np.mean(self.agreement)), float(np.mean(self.token_agreement))
+        return {"rehearsal_agreement": agreement, "rehearsal_token_agreement": tokens,
+                "rehearsal_partial": partial_credit(agreement, tokens, len(self.agreement)),
                 "rehearsal_kl": float(np.mean(self.first_token_kl))}
 
 

@@ -116,6 +116,8 @@ class ModelEntry(BaseModel):
         "share of its probes on which the in-memory merge's greedy answer equals this model's"))
     rehearsal_token_agreement: float | None = Field(default=None, description=(
         "share of its answer tokens the in-memory merge predicts as this model does"))
+    rehearsal_partial: float | None = Field(default=None, description=(
+        "the agreement, ties broken by the token agreement (less than one probe's step)"))
     rehearsal_kl: float | None = Field(default=None, description=(
         "KL(model ‖ merge) of the first answer token, mean over its probes"))
     predicted_retention: float | None = Field(default=None, description=(

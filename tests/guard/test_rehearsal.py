@@ -241,3 +241,13 @@ def test_a_guard_base_other_than_base_model_is_noted_in_the_report(tiny_zoo):
     raw = config(tiny_zoo, ["ft1", "ft2"], method="task_arithmetic", base=str(tiny_zoo["ft3"]))
     report = check(parsed(raw), runtime=QUIET32, rehearse="off")
     assert any("not the config's base_model" in n and "ft3" in n for n in report.notes)
+
+
+def test_partial_credit_orders_by_agreement_then_tokens():
+    from mergekit_collapse.guard.rehearsal import ProbeComparison, partial_credit
+
+    assert partial_credit(0.6, 1.0, 5) < partial_credit(0.8, 0.0, 5)  # less than one step
+    assert partial_credit(0.6, 0.2, 5) < partial_credit(0.6, 0.9, 5)
+    assert partial_credit(1.0, 1.0, 10) == 1.05 and partial_credit(0.0, 0.0, 5) == 0.0
+    s = ProbeComparison([True, False], [1.0, 0.5], [0.0, 0.1]).summary()
+    assert s["rehearsal_partial"] == 0.5 + 0.75 / 4
