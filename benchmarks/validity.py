@@ -858,8 +858,10 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
     # validity.youden_j); elevated stays the high-sensitivity edge
     x = np.array([r[score] for r in rows], dtype=float)
     collapse = merge_edge(rows, x, "lower", threshold, min_specificity)
+    # elevated: the fitted high-sensitivity edge, or at least one probe's step (1/k, k = 5 in the
+    # records) above the collapse edge: a merge one answer away from the collapse band
     bands = fit.bands.model_copy(update={"collapse": collapse,
-                                         "elevated": max(fit.bands.elevated, collapse)})
+                                         "elevated": max(fit.bands.elevated, collapse + 1 / 5)})
     cal.rehearsal = SignalBands(score=score, direction="lower", bands=bands, validity=fit.validity)
     cal.decides = decides
     if lobo is not None:
