@@ -375,7 +375,7 @@ def rehearse(merge: Any, models: list[Any], probes: dict[str, list[str]],
         labels: display names by str(model reference), for the progress.
 
     Returns:
-        A `Rehearsal`: rehearsal_agreement, rehearsal_token_agreement and rehearsal_kl per model.
+        A `Rehearsal`: rehearsal_agreement, _token_agreement, _partial and _kl per model.
 
     Raises:
         BadInputError: the merge cannot be planned or run; models that cannot be loaded.
