@@ -563,19 +563,19 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-#: the merges every out-of-sample table is split into
 def is_soup(r: dict[str, Any]) -> bool:
     """A merge of one task's adapters of two seeds (`--soups`)."""
     return "@" in r["group"]
 
 
+#: the merges every out-of-sample table is split into
 SIZE_SUBSETS = [("all", lambda r: True), ("all but soups", lambda r: not is_soup(r)),
                 ("pairs", lambda r: r["size"] == 2 and not is_soup(r)),
                 ("groups", lambda r: r["size"] > 2), ("soups", is_soup)]
-#: per-model predictors judged out of sample: (column, riskier direction)
 #: the merge-level operating point of issue 22's target (sensitivity at specificity ≥ 0.75), fitted
 #: with a margin on the training tasks
 TARGET_SPECIFICITY = 0.8
+#: per-model predictors judged out of sample: (column, riskier direction)
 OOS_PREDICTORS = [("relative_distortion", "higher"), ("rehearsal_token_agreement", "lower"),
                   ("rehearsal_agreement", "lower"), ("rehearsal_partial", "lower"),
                   ("rehearsal_kl", "higher"), ("mds", "higher"),
