@@ -73,9 +73,15 @@ def ref(zoo: Path, task: str) -> str:
     return f"{base_dir(zoo)}+{zoo / 'adapters' / task}"
 
 
+#: marks another seed's adapter of a task in the zoo: `date_iso@1`
+SEED_MARK = "@"
+#: probes per task in every rehearsal of the records (the guard's default k)
+RECORD_PROBES = 5
+
+
 def task_of(name: str) -> str:
     """The task a zoo model is trained on: `date_iso@1`, another seed's adapter, is `date_iso`."""
-    return name.partition("@")[0]
+    return name.partition(SEED_MARK)[0]
 
 
 def guard_config(zoo: Path, tasks: list[str], method: str, k: int, pooling: str = "mean",
@@ -146,8 +152,9 @@ def add_soups(zoo: Path, seed_dir: Path, tasks: list[str]) -> list[str]:
     soups = []
     for t in tasks:
         if (seed_dir / t / "adapter_config.json").is_file():
-            shutil.copytree(seed_dir / t, zoo / "adapters" / f"{t}@1", dirs_exist_ok=True)
-            soups.append(f"{t}@1")
+            shutil.copytree(seed_dir / t, zoo / "adapters" / f"{t}{SEED_MARK}1",
+                            dirs_exist_ok=True)
+            soups.append(f"{t}{SEED_MARK}1")
     return soups
 
 
@@ -565,7 +572,7 @@ def analyse(work: Path, threshold: float, other: Path | None = None) -> str:
 
 def is_soup(r: dict[str, Any]) -> bool:
     """A merge of one task's adapters of two seeds (`--soups`)."""
-    return "@" in r["group"]
+    return SEED_MARK in r["group"]
 
 
 #: the merges every out-of-sample table is split into
@@ -592,9 +599,9 @@ def joined(records: Path, work: Path) -> list[dict[str, Any]]:
     out = [{**r, **{k: v for k, v in reh[(r["group"], r["task"])].items()
                     if k.startswith("rehearsal")}}
            for r in rows if (r["group"], r["task"]) in reh and r["loss"] is not None]
-    for r in out:  # the records' rehearsals ran 5 probes per task (the guard's default k)
+    for r in out:
         r["rehearsal_partial"] = partial_credit(r["rehearsal_agreement"],
-                                                r["rehearsal_token_agreement"], 5)
+                                                r["rehearsal_token_agreement"], RECORD_PROBES)
     return out
 
 
@@ -858,10 +865,11 @@ def calibrate_rehearsal(work: Path, records: Path, threshold: float, score: str,
     # validity.youden_j); elevated stays the high-sensitivity edge
     x = np.array([r[score] for r in rows], dtype=float)
     collapse = merge_edge(rows, x, "lower", threshold, min_specificity)
-    # elevated: the fitted high-sensitivity edge, or at least one probe's step (1/k, k = 5 in the
-    # records) above the collapse edge: a merge one answer away from the collapse band
+    # elevated: the fitted high-sensitivity edge, or at least one probe's step above the collapse
+    # edge: a merge one answer away from the collapse band
+    step = 1 / RECORD_PROBES
     bands = fit.bands.model_copy(update={"collapse": collapse,
-                                         "elevated": max(fit.bands.elevated, collapse + 1 / 5)})
+                                         "elevated": max(fit.bands.elevated, collapse + step)})
     cal.rehearsal = SignalBands(score=score, direction="lower", bands=bands, validity=fit.validity)
     cal.decides = decides
     if lobo is not None:

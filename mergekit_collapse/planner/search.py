@@ -19,6 +19,7 @@ from mergekit_collapse.planner.space import (
     Candidate,
     Geometry,
     Pool,
+    Ramp,
     Screen,
     candidate_raw,
     merge_of,
@@ -286,9 +287,6 @@ def _judge_own(own: Candidate | None, report: Any, score: str, geo: Geometry, ta
                            objective(scores, tasks, rule, floor, tokens,
                                      expected_retention(scores))))
     return done
-
-
-Ramp = tuple[float, ...]
 
 
 def own_candidate(pool: Pool) -> Candidate | None:

@@ -35,6 +35,10 @@ MAX_LEFT_OUT = 3
 _REPLACED = ("models", "slices", "modules", "merge_method", "parameters", "base_model", "guard")
 
 
+#: per-layer factors of every weight: written as mergekit's gradient (weight × each factor)
+Ramp = tuple[float, ...]
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One mergekit config to judge: pool members (indices), method, per-member weights, density."""
@@ -45,7 +49,7 @@ class Candidate:
     density: float | None = None
     origin: str = "grid"  # grid | as written | refine
     globals: tuple[tuple[str, Any], ...] = ()  # top-level `parameters:` (the config as written)
-    ramp: tuple[float, ...] | None = None  # per-layer factors of every weight (a gradient)
+    ramp: Ramp | None = None
 
     def key(self) -> tuple:
         w = tuple(round(x, 4) for x in self.weights) if self.weights is not None else None
@@ -284,7 +288,7 @@ def candidates(pool: Pool, methods: list[str]) -> tuple[list[Candidate], dict[st
     for method in methods:
         params = method_parameters(method)
         weights = sorted(set(sp.weights)) if "weight" in params else [None]
-        ramps: list[tuple[float, ...] | None] = [None]
+        ramps: list[Ramp | None] = [None]
         if method == "linear" or ("normalize" in params and _default(method, "normalize")):
             weights = weights[-1:]  # normalised: a common weight (or ramp) changes nothing
         elif "weight" in params:
