@@ -213,7 +213,22 @@ def load_causal_lm(folder: Path, settings: LoadSettings, device: str, dtype: Any
         raise BadInputError(f"cannot load model from {folder}: a .safetensors file is truncated or "
                             f"not safetensors ({str(e).splitlines()[0]}); "
                             "download it again") from None
+    contiguous_head_input(model)
     return model.eval()
+
+
+def contiguous_head_input(model: Any) -> None:
+    """Hand the output head a contiguous input.
+
+    transformers slices the hidden states before the head (`logits_to_keep`); torch's matmul does
+    not fold a sliced 3-D input into one matrix product when the weight is frozen (peft freezes the
+    base) and multiplies by a copy of the head per row instead: on CPU in bfloat16 that is 60× the
+    product (SmolLM2-135M, 5 prompts: 280 ms against 4.4 ms), half of a LoRA's teacher-forced pass.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(
+            lambda _, args: (args[0].contiguous(), *args[1:]) if args else None)
 
 
 _SLICE_ELEMENTS = 1 << 22  # read at most 16 MB of float32 at once
