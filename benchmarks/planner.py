@@ -114,17 +114,17 @@ def random_search(pool: Any, run: Any, n: int, seed: int, rule: str,
                   floor: float) -> tuple[Any, float]:
     """The best of `n` random grid candidates by the same rehearsal objective."""
     from mergekit_collapse.guard.assess import extraction_settings
-    from mergekit_collapse.planner.search import Rehearser, expected_retention, objective
+    from mergekit_collapse.planner.search import Rehearser, geometry, valued
     from mergekit_collapse.planner.space import candidates
 
     t0 = time.perf_counter()
     cands, _ = candidates(pool, list(pool.space.methods))
     picks = random.Random(seed).sample(cands, min(n, len(cands)))
-    reh = Rehearser(pool, run.probes, extraction_settings(pool.cfg, Runtime(dtype="float32")), None)
+    reh = Rehearser(pool, geometry(pool, run), run.probes,
+                    extraction_settings(pool.cfg, Runtime(dtype="float32")), None)
     best, best_v = None, float("-inf")
     for c in picks:
-        s, tok, _ = reh(c)
-        v = objective(s, pool.tasks, rule, floor, tok, expected_retention(s))
+        v = valued(reh(c), pool.tasks, rule, floor).value
         if v > best_v:
             best, best_v = c, v
     return best, time.perf_counter() - t0

@@ -18,10 +18,9 @@ from mergekit_collapse.guard.config import PlanObjective, PlanSummary, check_wri
 from mergekit_collapse.planner.search import (
     Judged,
     check_floor,
-    expected_retention,
-    objective,
     own_candidate,
     search,
+    valued,
 )
 from mergekit_collapse.planner.space import (
     Candidate,
@@ -53,8 +52,10 @@ class Finalist(BaseModel):
     relative_distortion: dict[str, float] = Field(description="the geometry screen, by task")
     proxy: dict[str, float] = Field(description="the screen's retention proxy, by task")
     rehearsal: dict[str, float] | None = Field(description=(
-        "rehearsal agreement by task (None: not rehearsed)"))
+        "the calibrated rehearsal score by task (None: not rehearsed)"))
     token_agreement: dict[str, float] | None = None
+    agreement: dict[str, float] | None = Field(default=None, description=(
+        "rehearsal agreement by task (the share of probes answered as the constituent does)"))
     expected_retention: dict[str, float] = Field(description=(
         "by task: at its rehearsal agreement (search.RETENTION_AT_LEVEL), else the screen's proxy"))
     objective: float
@@ -105,6 +106,7 @@ def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
                     ramp=list(c.ramp) if c.ramp else None, density=c.density,
                     relative_distortion=j.screen.relative_distortion, proxy=j.screen.proxy,
                     rehearsal=j.rehearsal, token_agreement=j.token_agreement,
+                    agreement=j.agreement,
                     expected_retention={t: round(v, 3) for t, v in j.predicted.items()},
                     objective=j.value, rehearsal_seconds=round(j.seconds, 2), observed=j.observed,
                     verify_seconds=j.verify_seconds)
@@ -244,9 +246,7 @@ def _carried(p: Pool, sub: Pool, ranked: list[Judged], floor: float) -> list[Jud
         if j.rehearsal is None or not set(refs) <= set(sub.refs):
             continue
         c = replace(j.candidate, members=tuple(sub.refs.index(r) for r in refs))
-        out.append(replace(j, candidate=c, value=objective(
-            j.rehearsal, sub.tasks, sub.space.objective, floor, j.token_agreement,
-            expected_retention(j.rehearsal))))
+        out.append(valued(replace(j, candidate=c), sub.tasks, sub.space.objective, floor))
     return out
 
 
@@ -394,7 +394,7 @@ def markdown(result: PlanResult) -> str:
         lines.append("- not valid for this pool (mergekit's rules): " + "; ".join(
             f"{m}: {w}" for m, w in result.rejected_methods.items()))
     lines += ["", "| rank | origin | method | tasks | weights | density | relative distortion | "
-              "rehearsal agreement | expected retention | observed | objective |",
+              "rehearsal score | expected retention | observed | objective |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in result.finalists:
         w = "/".join(f"{x:g}" for x in f.weights) if f.weights else "—"

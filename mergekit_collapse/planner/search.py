@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class Judged:
     screen: Screen
     rehearsal: dict[str, float] | None = None  # by task: the calibrated rehearsal score
     token_agreement: dict[str, float] | None = None  # by task
+    agreement: dict[str, float] | None = None  # by task: what RETENTION_AT_LEVEL is fitted on
     seconds: float = 0.0  # the rehearsal's merge + compare time
     value: float = float("-inf")  # the objective (rehearsal when rehearsed, else the screen)
     observed: dict[str, float] | None = None  # --verify: lm-eval retention by task
@@ -61,7 +62,7 @@ class Judged:
     def predicted(self) -> dict[str, float]:
         """Expected retention by task: from the rehearsal when rehearsed, else the screen's
         proxy."""
-        return (expected_retention(self.rehearsal) if self.rehearsal is not None
+        return (expected_retention(self.agreement) if self.agreement is not None
                 else self.screen.proxy)
 
 
@@ -85,6 +86,12 @@ def objective(per_task: dict[str, float], tasks: list[str], rule: str, floor: fl
     if tie:
         value += TIE_BREAK * TIE_BREAK * float(np.mean([tie.get(t, 0.0) for t in tasks]))
     return value
+
+
+def valued(j: Judged, tasks: list[str], rule: str, floor: float) -> Judged:
+    """`j` with its value: the objective of its rehearsal over `tasks`."""
+    return replace(j, value=objective(j.rehearsal or {}, tasks, rule, floor, j.token_agreement,
+                                      j.predicted))
 
 
 def pick_for_rehearsal(ranked: list[Judged], n: int, pool_size: int) -> list[Judged]:
@@ -117,17 +124,18 @@ def pick_for_rehearsal(ranked: list[Judged], n: int, pool_size: int) -> list[Jud
 class Rehearser:
     """Rehearses candidates of one pool (each constituent's answers are cached after the first)."""
 
-    def __init__(self, pool: Pool, probes: Any, settings: Any, cache_dir: Path | None):
+    def __init__(self, pool: Pool, geo: Geometry, probes: Any, settings: Any,
+                 cache_dir: Path | None):
         from mergekit_collapse.guard.assess import probes_by_model
 
-        self.pool, self.settings, self.cache_dir = pool, settings, cache_dir
+        self.pool, self.geo, self.settings, self.cache_dir = pool, geo, settings, cache_dir
         self.probes = probes_by_model(pool.cfg, probes)
         cal = load_calibration()
         self.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_agreement"
         self.count, self.seconds = 0, 0.0
 
-    def __call__(self, c: Candidate) -> tuple[dict[str, float], dict[str, float], float]:
-        """(score by task, token agreement by task, seconds)."""
+    def __call__(self, c: Candidate) -> Judged:
+        """`c` judged by its rehearsal (its value left to the caller)."""
         from mergekit_collapse.guard.rehearsal import rehearse
 
         g = self.pool.cfg.guard
@@ -140,10 +148,11 @@ class Rehearser:
         dt = time.perf_counter() - t0
         self.count += 1
         self.seconds += dt
-        tasks = [self.pool.tasks[i] for i in c.members]
-        by = [r.models[str(m)] for m in models]
-        return ({t: x[self.score] for t, x in zip(tasks, by, strict=True)},
-                {t: x["rehearsal_token_agreement"] for t, x in zip(tasks, by, strict=True)}, dt)
+        by = dict(zip([self.pool.tasks[i] for i in c.members],
+                      [r.models[str(m)] for m in models], strict=True))
+        return Judged(c, self.geo.screen(c), {t: x[self.score] for t, x in by.items()},
+                      {t: x["rehearsal_token_agreement"] for t, x in by.items()},
+                      {t: x["rehearsal_agreement"] for t, x in by.items()}, dt)
 
 
 def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, seed: int,
@@ -197,6 +206,14 @@ def _describe(c: Candidate) -> str:
     return f"{c.method} [{','.join(map(str, c.members))}]{w}{d}"
 
 
+def geometry(pool: Pool, run: Any) -> Geometry:
+    """The screen of `pool` from the guard's run on it (its hidden states), against the calibrated
+    collapse edge of the relative distortion."""
+    cal = load_calibration()
+    edge = cal.bands.collapse if cal.score == "relative_distortion" else 0.35
+    return Geometry(pool, run.extraction.vectors, edge)
+
+
 def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: float,
            rehearsals: int, refine_trials: int, own: Candidate | None, settings: Any,
            cache_dir: Path | None, progress: bool = True,
@@ -213,9 +230,7 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     Returns:
         (every judged candidate, best first; seconds by stage).
     """
-    cal = load_calibration()
-    edge = cal.bands.collapse if cal.score == "relative_distortion" else 0.35
-    geo = Geometry(pool, run.extraction.vectors, edge)
+    geo = geometry(pool, run)
     t0 = time.perf_counter()
     judged = _screen(geo, cands, pool.tasks, rule, floor)
     seconds = {"screen": time.perf_counter() - t0}
@@ -224,13 +239,10 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     if rehearsals <= 0:
         return judged, seconds
 
-    rehearser = Rehearser(pool, run.probes, settings, cache_dir)
+    rehearser = Rehearser(pool, geo, run.probes, settings, cache_dir)
 
     def judge(c: Candidate) -> Judged:
-        scores, tokens, dt = rehearser(c)
-        return Judged(c, geo.screen(c), scores, tokens, dt,
-                      objective(scores, pool.tasks, rule, floor, tokens,
-                                expected_retention(scores)))
+        return valued(rehearser(c), pool.tasks, rule, floor)
 
     done = _judge_own(own, run.report, rehearser.score, geo, pool.tasks, rule, floor)
     budget = max(rehearsals - refine_trials - len(done), 0)
@@ -279,13 +291,12 @@ def _judge_own(own: Candidate | None, report: Any, score: str, geo: Geometry, ta
     """The config as written, judged by the guard's own rehearsal of it (when that ran)."""
     done: list[Judged] = []
     if own is not None and report.rehearsal is not None and report.rehearsal.status == "ran":
-        scores = {m.task: getattr(m, score) for m in report.models}
-        tokens = {m.task: m.rehearsal_token_agreement for m in report.models}
-        done.append(Judged(own, geo.screen(own), scores, tokens,
-                           sum(report.run_info.seconds.get(f"rehearsal.{k}", 0)
-                               for k in ("merge", "compare")),
-                           objective(scores, tasks, rule, floor, tokens,
-                                     expected_retention(scores))))
+        j = Judged(own, geo.screen(own), {m.task: getattr(m, score) for m in report.models},
+                   {m.task: m.rehearsal_token_agreement for m in report.models},
+                   {m.task: m.rehearsal_agreement for m in report.models},
+                   sum(report.run_info.seconds.get(f"rehearsal.{k}", 0)
+                       for k in ("merge", "compare")))
+        done.append(valued(j, tasks, rule, floor))
     return done
 
 

@@ -14,6 +14,8 @@ from common import QUIET, QUIET32, make_finetune
 from mergekit_collapse import plan
 from mergekit_collapse.cli import main
 from mergekit_collapse.errors import BadInputError, ConfigError
+from mergekit_collapse.planner.search import Judged, expected_retention, objective
+from mergekit_collapse.planner.space import Candidate, Screen
 
 PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green",
           "blue sky", "five six seven"]
@@ -59,6 +61,10 @@ def test_drops_the_outlier_and_writes_a_config_mergekit_merges(pool_zoo, tmp_pat
     assert sorted(best.tasks) == ["near1", "near2"] and result.kept_apart == ["far"]
     assert best.rehearsal is not None and result.rehearsed == result.screened == 8
     assert best.objective >= max(f.objective for f in result.finalists)
+    # the expected retention is read at the agreement it was fitted on, not the calibrated score
+    for f in (f for f in result.finalists if f.rehearsal is not None):
+        assert f.agreement is not None and f.expected_retention == pytest.approx(
+            expected_retention(f.agreement), abs=1e-3)
     raw = yaml.safe_load((tmp_path / "out" / "plan.yml").read_text())
     MergeConfiguration.model_validate({k: v for k, v in raw.items() if k != "guard"})
     cfg = load_config(tmp_path / "out" / "plan.yml")
@@ -231,7 +237,6 @@ def test_verify_merges_and_evaluates_the_top_finalist(pool_zoo, tmp_path):
 
 
 def test_objective_rules_and_expected_retention():
-    from mergekit_collapse.planner.search import expected_retention, objective
 
     tasks = ["a", "b", "c"]
     small, big = {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.6, "c": 0.4}
@@ -245,3 +250,26 @@ def test_objective_rules_and_expected_retention():
     # expected retention counts a partly kept task: the big merge wins on the mean now
     assert objective(big, tasks, "mean", 0.5, retention=expected_retention(big)) > \
         objective(small, tasks, "mean", 0.5, retention=expected_retention(small))
+    # a judged candidate's expected retention is read at its agreement: a partial score of 0.69
+    # (3 of 5 probes, 90 % of the tokens) is the 0.6 level, not two thirds of the way to 0.8
+    j = Judged(Candidate((0,), "linear", None), Screen({}, {}), {"a": 0.69}, {"a": 0.9}, {"a": 0.6})
+    assert j.predicted == expected_retention({"a": 0.6}) != expected_retention({"a": 0.69})
+
+
+def test_the_benchmarks_random_search_judges_as_the_planner_does(pool_zoo, tmp_path):
+    """`benchmarks/planner.py`'s random search (the planner's baseline at equal budget) rehearses
+    with the planner's own `Rehearser` and objective."""
+    import importlib.util
+
+    from mergekit_collapse.guard.assess import run_guard
+    from mergekit_collapse.planner.space import load_pool
+    from mergekit_collapse.runtime import Runtime
+
+    path = Path(__file__).parents[2] / "benchmarks" / "planner.py"
+    spec = importlib.util.spec_from_file_location("planner_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pool = load_pool(write_pool(pool_zoo, tmp_path))
+    run = run_guard(pool.cfg, runtime=Runtime(dtype="float32", progress=False), rehearse="off")
+    best, seconds = bench.random_search(pool, run, 2, 0, "mean", 0.5)
+    assert best.method in ("linear", "task_arithmetic") and len(best.members) >= 2 and seconds > 0
