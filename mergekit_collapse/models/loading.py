@@ -356,7 +356,7 @@ def swap_adapter(model: Any, peft_model: Any, lora_dir: Path) -> Any:
     try:
         if peft_model is None:
             return PeftModel.from_pretrained(model, lora_dir, adapter_name=name, is_trainable=False)
-        if _same_adapter_shape(peft_model.active_peft_config, PeftConfig.from_pretrained(lora_dir)):
+        if _same_adapter_shape(peft_model, PeftConfig.from_pretrained(lora_dir), lora_dir):
             hotswap_adapter(peft_model, str(lora_dir), peft_model.active_adapter,
                             torch_device=str(model.get_input_embeddings().weight.device))
             return peft_model
@@ -379,12 +379,24 @@ def swap_adapter(model: Any, peft_model: Any, lora_dir: Path) -> Any:
 _ADAPTER_PROVENANCE = ("base_model_name_or_path", "revision", "inference_mode", "peft_version")
 
 
-def _same_adapter_shape(loaded: Any, new: Any) -> bool:
-    """Whether `new` computes as `loaded` does but for its weights: the same LoRA config, apart
-    from where it came from (DoRA's magnitudes are left to peft's own loading)."""
+def _same_adapter_shape(peft_model: Any, config: Any, lora_dir: Path) -> bool:
+    """Whether the adapter in `lora_dir` (its `config`) computes as the loaded one does but for its
+    weights: the same LoRA config apart from where it came from, and tensors of the same shapes
+    (an adapter of another base's width has the same config; peft's loading names the mismatch).
+    DoRA's magnitudes are left to peft's own loading."""
+    from safetensors import safe_open
+
     one, two = ({k: v for k, v in c.to_dict().items() if k not in _ADAPTER_PROVENANCE}
-                for c in (loaded, new))
-    return one == two and one.get("peft_type") == "LORA" and not one.get("use_dora")
+                for c in (peft_model.active_peft_config, config))
+    weights = lora_dir / "adapter_model.safetensors"
+    if one != two or one.get("peft_type") != "LORA" or one.get("use_dora") or \
+            not weights.is_file():
+        return False
+    with safe_open(weights, "pt") as fh:
+        new = sorted(tuple(fh.get_slice(k).get_shape()) for k in fh.keys())  # noqa: SIM118
+    slot = f".{peft_model.active_adapter}."
+    return new == sorted(tuple(p.shape) for n, p in peft_model.named_parameters()
+                         if "lora_" in n and slot in n)
 
 
 def release(*alive: weakref.ref) -> None:
