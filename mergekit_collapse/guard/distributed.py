@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mergekit_collapse._console import is_verbose
 from mergekit_collapse.errors import EXIT_OK, EXIT_UNEXPECTED, BadInputError, CollapseError
@@ -62,6 +62,20 @@ def _close() -> None:
     sys.stderr.flush()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_launched(code: int) -> NoReturn:
+    """End a launched process: run its exit handlers (`_close` among them) while the interpreter is
+    whole, then leave without the interpreter's teardown. Objects that own threads (gloo's, the
+    rendezvous store's) are destroyed in that teardown, and a thread destroyed unjoined aborts the
+    process ("terminate called without an active exception"; the launcher then stops the other
+    processes and their output is lost): destroying the process group at exit made it rare, not
+    impossible (one of four CI runs on 2026-12-06, tests/guard/test_distributed.py)."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_main_process() -> bool:
