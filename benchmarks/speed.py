@@ -49,22 +49,41 @@ DEVICE = {"value": "cpu"}
 # ---------------------------------------------------------------- helpers (any process)
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (kB) in MB; None where there is none."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def _rss_mb() -> float:
     """Peak RSS of this process (VmHWM). Not ru_maxrss: Linux carries the parent's peak across
     fork+exec into the child's ru_maxrss, so a child of a big parent reads the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _anon_mb() -> float:
     """Anonymous resident memory of this process now (RssAnon: heap and tensors; VmHWM also counts
     the file pages that memory-mapped safetensors keep resident, once per mapping)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    anon = _status_mb("RssAnon")
+    return anon if anon is not None else float("nan")
+
+
+def _above_baseline(res: dict[str, Any], baseline: dict[str, Any],
+                    size_mb: float) -> dict[str, float]:
+    """A worker's peak RSS and peak anonymous memory above the baseline worker's, in models."""
+    return {"rss_above_baseline_per_model":
+                (res["peak_rss_mb"] - baseline["peak_rss_mb"]) / size_mb,
+            "anon_above_baseline_per_model":
+                (res["peak_anon_mb"] - baseline["peak_anon_mb"]) / size_mb}
+
+
+#: the memory rows of the table: (what, key)
+MEMORY_ROWS = (("peak RSS", "rss_above_baseline_per_model"),
+               ("peak anonymous memory", "anon_above_baseline_per_model"))
 
 
 class _AnonPeak(threading.Thread):
@@ -521,10 +540,7 @@ def mid_size(work: Path, s: dict[str, Any], n_full: int) -> dict[str, Any]:
         chk = run("check", {"config": str(cfg), "cache": str(cache)}, work,
                   {"MERGEKIT_COLLAPSE_CACHE": str(cache)})
         res[kind] = {"models": len(refs), "guard": chk,
-                     "rss_above_baseline_per_model": (chk["peak_rss_mb"] - res["baseline_rss_mb"])
-                     / size_mb,
-                     "anon_above_baseline_per_model":
-                         (chk["peak_anon_mb"] - res["baseline_anon_mb"]) / size_mb}
+                     **_above_baseline(chk, baseline, size_mb)}
         if kind == "full":
             merge_out = work / "mid" / "merged"
             shutil.rmtree(merge_out, ignore_errors=True)
@@ -649,10 +665,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                               "ratio": chk["seconds"] / mrg["seconds"],
                               "ratio_geometry_only": geo["seconds"] / mrg["seconds"],
                               "ratio_wall": chk["wall_s"] / mrg["wall_s"],
-                              "rss_above_baseline_per_model":
-                                  (chk["peak_rss_mb"] - out["b"]["baseline_rss_mb"]) / size_mb,
-                              "anon_above_baseline_per_model":
-                                  (chk["peak_anon_mb"] - out["b"]["baseline_anon_mb"]) / size_mb}
+                              **_above_baseline(chk, baseline, size_mb)}
         save()
 
     if "m" in sections:
@@ -832,15 +845,11 @@ def table(r: dict[str, Any]) -> str:
                 f"{x['guard']['seconds']:.1f} / {x['mergekit']['seconds']:.1f} s")
             row(f"(b) {kind} ratio, default", f"{x['ratio']:.2f}x",
                 f"<= {tgt:g}x  {_ok(x['ratio'], tgt, False)}")
-            if "rss_above_baseline_per_model" in x:
-                t = TARGETS["c_rss_ratio"]
-                row(f"(b) {kind} guard peak RSS above baseline / one model",
-                    f"{x['rss_above_baseline_per_model']:.2f}x",
-                    f"<= {t:g}x  {_ok(x['rss_above_baseline_per_model'], t, False)}")
-            if "anon_above_baseline_per_model" in x:
-                row(f"(b) {kind} guard peak anonymous memory above baseline / one model",
-                    f"{x['anon_above_baseline_per_model']:.2f}x",
-                    f"<= {t:g}x  {_ok(x['anon_above_baseline_per_model'], t, False)}")
+            t = TARGETS["c_rss_ratio"]
+            for what, key in MEMORY_ROWS:
+                if key in x:
+                    row(f"(b) {kind} guard {what} above baseline / one model", f"{x[key]:.2f}x",
+                        f"<= {t:g}x  {_ok(x[key], t, False)}")
             if "ratio_geometry_only" in x:
                 row(f"(b) {kind} ratio, geometry only (--rehearse off)",
                     f"{x['guard_geometry_only']['seconds']:.1f} s = "
@@ -853,13 +862,10 @@ def table(r: dict[str, Any]) -> str:
             f"{g['seconds']:.1f} s" + (f" / mergekit {x['mergekit']['seconds']:.1f} s = "
                                        f"{x['ratio']:.2f}x" if "mergekit" in x else ""))
         t = TARGETS["c_rss_ratio"]
-        row(f"(m) {kind} guard peak RSS above baseline / one model",
-            f"{x['rss_above_baseline_per_model']:.2f}x",
-            f"<= {t:g}x  {_ok(x['rss_above_baseline_per_model'], t, False)}")
-        if "anon_above_baseline_per_model" in x:
-            row(f"(m) {kind} guard peak anonymous memory above baseline / one model",
-                f"{x['anon_above_baseline_per_model']:.2f}x",
-                f"<= {t:g}x  {_ok(x['anon_above_baseline_per_model'], t, False)}")
+        for what, key in MEMORY_ROWS:
+            if key in x:
+                row(f"(m) {kind} guard {what} above baseline / one model", f"{x[key]:.2f}x",
+                    f"<= {t:g}x  {_ok(x[key], t, False)}")
     if "c" in r:
         c = r["c"]
         row("(c) model size (safetensors)", f"{c['model_size_mb']:.0f} MB")

@@ -19,6 +19,15 @@ REPORT_DIR = "mergeability"
 SHIPPED_DIR = "shipped"
 
 
+#: the variables launchers set to the number of processes (torchrun, MPI implementations)
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched() -> bool:
+    """Is this process one of several started by a launcher?"""
+    return any(int(os.environ.get(v, "1") or 1) > 1 for v in _WORLD_SIZE_VARS)
+
+
 def hook_disabled() -> bool:
     """True when the user switched the mergekit hook off."""
     return os.environ.get(ENV_DISABLE, "").strip().lower() in {"1", "true", "yes", "on"}

@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from mergekit_collapse._console import is_verbose
+from mergekit_collapse._constants import launched
 from mergekit_collapse.errors import EXIT_OK, EXIT_UNEXPECTED, BadInputError, CollapseError
 from mergekit_collapse.guard.extract import extract
 from mergekit_collapse.guard.forward import ExtractionSettings
 from mergekit_collapse.models.loading import WEIGHT_SUFFIXES
 
 __all__ = ["extract_shared", "is_main_process", "launch", "launched", "shares", "world"]
-
-#: the variables launchers set to the number of processes (torchrun, MPI implementations)
-_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def launched() -> bool:
-    """Is this process one of several started by a launcher?"""
-    return any(int(os.environ.get(v, "1") or 1) > 1 for v in _WORLD_SIZE_VARS)
 
 
 def world() -> Any:
@@ -64,18 +57,21 @@ def _close() -> None:
         dist.destroy_process_group()
 
 
-def exit_launched(code: int) -> NoReturn:
-    """End a launched process: run its exit handlers (`_close` among them) while the interpreter is
+def exit_launched(code: int | str | None) -> NoReturn:
+    """End a launched process with `code` (a `SystemExit`'s: a message is printed, exit 1): run
+    its exit handlers (`_close` among them) while the interpreter is
     whole, then leave without the interpreter's teardown. Objects that own threads (gloo's, the
     rendezvous store's) are destroyed in that teardown, and a thread destroyed unjoined aborts the
     process ("terminate called without an active exception"; the launcher then stops the other
     processes and their output is lost): destroying the process group at exit made it rare, not
     impossible (one of four CI runs on 2026-12-06, tests/guard/test_distributed.py)."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(code if isinstance(code, int) else int(code is not None))
 
 
 def is_main_process() -> bool:
