@@ -228,7 +228,8 @@ def w_merge(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     run_merge(MergeConfiguration.model_validate(raw), spec["out"],
               options=MergeOptions(lora_merge_cache=spec["lora_cache"], copy_tokenizer=True,
-                                   quiet=True, cuda=DEVICE["value"] == "cuda"))
+                                   quiet=True, cuda=DEVICE["value"] == "cuda",
+                                   lora_merge_dtype=spec.get("lora_merge_dtype")))
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -512,9 +513,15 @@ MID = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
        "num_attention_heads": 32, "num_key_value_heads": 4, "tie_word_embeddings": False}
 
 
-def mid_size(work: Path, s: dict[str, Any], n_full: int) -> dict[str, Any]:
+def mid_size(work: Path, s: dict[str, Any], n_full: int, lora_merge: bool) -> dict[str, Any]:
     """The default guard (rehearsal on auto) on a random ~1.1B Llama with `n_full` full fine-tunes
-    and 8 LoRAs, beside mergekit's merge of the full fine-tunes: seconds and peak RSS."""
+    and 8 LoRAs, beside mergekit's merge of the full fine-tunes and, with `lora_merge`, of the
+    LoRAs: seconds and peak RSS.
+
+    mergekit merges a LoRA by writing a merged copy of the base per adapter (its
+    `lora_merge_cache`); to fit this machine's disk the copies are bfloat16
+    (`lora_merge_dtype`, which halves what mergekit writes) and the full fine-tunes are deleted
+    before they are written."""
     small = Path(s["base"])
     conf = work / "mid" / "config"
     conf.mkdir(parents=True, exist_ok=True)
@@ -541,13 +548,21 @@ def mid_size(work: Path, s: dict[str, Any], n_full: int) -> dict[str, Any]:
                   {"MERGEKIT_COLLAPSE_CACHE": str(cache)})
         res[kind] = {"models": len(refs), "guard": chk,
                      **_above_baseline(chk, baseline, size_mb)}
-        if kind == "full":
+        if kind == "full" or lora_merge:
+            if kind == "lora":
+                for f in full:
+                    shutil.rmtree(f, ignore_errors=True)
             merge_out = work / "mid" / "merged"
+            lora_cache = _fresh(work, "mid-lora-cache")
             shutil.rmtree(merge_out, ignore_errors=True)
             mrg = run("merge", {"config": str(cfg), "out": str(merge_out),
-                                "lora_cache": str(work / "mid" / "lora-cache")}, work)
+                                "lora_cache": str(lora_cache),
+                                "lora_merge_dtype": "bfloat16" if kind == "lora" else None}, work)
             shutil.rmtree(merge_out, ignore_errors=True)
+            shutil.rmtree(lora_cache, ignore_errors=True)
             res[kind] |= {"mergekit": mrg, "ratio": chk["seconds"] / mrg["seconds"]}
+            if kind == "lora":
+                res[kind]["mergekit_lora_merge_dtype"] = "bfloat16"
     return res
 
 
@@ -669,7 +684,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         save()
 
     if "m" in sections:
-        out["m"] = mid_size(work, s, n_full)
+        out["m"] = mid_size(work, s, n_full, args.mid_lora_merge)
         save()
 
     # (d) scaling in N at a fixed probe set (N=2 also gives (c) at N=2)
@@ -947,6 +962,9 @@ def main(argv: list[str] | None = None) -> int:
                         "base of it (for a machine without the converted SmolLM2)")
     p.add_argument("--sections", default="a,b,c,d,e,f,g,h",
                    help="which sections to run (c needs a, b and d; m: the ~1.1B mid-size case)")
+    p.add_argument("--mid-lora-merge", action="store_true",
+                   help="(m): also time mergekit's merge of the 8 LoRAs (writes 8 bfloat16 copies "
+                        "of the 1.1B base, 18 GB, and deletes the full fine-tunes first)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     OMP_POLICY["value"] = args.omp_wait_policy
