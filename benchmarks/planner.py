@@ -70,7 +70,8 @@ def pool_yaml(zoo: Path, tasks: list[str], args: argparse.Namespace) -> dict[str
         m.pop("parameters", None)
     raw["guard"]["plan"] = {"methods": args.methods.split(","), "weights": [0.5, 1.0],
                             "densities": [0.5], "rehearsals": args.rehearsals,
-                            "refine": args.refine, "objective": args.objective}
+                            "refine": args.refine, "confirm": args.confirm,
+                            "objective": args.objective}
     return raw
 
 
@@ -110,11 +111,13 @@ def evaluate_raw(raw: dict[str, Any], folder: Path, args: argparse.Namespace,
     return ret, time.perf_counter() - t0
 
 
-def random_search(pool: Any, run: Any, n: int, seed: int, rule: str,
-                  floor: float) -> tuple[Any, float]:
-    """The best of `n` random grid candidates by the same rehearsal objective."""
+def random_search(pool: Any, run: Any, n: int, seed: int, rule: str, floor: float,
+                  confirm_top: int = 0) -> tuple[Any, float]:
+    """The best of `n` random grid candidates by the same rehearsal objective, its best
+    `confirm_top` confirmed on the second probe sample as the planner's are."""
+    from mergekit_collapse._console import Progress
     from mergekit_collapse.guard.assess import extraction_settings
-    from mergekit_collapse.planner.search import Rehearser, geometry, valued
+    from mergekit_collapse.planner.search import Rehearser, confirm, geometry, valued
     from mergekit_collapse.planner.space import candidates
 
     t0 = time.perf_counter()
@@ -122,12 +125,11 @@ def random_search(pool: Any, run: Any, n: int, seed: int, rule: str,
     picks = random.Random(seed).sample(cands, min(n, len(cands)))
     reh = Rehearser(pool, geometry(pool, run), run.probes,
                     extraction_settings(pool.cfg, Runtime(dtype="float32")), None)
-    best, best_v = None, float("-inf")
-    for c in picks:
-        v = valued(reh(c), pool.tasks, rule, floor).value
-        if v > best_v:
-            best, best_v = c, v
-    return best, time.perf_counter() - t0
+    judged = sorted((valued(reh(c), pool.tasks, rule, floor) for c in picks),
+                    key=lambda j: -j.value)
+    judged = confirm(judged, lambda j: valued(reh.confirmed(j), pool.tasks, rule, floor),
+                     confirm_top, progress=Progress("confirm", 0, enabled=False))
+    return judged[0].candidate, time.perf_counter() - t0
 
 
 def dev_split(zoo: Path, work: Path) -> Path:
@@ -237,6 +239,7 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
     pick_dump = result.finalists[0].model_dump(exclude={"relative_distortion", "proxy"})
     row["planner"] = {"pick": pick_dump,
                       "rehearsed": result.rehearsed, "screened": result.screened,
+                      "confirmed": sum(f.confirmed for f in result.finalists),
                       "seconds": result.seconds}
     pool = load_pool(path)
     f = result.finalists[0]
@@ -248,7 +251,7 @@ def one_pool(zoo: Path, tasks: list[str], i: int, args: argparse.Namespace,
                        **score(ret, tasks)}
     run = run_guard(pool.cfg, runtime=Runtime(dtype="float32", progress=False), rehearse="off")
     rnd, rsec = random_search(pool, run, result.rehearsed, args.seed, args.objective,
-                              check_floor(pool.space.floor))
+                              check_floor(pool.space.floor), pool.space.confirm)
     ret, sec = evaluate(pool, rnd, work / "merges" / "random", args)
     row["random"] = {"name": describe(pool, rnd), "seconds": round(rsec, 1), "observed": ret,
                      "eval_seconds": round(sec, 1), "load": load(), **score(ret, tasks)}
@@ -311,11 +314,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         name = f"{len(r['pool'])}: " + "+".join(r["pool"])
         p = r["planner"]
-        out.append(f"| {name} | **planner** ({p['rehearsed']} rehearsals) | {p['name']} | "
+        budget = f"{p['rehearsed']} rehearsals" + (f", {c} confirmed" if (c := p.get("confirmed"))
+                                                   else "")
+        out.append(f"| {name} | **planner** ({budget}) | {p['name']} | "
                    f"**{p['mean']:.3f}** | {p['kept']} | {r['planner_seconds']:.0f} | "
                    f"{r['planner_load']} |")
         q = r["random"]
-        out.append(f"| | random search ({p['rehearsed']} rehearsals) | {q['name']} | "
+        out.append(f"| | random search ({budget}) | {q['name']} | "
                    f"{q['mean']:.3f} | {q['kept']} | {q['seconds']:.0f} | {q['load']} |")
         for m, s in r["uniform"].items():
             where = "measured now" if s.get("measured_now") else "records"
@@ -357,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="linear,task_arithmetic,ties")
     p.add_argument("--rehearsals", type=int, default=6)
     p.add_argument("--refine", type=int, default=2)
+    p.add_argument("--confirm", type=int, default=3,
+                   help="the best N rehearsed again on a second probe sample (planner and random "
+                        "search alike; 0: off, as before 2026-12-06)")
     p.add_argument("--objective", default="mean")
     p.add_argument("--limit", type=int, default=24, help="lm-eval documents per task")
     p.add_argument("--eval-dtype", default="float32")

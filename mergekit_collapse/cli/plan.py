@@ -27,6 +27,9 @@ from mergekit_collapse.cli.options import options, runtime_options, runtime_spec
                    "guard.plan.seconds, else none).")
 @click.option("--refine", type=click.IntRange(min=0), default=None,
               help="Rehearsals spent refining the best candidate's weights (optuna TPE).")
+@click.option("--confirm", type=click.IntRange(min=0), default=None,
+              help="Rehearse the best N again on a second sample of probes and rank them on both "
+                   "(default: guard.plan.confirm, else 3; 0: off).")
 @click.option("--methods", default=None,
               help="Comma-separated merge methods to try (default: guard.plan.methods, else those "
                    "mergekit accepts for the pool among linear, task_arithmetic, ties, dare_ties, "
@@ -38,7 +41,7 @@ from mergekit_collapse.cli.options import options, runtime_options, runtime_spec
 @options(runtime_specs("device", "dtype", "cache_dir", "no_progress"))
 def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | None,
          max_rehearsals: int | None, max_seconds: float | None, refine: int | None,
-         methods: str | None, verify: int,
+         confirm: int | None, methods: str | None, verify: int,
          verify_limit: int, **params: Any) -> None:
     """Search POOL's subsets, methods and weights for the config predicted to keep the most tasks.
 
@@ -52,7 +55,7 @@ def plan(pool: str, out_dir: str | None, objective: str | None, floor: float | N
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     result = run_plan(pool, out=out_dir, objective=objective, floor=floor,
                       max_rehearsals=max_rehearsals, max_seconds=max_seconds, refine=refine,
-                      methods=names, verify=verify,
+                      confirm=confirm, methods=names, verify=verify,
                       verify_limit=verify_limit, runtime=runtime_options(params).runtime())
     rows = []
     for f in result.finalists[:10]:

@@ -147,6 +147,25 @@ def build_probes(cfg: LoadedConfig, *, models: list[Any] | None = None) -> Probe
                     chat_template=g.chat_template)
 
 
+def more_probes(cfg: LoadedConfig, probes: ProbeSet) -> ProbeSet:
+    """A second sample of k probes per task of `probes`, disjoint from it (seeded apart from the
+    first: the planner's confirmation), for the tasks of `cfg`. A task with no probe left
+    contributes none."""
+    g = cfg.guard
+    used = set(probes.texts)
+    specs = {spec.name: spec for spec in g.tasks.values()}
+    texts: list[str] = []
+    tasks: list[str] = []
+    for name in (n for n in dict.fromkeys(probes.tasks) if n in specs):
+        spec = specs[name]
+        pool = [t for t in task_texts(spec, cfg) if t not in used]
+        picked = random.Random(f"{g.seed}:{name}:more").sample(pool, min(g.k, len(pool)))
+        texts.extend(picked)
+        tasks.extend([name] * len(picked))
+    return ProbeSet(texts=tuple(texts), tasks=tuple(tasks), k=g.k, seed=g.seed,
+                    chat_template=g.chat_template)
+
+
 def format_probes(texts: tuple[str, ...] | list[str], tokenizer: Any,
                   chat_template: bool) -> list[str]:
     """Wrap each probe as a user turn of the tokenizer's chat template, when asked and available."""

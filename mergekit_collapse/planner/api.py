@@ -59,6 +59,8 @@ class Finalist(BaseModel):
     expected_retention: dict[str, float] = Field(description=(
         "by task: at its rehearsal agreement (search.RETENTION_AT_LEVEL), else the screen's proxy"))
     objective: float
+    confirmed: bool = Field(default=False, description=(
+        "rehearsed on a second sample of k probes per task too: its evidence is over both"))
     rehearsal_seconds: float
     observed: dict[str, float] | None = Field(default=None,
                                               description="--verify: lm-eval retention by task")
@@ -108,7 +110,8 @@ def _finalist(pool: Pool, rank: int, j: Judged) -> Finalist:
                     rehearsal=j.rehearsal, token_agreement=j.token_agreement,
                     agreement=j.agreement,
                     expected_retention={t: round(v, 3) for t, v in j.predicted.items()},
-                    objective=j.value, rehearsal_seconds=round(j.seconds, 2), observed=j.observed,
+                    objective=j.value, confirmed=j.confirmed,
+                    rehearsal_seconds=round(j.seconds, 2), observed=j.observed,
                     verify_seconds=j.verify_seconds)
 
 
@@ -124,6 +127,9 @@ def _why(pool: Pool, best: Judged, ranked: list[Judged], rule: str, floor: float
     text = (f"best {rule} of {sum(j.rehearsal is not None for j in ranked) or len(ranked)} judged "
             f"({source}): keeps {kept}/{len(pool.tasks)} tasks above {floor:g}, expected retention "
             f"mean {mean:.2f}, worst {worst:.2f}")
+    if best.confirmed:
+        others = sum(j.confirmed for j in ranked) - 1
+        text += f" (ranked first again on a second sample of probes, with the {others} next best)"
     uniform = next((j for j in ranked if j.rehearsal is not None and
                     len(j.candidate.members) == len(pool.tasks) and j is not best), None)
     if uniform is not None:
@@ -144,7 +150,7 @@ def _space(pool: Pool, methods: list[str], n_subsets: int) -> str:
 
 def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObjective | None = None,
          floor: float | None = None, max_rehearsals: int | None = None, refine: int | None = None,
-         max_seconds: float | None = None,
+         max_seconds: float | None = None, confirm: int | None = None,
          methods: list[str] | None = None, verify: int = 0, verify_limit: int | None = 24,
          runtime: Runtime | None = None) -> PlanResult:
     """Find the mergekit config of a pool predicted to keep the most of its tasks, without labels.
@@ -154,7 +160,7 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
             probes, `guard.plan` the search space (`PlanSpace`); its own method and weights, if
             any, are one candidate.
         out: where to write plan.yml, plan.json and plan.md (None: write nothing).
-        objective, floor, max_rehearsals, refine, methods: override `guard.plan`'s;
+        objective, floor, max_rehearsals, refine, confirm, methods: override `guard.plan`'s;
             max_seconds overrides `guard.plan.seconds` (the time budget).
         verify: merge and lm-eval the top `verify` finalists (needs each task's `eval`).
         verify_limit: lm-eval documents per task for `verify`.
@@ -171,7 +177,7 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
 
     t0 = time.perf_counter()
     p = load_pool(pool)
-    _override_space(p, objective, floor, max_rehearsals, refine, max_seconds)
+    _override_space(p, objective, floor, max_rehearsals, refine, max_seconds, confirm)
     if out is not None:
         check_writable(out, "plan folder")
     names = check_space(p, methods)
@@ -184,7 +190,8 @@ def plan(pool: str | Path, *, out: str | Path | None = None, objective: PlanObje
     settings = extraction_settings(p.cfg, rt)
     seconds = {"hidden states": round(time.perf_counter() - t0, 2)}
     ranked, stage = search(p, run, cands, rule=rule, floor=floor_, rehearsals=p.space.rehearsals,
-                           refine_trials=p.space.refine, own=own, settings=settings,
+                           refine_trials=p.space.refine, confirm_top=p.space.confirm, own=own,
+                           settings=settings,
                            cache_dir=rt.cache_dir, progress=rt.progress, deadline=deadline)
     seconds |= {k: round(v, 2) for k, v in stage.items()}
     _add_own_rehearsal(seconds, own, run.report)
@@ -220,7 +227,8 @@ def _partition(p: Pool, run: Any, names: list[str], ranked: list[Judged], rehear
         if not cands:
             break
         found, _ = search(sub, run, cands, rule=sp.objective, floor=floor, rehearsals=left,
-                          refine_trials=min(sp.refine, left), own=None, settings=settings,
+                          refine_trials=min(sp.refine, left), confirm_top=sp.confirm,
+                          own=None, settings=settings,
                           cache_dir=rt.cache_dir, progress=rt.progress, deadline=deadline)
         left = max(left - sum(j.rehearsal is not None for j in found), 0)
         judged = [j for j in [*_carried(p, sub, ranked, floor), *found] if j.rehearsal is not None]
@@ -252,13 +260,13 @@ def _carried(p: Pool, sub: Pool, ranked: list[Judged], floor: float) -> list[Jud
 
 def _override_space(p: Pool, objective: PlanObjective | None, floor: float | None,
                     max_rehearsals: int | None, refine: int | None,
-                    seconds: float | None = None) -> None:
+                    seconds: float | None = None, confirm: int | None = None) -> None:
     """Apply the options that override `guard.plan` to the pool's search space."""
     if max_rehearsals is not None and refine is None:  # a smaller budget shrinks the refinement
         refine = min(p.space.refine, max_rehearsals)
     update = {k: v for k, v in {"objective": objective, "floor": floor,
                                 "rehearsals": max_rehearsals, "refine": refine,
-                                "seconds": seconds}.items()
+                                "seconds": seconds, "confirm": confirm}.items()
               if v is not None}
     if update:
         try:
@@ -385,7 +393,9 @@ def markdown(result: PlanResult) -> str:
              + (f"; keep apart: {', '.join(result.kept_apart)}" if result.kept_apart else ""), "",
              f"- objective: {s.objective} (floor {s.floor:g}); {s.why}",
              f"- search space: {s.space}",
-             f"- screened {s.screened} candidates with the geometry, rehearsed {s.rehearsed}",
+             f"- screened {s.screened} candidates with the geometry, rehearsed {s.rehearsed}"
+             + (f", the best {n} again on a second sample of probes"
+                if (n := sum(f.confirmed for f in result.finalists)) else ""),
              "- cost: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
              "- a merge-and-evaluate search over the same candidates: "
              + (f"{result.labelled_search_seconds:.0f} s ({result.labelled_search_basis})"
@@ -399,7 +409,8 @@ def markdown(result: PlanResult) -> str:
     for f in result.finalists:
         w = "/".join(f"{x:g}" for x in f.weights) if f.weights else "—"
         w += f" × ramp {'→'.join(f'{x:g}' for x in f.ramp)}" if f.ramp else ""
-        lines.append(f"| {f.rank} | {f.origin} | {f.method} | {', '.join(f.tasks)} | {w} | "
+        origin = f.origin + (" (confirmed)" if f.confirmed else "")
+        lines.append(f"| {f.rank} | {origin} | {f.method} | {', '.join(f.tasks)} | {w} | "
                      f"{'—' if f.density is None else f'{f.density:g}'} | "
                      f"{_cell(f.relative_distortion, f.tasks)} | {_cell(f.rehearsal, f.tasks)} | "
                      f"{_cell(f.expected_retention, f.tasks)} | "

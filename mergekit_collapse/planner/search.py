@@ -55,6 +55,7 @@ class Judged:
     agreement: dict[str, float] | None = None  # by task: what RETENTION_AT_LEVEL is fitted on
     seconds: float = 0.0  # the rehearsal's merge + compare time
     value: float = float("-inf")  # the objective (rehearsal when rehearsed, else the screen)
+    confirmed: bool = False  # rehearsed on the second probe sample too, its evidence pooled
     observed: dict[str, float] | None = None  # --verify: lm-eval retention by task
     verify_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -127,32 +128,90 @@ class Rehearser:
     def __init__(self, pool: Pool, geo: Geometry, probes: Any, settings: Any,
                  cache_dir: Path | None):
         from mergekit_collapse.guard.assess import probes_by_model
+        from mergekit_collapse.guard.probes import more_probes
 
         self.pool, self.geo, self.settings, self.cache_dir = pool, geo, settings, cache_dir
         self.probes = probes_by_model(pool.cfg, probes)
+        self.more = probes_by_model(pool.cfg, more_probes(pool.cfg, probes))
         cal = load_calibration()
         self.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_agreement"
         self.count, self.seconds = 0, 0.0
 
     def __call__(self, c: Candidate) -> Judged:
         """`c` judged by its rehearsal (its value left to the caller)."""
+        by, dt = self._rehearse(c, self.probes)
+        return self._judged(c, by, dt)
+
+    def confirmed(self, j: Judged) -> Judged:
+        """`j` (rehearsed) rehearsed again on the second probe sample; its evidence pooled over
+        both samples, each weighted by its probe count; its seconds the two rehearsals'."""
+        from mergekit_collapse.guard.rehearsal import partial_credit
+
+        more, dt = self._rehearse(j.candidate, self.more)
+        first = {t: {"rehearsal_agreement": j.agreement[t], self.score: j.rehearsal[t],
+                     "rehearsal_token_agreement": j.token_agreement[t]} for t in j.agreement}
+        pooled = {}
+        for i in j.candidate.members:
+            task, ref = self.pool.tasks[i], str(self.pool.cfg.models[i])
+            n, m = len(self.probes[ref]), len(self.more[ref])
+            if m == 0:  # a task with no probe left: its first sample is all there is
+                pooled[task] = first[task]
+                continue
+            x = {k: (v * n + more[task][k] * m) / (n + m) for k, v in first[task].items()}
+            if self.score == "rehearsal_partial":  # not a mean: its token term is 1/(2 probes)
+                x[self.score] = partial_credit(x["rehearsal_agreement"],
+                                               x["rehearsal_token_agreement"], n + m)
+            pooled[task] = x
+        return replace(self._judged(j.candidate, pooled, j.seconds + dt), confirmed=True)
+
+    def _rehearse(self, c: Candidate,
+                  probes: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], float]:
+        """The rehearsal's summaries by task on `probes` (of the members that have probes),
+        and its seconds."""
         from mergekit_collapse.guard.rehearsal import rehearse
 
         g = self.pool.cfg.guard
-        models = [self.pool.cfg.models[i] for i in c.members]
+        members = [i for i in c.members if probes[str(self.pool.cfg.models[i])]]
+        models = [self.pool.cfg.models[i] for i in members]
         t0 = time.perf_counter()
         r = rehearse(merge_of(candidate_raw(self.pool, c)), models,
-                     {str(m): self.probes[str(m)] for m in models}, self.settings,
+                     {str(m): probes[str(m)] for m in models}, self.settings,
                      answer_tokens=g.answer_tokens, seed=g.seed, cache_dir=self.cache_dir,
                      progress=False)
         dt = time.perf_counter() - t0
         self.count += 1
         self.seconds += dt
-        by = dict(zip([self.pool.tasks[i] for i in c.members],
-                      [r.models[str(m)] for m in models], strict=True))
+        return {self.pool.tasks[i]: r.models[str(m)]
+                for i, m in zip(members, models, strict=True)}, dt
+
+    def _judged(self, c: Candidate, by: dict[str, dict[str, float]], dt: float) -> Judged:
         return Judged(c, self.geo.screen(c), {t: x[self.score] for t, x in by.items()},
                       {t: x["rehearsal_token_agreement"] for t, x in by.items()},
                       {t: x["rehearsal_agreement"] for t, x in by.items()}, dt)
+
+
+def confirm(done: list[Judged], judge: Callable[[Judged], Judged], n: int, *,
+            progress: Progress, deadline: float = float("inf")) -> list[Judged]:
+    """The best `n` of `done` (best first) rehearsed again on more probes and re-ranked on both
+    samples, ahead of the rest: the winner is the best confirmed candidate. Nothing changes with
+    fewer than two rehearsed candidates (no choice to confirm)."""
+    top = [j for j in done if j.rehearsal is not None][:n]
+    if len(top) < 2:
+        return done
+    out = []
+    for j in top:
+        if time.perf_counter() > deadline:
+            break
+        label = f"confirm {_describe(j.candidate)}"
+        progress.start(label)
+        out.append(judge(j))
+        progress.done(label, seconds=out[-1].seconds - j.seconds,
+                      note=f"objective {j.value:.3f} → {out[-1].value:.3f}")
+    ids = {id(j) for j in top[:len(out)]}
+    rest = [j for j in done if id(j) not in ids]
+    if len(out) < 2:  # the time budget cut it short: one sample's ranking is all there is
+        return sorted(out + rest, key=lambda j: -j.value)
+    return sorted(out, key=lambda j: -j.value) + rest
 
 
 def refine(best: Judged, judge: Callable[[Candidate], Judged], trials: int, *, seed: int,
@@ -215,7 +274,8 @@ def geometry(pool: Pool, run: Any) -> Geometry:
 
 
 def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: float,
-           rehearsals: int, refine_trials: int, own: Candidate | None, settings: Any,
+           rehearsals: int, refine_trials: int, confirm_top: int, own: Candidate | None,
+           settings: Any,
            cache_dir: Path | None, progress: bool = True,
            deadline: float = float("inf")) -> tuple[list[Judged], dict[str, float]]:
     """Screen all, rehearse the best picks, refine the winner; no rehearsal starts after
@@ -226,6 +286,7 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
             written, when it ran). cands: the grid. own: the config as written, as a candidate.
         rule, floor: the objective. rehearsals: the budget, refinement included.
         refine_trials: rehearsals spent on refinement.
+        confirm_top: the best this many rehearsed again on a second probe sample (`confirm`).
 
     Returns:
         (every judged candidate, best first; seconds by stage).
@@ -244,11 +305,15 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     def judge(c: Candidate) -> Judged:
         return valued(rehearser(c), pool.tasks, rule, floor)
 
+    def judge_again(j: Judged) -> Judged:
+        return valued(rehearser.confirmed(j), pool.tasks, rule, floor)
+
     done = _judge_own(own, run.report, rehearser.score, geo, pool.tasks, rule, floor)
     budget = max(rehearsals - refine_trials - len(done), 0)
     ranked = [j for j in judged if own is None or j.candidate.key() != own.key()]
     picks = pick_for_rehearsal(ranked, budget, len(pool.refs) if not done else 0)
-    total = len(picks) + (refine_trials if picks or done else 0)
+    confirm_top = confirm_top if any(rehearser.more.values()) else 0  # no probe left to confirm on
+    total = len(picks) + (refine_trials + confirm_top if picks or done else 0)
     bar = Progress("rehearse", total, enabled=progress)
     t1 = time.perf_counter()
     for j in picks:
@@ -265,8 +330,12 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
         done += refine(done[0], judge, refine_trials, seed=pool.cfg.guard.seed,
                        weights=pool.space.weights, progress=bar, deadline=deadline)
         seconds["refine"] = time.perf_counter() - t2
-    bar.close()
     done.sort(key=lambda j: -j.value)
+    if confirm_top:
+        t3 = time.perf_counter()
+        done = confirm(done, judge_again, confirm_top, progress=bar, deadline=deadline)
+        seconds["confirm"] = time.perf_counter() - t3
+    bar.close()
     keys = {j.candidate.key() for j in done}
     return done + [j for j in judged if j.candidate.key() not in keys], seconds
 

@@ -18,7 +18,7 @@ from mergekit_collapse.planner.search import Judged, expected_retention, objecti
 from mergekit_collapse.planner.space import Candidate, Screen
 
 PROBES = ["the cat sat on", "one two three", "hello there", "a b c d", "zero one", "red green",
-          "blue sky", "five six seven"]
+          "blue sky", "five six seven", "up and down", "left right", "big small", "yes no maybe"]
 NAMES = ("near1", "near2", "far")
 
 
@@ -31,7 +31,8 @@ def pool_zoo(tiny_zoo, tmp_path_factory) -> dict[str, Path]:
     return zoo
 
 
-def write_pool(zoo, tmp_path: Path, *, method: str | None = None, names=NAMES, **space) -> Path:
+def write_pool(zoo, tmp_path: Path, *, method: str | None = None, names=NAMES, per_task: int = 2,
+               **space) -> Path:
     raw: dict = {"base_model": str(zoo["base"]), "dtype": "float32",
                  "models": [{"model": str(zoo[n])} for n in names]}
     if method is not None:
@@ -39,7 +40,8 @@ def write_pool(zoo, tmp_path: Path, *, method: str | None = None, names=NAMES, *
         for m in raw["models"]:
             m["parameters"] = {"weight": 1.0}
     raw["guard"] = {"k": 2, "answer_tokens": 4, "tasks": {
-        str(zoo[n]): {"name": n, "probes": PROBES[2 * i: 2 * i + 2]} for i, n in enumerate(names)},
+        str(zoo[n]): {"name": n, "probes": PROBES[per_task * i: per_task * (i + 1)]}
+        for i, n in enumerate(names)},
         "plan": {"methods": ["linear", "task_arithmetic"], "weights": [1.0], "rehearsals": 4,
                  "refine": 0, **space}}
     path = tmp_path / "pool.yml"
@@ -254,6 +256,57 @@ def test_objective_rules_and_expected_retention():
     # (3 of 5 probes, 90 % of the tokens) is the 0.6 level, not two thirds of the way to 0.8
     j = Judged(Candidate((0,), "linear", None), Screen({}, {}), {"a": 0.69}, {"a": 0.9}, {"a": 0.6})
     assert j.predicted == expected_retention({"a": 0.6}) != expected_retention({"a": 0.69})
+
+
+def test_the_best_are_confirmed_on_a_second_probe_sample(pool_zoo, tmp_path):
+    """`confirm`: the best rehearsed candidates are rehearsed again on k other probes per task
+    (seeded, disjoint from the first k) and ranked on both samples; the winner is one of them."""
+    from dataclasses import replace
+
+    from mergekit_collapse.guard.assess import extraction_settings, probes_by_model, run_guard
+    from mergekit_collapse.guard.probes import build_probes, more_probes
+    from mergekit_collapse.guard.rehearsal import partial_credit, rehearse
+    from mergekit_collapse.planner.search import Rehearser, geometry
+    from mergekit_collapse.planner.space import candidate_raw, load_pool, merge_of
+    from mergekit_collapse.runtime import Runtime
+
+    path = write_pool(pool_zoo, tmp_path, per_task=4, rehearsals=4, confirm=2)
+    pool = load_pool(path)
+    cfg = pool.cfg
+    first = build_probes(cfg)
+    more = more_probes(cfg, first)
+    assert more.tasks == first.tasks and not set(more.texts) & set(first.texts)
+    assert more == more_probes(cfg, first)  # seeded
+    once = plan(path, out=tmp_path / "once", runtime=QUIET32, confirm=0)
+    result = plan(path, out=tmp_path / "out", runtime=QUIET32)
+    assert [f.confirmed for f in result.finalists[:3]] == [True, True, False]
+    assert not any(f.confirmed for f in once.finalists)
+    assert "(confirmed)" in (tmp_path / "out" / "plan.md").read_text()
+    # a confirmed candidate's evidence is pooled over both samples (2 probes each), the partial
+    # score recomputed over 4 probes; first-sample values set by hand so that the pooling shows
+    run = run_guard(cfg, runtime=Runtime(dtype="float32", progress=False), rehearse="off")
+    rehearser = Rehearser(pool, geometry(pool, run), run.probes,
+                          extraction_settings(cfg, QUIET32), None)
+    c = Candidate((0, 2), "linear", None, None)
+    j = rehearser(c)
+    j = replace(j, agreement=dict.fromkeys(j.agreement, 0.5),
+                token_agreement=dict.fromkeys(j.agreement, 0.25),
+                rehearsal=dict.fromkeys(j.agreement, 0.5625))
+    k = rehearser.confirmed(j)
+    models = [cfg.models[i] for i in c.members]
+    second = rehearse(merge_of(candidate_raw(pool, c)), models,
+                      {str(m): probes_by_model(cfg, more)[str(m)] for m in models},
+                      extraction_settings(cfg, QUIET32), answer_tokens=4, progress=False)
+    for t, m in zip(k.agreement, models, strict=True):
+        x = second.models[str(m)]
+        assert k.agreement[t] == pytest.approx((0.5 + x["rehearsal_agreement"]) / 2)
+        assert k.token_agreement[t] == pytest.approx((0.25 + x["rehearsal_token_agreement"]) / 2)
+        assert k.rehearsal[t] == pytest.approx(
+            partial_credit(k.agreement[t], k.token_agreement[t], 4))
+    assert k.confirmed and k.seconds > j.seconds
+    # two probes per task and k = 2: no probe is left, nothing is confirmed
+    plain = plan(write_pool(pool_zoo, tmp_path, rehearsals=4, confirm=2), runtime=QUIET32)
+    assert not any(f.confirmed for f in plain.finalists)
 
 
 def test_the_benchmarks_random_search_judges_as_the_planner_does(pool_zoo, tmp_path):
