@@ -129,7 +129,8 @@ def _why(pool: Pool, best: Judged, ranked: list[Judged], rule: str, floor: float
             f"mean {mean:.2f}, worst {worst:.2f}")
     if best.confirmed:
         others = sum(j.confirmed for j in ranked) - 1
-        text += f" (ranked first again on a second sample of probes, with the {others} next best)"
+        text += (f" (confirmed: ranked over a second sample of probes too, with the {others} "
+                 "next best)")
     uniform = next((j for j in ranked if j.rehearsal is not None and
                     len(j.candidate.members) == len(pool.tasks) and j is not best), None)
     if uniform is not None:

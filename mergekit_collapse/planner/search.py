@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +129,21 @@ class Rehearser:
     def __init__(self, pool: Pool, geo: Geometry, probes: Any, settings: Any,
                  cache_dir: Path | None):
         from mergekit_collapse.guard.assess import probes_by_model
-        from mergekit_collapse.guard.probes import more_probes
 
         self.pool, self.geo, self.settings, self.cache_dir = pool, geo, settings, cache_dir
+        self.sample = probes
         self.probes = probes_by_model(pool.cfg, probes)
-        self.more = probes_by_model(pool.cfg, more_probes(pool.cfg, probes))
         cal = load_calibration()
         self.score = cal.rehearsal.score if cal.rehearsal else "rehearsal_agreement"
         self.count, self.seconds = 0, 0.0
+
+    @cached_property
+    def more(self) -> dict[str, list[str]]:
+        """The second probe sample (`guard.probes.more_probes`) by model, read when first asked."""
+        from mergekit_collapse.guard.assess import probes_by_model
+        from mergekit_collapse.guard.probes import more_probes
+
+        return probes_by_model(self.pool.cfg, more_probes(self.pool.cfg, self.sample))
 
     def __call__(self, c: Candidate) -> Judged:
         """`c` judged by its rehearsal (its value left to the caller)."""
@@ -312,7 +320,8 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
     budget = max(rehearsals - refine_trials - len(done), 0)
     ranked = [j for j in judged if own is None or j.candidate.key() != own.key()]
     picks = pick_for_rehearsal(ranked, budget, len(pool.refs) if not done else 0)
-    confirm_top = confirm_top if any(rehearser.more.values()) else 0  # no probe left to confirm on
+    if confirm_top and not any(rehearser.more.values()):
+        confirm_top = 0  # no probe left to confirm on
     total = len(picks) + (refine_trials + confirm_top if picks or done else 0)
     bar = Progress("rehearse", total, enabled=progress)
     t1 = time.perf_counter()

@@ -87,9 +87,11 @@ def test_two_merges_when_one_keeps_tasks_apart(pool_zoo, tmp_path):
     zoo = {**pool_zoo, **{f"{n}_twin": make_finetune(pool_zoo[n], tmp_path / f"{n}_twin", seed=4,
                                                      scale=0.0001) for n in ("near1", "far")}}
     names = ("near1", "near1_twin", "far", "far_twin")
-    result = plan(write_pool(zoo, tmp_path, names=names, rehearsals=12, max_merges=2),
+    # three probes per task, k = 2: the second merge's search confirms on the probe left over
+    result = plan(write_pool(zoo, tmp_path, names=names, per_task=3, rehearsals=12, max_merges=2),
                   out=tmp_path / "out", runtime=QUIET32)
     first, (second,) = result.finalists[0], result.further
+    assert first.confirmed and second.finalist.confirmed
     assert sorted([sorted(first.tasks), sorted(second.finalist.tasks)]) == [
         ["far", "far_twin"], ["near1", "near1_twin"]]
     assert result.kept_apart == [] and second.file == "plan-2.yml"
