@@ -28,8 +28,8 @@ from mergekit_collapse.cli.options import options, runtime_options, runtime_spec
 @click.option("--refine", type=click.IntRange(min=0), default=None,
               help="Rehearsals spent refining the best candidate's weights (optuna TPE).")
 @click.option("--confirm", type=click.IntRange(min=0), default=None,
-              help="Rehearse the best N again on a second sample of probes and rank them on both "
-                   "(default: guard.plan.confirm, else 3; 0: off).")
+              help="Rehearse the N best merges again on a second sample of probes, rank them on "
+                   "both (default: guard.plan.confirm, else 3; 0: off).")
 @click.option("--methods", default=None,
               help="Comma-separated merge methods to try (default: guard.plan.methods, else those "
                    "mergekit accepts for the pool among linear, task_arithmetic, ties, dare_ties, "

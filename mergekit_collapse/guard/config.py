@@ -119,9 +119,10 @@ class PlanSpace(_Strict):
     refine: int = Field(default=3, ge=0, description=(
         "of those, rehearsals spent refining the best candidate's weights with optuna's TPE"))
     confirm: int = Field(default=3, ge=0, description=(
-        "the best rehearsed candidates rehearsed again on a second sample of k probes per task "
-        "and ranked on both samples: with k probes a task's agreement moves in steps of 1/k, so "
-        "near-equal finalists are told apart by more answers (0: off)"))
+        "the best of this many best rehearsed merges (a subset with a method) rehearsed again on "
+        "a second sample of k probes per task and ranked on both samples: with k probes a task's "
+        "agreement moves in steps of 1/k, so near-equal finalists are told apart by more answers "
+        "(0: off)"))
     max_merges: int = Field(default=1, ge=1, description=(
         "at most this many merges: when the best merge keeps tasks apart, the next merge is "
         "planned over those (greedily, with the rehearsals left) and kept when it is predicted "

@@ -200,10 +200,15 @@ class Rehearser:
 
 def confirm(done: list[Judged], judge: Callable[[Judged], Judged], n: int, *,
             progress: Progress, deadline: float = float("inf")) -> list[Judged]:
-    """The best `n` of `done` (best first) rehearsed again on more probes and re-ranked on both
-    samples, ahead of the rest: the winner is the best confirmed candidate. Nothing changes with
-    fewer than two rehearsed candidates (no choice to confirm)."""
-    top = [j for j in done if j.rehearsal is not None][:n]
+    """The best of each of the `n` best merges in `done` (best first; a merge is a subset and a
+    method, so refined weights of one merge count once) rehearsed again on more probes and
+    re-ranked on both samples, ahead of the rest: the winner is the best confirmed candidate.
+    Nothing changes with fewer than two such merges (no choice to confirm)."""
+    top: list[Judged] = []
+    for j in (j for j in done if j.rehearsal is not None):
+        if len(top) < n and (j.candidate.members, j.candidate.method) not in \
+                {(t.candidate.members, t.candidate.method) for t in top}:
+            top.append(j)
     if len(top) < 2:
         return done
     out = []

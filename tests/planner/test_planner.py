@@ -261,8 +261,9 @@ def test_objective_rules_and_expected_retention():
 
 
 def test_the_best_are_confirmed_on_a_second_probe_sample(pool_zoo, tmp_path):
-    """`confirm`: the best rehearsed candidates are rehearsed again on k other probes per task
-    (seeded, disjoint from the first k) and ranked on both samples; the winner is one of them."""
+    """`confirm`: the best of the best rehearsed merges (a subset and a method: refined weights
+    count once) are rehearsed again on k other probes per task (seeded, disjoint from the first k)
+    and ranked on both samples; the winner is one of them."""
     from dataclasses import replace
 
     from mergekit_collapse.guard.assess import extraction_settings, probes_by_model, run_guard
@@ -272,7 +273,7 @@ def test_the_best_are_confirmed_on_a_second_probe_sample(pool_zoo, tmp_path):
     from mergekit_collapse.planner.space import candidate_raw, load_pool, merge_of
     from mergekit_collapse.runtime import Runtime
 
-    path = write_pool(pool_zoo, tmp_path, per_task=4, rehearsals=4, confirm=2)
+    path = write_pool(pool_zoo, tmp_path, per_task=4, rehearsals=5, refine=2, confirm=2)
     pool = load_pool(path)
     cfg = pool.cfg
     first = build_probes(cfg)
@@ -282,6 +283,9 @@ def test_the_best_are_confirmed_on_a_second_probe_sample(pool_zoo, tmp_path):
     once = plan(path, out=tmp_path / "once", runtime=QUIET32, confirm=0)
     result = plan(path, out=tmp_path / "out", runtime=QUIET32)
     assert [f.confirmed for f in result.finalists[:3]] == [True, True, False]
+    first, second = result.finalists[:2]
+    assert (first.method, first.tasks) != (second.method, second.tasks)  # two merges, not clones
+    assert any(f.origin == "refine" for f in result.finalists)
     assert not any(f.confirmed for f in once.finalists)
     assert "(confirmed)" in (tmp_path / "out" / "plan.md").read_text()
     # a confirmed candidate's evidence is pooled over both samples (2 probes each), the partial
@@ -309,6 +313,30 @@ def test_the_best_are_confirmed_on_a_second_probe_sample(pool_zoo, tmp_path):
     # two probes per task and k = 2: no probe is left, nothing is confirmed
     plain = plan(write_pool(pool_zoo, tmp_path, rehearsals=4, confirm=2), runtime=QUIET32)
     assert not any(f.confirmed for f in plain.finalists)
+
+
+def test_confirm_takes_the_best_of_each_merge_not_its_refined_clones():
+    """Of the rehearsed candidates, `confirm` re-judges the best of the `n` best merges (a refined
+    twin of a merge already taken is passed over) and ranks them, re-judged, ahead of the rest."""
+    from dataclasses import replace
+
+    from mergekit_collapse._console import Progress
+    from mergekit_collapse.planner.search import confirm
+
+    def judged(members: tuple, method: str, weights: tuple | None, value: float) -> Judged:
+        one = {"a": 1.0}
+        return Judged(Candidate(members, method, weights), Screen({}, {}), one, one, one,
+                      value=value)
+
+    done = [judged((0, 1), "ties", (1.0, 1.0), 0.9), judged((0, 1), "ties", (0.9, 1.1), 0.89),
+            judged((0, 1, 2), "linear", None, 0.8), judged((1, 2), "ties", (1.0, 1.0), 0.6)]
+    # the second sample lowers the TIES merge below the linear one
+    again = confirm(done, lambda j: replace(j, confirmed=True, value=j.value - 0.2 * (
+        j.candidate.method == "ties")), 2, progress=Progress("confirm", 0, enabled=False))
+    assert [(j.candidate.method, j.candidate.weights, j.confirmed) for j in again] == [
+        ("linear", None, True), ("ties", (1.0, 1.0), True), ("ties", (0.9, 1.1), False),
+        ("ties", (1.0, 1.0), False)]
+    assert again[1].value == pytest.approx(0.7) and again[3].candidate.members == (1, 2)
 
 
 def test_the_benchmarks_random_search_judges_as_the_planner_does(pool_zoo, tmp_path):
