@@ -201,9 +201,9 @@ def labelled_search(pool: Any, tasks: list[str], zoo: Path, work: Path, wall: fl
 
 def random_pools(zoo: Path, n: int, sizes: str, seed: int) -> list[str]:
     """`n` distinct random task sets of the zoo's trained tasks, of sizes in `LO-HI` (seeded)."""
-    from mergekit_collapse.demo.zoo import TASKS
+    from mergekit_collapse.demo.zoo import ALL_TASKS
 
-    tasks = [t for t in TASKS if (zoo / "adapters" / t).is_dir()]
+    tasks = [t for t in ALL_TASKS if (zoo / "adapters" / t).is_dir()]  # either family's zoo
     lo, hi = (int(x) for x in sizes.split("-"))
     rng, out = random.Random(f"pools:{seed}"), []
     while len(out) < n:
