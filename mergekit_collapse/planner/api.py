@@ -395,7 +395,7 @@ def markdown(result: PlanResult) -> str:
              f"- objective: {s.objective} (floor {s.floor:g}); {s.why}",
              f"- search space: {s.space}",
              f"- screened {s.screened} candidates with the geometry, rehearsed {s.rehearsed}"
-             + (f", the best {n} again on a second sample of probes"
+             + (f", confirmed {n} on a second sample of probes"
                 if (n := sum(f.confirmed for f in result.finalists)) else ""),
              "- cost: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()),
              "- a merge-and-evaluate search over the same candidates: "

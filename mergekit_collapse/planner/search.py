@@ -205,10 +205,12 @@ def confirm(done: list[Judged], judge: Callable[[Judged], Judged], n: int, *,
     re-ranked on both samples, ahead of the rest: the winner is the best confirmed candidate.
     Nothing changes with fewer than two such merges (no choice to confirm)."""
     top: list[Judged] = []
-    for j in (j for j in done if j.rehearsal is not None):
-        if len(top) < n and (j.candidate.members, j.candidate.method) not in \
-                {(t.candidate.members, t.candidate.method) for t in top}:
+    merges: set[tuple] = set()
+    for j in done:
+        merge = (j.candidate.members, j.candidate.method)
+        if j.rehearsal is not None and merge not in merges and len(top) < n:
             top.append(j)
+            merges.add(merge)
     if len(top) < 2:
         return done
     out = []
@@ -288,8 +290,7 @@ def geometry(pool: Pool, run: Any) -> Geometry:
 
 def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: float,
            rehearsals: int, refine_trials: int, confirm_top: int, own: Candidate | None,
-           settings: Any,
-           cache_dir: Path | None, progress: bool = True,
+           settings: Any, cache_dir: Path | None, progress: bool = True,
            deadline: float = float("inf")) -> tuple[list[Judged], dict[str, float]]:
     """Screen all, rehearse the best picks, refine the winner; no rehearsal starts after
     `deadline` (a `time.perf_counter()` value: the time budget).
@@ -299,7 +300,8 @@ def search(pool: Pool, run: Any, cands: list[Candidate], *, rule: str, floor: fl
             written, when it ran). cands: the grid. own: the config as written, as a candidate.
         rule, floor: the objective. rehearsals: the budget, refinement included.
         refine_trials: rehearsals spent on refinement.
-        confirm_top: the best this many rehearsed again on a second probe sample (`confirm`).
+        confirm_top: the best of this many best merges rehearsed again on a second probe
+            sample (`confirm`).
 
     Returns:
         (every judged candidate, best first; seconds by stage).
