@@ -363,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rehearsals", type=int, default=6)
     p.add_argument("--refine", type=int, default=2)
     p.add_argument("--confirm", type=int, default=3,
-                   help="the best N rehearsed again on a second probe sample (planner and random "
-                        "search alike; 0: off, as before 2026-12-06)")
+                   help="the best of the N best merges rehearsed again on a second probe sample "
+                        "(planner and random search alike; 0: off, as before 2026-12-06)")
     p.add_argument("--objective", default="mean")
     p.add_argument("--limit", type=int, default=24, help="lm-eval documents per task")
     p.add_argument("--eval-dtype", default="float32")

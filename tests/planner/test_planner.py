@@ -276,15 +276,15 @@ def test_the_best_are_confirmed_on_a_second_probe_sample(pool_zoo, tmp_path):
     path = write_pool(pool_zoo, tmp_path, per_task=4, rehearsals=5, refine=2, confirm=2)
     pool = load_pool(path)
     cfg = pool.cfg
-    first = build_probes(cfg)
-    more = more_probes(cfg, first)
-    assert more.tasks == first.tasks and not set(more.texts) & set(first.texts)
-    assert more == more_probes(cfg, first)  # seeded
+    sample = build_probes(cfg)
+    more = more_probes(cfg, sample)
+    assert more.tasks == sample.tasks and not set(more.texts) & set(sample.texts)
+    assert more == more_probes(cfg, sample)  # seeded
     once = plan(path, out=tmp_path / "once", runtime=QUIET32, confirm=0)
     result = plan(path, out=tmp_path / "out", runtime=QUIET32)
     assert [f.confirmed for f in result.finalists[:3]] == [True, True, False]
-    first, second = result.finalists[:2]
-    assert (first.method, first.tasks) != (second.method, second.tasks)  # two merges, not clones
+    top, runner_up = result.finalists[:2]
+    assert (top.method, top.tasks) != (runner_up.method, runner_up.tasks)  # two merges, not clones
     assert any(f.origin == "refine" for f in result.finalists)
     assert not any(f.confirmed for f in once.finalists)
     assert "(confirmed)" in (tmp_path / "out" / "plan.md").read_text()
@@ -300,11 +300,11 @@ def test_the_best_are_confirmed_on_a_second_probe_sample(pool_zoo, tmp_path):
                 rehearsal=dict.fromkeys(j.agreement, 0.5625))
     k = rehearser.confirmed(j)
     models = [cfg.models[i] for i in c.members]
-    second = rehearse(merge_of(candidate_raw(pool, c)), models,
+    on_more = rehearse(merge_of(candidate_raw(pool, c)), models,
                       {str(m): probes_by_model(cfg, more)[str(m)] for m in models},
                       extraction_settings(cfg, QUIET32), answer_tokens=4, progress=False)
     for t, m in zip(k.agreement, models, strict=True):
-        x = second.models[str(m)]
+        x = on_more.models[str(m)]
         assert k.agreement[t] == pytest.approx((0.5 + x["rehearsal_agreement"]) / 2)
         assert k.token_agreement[t] == pytest.approx((0.25 + x["rehearsal_token_agreement"]) / 2)
         assert k.rehearsal[t] == pytest.approx(
