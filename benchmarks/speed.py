@@ -554,15 +554,14 @@ def mid_size(work: Path, s: dict[str, Any], n_full: int, lora_merge: bool) -> di
                     shutil.rmtree(f, ignore_errors=True)
             merge_out = work / "mid" / "merged"
             lora_cache = _fresh(work, "mid-lora-cache")
+            dtype = "bfloat16" if kind == "lora" else None
             shutil.rmtree(merge_out, ignore_errors=True)
             mrg = run("merge", {"config": str(cfg), "out": str(merge_out),
-                                "lora_cache": str(lora_cache),
-                                "lora_merge_dtype": "bfloat16" if kind == "lora" else None}, work)
+                                "lora_cache": str(lora_cache), "lora_merge_dtype": dtype}, work)
             shutil.rmtree(merge_out, ignore_errors=True)
             shutil.rmtree(lora_cache, ignore_errors=True)
-            res[kind] |= {"mergekit": mrg, "ratio": chk["seconds"] / mrg["seconds"]}
-            if kind == "lora":
-                res[kind]["mergekit_lora_merge_dtype"] = "bfloat16"
+            res[kind] |= {"mergekit": mrg, "ratio": chk["seconds"] / mrg["seconds"],
+                          **({"mergekit_lora_merge_dtype": dtype} if dtype else {})}
     return res
 
 
